@@ -1,0 +1,58 @@
+# biorecipes — one entry point for every recipe. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+RECIPES := geneformer esm2_fa omnibiote plant_lm gtdb_mamba
+TORCH_VERSION ?= 2.13.0
+PYTHON ?= python3
+VENV := $(CURDIR)/.venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-done-torch$(TORCH_VERSION)
+REQUIREMENTS := $(wildcard recipes/*/requirements.txt recipes/*/requirements-nodeps.txt) shared/pyproject.toml ci/setup_venv.sh
+RUN_IN_RECIPE = cd recipes/$(recipe) && PATH="$(BIN):$$PATH" VIRTUAL_ENV="$(VENV)"
+
+.PHONY: help setup train test lint bench docker-build export clean check-recipe
+
+help: ## List the targets
+	@echo "usage: make TARGET [recipe=NAME] (recipes: $(RECIPES))"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+setup: $(STAMP) ## Create .venv with torch==$(TORCH_VERSION), shared/ and every recipe's CPU requirements
+
+$(STAMP): $(REQUIREMENTS)
+	PYTHON=$(PYTHON) TORCH_VERSION=$(TORCH_VERSION) bash ci/setup_venv.sh "$(VENV)"
+	@touch $@
+
+check-recipe:
+	@if [ -z "$(recipe)" ]; then echo "error: name a recipe: make $(MAKECMDGOALS) recipe=NAME ($(RECIPES))" >&2; exit 2; fi
+	@if [ ! -d "recipes/$(recipe)" ]; then echo "error: no recipe '$(recipe)' (have: $(RECIPES))" >&2; exit 2; fi
+
+train: check-recipe setup ## Train recipe=NAME end to end on its bundled sample data (CPU, ~5 min)
+	@test -f recipes/$(recipe)/train_sample.sh || { echo "error: recipes/$(recipe) has no train_sample.sh yet" >&2; exit 2; }
+	$(RUN_IN_RECIPE) bash train_sample.sh
+
+test: setup lint ## Lint + all tests (shared and every recipe, in-tree and exported); recipe=NAME for one
+	bash ci/run_tests.sh "$(BIN)" $(recipe)
+
+lint: setup ## ruff on all Python, hadolint on every Dockerfile
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	@dockerfiles=$$(ls recipes/*/Dockerfile 2>/dev/null); \
+	if [ -n "$$dockerfiles" ]; then echo "hadolint $$dockerfiles"; $(BIN)/hadolint $$dockerfiles; fi
+
+bench: check-recipe setup ## Run recipe=NAME's benchmark; prints ratios against a baseline of the same run
+	@test -f recipes/$(recipe)/bench.py || { echo "error: recipes/$(recipe) has no bench.py yet" >&2; exit 2; }
+	$(RUN_IN_RECIPE) python bench.py
+
+docker-build: check-recipe ## docker build recipe=NAME as biorecipes/NAME:latest (context: repo root, for shared/)
+	@command -v docker >/dev/null 2>&1 || { echo "error: docker is not installed (needed for make docker-build)" >&2; exit 1; }
+	@docker info >/dev/null 2>&1 || { echo "error: docker is installed but no docker engine is reachable (is the daemon running?)" >&2; exit 1; }
+	docker build -f recipes/$(recipe)/Dockerfile --build-arg RECIPE_DIR=recipes/$(recipe) -t biorecipes/$(recipe):latest .
+
+export: check-recipe ## Copy recipe=NAME with a vendored shared/ into dest=DIR, standalone
+	@if [ -z "$(dest)" ]; then echo "error: name a destination: make export recipe=$(recipe) dest=DIR" >&2; exit 2; fi
+	bash ci/export_recipe.sh "$(recipe)" "$(dest)"
+
+clean: ## Remove the virtual environment and caches (keeps your outputs and data)
+	rm -rf $(VENV)
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

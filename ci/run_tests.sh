@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Run every test suite: shared/, each recipe in-tree, then each recipe exported to a temp dir (fast tests only).
+# Usage: ci/run_tests.sh VENV_BIN [RECIPE]. Prints a total line "tests: N passed, N failed, N skipped".
+set -uo pipefail
+bin=$1
+only=${2:-}
+cd "$(dirname "$0")/.."
+root=$PWD
+reports=$(mktemp -d)
+trap 'rm -rf "$reports"' EXIT
+failed_suites=()
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+
+run_suite() {  # name, directory, extra pytest args...
+  local name=$1 dir=$2
+  shift 2
+  echo "=== $name ($dir) ==="
+  local start=$SECONDS
+  (cd "$dir" && "$bin/python" -m pytest -q --junitxml="$reports/$name.xml" "$@") || failed_suites+=("$name")
+  echo "=== $name took $((SECONDS - start)) s ==="
+}
+
+recipes=()
+for dir in recipes/*/; do
+  name=$(basename "$dir")
+  [ -n "$only" ] && [ "$name" != "$only" ] && continue
+  [ -d "$dir/tests" ] && recipes+=("$name")
+done
+[ -z "$only" ] && run_suite shared shared
+
+for name in "${recipes[@]}"; do
+  run_suite "$name" "recipes/$name"
+done
+for name in "${recipes[@]}"; do
+  dest=$(mktemp -d)/"$name"
+  bash ci/export_recipe.sh "$name" "$dest" >/dev/null || { failed_suites+=("export-$name"); continue; }
+  # The exported copy must import its vendored shared package, not this checkout's.
+  where=$(cd "$dest" && PYTHONPATH="$dest/shared" "$bin/python" -c "import biorecipes_shared; print(biorecipes_shared.__file__)")
+  case "$where" in "$dest"/*) ;; *) echo "export-$name imports shared from $where"; failed_suites+=("export-$name-import");; esac
+  PYTHONPATH="$dest/shared" run_suite "export-$name" "$dest" -m "not slow"
+  rm -rf "$(dirname "$dest")"
+done
+
+"$bin/python" - "$reports" <<'PY'
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+for report in Path(sys.argv[1]).glob("*.xml"):
+    for suite in ET.parse(report).getroot().iter("testsuite"):
+        for key in totals:
+            totals[key] += int(suite.get(key, 0))
+failed = totals["failures"] + totals["errors"]
+passed = totals["tests"] - failed - totals["skipped"]
+print(f"tests: {passed} passed, {failed} failed, {totals['skipped']} skipped")
+PY
+if [ ${#failed_suites[@]} -gt 0 ]; then
+  echo "FAILED suites: ${failed_suites[*]}"
+  exit 1
+fi
+echo "all suites passed"

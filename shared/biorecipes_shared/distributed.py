@@ -1,0 +1,145 @@
+"""One call to set up a training process under torchrun, SLURM srun or plain python."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process sits in the job, and the device it computes on."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str | None
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM nodelist such as `node[01-04,07],gpu2` -> `node01` (no scontrol needed)."""
+    depth = 0
+    for i, char in enumerate(nodelist):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            nodelist = nodelist[:i]
+            break
+    match = re.fullmatch(r"([^\[]*)(?:\[([^\]]*)\])?(.*)", nodelist)
+    prefix, ranges, suffix = match.group(1), match.group(2), match.group(3)
+    if not ranges:
+        return prefix + suffix
+    return prefix + ranges.split(",")[0].split("-")[0] + suffix
+
+
+def read_launch_env(environ: dict[str, str] | None = None) -> tuple[int, int, int]:
+    """Return (rank, local_rank, world_size) from torchrun's or SLURM's variables; (0, 0, 1) for plain python.
+
+    Also fills MASTER_ADDR/MASTER_PORT under SLURM when they are not set.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local_rank = int(env.get("SLURM_LOCALID", 0))
+        if world_size > 1:
+            env.setdefault("MASTER_ADDR", _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
+            env.setdefault("MASTER_PORT", "29500")
+            # init_process_group's env:// rendezvous reads these names.
+            env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(rank), str(world_size), str(local_rank)
+        return rank, local_rank, world_size
+    return 0, 0, 1
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) with one value."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def setup_distributed(
+    seed: int | None = 0, backend: str | None = None, timeout_minutes: int = 30
+) -> DistributedContext:
+    """Initialise the process group when launched on several processes, pick the device and seed per rank."""
+    rank, local_rank, world_size = read_launch_env()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    chosen_backend = None
+    if world_size > 1:
+        chosen_backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        if not dist.is_initialized():
+            dist.init_process_group(
+                backend=chosen_backend,
+                rank=rank,
+                world_size=world_size,
+                timeout=datetime.timedelta(minutes=timeout_minutes),
+                device_id=device if device.type == "cuda" else None,
+            )
+    if seed is not None:
+        seed_everything(seed + rank)
+    return DistributedContext(rank, local_rank, world_size, device, chosen_backend)
+
+
+def is_main_process() -> bool:
+    """True on rank 0, and in a process that is not part of a process group."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(value: float | torch.Tensor) -> float | torch.Tensor:
+    """Mean of a number or tensor over all ranks (returned as the same kind); identity without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    is_tensor = isinstance(value, torch.Tensor)
+    # gloo reduces CPU tensors, nccl CUDA ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = (value.detach().clone() if is_tensor else torch.tensor(float(value), dtype=torch.float64)).to(device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    tensor /= dist.get_world_size()
+    if is_tensor:
+        return tensor.to(value.device)
+    return tensor.item()
+
+
+def all_reduce_max(value: float) -> float:
+    """Max of a number over all ranks; identity without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor(float(value), dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.item()
+
+
+def teardown_distributed() -> None:
+    """Destroy the process group if one exists (safe to call twice)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

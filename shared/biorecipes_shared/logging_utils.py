@@ -1,0 +1,156 @@
+"""Rank-0 console logging, a JSON-lines/TSV metrics writer with optional wandb, throughput and memory meters."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from .distributed import is_main_process
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def get_logger(name: str = "biorecipes", dist_ctx=None, level: int = logging.INFO) -> logging.Logger:
+    """Logger that prints timestamped INFO on rank 0 and only warnings on other ranks."""
+    is_main = dist_ctx.is_main if dist_ctx is not None else is_main_process()
+    logger = logging.getLogger(name)
+    if not any(getattr(h, "_biorecipes", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
+        handler._biorecipes = True
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level if is_main else logging.WARNING)
+    return logger
+
+
+def peak_memory() -> dict[str, float]:
+    """Resident CPU memory of this process and peak CUDA memory since start, in GiB."""
+    stats = {"cpu_rss_gib": psutil.Process().memory_info().rss / 2**30}
+    if torch.cuda.is_available():
+        stats["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return stats
+
+
+class ThroughputMeter:
+    """Samples/s and tokens/s over the steps since the last call to `rates()`."""
+
+    def __init__(self) -> None:
+        self._start = time.perf_counter()
+        self._samples = 0
+        self._tokens = 0
+
+    def update(self, samples: int = 0, tokens: int = 0) -> None:
+        self._samples += samples
+        self._tokens += tokens
+
+    def rates(self) -> dict[str, float]:
+        now = time.perf_counter()
+        elapsed = max(now - self._start, 1e-9)
+        rates = {"samples_per_s": self._samples / elapsed, "tokens_per_s": self._tokens / elapsed}
+        self._start, self._samples, self._tokens = now, 0, 0
+        return rates
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly number: tensors to floats, NaN/inf to strings JSON accepts."""
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsWriter:
+    """Append one JSON line per `log()` to `metrics.jsonl`, a row to each chosen TSV, and optionally to wandb."""
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        dist_ctx=None,
+        jsonl_name: str = "metrics.jsonl",
+        tsv_files: dict[str, list[str]] | None = None,
+        tsv_header: bool = True,
+        wandb_init_args: dict[str, Any] | None = None,
+    ):
+        self.enabled = dist_ctx.is_main if dist_ctx is not None else is_main_process()
+        self.out_dir = Path(out_dir)
+        self.jsonl_path = self.out_dir / jsonl_name
+        self.tsv_files = dict(tsv_files or {})
+        self._wandb_run = None
+        if not self.enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if tsv_header:
+            for name, columns in self.tsv_files.items():
+                path = self.out_dir / name
+                if not path.exists() or path.stat().st_size == 0:  # a resumed run appends to the same file
+                    path.write_text("\t".join(columns) + "\n")
+        if wandb_init_args is not None:
+            import wandb  # optional: only imported when asked for
+
+            # wandb reads WANDB_API_KEY / WANDB_MODE itself; we never pass or log environment variables.
+            self._wandb_run = wandb.init(**wandb_init_args)
+
+    def log(self, step: int, **metrics: Any) -> None:
+        """Record the metrics of one step (rank 0 only; other ranks do nothing)."""
+        if not self.enabled:
+            return
+        record = {"step": step, **{key: _plain(value) for key, value in metrics.items()}}
+        with open(self.jsonl_path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        for name, columns in self.tsv_files.items():
+            if all(column in record for column in columns):
+                with open(self.out_dir / name, "a") as handle:
+                    handle.write("\t".join(str(record[column]) for column in columns) + "\n")
+        if self._wandb_run is not None:
+            self._wandb_run.log({key: value for key, value in record.items() if key != "step"}, step=step)
+
+    def close(self) -> None:
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def read_metrics(jsonl_path: str | Path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl file."""
+    with open(jsonl_path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def plot_loss_curve(jsonl_path: str | Path, out_png: str | Path, key: str = "loss") -> Path:
+    """Plot `key` against step from a metrics.jsonl file into a PNG (headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in read_metrics(jsonl_path) if isinstance(r.get(key), (int, float))]
+    if not records:
+        raise ValueError(f"{jsonl_path}: no records with a numeric {key!r}")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in records], [r[key] for r in records])
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    tmp = out_png.with_name(f".tmp-{out_png.name}")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(out_png)
+    return out_png

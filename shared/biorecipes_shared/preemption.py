@@ -1,0 +1,38 @@
+"""Turn SLURM's warning signals (SIGTERM, SIGUSR1) into a flag the training loop polls, to save and exit cleanly."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from .distributed import all_reduce_max
+
+
+class PreemptionHandler:
+    """Context manager: while active, SIGTERM/SIGUSR1 set `requested` instead of killing the process."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)):
+        self.signals = signals
+        self.requested = False
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self.received = signum
+        print(f"received {signal.Signals(signum).name}: will save a checkpoint and stop", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> PreemptionHandler:
+        for signum in self.signals:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+    def should_stop(self, dist_ctx=None) -> bool:
+        """True on every rank as soon as any rank was signalled (an all-reduce when distributed)."""
+        del dist_ctx
+        return all_reduce_max(1.0 if self.requested else 0.0) > 0

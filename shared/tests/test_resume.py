@@ -1,0 +1,115 @@
+"""Resume determinism, preemption and multi-process behaviour, each run as fresh processes of toy_train.py."""
+
+import signal
+import subprocess
+
+import pytest
+import torch
+from conftest import toy_command
+from safetensors.torch import load_file
+
+from biorecipes_shared.checkpoint import latest_checkpoint
+from biorecipes_shared.logging_utils import read_metrics
+
+
+def losses(path):
+    return {record["step"]: record["loss"] for record in read_metrics(path)}
+
+
+def assert_same_weights(dir_a, dir_b):
+    a, b = load_file(dir_a / "model.safetensors"), load_file(dir_b / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def straight_and_resumed(toy, tmp_path, steps, stop_after, *extra, nproc=1):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    toy(
+        "--ckpt-dir",
+        str(straight / "ckpt"),
+        "--out",
+        str(straight / "losses.jsonl"),
+        "--steps",
+        str(steps),
+        *extra,
+        nproc=nproc,
+    )
+    toy(
+        "--ckpt-dir",
+        str(split / "ckpt"),
+        "--out",
+        str(split / "losses.jsonl"),
+        "--steps",
+        str(steps),
+        "--stop-after",
+        str(stop_after),
+        *extra,
+        nproc=nproc,
+    )
+    assert latest_checkpoint(split / "ckpt").name == f"step_{stop_after:08d}"
+    toy(
+        "--ckpt-dir",
+        str(split / "ckpt"),
+        "--out",
+        str(split / "losses.jsonl"),
+        "--steps",
+        str(steps),
+        "--resume",
+        *extra,
+        nproc=nproc,
+    )
+    return straight, split
+
+
+def test_resume_is_bitwise_identical(toy, tmp_path):
+    # 20 steps cross an epoch boundary (96 samples / batch 8 = 12 steps per epoch) after the resume point.
+    straight, split = straight_and_resumed(toy, tmp_path, 20, 10)
+    assert losses(straight / "losses.jsonl") == losses(split / "losses.jsonl")
+    assert sorted(losses(split / "losses.jsonl")) == list(range(1, 21))
+    assert_same_weights(straight / "final_model", split / "final_model")
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    proc = subprocess.Popen(
+        toy_command(
+            "--ckpt-dir",
+            str(tmp_path / "ckpt"),
+            "--out",
+            str(tmp_path / "l.jsonl"),
+            "--steps",
+            "100000",
+            "--sleep",
+            "0.05",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in proc.stdout:
+        if line.strip() == "step 3":
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "SIGTERM" in err
+    saved = latest_checkpoint(tmp_path / "ckpt")
+    assert saved is not None and int(saved.name.split("_")[1]) >= 3
+    assert (tmp_path / "final_model" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_resume(toy, tmp_path):
+    straight, split = straight_and_resumed(toy, tmp_path, 8, 4, nproc=2)
+    assert losses(straight / "losses.jsonl") == losses(split / "losses.jsonl")
+    assert_same_weights(straight / "final_model", split / "final_model")
+    manifest_files = (latest_checkpoint(split / "ckpt") / "manifest.json").read_text()
+    assert "rank_0.pt" in manifest_files and "rank_1.pt" in manifest_files
+
+
+@pytest.mark.slow
+def test_two_process_fsdp2_sharded_resume(toy, tmp_path):
+    straight, split = straight_and_resumed(toy, tmp_path, 8, 4, "--fsdp", nproc=2)
+    assert losses(straight / "losses.jsonl") == losses(split / "losses.jsonl")
+    assert_same_weights(straight / "final_model", split / "final_model")
+    assert (latest_checkpoint(split / "ckpt") / "sharded" / ".metadata").is_file()

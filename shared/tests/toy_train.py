@@ -1,0 +1,117 @@
+"""A tiny training loop that uses every part of biorecipes_shared; the tests run it as a fresh process.
+
+python toy_train.py --ckpt-dir D --out losses.jsonl --steps 20 [--stop-after 10] [--resume] [--fsdp] [--sleep 0.1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from biorecipes_shared.checkpoint import (
+    PreemptionHandler,
+    export_safetensors,
+    gather_full_state_dict,
+    latest_checkpoint,
+    load_checkpoint,
+    load_sharded_checkpoint,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
+from biorecipes_shared.distributed import all_reduce_mean, seed_everything, setup_distributed, teardown_distributed
+from biorecipes_shared.logging_utils import MetricsWriter, get_logger
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ckpt-dir", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--stop-after", type=int, default=None)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--fsdp", action="store_true")
+    parser.add_argument("--sleep", type=float, default=0.0)
+    args = parser.parse_args()
+
+    dist_ctx = setup_distributed(seed=0)
+    log = get_logger("toy", dist_ctx)
+    if dist_ctx.is_distributed:  # the collective helpers must agree across ranks
+        assert abs(all_reduce_mean(float(dist_ctx.rank)) - (dist_ctx.world_size - 1) / 2) < 1e-12
+
+    seed_everything(1234)  # identical initial weights on every rank (FSDP2 does not broadcast)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 1))
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model)
+    elif dist_ctx.is_distributed:
+        model = nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1.0 + 0.05 * step))
+
+    data_gen = torch.Generator().manual_seed(7)
+    inputs = torch.randn(96, 8, generator=data_gen)
+    targets = inputs.sum(dim=1, keepdim=True) + 0.1 * torch.randn(96, 1, generator=data_gen)
+    batch_size = 8
+    shuffle_gen = torch.Generator().manual_seed(99)  # the sampler's own generator, saved in checkpoints
+    data_state = {"epoch": 0, "next_batch": 0, "order": torch.randperm(len(inputs), generator=shuffle_gen)}
+
+    step = 0
+    if args.resume:
+        path = latest_checkpoint(args.ckpt_dir)
+        assert path is not None, "nothing to resume from"
+        loader = load_sharded_checkpoint if args.fsdp else load_checkpoint
+        state = loader(path, model, optimizer, scheduler, generators={"shuffle": shuffle_gen}, dist_ctx=dist_ctx)
+        step, data_state = state.step, state.data_state
+        log.info("resumed at step %d", step)
+    saver = save_sharded_checkpoint if args.fsdp else save_checkpoint
+
+    metrics = MetricsWriter(args.out.parent, dist_ctx, jsonl_name=args.out.name)
+    with PreemptionHandler() as preempt:
+        while step < args.steps:
+            order = data_state["order"][dist_ctx.rank :: dist_ctx.world_size]
+            start = data_state["next_batch"] * batch_size
+            index = order[start : start + batch_size]
+            loss = nn.functional.mse_loss(model(inputs[index]), targets[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            data_state["next_batch"] += 1
+            if data_state["next_batch"] * batch_size >= len(order):
+                data_state = {
+                    "epoch": data_state["epoch"] + 1,
+                    "next_batch": 0,
+                    "order": torch.randperm(len(inputs), generator=shuffle_gen),
+                }
+            metrics.log(step, loss=all_reduce_mean(loss.detach()).item(), lr=scheduler.get_last_lr()[0])
+            print(f"step {step}", flush=True)
+            time.sleep(args.sleep)
+            stop_now = args.stop_after is not None and step == args.stop_after
+            if stop_now or preempt.should_stop(dist_ctx):
+                saver(
+                    args.ckpt_dir,
+                    step,
+                    model,
+                    optimizer,
+                    scheduler,
+                    data_state=data_state,
+                    generators={"shuffle": shuffle_gen},
+                    dist_ctx=dist_ctx,
+                )
+                log.info("saved checkpoint at step %d", step)
+                break
+    metrics.close()
+    full_state = gather_full_state_dict(model) if args.fsdp else None
+    if dist_ctx.is_main:
+        export_safetensors(model, {"layers": 2}, args.out.parent / "final_model", state_dict=full_state)
+    teardown_distributed()
+
+
+if __name__ == "__main__":
+    main()
