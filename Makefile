@@ -17,7 +17,7 @@ help: ## List the targets
 	@echo "usage: make TARGET [recipe=NAME] (recipes: $(RECIPES))"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-setup: $(STAMP) ## Create .venv with torch==$(TORCH_VERSION), shared/ and every recipe's CPU requirements
+setup: $(STAMP) ## Create .venv: torch (TORCH_VERSION, default 2.13.0), shared/ and every recipe's CPU requirements
 
 $(STAMP): $(REQUIREMENTS)
 	PYTHON=$(PYTHON) TORCH_VERSION=$(TORCH_VERSION) bash ci/setup_venv.sh "$(VENV)"

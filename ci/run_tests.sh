@@ -26,7 +26,10 @@ for dir in recipes/*/; do
   [ -n "$only" ] && [ "$name" != "$only" ] && continue
   [ -d "$dir/tests" ] && recipes+=("$name")
 done
-[ -z "$only" ] && run_suite shared shared
+if [ -z "$only" ]; then
+  run_suite tooling ci/tests
+  run_suite shared shared
+fi
 
 for name in "${recipes[@]}"; do
   run_suite "$name" "recipes/$name"
