@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import resource
 import sys
 import time
 from pathlib import Path
@@ -33,8 +34,10 @@ def get_logger(name: str = "biorecipes", dist_ctx=None, level: int = logging.INF
 
 
 def peak_memory() -> dict[str, float]:
-    """Resident CPU memory of this process and peak CUDA memory since start, in GiB."""
-    stats = {"cpu_rss_gib": psutil.Process().memory_info().rss / 2**30}
+    """Current and peak resident CPU memory of this process, and peak CUDA memory since start, in GiB."""
+    rss = psutil.Process().memory_info().rss / 2**30
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB; updated lazily
+    stats = {"cpu_rss_gib": rss, "cpu_peak_rss_gib": max(rss, peak)}
     if torch.cuda.is_available():
         stats["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return stats

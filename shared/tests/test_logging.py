@@ -80,7 +80,13 @@ def test_throughput_meter_counts_since_last_call(monkeypatch):
 
 
 def test_peak_memory_reports_rss():
-    assert peak_memory()["cpu_rss_gib"] > 0
+    before = peak_memory()
+    block = bytearray(300 * 2**20)  # touch 300 MiB
+    block[::4096] = b"x" * len(block[::4096])
+    after = peak_memory()
+    assert after["cpu_peak_rss_gib"] >= before["cpu_peak_rss_gib"]
+    assert after["cpu_peak_rss_gib"] >= after["cpu_rss_gib"] > 0.25
+    del block
 
 
 def test_loss_curve_png(tmp_path):
