@@ -24,41 +24,17 @@ def assert_same_weights(dir_a, dir_b):
 
 
 def straight_and_resumed(toy, tmp_path, steps, stop_after, *extra, nproc=1):
+    """Run `steps` straight through, and as a run stopped after `stop_after` plus a resumed fresh process."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    toy(
-        "--ckpt-dir",
-        str(straight / "ckpt"),
-        "--out",
-        str(straight / "losses.jsonl"),
-        "--steps",
-        str(steps),
-        *extra,
-        nproc=nproc,
-    )
-    toy(
-        "--ckpt-dir",
-        str(split / "ckpt"),
-        "--out",
-        str(split / "losses.jsonl"),
-        "--steps",
-        str(steps),
-        "--stop-after",
-        str(stop_after),
-        *extra,
-        nproc=nproc,
-    )
+
+    def run(run_dir, *args):
+        common = ["--ckpt-dir", str(run_dir / "ckpt"), "--out", str(run_dir / "losses.jsonl"), "--steps", str(steps)]
+        toy(*common, *args, *extra, nproc=nproc)
+
+    run(straight)
+    run(split, "--stop-after", str(stop_after))
     assert latest_checkpoint(split / "ckpt").name == f"step_{stop_after:08d}"
-    toy(
-        "--ckpt-dir",
-        str(split / "ckpt"),
-        "--out",
-        str(split / "losses.jsonl"),
-        "--steps",
-        str(steps),
-        "--resume",
-        *extra,
-        nproc=nproc,
-    )
+    run(split, "--resume")
     return straight, split
 
 
