@@ -1,0 +1,129 @@
+"""Load `config.yaml` (or another YAML) into typed sections; unknown or mistyped keys fail loudly.
+
+    from config import get_model_config, get_training_config, get_data_config
+    model_cfg = get_model_config()                      # src/config.yaml
+    train_cfg = get_training_config("my.yaml", ["training.max_steps=10"])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
+
+
+class ConfigError(ValueError):
+    """The config file or an override is invalid."""
+
+
+@dataclass
+class ModelConfig:
+    model_name: str = "esm2_t6_8M"  # ESM-2 size name (see model.ESM2_SIZES) or a local checkpoint dir
+    max_position_embeddings: int = 1026  # incl. <cls>/<eos>; must match the architecture
+    max_batch_size: int = 16384  # token budget per batch (rows x longest row), used by preprocessing
+    attention: str = "auto"  # auto | flash | sdpa | eager (transformers' EsmForMaskedLM)
+    hidden_dropout_prob: float | None = None  # None keeps the architecture's value (0.0 for ESM-2)
+    attention_probs_dropout_prob: float | None = None
+
+
+@dataclass
+class OptimizerConfig:
+    fused: bool | None = None  # None: fused AdamW when this torch supports it on the device; false forces unfused
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_epsilon: float = 1e-8
+
+
+@dataclass
+class EarlyStoppingConfig:
+    enabled: bool = True
+    patience: int = 5  # evaluations without improvement
+    threshold: float = 0.0
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = "outputs/esm2"
+    learning_rate: float = 4e-4
+    gradient_accumulation_steps: int = 64
+    mlm_probability: float = 0.2
+    warmup_steps: int = 2000  # linear 0 -> 1
+    schedule_steps: int = 500_000  # cosine 1.0 -> 0.1 ends here, then flat 0.1
+    max_steps: int = 500_000
+    mixed_precision: str = "bf16"  # bf16 | fp16 | no
+    gradient_clipping: float = 1.0  # -> max_grad_norm
+    eval_steps: int = 1000
+    save_steps: int = 1000
+    logging_steps: int = 100
+    save_total_limit: int = 3
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    load_best_model_at_end: bool = True
+    metric_for_best_model: str = "eval_loss"
+    greater_is_better: bool = False
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    seed: int = 42
+    report_to: str = "none"  # none | wandb | tensorboard (passed to TrainingArguments)
+
+
+@dataclass
+class DataConfig:
+    train_dir: str | None = None  # dir of shard-XXXXX/ datasets from data_processing.py
+    val_dir: str | None = None
+    num_workers: int = 2  # DataLoader workers per rank; needs num_shards >= world_size * max(1, num_workers)
+
+
+@dataclass
+class RecipeConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RecipeConfig:
+    """Merge the YAML file and `section.key=value` overrides onto the typed defaults and validate them."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        merged = OmegaConf.merge(
+            OmegaConf.structured(RecipeConfig), OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides))
+        )
+        cfg: RecipeConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: {err}".splitlines()[0]) from err
+    _validate(cfg, path)
+    return cfg
+
+
+def _validate(cfg: RecipeConfig, path: Path) -> None:
+    t = cfg.training
+    if t.mixed_precision not in ("bf16", "fp16", "no"):
+        raise ConfigError(f"{path}: training.mixed_precision must be bf16, fp16 or no, got {t.mixed_precision!r}")
+    if not 0.0 < t.mlm_probability < 1.0:
+        raise ConfigError(f"{path}: training.mlm_probability must be in (0, 1), got {t.mlm_probability}")
+    if t.early_stopping.enabled and not t.load_best_model_at_end:
+        raise ConfigError(f"{path}: training.early_stopping needs training.load_best_model_at_end: true")
+    if t.load_best_model_at_end and t.save_steps % t.eval_steps:
+        raise ConfigError(f"{path}: training.save_steps must be a multiple of eval_steps for load_best_model_at_end")
+    if t.warmup_steps > t.schedule_steps:
+        raise ConfigError(f"{path}: training.warmup_steps must not exceed schedule_steps")
+
+
+def get_model_config(path: str | Path | None = None, overrides=()) -> ModelConfig:
+    """The `model` section."""
+    return load_config(path, overrides).model
+
+
+def get_training_config(path: str | Path | None = None, overrides=()) -> TrainingConfig:
+    """The `training` section."""
+    return load_config(path, overrides).training
+
+
+def get_data_config(path: str | Path | None = None, overrides=()) -> DataConfig:
+    """The `data` section."""
+    return load_config(path, overrides).data

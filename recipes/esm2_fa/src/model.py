@@ -1,0 +1,189 @@
+"""ESM-2 masked-LM model: architecture table, the 33-token ESM vocabulary and the attention back-ends.
+
+There is no model hub at run time, so the recipe carries what `facebook/esm2_*` configs would have given:
+the layer/width/head table and the vocabulary. `build_model` returns faesm's `FAEsmForMaskedLM` (flash-attn
+when installed, PyTorch SDPA otherwise) or transformers' `EsmForMaskedLM`; both share one state-dict layout,
+so a checkpoint written by either loads in the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import EsmConfig, EsmForMaskedLM, EsmTokenizer
+
+log = logging.getLogger(__name__)
+
+# ESM-2 vocabulary in id order (ids 0-32): <cls>=0, <pad>=1, <eos>=2, <unk>=3, <mask>=32.
+ESM_VOCAB = (
+    "<cls> <pad> <eos> <unk> L A G V S E R T I D P K Q N F Y M H W C X B U Z O . - <null_1> <mask>".split()
+)
+CLS_ID, PAD_ID, EOS_ID, UNK_ID, MASK_ID = 0, 1, 2, 3, 32
+# Ids of the 20 standard amino acids (L..C): the replacement pool for MLM's "random token" branch.
+STANDARD_AA_IDS = tuple(range(4, 24))
+
+# Published ESM-2 sizes: (layers, hidden, heads). `esm2_tiny` is not a published model: a CPU smoke-test size.
+ESM2_SIZES = {
+    "esm2_t6_8M": (6, 320, 20),
+    "esm2_t12_35M": (12, 480, 20),
+    "esm2_t30_150M": (30, 640, 20),
+    "esm2_t33_650M": (33, 1280, 20),
+    "esm2_t36_3B": (36, 2560, 40),
+    "esm2_t48_15B": (48, 5120, 40),
+    "esm2_tiny": (2, 64, 4),
+}
+ESM2_MAX_POSITIONS = 1026  # 1022 residues + <cls> + <eos>
+ATTENTION_CHOICES = ("auto", "flash", "sdpa", "eager")
+
+
+class ModelConfigError(ValueError):
+    """The model section of the config names something that cannot be built."""
+
+
+def flash_attn_available() -> bool:
+    """True when the flash-attn CUDA kernels import (never on a CPU-only machine)."""
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:  # a broken CUDA build raises more than ImportError
+        return False
+    return torch.cuda.is_available()
+
+
+def faesm_available() -> bool:
+    """True when faesm imports next to the installed transformers (0.1.1 needs transformers <= 4.53)."""
+    try:
+        _import_faesm()
+    except Exception:
+        return False
+    return True
+
+
+def _import_faesm():
+    # faesm prints a multi-line warning to stdout when flash-attn is missing; we log one line instead.
+    with contextlib.redirect_stdout(io.StringIO()):
+        from faesm.esm import FAEsmForMaskedLM
+    return FAEsmForMaskedLM
+
+
+def esm2_config(
+    model_name: str,
+    max_position_embeddings: int | None = None,
+    hidden_dropout_prob: float | None = None,
+    attention_probs_dropout_prob: float | None = None,
+) -> EsmConfig:
+    """EsmConfig for an ESM-2 size name or a local checkpoint dir; every field set so no library default leaks in."""
+    local = Path(model_name)
+    if (local / "config.json").is_file():
+        config = EsmConfig.from_pretrained(local)
+    elif model_name in ESM2_SIZES:
+        layers, hidden, heads = ESM2_SIZES[model_name]
+        config = EsmConfig(
+            vocab_size=len(ESM_VOCAB),
+            mask_token_id=MASK_ID,
+            pad_token_id=PAD_ID,
+            cls_token_id=CLS_ID,
+            eos_token_id=EOS_ID,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=4 * hidden,
+            hidden_act="gelu",
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            max_position_embeddings=ESM2_MAX_POSITIONS,
+            initializer_range=0.02,
+            layer_norm_eps=1e-5,
+            position_embedding_type="rotary",
+            use_cache=False,
+            emb_layer_norm_before=False,
+            token_dropout=True,
+            is_folding_model=False,
+            esmfold_config=None,
+            vocab_list=None,
+            tie_word_embeddings=True,
+            architectures=["EsmForMaskedLM"],
+        )
+    else:
+        known = ", ".join(ESM2_SIZES)
+        raise ModelConfigError(f"model_name {model_name!r} is neither a local dir with config.json nor one of: {known}")
+    if max_position_embeddings is not None and max_position_embeddings != config.max_position_embeddings:
+        raise ModelConfigError(
+            f"model.max_position_embeddings={max_position_embeddings} does not match {model_name} "
+            f"({config.max_position_embeddings})"
+        )
+    if hidden_dropout_prob is not None:
+        config.hidden_dropout_prob = float(hidden_dropout_prob)
+    if attention_probs_dropout_prob is not None:
+        config.attention_probs_dropout_prob = float(attention_probs_dropout_prob)
+    return config
+
+
+def save_tokenizer(out_dir: str | Path) -> EsmTokenizer:
+    """Write the ESM tokenizer files (vocab.txt + tokenizer configs) to out_dir and return the tokenizer."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab_file = out_dir / "vocab.txt"
+    vocab_file.write_text("\n".join(ESM_VOCAB) + "\n")
+    tokenizer = EsmTokenizer(str(vocab_file))
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+def resolve_attention(attention: str) -> str:
+    """Map `auto` to the fastest back-end that imports here: flash (faesm+flash-attn), sdpa (faesm) or eager."""
+    if attention not in ATTENTION_CHOICES:
+        raise ModelConfigError(f"model.attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
+    if attention == "auto":
+        if faesm_available():
+            return "flash" if flash_attn_available() else "sdpa"
+        return "eager"
+    if attention in ("flash", "sdpa") and not faesm_available():
+        raise ModelConfigError(f"model.attention={attention} needs the faesm package (pip install faesm==0.1.1)")
+    if attention == "flash" and not flash_attn_available():
+        raise ModelConfigError("model.attention=flash needs flash-attn and a CUDA GPU")
+    return attention
+
+
+def build_model(config: EsmConfig, attention: str = "auto", weights: str | Path | None = None) -> torch.nn.Module:
+    """Instantiate the masked-LM with the chosen attention back-end; optionally load a safetensors state dict."""
+    backend = resolve_attention(attention)
+    if backend == "eager":
+        model = EsmForMaskedLM(config)
+    else:
+        fa_esm_cls = _import_faesm()
+        config.use_fa = backend == "flash"
+        # faesm builds its tokenizer from config._name_or_path; point it at a throwaway local copy (no hub).
+        previous_name = config._name_or_path
+        with tempfile.TemporaryDirectory() as tokenizer_dir:
+            save_tokenizer(tokenizer_dir)
+            config._name_or_path = tokenizer_dir
+            # faesm overwrites hidden_dropout_prob with its `dropout` argument (default 0.1): pass ours through.
+            model = fa_esm_cls(config, dropout=config.hidden_dropout_prob)
+        config._name_or_path = previous_name
+    log.info("model: %s, attention=%s, %.1fM parameters", type(model).__name__, backend, count_parameters(model) / 1e6)
+    if weights is not None:
+        state = load_file(str(weights))
+        # Checkpoints written with tied embeddings may store the decoder weight once; re-tie after loading.
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k != "lm_head.decoder.weight"]
+        if missing or unexpected:
+            raise ModelConfigError(f"{weights}: state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        model.tie_weights()
+    return model
+
+
+def load_pretrained(model_dir: str | Path, attention: str = "auto") -> torch.nn.Module:
+    """Load an exported checkpoint dir (config.json + model.safetensors) with the chosen attention back-end."""
+    model_dir = Path(model_dir)
+    return build_model(esm2_config(str(model_dir)), attention, weights=model_dir / "model.safetensors")
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of unique parameters (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,161 @@
+"""Preprocessing: chunking, BOS/EOS rules, token budget, batch-major rows, refined FASTA, bad input."""
+
+import gzip
+
+import numpy as np
+import pytest
+from conftest import SAMPLE_TRAIN, TINY_CONFIG, head_fasta, shared_data_dir, write_fasta
+from datasets import load_from_disk
+
+from data_processing import FastaError, chunk_protein, main, pack_batches, preprocess_fasta, read_fasta, tokenize
+from model import CLS_ID, EOS_ID, ESM_VOCAB, PAD_ID
+
+OPTS = dict(chunk_size=50, shard_size=40, max_aa_length=100, token_budget=512, max_position_embeddings=1026)
+
+
+def load_rows(out_dir):
+    shards = sorted(out_dir.glob("shard-*"))
+    return [row for shard in shards for row in load_from_disk(str(shard))], shards
+
+
+def test_chunks_are_balanced_with_range_ids_and_bos_eos_only_at_the_ends():
+    seq = "".join(np.random.default_rng(0).choice(list("ACDEFGHIKLMNPQRSTVWY"), 2500))
+    chunks = chunk_protein(">P1 some protein", seq, 1022)
+    assert [len(c.residues) for c in chunks] == [834, 833, 833]
+    assert [c.id for c in chunks] == [">P1/1-834 some protein", ">P1/835-1667 some protein", ">P1/1668-2500 some protein"]
+    assert "".join(c.residues for c in chunks) == seq
+    assert [(c.bos, c.eos) for c in chunks] == [(True, False), (False, False), (False, True)]
+    first, middle, last = (tokenize(c) for c in chunks)
+    assert first[0] == CLS_ID and first[-1] != EOS_ID and len(first) == 835
+    assert CLS_ID not in middle and EOS_ID not in middle and len(middle) == 833
+    assert last[0] != CLS_ID and last[-1] == EOS_ID
+    assert chunk_protein(">P2", seq[:1022], 1022)[0].id == ">P2"  # exactly max length: one piece, no suffix
+
+
+def test_tokenize_matches_the_esm_vocabulary():
+    chunk = chunk_protein(">x", "MKLVXU", 10)[0]
+    assert [ESM_VOCAB[i] for i in tokenize(chunk)] == ["<cls>", "M", "K", "L", "V", "X", "U", "<eos>"]
+
+
+def test_pack_batches_never_exceeds_budget_and_sorts_within_batches():
+    lengths = list(np.random.default_rng(1).integers(10, 300, 500))
+    batches = pack_batches(lengths, 1000)
+    assert sorted(i for b in batches for i in b) == list(range(500))
+    for batch in batches:
+        assert len(batch) * max(lengths[i] for i in batch) <= 1000
+
+
+def test_shards_rows_batch_major_under_budget_and_refined_fasta(tmp_path):
+    fasta = head_fasta(SAMPLE_TRAIN, tmp_path / "in.fasta", 120)
+    summary = preprocess_fasta(fasta, tmp_path / "out", progress=False, **OPTS)
+    rows, shards = load_rows(tmp_path / "out")
+    assert len(shards) == summary["shards"] > 1 and len(rows) == summary["sequences"]
+    seen_batches, current = set(), None
+    by_batch = {}
+    for row in rows:
+        if row["batch_id"] != current:  # batch-major: a batch id never reappears after another batch started
+            assert row["batch_id"] not in seen_batches
+            seen_batches.add(current := row["batch_id"])
+        by_batch.setdefault(row["batch_id"], []).append(row)
+        n = row["sequence_length"]
+        assert row["attention_mask"] == [1] * n + [0] * (len(row["input_ids"]) - n)
+        assert row["input_ids"][n:] == [PAD_ID] * (len(row["input_ids"]) - n)
+        assert row["labels"][:n] == row["input_ids"][:n] and set(row["labels"][n:]) <= {-100}
+        assert row["id"].startswith(">")
+    for batch in by_batch.values():
+        width = len(batch[0]["input_ids"])
+        assert all(len(r["input_ids"]) == width for r in batch)
+        assert width == max(r["sequence_length"] for r in batch)
+        assert len(batch) * width <= OPTS["token_budget"]
+    refined = list(read_fasta(tmp_path / "in_refined.fasta"))
+    assert [h for h, _ in refined] == sorted({r["id"] for r in rows}, key=[h for h, _ in refined].index)
+    assert len(refined) == len(rows)
+    assert any("/1-" in h for h, _ in refined)  # the sample has proteins longer than 100 residues
+
+
+def test_gzip_input_gives_the_same_shards(tmp_path):
+    plain = head_fasta(SAMPLE_TRAIN, tmp_path / "a.fasta", 30)
+    gz = tmp_path / "b.fasta.gz"
+    gz.write_bytes(gzip.compress(plain.read_bytes()))
+    preprocess_fasta(plain, tmp_path / "plain", progress=False, **OPTS)
+    preprocess_fasta(gz, tmp_path / "gz", progress=False, **OPTS)
+    assert load_rows(tmp_path / "plain")[0] == load_rows(tmp_path / "gz")[0]
+    assert (tmp_path / "b_refined.fasta").read_text() == (tmp_path / "a_refined.fasta").read_text()
+
+
+def test_lowercase_crlf_and_trailing_stop_are_normalised(tmp_path):
+    path = tmp_path / "x.fasta"
+    path.write_bytes(b">p1 desc\r\nmkl\r\nVA*\r\n>p2\r\nGG\r\n")
+    assert list(read_fasta(path)) == [(">p1 desc", "MKLVA"), (">p2", "GG")]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "empty file"),
+        (b"\n\n", "empty file"),
+        (b"MKV\n>p\nMK\n", "does not start with '>'"),
+        (b">only_header\n", "record 1 (>only_header): no sequence"),
+        (b">a\nMK\n>b\n>c\nMK\n", "record 2 (>b): no sequence"),
+        (b">a\nMK\n>b\nMK1V\n", "record 2 (>b): invalid residue '1' at position 3"),
+        (b">a\nMK*V\n", "record 1 (>a): stop codon '*' inside the sequence at position 3"),
+        (b">a\nMK-V\n", "invalid residue '-'"),
+    ],
+)
+def test_bad_fasta_raises_one_clear_error_and_leaves_nothing(tmp_path, content, message):
+    path = tmp_path / "bad.fasta"
+    path.write_bytes(content)
+    with pytest.raises(FastaError, match=message.replace("(", r"\(").replace(")", r"\)").replace("*", r"\*")) as err:
+        preprocess_fasta(path, tmp_path / "out", progress=False, **OPTS)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.fasta"]  # no shards, no partial dirs, no refined
+
+
+def test_truncated_gzip_is_an_error_without_partial_output(tmp_path):
+    data = gzip.compress(head_fasta(SAMPLE_TRAIN, tmp_path / "src.fasta", 200).read_bytes())
+    path = tmp_path / "cut.fasta.gz"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(FastaError, match="truncated or corrupt gzip"):
+        preprocess_fasta(path, tmp_path / "out", progress=False, **OPTS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.fasta.gz", "src.fasta"]
+
+
+def test_max_aa_length_beyond_positions_and_nonempty_output_are_refused(tmp_path):
+    fasta = write_fasta(tmp_path / "ok.fasta", [("a", "MKV")])
+    with pytest.raises(FastaError, match="exceeds the model's max_position_embeddings"):
+        preprocess_fasta(fasta, tmp_path / "out", **{**OPTS, "max_aa_length": 1025, "token_budget": 4096})
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "keep.txt").write_text("user data")
+    with pytest.raises(FastaError, match="not empty"):
+        preprocess_fasta(fasta, tmp_path / "used", **OPTS)
+    assert (tmp_path / "used" / "keep.txt").read_text() == "user data"
+
+
+def test_cli_prints_one_error_line_and_exits_1(tmp_path, capsys):
+    bad = tmp_path / "bad.fasta"
+    bad.write_text(">a\nMK9\n")
+    args = ["--input_fasta", str(bad), "--output_dir", str(tmp_path / "o"), "--config", str(TINY_CONFIG)]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()  # tqdm's progress line may come first
+    assert err[-1].startswith("error: ") and "record 1" in err[-1] and "Traceback" not in "".join(err)
+    assert main([*args, "--max_aa_length", "2000"]) == 1
+    assert "max_position_embeddings" in capsys.readouterr().err
+
+
+def test_real_uniref_lengths_pack_at_least_97_percent_full():
+    """Default window (10,000 sequences) and budget (16,384 tokens) on 10,000 real UniRef lengths."""
+    data = shared_data_dir()
+    if data is None or not (data / "uniref_10k" / "train.parquet").is_file():
+        pytest.skip("../shared/data/uniref_10k not present (developer-only real-length data)")
+    import pyarrow.parquet as pq
+
+    sequences = pq.read_table(data / "uniref_10k" / "train.parquet", columns=["sequence"])["sequence"].to_pylist()
+    lengths = [len(tokenize(c)) for i, s in enumerate(sequences) for c in chunk_protein(f">{i}", s, 1022)]
+    real = padded = 0
+    for start in range(0, len(lengths), 10_000):
+        window = lengths[start : start + 10_000]
+        for batch in pack_batches(window, 16384):
+            assert len(batch) * max(window[i] for i in batch) <= 16384
+            real += sum(window[i] for i in batch)
+            padded += len(batch) * max(window[i] for i in batch)
+    assert real / padded >= 0.97

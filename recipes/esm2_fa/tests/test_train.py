@@ -1,0 +1,118 @@
+"""Training: LR schedule, optimizer choice, CLI errors, a tiny run whose loss falls, exact resume, 2 processes."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import RECIPE_DIR, TINY_CONFIG
+from safetensors.torch import load_file
+from transformers import EsmForMaskedLM
+
+from config import ConfigError, load_config
+from train import esm2_lr_lambda, fused_adamw_supported, main, run
+
+
+def test_lr_schedule_at_key_steps():
+    lr = lambda step: esm2_lr_lambda(step, warmup_steps=100, schedule_steps=1100)  # noqa: E731
+    assert lr(0) == 0.0 and lr(50) == pytest.approx(0.5) and lr(100) == pytest.approx(1.0)
+    assert lr(600) == pytest.approx(0.55)  # cosine midpoint between 1.0 and 0.1
+    assert lr(1100) == pytest.approx(0.1) and lr(5000) == pytest.approx(0.1)
+    steps = [lr(s) for s in range(100, 1101)]
+    assert all(a >= b for a, b in zip(steps, steps[1:]))
+
+
+def test_config_defaults_and_validation(tmp_path):
+    cfg = load_config()
+    t = cfg.training
+    assert (t.learning_rate, t.gradient_accumulation_steps, t.mlm_probability) == (4e-4, 64, 0.2)
+    assert t.early_stopping.enabled and t.early_stopping.patience == 5 and t.early_stopping.threshold == 0.0
+    assert t.metric_for_best_model == "eval_loss" and t.load_best_model_at_end and t.optimizer.fused is None
+    with pytest.raises(ConfigError, match="load_best_model_at_end"):
+        load_config(TINY_CONFIG, ["training.load_best_model_at_end=false"])
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        load_config(TINY_CONFIG, ["training.mixed_precision=fp8"])
+    with pytest.raises(ConfigError, match="learning_rte"):
+        load_config(TINY_CONFIG, ["training.learning_rte=1.0"])
+
+
+def test_fused_adamw_detection_runs_here():
+    assert isinstance(fused_adamw_supported(torch.device("cpu")), bool)
+
+
+def test_cli_errors_are_one_line_and_exit_1(tiny_shards, tmp_path, capsys):
+    train_dir, val_dir = tiny_shards
+    base = ["--config", str(TINY_CONFIG), "--output_dir", str(tmp_path / "out")]
+    assert main([*base, "--train_dir", str(train_dir), "--val_dir", str(tmp_path / "nope")]) == 1
+    assert "val dir" in capsys.readouterr().err
+    assert main([*base, "--train_dir", str(train_dir), "--val_dir", str(val_dir), "data.num_workers=8"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "num_workers 8" in err and len(err.strip().splitlines()) == 1
+    args = [*base, "--train_dir", str(train_dir), "--val_dir", str(val_dir), "--resume_from_checkpoint", "latest"]
+    assert main(args) == 1
+    assert "no checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def tiny_cfg(train_dir, val_dir, out_dir, *extra):
+    overrides = [
+        f"data.train_dir={train_dir}",
+        f"data.val_dir={val_dir}",
+        f"training.output_dir={out_dir}",
+        "training.logging_steps=2",
+        *extra,
+    ]
+    return load_config(TINY_CONFIG, overrides)
+
+
+@pytest.mark.slow
+def test_tiny_training_loss_falls_and_exports_a_loadable_model(tiny_shards, tmp_path):
+    cfg = tiny_cfg(*tiny_shards, tmp_path, "training.max_steps=40", "training.eval_steps=20", "training.save_steps=20")
+    final = run(cfg)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert len(losses) == 20 and len(evals) == 2
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
+    assert (tmp_path / "checkpoint-40" / "stream_state.json").is_file() and (tmp_path / "loss_curve.png").is_file()
+    model = EsmForMaskedLM.from_pretrained(final)  # plain transformers loads the export
+    assert model.config.num_hidden_layers == 2 and (final / "vocab.txt").is_file()
+
+
+@pytest.mark.slow
+def test_resume_continues_the_same_run_exactly(tiny_shards, tmp_path):
+    common = ["training.eval_steps=3", "training.save_steps=3", "training.save_total_limit=5", "data.num_workers=2"]
+    common += ["training.early_stopping.enabled=false", "training.load_best_model_at_end=false"]
+    run(tiny_cfg(*tiny_shards, tmp_path / "straight", "training.max_steps=9", *common))
+    run(tiny_cfg(*tiny_shards, tmp_path / "resumed", "training.max_steps=3", *common))  # "preempted" after step 3
+    run(tiny_cfg(*tiny_shards, tmp_path / "resumed", "training.max_steps=9", *common), resume="latest")
+    a = load_file(tmp_path / "straight" / "checkpoint-9" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoint-9" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    start = load_file(tmp_path / "straight" / "checkpoint-3" / "model.safetensors")
+    assert not all(torch.equal(a[k], start[k]) for k in a)  # training did change the weights
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_on_cpu(tiny_shards, tmp_path):
+    train_dir, val_dir = tiny_shards
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    cmd += [str(RECIPE_DIR / "src" / "train.py"), "--config", str(TINY_CONFIG), "--train_dir", str(train_dir)]
+    cmd += ["--val_dir", str(val_dir), "--output_dir", str(tmp_path), "training.max_steps=6", "training.eval_steps=3"]
+    cmd += ["training.save_steps=3", "training.logging_steps=2", "data.num_workers=1"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((tmp_path / "checkpoint-6" / "stream_state.json").read_text())
+    assert state == {"batches_consumed_per_rank": 6, "world_size": 2, "num_workers": 1, "seed": 42}
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sum("eval_loss" in r for r in records) == 2  # written once (rank 0), not once per rank
+    assert (tmp_path / "final_model" / "model.safetensors").is_file()

@@ -1,0 +1,144 @@
+"""Tokenized cells -> masked-LM batches, with a resumable, rank-sharded order.
+
+The training loop owns the position in the data (epoch, batch) instead of a DataLoader iterator: on resume it starts at
+exactly the next batch without replaying any randomness, so a resumed run sees the same batches and masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from model import IGNORE_INDEX
+from preprocess import DataError
+
+
+class CellDataset(torch.utils.data.Dataset):
+    """Cells of a token parquet (`input_ids` column), validated against the vocabulary and truncated to max_length.
+
+    Truncation keeps the first (highest-ranked) genes, which is what rank-value encoding means by a shorter context.
+    """
+
+    def __init__(self, parquet_path: str | Path, vocab_size: int, max_length: int):
+        path = Path(parquet_path)
+        if not path.is_file():
+            raise DataError(f"{path}: no such data file")
+        try:
+            schema = pq.read_schema(path)
+        except Exception as error:  # pyarrow raises several types for a non-parquet file
+            raise DataError(f"{path}: not a readable parquet file ({error})") from None
+        if "input_ids" not in schema.names:
+            raise DataError(f"{path}: no 'input_ids' column (has {schema.names}); tokenize with preprocess.py")
+        column = pq.read_table(path, columns=["input_ids"]).column("input_ids").combine_chunks()
+        # Flat token array + offsets: one allocation for the whole corpus instead of a Python list per cell.
+        offsets = np.asarray(column.offsets, dtype=np.int64)
+        tokens = np.asarray(column.values, dtype=np.int64)
+        lengths = np.diff(offsets)
+        if len(lengths) == 0:
+            raise DataError(f"{path}: contains no cells")
+        if (lengths == 0).any():
+            raise DataError(f"{path}: cell at row {int(np.argmax(lengths == 0))} has no tokens (empty cell)")
+        bad = (tokens < 0) | (tokens >= vocab_size)
+        if bad.any():
+            position = int(np.argmax(bad))
+            row = int(np.searchsorted(offsets, position, side="right") - 1)
+            raise DataError(
+                f"{path}: row {row} has token id {int(tokens[position])} outside the vocabulary (size {vocab_size})"
+            )
+        self.path, self.tokens, self.offsets, self.max_length = path, tokens, offsets, max_length
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        start = self.offsets[index]
+        end = min(self.offsets[index + 1], start + self.max_length)
+        return self.tokens[start:end]
+
+    def lengths(self) -> np.ndarray:
+        """Tokens per cell after truncation."""
+        return np.minimum(np.diff(self.offsets), self.max_length)
+
+
+@dataclass
+class MaskingCollator:
+    """Pads a list of cells and applies BERT masking: of the `mlm_probability` chosen gene tokens, 80% become
+    `<mask>`, 10% a random gene and 10% stay; labels are IGNORE_INDEX elsewhere. Special tokens are never chosen.
+    Draws only from its own generator, so a resumed run reproduces the masks exactly."""
+
+    vocab: list[str]
+    mlm_probability: float = 0.15
+    pad_to_multiple_of: int = 16
+    generator: torch.Generator | None = None
+
+    def __post_init__(self):
+        special = [i for i, token in enumerate(self.vocab) if token.startswith("<") and token.endswith(">")]
+        self.pad_id, self.mask_id = self.vocab.index("<pad>"), self.vocab.index("<mask>")
+        self.special_ids = torch.tensor(special)
+        self.first_gene_id = max(special) + 1  # random replacements come from the genes, which follow the specials
+        if self.generator is None:
+            self.generator = torch.Generator().manual_seed(0)
+
+    def __call__(self, cells: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        longest = max(len(cell) for cell in cells)
+        width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(cells), width), self.pad_id, dtype=torch.long)
+        for row, cell in enumerate(cells):
+            input_ids[row, : len(cell)] = torch.from_numpy(np.array(cell, dtype=np.int64))
+        attention_mask = (input_ids != self.pad_id).long()
+
+        maskable = ~torch.isin(input_ids, self.special_ids)
+        draw = torch.rand(input_ids.shape, generator=self.generator)
+        chosen = maskable & (draw < self.mlm_probability)
+        labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+        # Re-use the same uniform draw to split the chosen tokens 80/10/10 (it is uniform on [0, p) there).
+        fraction = draw / self.mlm_probability
+        to_mask = chosen & (fraction < 0.8)
+        to_random = chosen & (fraction >= 0.8) & (fraction < 0.9)
+        random_genes = torch.randint(self.first_gene_id, len(self.vocab), input_ids.shape, generator=self.generator)
+        input_ids = torch.where(to_mask, torch.full_like(input_ids, self.mask_id), input_ids)
+        input_ids = torch.where(to_random, random_genes, input_ids)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def epoch_order(num_cells: int, epoch: int, seed: int, rank: int, world_size: int) -> np.ndarray:
+    """This rank's cell indices for one epoch: a seeded permutation, cut to a multiple of world_size, strided."""
+    generator = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(num_cells, generator=generator).numpy()
+    usable = (num_cells // world_size) * world_size
+    return order[:usable][rank::world_size]
+
+
+def batches_per_epoch(num_cells: int, micro_batch_size: int, world_size: int) -> int:
+    """Full micro-batches per rank per epoch (a trailing partial batch is dropped so every rank steps together)."""
+    return (num_cells // world_size) // micro_batch_size
+
+
+def iterate_batches(
+    dataset: CellDataset,
+    collator: MaskingCollator,
+    micro_batch_size: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    start_epoch: int = 0,
+    start_batch: int = 0,
+):
+    """Yields (epoch, batch_index, batch) forever, starting at (start_epoch, start_batch)."""
+    per_epoch = batches_per_epoch(len(dataset), micro_batch_size, world_size)
+    if per_epoch == 0:
+        raise DataError(
+            f"{dataset.path}: {len(dataset)} cells cannot fill one micro-batch of {micro_batch_size} on {world_size} ranks"
+        )
+    epoch, batch_index = start_epoch, start_batch
+    while True:
+        order = epoch_order(len(dataset), epoch, seed, rank, world_size)
+        while batch_index < per_epoch:
+            indices = order[batch_index * micro_batch_size : (batch_index + 1) * micro_batch_size]
+            yield epoch, batch_index, collator([dataset[int(i)] for i in indices])
+            batch_index += 1
+        epoch, batch_index = epoch + 1, 0

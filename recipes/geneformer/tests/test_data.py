@@ -1,0 +1,109 @@
+"""Masking statistics, dataset validation and the rank-sharded, resumable order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import SAMPLE_DIR
+
+from data import CellDataset, MaskingCollator, epoch_order, iterate_batches
+from model import IGNORE_INDEX
+from preprocess import DataError, read_vocab
+
+VOCAB = ["<pad>", "<mask>", "<cls>", "<eos>"] + [f"G{i}" for i in range(996)]
+
+
+def write_cells(path, cells, column="input_ids"):
+    pq.write_table(pa.table({column: pa.array(cells, type=pa.list_(pa.int32()))}), path)
+    return path
+
+
+def test_masking_statistics():
+    rng = np.random.default_rng(0)
+    cells = [np.concatenate([[2], rng.integers(4, 1000, size=n), [3]]) for n in rng.integers(50, 400, size=400)]
+    batch = MaskingCollator(VOCAB, generator=torch.Generator().manual_seed(1))(cells)
+    original = torch.full_like(batch["input_ids"], 0)
+    for row, cell in enumerate(cells):
+        original[row, : len(cell)] = torch.from_numpy(cell)
+    chosen = batch["labels"] != IGNORE_INDEX
+    genes = original >= 4
+    assert not chosen[~genes].any(), "special tokens and padding are never chosen"
+    assert torch.equal(batch["labels"][chosen], original[chosen])
+    assert torch.equal(batch["attention_mask"].bool(), original != 0)
+    assert chosen.sum() / genes.sum() == pytest.approx(0.15, abs=0.005)
+    masked = (batch["input_ids"] == 1) & chosen
+    kept = (batch["input_ids"] == original) & chosen
+    n = chosen.sum().item()
+    assert masked.sum().item() / n == pytest.approx(0.8, abs=0.01)
+    # "random gene" sometimes draws the original gene, so kept is slightly above 10%
+    assert kept.sum().item() / n == pytest.approx(0.1 + 0.1 / 996, abs=0.01)
+    assert (batch["input_ids"][chosen & ~masked & ~kept] >= 4).all(), "random replacements are genes"
+    assert batch["input_ids"].shape[1] % 16 == 0
+    assert torch.equal(batch["input_ids"][~genes & (original != 0)], original[~genes & (original != 0)])
+
+
+def test_masking_is_reproducible_from_generator_state():
+    cells = [np.arange(4, 300)] * 8
+    collator = MaskingCollator(VOCAB, generator=torch.Generator().manual_seed(5))
+    collator(cells)
+    state = collator.generator.get_state()
+    second = collator(cells)
+    collator.generator.set_state(state)
+    assert torch.equal(collator(cells)["input_ids"], second["input_ids"])
+
+
+def test_dataset_reads_sample_and_truncates():
+    vocab = read_vocab(SAMPLE_DIR / "vocab.txt")
+    dataset = CellDataset(SAMPLE_DIR / "cells.parquet", len(vocab), max_length=100)
+    full = pq.read_table(SAMPLE_DIR / "cells.parquet").column("input_ids").to_pylist()
+    assert len(dataset) == 500
+    assert dataset[7].tolist() == full[7][:100]
+    assert dataset.lengths().max() == 100
+
+
+@pytest.mark.parametrize(
+    ("cells", "column", "message"),
+    [
+        ([[5, 6], [7, 2000]], "input_ids", r"row 1 has token id 2000 outside the vocabulary \(size 1000\)"),
+        ([[5, 6], []], "input_ids", "cell at row 1 has no tokens"),
+        ([[5, 6]], "tokens", "no 'input_ids' column"),
+    ],
+)
+def test_dataset_rejects_bad_files(tmp_path, cells, column, message):
+    path = write_cells(tmp_path / "cells.parquet", cells, column)
+    with pytest.raises(DataError, match=message):
+        CellDataset(path, vocab_size=1000, max_length=64)
+
+
+def test_dataset_missing_and_non_parquet(tmp_path):
+    with pytest.raises(DataError, match="no such data file"):
+        CellDataset(tmp_path / "nope.parquet", 10, 8)
+    (tmp_path / "text.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match="not a readable parquet file"):
+        CellDataset(tmp_path / "text.parquet", 10, 8)
+
+
+def test_rank_shards_are_disjoint_and_resume_exactly(tmp_path):
+    shards = [set(epoch_order(103, epoch=2, seed=7, rank=r, world_size=3)) for r in range(3)]
+    assert sum(len(s) for s in shards) == 102 and len(set.union(*shards)) == 102
+    assert not np.array_equal(epoch_order(103, 0, 7, 0, 1), epoch_order(103, 1, 7, 0, 1))
+
+    path = write_cells(tmp_path / "cells.parquet", [list(range(4, 4 + n)) for n in range(5, 45)])
+    dataset = CellDataset(path, 1000, 64)
+
+    def batches(start_epoch, start_batch, generator_state=None):
+        collator = MaskingCollator(VOCAB, generator=torch.Generator().manual_seed(3))
+        if generator_state is not None:
+            collator.generator.set_state(generator_state)
+        return iterate_batches(dataset, collator, 4, 11, 0, 1, start_epoch, start_batch), collator
+
+    stream, collator = batches(0, 0)
+    head = [next(stream) for _ in range(13)]  # 10 batches per epoch: crosses into epoch 1
+    state, (epoch, index, _) = collator.generator.get_state(), head[12]
+    tail = [next(stream) for _ in range(5)]
+    resumed, _ = batches(epoch, index + 1, state)
+    for (e1, b1, x1), (e2, b2, x2) in zip(tail, [next(resumed) for _ in range(5)]):
+        assert (e1, b1) == (e2, b2) and all(torch.equal(x1[k], x2[k]) for k in x1)

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Out-of-the-box run (`make train recipe=geneformer`): the tiny l0_sanity model on the bundled 500 real PBMC cells,
+# 400 steps, about 2 minutes on 2 CPU cores. The loss starts at ln(767) = 6.64 and falls as the model learns which
+# genes are co-expressed. Each run writes a fresh folder under runs/; extra arguments are passed on as overrides.
+set -euo pipefail
+cd "$(dirname "$0")"
+run_dir="runs/train_sample_$(date +%Y%m%d_%H%M%S)"
+python train.py --config-name l0_sanity \
+    training.num_train_steps=400 training.log_every_n_steps=20 training.save_every_n_steps=200 \
+    training.output_dir="$run_dir" "$@"
+echo "metrics: $run_dir/metrics.jsonl  loss curve: $run_dir/loss_curve.png  model: $run_dir/checkpoints/final_model"

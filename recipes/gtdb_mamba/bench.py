@@ -1,0 +1,186 @@
+"""CPU benchmark of the three things this recipe changes (run from the recipe folder: `python bench.py`).
+
+1. Time to first training step on GTDB-layout fixtures of 200 and 2,000 tiny genomes, cold (index built) and
+   cached (index memory-mapped). Goal: the cached start grows <= 2x across the 10x corpus.
+2. Same-genome AUC on 4,000 validation embeddings (8M pairs): rank-based AUC on tensors vs the pair loop
+   (Python loop over pairs, then sklearn) and vs sklearn on vectorised pairs. Goal >= 10x over the pair loop.
+3. Training tokens/s (forward + backward) of the pure-PyTorch parallel scan vs the sequential recurrence.
+
+Baselines run in the same process on the same data, interleaved, after a warm-up; medians of 5 repeats.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # steady timings on a shared 2-core machine
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from mambapy.mamba import MambaBlock, MambaConfig  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
+
+from make_fixture import make_fixture  # noqa: E402
+from metrics import pairwise_distances, same_genome_auc  # noqa: E402
+from train import run  # noqa: E402
+
+REPEATS = 5
+HERE = Path(__file__).resolve().parent
+
+
+def _median(samples: list[float]) -> float:
+    return statistics.median(samples)
+
+
+def time_to_first_step(work: Path) -> dict[tuple[int, str], float]:
+    """Median seconds from process-level start of `run` to the end of optimizer step 1."""
+    fixtures = {}
+    for n_genomes in (200, 2000):  # families x 2 genera x 2 genomes of 5 kbp
+        fixtures[n_genomes] = make_fixture(
+            work / f"gtdb_{n_genomes}",
+            families=n_genomes // 4,
+            genomes_per_genus=2,
+            genome_bp=5_000,
+            include_real=False,
+        )
+    times: dict[tuple[int, str], list[float]] = {(n, mode): [] for n in fixtures for mode in ("cold", "cached")}
+    with initialize_config_dir(config_dir=str(HERE / "conf"), version_base="1.3"):
+        for repeat in range(REPEATS + 1):  # repeat 0 is the warm-up
+            for n_genomes, root in fixtures.items():
+                cache = work / f"cache_{n_genomes}"
+                for mode in ("cold", "cached"):
+                    if mode == "cold":
+                        shutil.rmtree(cache, ignore_errors=True)
+                    cfg = compose(
+                        "sample",
+                        [
+                            f"data.genomes_root={root / 'database'}",
+                            f"data.metadata_files=[{root / 'bac120_metadata_r0.tsv'},{root / 'ar53_metadata_r0.tsv'}]",
+                            f"data.cache_dir={cache}",
+                            f"run_dir={work / f'run_{n_genomes}_{mode}_{repeat}'}",
+                            "data.val_species_target=20",
+                            "data.n_val_genomes=20",
+                            "train.max_steps=1",
+                            "train.resume=false",
+                            "val.at_start=false",
+                            "val.fragments_per_genome=2",
+                        ],
+                    )
+                    seconds = run(cfg)["time_to_first_step_s"]
+                    if repeat:
+                        times[(n_genomes, mode)].append(seconds)
+    return {key: _median(values) for key, values in times.items()}
+
+
+def pair_loop_auc(embeddings: np.ndarray, labels: np.ndarray) -> float:
+    """The baseline: every pair visited in Python, then sklearn on the collected lists."""
+    distances, same = [], []
+    for i in range(len(embeddings)):
+        for j in range(i + 1, len(embeddings)):
+            distances.append(float(np.linalg.norm(embeddings[i] - embeddings[j])))
+            same.append(labels[i] == labels[j])
+    return roc_auc_score(same, -np.asarray(distances))
+
+
+def sklearn_on_vectorised_pairs(embeddings: torch.Tensor, labels: torch.Tensor) -> float:
+    distances, same = pairwise_distances(embeddings, labels)
+    return roc_auc_score(same.numpy(), -distances.numpy())
+
+
+def auc_pipeline() -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds per method on 4,000 embeddings (500 genomes x 8) and on its first 1,000."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(500).repeat_interleave(8)
+    centres = torch.randn(500, 256, generator=generator)
+    embeddings = centres[labels] + 1.5 * torch.randn(4000, 256, generator=generator)
+    small_e, small_l = embeddings[:1000], labels[:1000]
+    full = {"rank AUC on tensors": [], "sklearn on vectorised pairs": []}
+    small = {"rank AUC on tensors": [], "sklearn on vectorised pairs": [], "pair loop + sklearn": []}
+    for repeat in range(REPEATS + 1):
+        for name, fn in (
+            ("rank AUC on tensors", lambda e, lab: same_genome_auc(e, lab)[0]),
+            ("sklearn on vectorised pairs", sklearn_on_vectorised_pairs),
+        ):
+            for table, (e, lab) in ((full, (embeddings, labels)), (small, (small_e, small_l))):
+                start = time.perf_counter()
+                fn(e, lab)
+                if repeat:
+                    table[name].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        loop_auc = pair_loop_auc(small_e.numpy(), small_l.numpy())
+        if repeat:
+            small["pair loop + sklearn"].append(time.perf_counter() - start)
+    assert abs(loop_auc - same_genome_auc(small_e, small_l)[0]) < 1e-9, "the methods disagree"
+    return {k: _median(v) for k, v in full.items()}, {k: _median(v) for k, v in small.items()}
+
+
+def scan_throughput() -> dict[str, float]:
+    """Training tokens/s of one Mamba mixer (width 64, batch 4 x 256 tokens): parallel vs sequential scan."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 256, 64)
+    mixers = {
+        "parallel scan (mambapy pscan)": MambaBlock(MambaConfig(d_model=64, n_layers=1, pscan=True)),
+        "sequential recurrence": MambaBlock(MambaConfig(d_model=64, n_layers=1, pscan=False)),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in mixers}
+    for repeat in range(REPEATS + 1):
+        for name, mixer in mixers.items():
+            start = time.perf_counter()
+            mixer(x).sum().backward()
+            if repeat:
+                seconds[name].append(time.perf_counter() - start)
+    return {name: x.shape[0] * x.shape[1] / _median(values) for name, values in seconds.items()}
+
+
+def main() -> None:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    logging.getLogger("gtdb_mamba").setLevel(logging.WARNING)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {REPEATS} repeats after a warm-up\n")
+
+    with tempfile.TemporaryDirectory(prefix="gtdb_bench_") as tmp:
+        first_step = time_to_first_step(Path(tmp))
+    print("1. time to first training step (median s)")
+    print(f"   {'genomes':>8} {'cold':>8} {'cached':>8}")
+    for n in (200, 2000):
+        print(f"   {n:>8} {first_step[(n, 'cold')]:>8.2f} {first_step[(n, 'cached')]:>8.2f}")
+    cached_growth = first_step[(2000, "cached")] / first_step[(200, "cached")]
+    cold_over_cached = first_step[(2000, "cold")] / first_step[(2000, "cached")]
+
+    full, small = auc_pipeline()
+    print("\n2. same-genome AUC pipeline (median s)")
+    print(f"   {'method':<30} {'1,000 emb (0.5M pairs)':>24} {'4,000 emb (8M pairs)':>22}")
+    for name in small:
+        full_text = f"{full[name]:.3f}" if name in full else "not run (~40 s)"
+        print(f"   {name:<30} {small[name]:>24.3f} {full_text:>22}")
+    loop_speedup_small = small["pair loop + sklearn"] / small["rank AUC on tensors"]
+    # The pair loop costs the same per pair at any size; scale its measured per-pair cost to 8M pairs.
+    loop_full_estimate = small["pair loop + sklearn"] * (4000 * 3999) / (1000 * 999)
+    loop_speedup_full = loop_full_estimate / full["rank AUC on tensors"]
+    sklearn_speedup = full["sklearn on vectorised pairs"] / full["rank AUC on tensors"]
+
+    tokens = scan_throughput()
+    print("\n3. Mamba mixer training throughput on CPU (tokens/s, fwd+bwd, width 64, 4 x 256 tokens)")
+    for name, rate in tokens.items():
+        print(f"   {name:<32} {rate:>10.0f}")
+    scan_speedup = tokens["parallel scan (mambapy pscan)"] / tokens["sequential recurrence"]
+
+    print("\nheadline ratios")
+    print(f"   cached start, 2,000 vs 200 genomes:       {cached_growth:.2f}x  (goal <= 2x)")
+    print(f"   cold vs cached start at 2,000 genomes:    {cold_over_cached:.2f}x")
+    print(f"   AUC, pair loop / rank AUC (1,000 emb):    {loop_speedup_small:.0f}x  (measured)")
+    print(
+        f"   AUC, pair loop / rank AUC (4,000 emb):    {loop_speedup_full:.0f}x  (pair loop scaled per pair; goal >= 10x)"
+    )
+    print(f"   AUC, sklearn on 8M pairs / rank AUC:      {sklearn_speedup:.1f}x")
+    print(f"   parallel scan / sequential recurrence:    {scan_speedup:.1f}x tokens/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Fragment sampling from a GenomeIndex and k-mer tokenisation.
+
+Each training batch is drawn from its own RNG seeded by (seed, rank, batch number), so batches do not depend on
+worker count or on what came before: resuming at batch b reproduces the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from preprocess import N_CODE, GenomeIndex, GtdbDataError
+
+log = logging.getLogger(__name__)
+
+
+class KmerTokenizer:
+    """Overlapping, non-canonical k-mers: id = base-4 number of the k-mer (A=0, T=1, C=2, G=3, first base highest).
+
+    A k-mer containing N gets `n_token`; `pad_token` fills sequences shorter than the batch.
+    """
+
+    def __init__(self, k: int = 5):
+        self.k = k
+        self.n_token = 4**k
+        self.pad_token = 4**k + 1
+        self.vocab_size = 4**k + 2
+        self._place_values = torch.tensor([4 ** (k - 1 - i) for i in range(k)], dtype=torch.long)
+
+    def tokens_from_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """(batch, bases) uint8 base codes -> (batch, bases - k + 1) token ids."""
+        windows = codes.long().unfold(-1, self.k, 1)  # (batch, n_kmers, k)
+        ids = (windows.clamp(max=3) * self._place_values).sum(-1)
+        return torch.where((windows == N_CODE).any(-1), self.n_token, ids)
+
+    def tokens_from_sequence(self, sequence: str) -> torch.Tensor:
+        """A DNA string -> 1-D token ids (IUPAC ambiguity letters count as N)."""
+        from preprocess import BASE_LOOKUP, INVALID_CODE
+
+        codes = BASE_LOOKUP[np.frombuffer(sequence.encode("ascii"), dtype=np.uint8)]
+        if (codes == INVALID_CODE).any():
+            raise ValueError(f"sequence contains a character that is not a nucleotide: {sequence[:40]!r}...")
+        if codes.size < self.k:
+            raise ValueError(f"sequence of {codes.size} bases is shorter than k={self.k}")
+        return self.tokens_from_codes(torch.from_numpy(codes.copy())[None])[0]
+
+
+def reverse_complement_codes(codes: np.ndarray) -> np.ndarray:
+    """Reverse complement of base codes along the last axis: A(0)<->T(1), C(2)<->G(3), N stays N."""
+    flipped = codes[..., ::-1]
+    return np.where(flipped < N_CODE, flipped ^ 1, flipped).astype(np.uint8)
+
+
+class FragmentSampler:
+    """Draws fixed-length fragments uniformly over all valid start positions of a genome.
+
+    That is the same as choosing a contig with probability proportional to its number of valid starts, then a start
+    uniformly within it. Contigs shorter than the fragment are never used; genomes with no such contig are dropped
+    (logged) and listed in `dropped`.
+    """
+
+    def __init__(self, index: GenomeIndex, fragment_bp: int, max_n_fraction: float = 0.05, max_tries: int = 10):
+        self.index, self.fragment_bp = index, fragment_bp
+        self.max_n_fraction, self.max_tries = max_n_fraction, max_tries
+        starts, lengths = index.contigs[:, 0], index.contigs[:, 1]
+        valid_starts = np.maximum(lengths - fragment_bp + 1, 0)
+        per_genome = np.array([valid_starts[first : first + n].sum() for _, first, n in index.genomes], dtype=np.int64)
+        self.dropped = [index.accessions[i] for i in np.flatnonzero(per_genome == 0)]
+        for accession in self.dropped:
+            log.warning("genome %s skipped: every contig is shorter than the %d bp fragment", accession, fragment_bp)
+        self.genome_rows = np.flatnonzero(per_genome > 0)  # usable rows of index.genomes
+        if self.genome_rows.size == 0:
+            raise GtdbDataError(
+                f"index {index.directory}: no genome has a contig of at least {fragment_bp} bp (data.fragment_bp)"
+            )
+        self.labels = index.genomes[self.genome_rows, 0]
+        # A "virtual coordinate" enumerates every valid start of every contig back to back; a draw in
+        # [genome_offset[g], genome_offset[g] + n_starts[g]) maps to (contig, start) by binary search.
+        self._contig_cum_starts = np.concatenate([[0], np.cumsum(valid_starts)])
+        self._contig_offsets = starts
+        self._genome_first_virtual = self._contig_cum_starts[index.genomes[self.genome_rows, 1]]
+        self._genome_n_starts = per_genome[self.genome_rows]
+
+    def __len__(self) -> int:
+        return int(self.genome_rows.size)
+
+    def draw_offsets(self, rng: np.random.Generator, genomes: np.ndarray) -> np.ndarray:
+        """Offsets into `index.sequence` of fragment starts, for positions `genomes` in `genome_rows`."""
+        virtual = self._genome_first_virtual[genomes] + (
+            rng.random(len(genomes)) * self._genome_n_starts[genomes]
+        ).astype(np.int64)
+        contig = np.searchsorted(self._contig_cum_starts, virtual, side="right") - 1
+        return self._contig_offsets[contig] + (virtual - self._contig_cum_starts[contig])
+
+    def sample(self, rng: np.random.Generator, genomes: np.ndarray) -> np.ndarray:
+        """Fragments (len(genomes), fragment_bp) uint8 for positions `genomes` in `genome_rows`."""
+        out = np.empty((len(genomes), self.fragment_bp), dtype=np.uint8)
+        pending = np.arange(len(genomes))
+        for attempt in range(self.max_tries):
+            begin = self.draw_offsets(rng, genomes[pending])
+            out[pending] = self.index.sequence[begin[:, None] + np.arange(self.fragment_bp)]
+            too_ambiguous = (out[pending] == N_CODE).mean(axis=1) > self.max_n_fraction
+            if attempt < self.max_tries - 1:  # after the last try keep what we have (N maps to its own token)
+                pending = pending[too_ambiguous]
+            if pending.size == 0:
+                break
+        return out
+
+
+class TrainBatches(Dataset):
+    """Map-style dataset whose item b is training batch b of this rank (tokens, labels)."""
+
+    def __init__(
+        self,
+        sampler: FragmentSampler,
+        tokenizer: KmerTokenizer,
+        batch_size: int,
+        n_tokens: int,
+        seed: int,
+        rank: int,
+        reverse_complement: bool = True,
+    ):
+        if n_tokens > sampler.fragment_bp - tokenizer.k + 1:
+            raise GtdbDataError(
+                f"train crop of {n_tokens} tokens needs fragments of >= {n_tokens + tokenizer.k - 1} bp, "
+                f"data.fragment_bp is {sampler.fragment_bp}"
+            )
+        self.sampler, self.tokenizer, self.batch_size, self.n_tokens = sampler, tokenizer, batch_size, n_tokens
+        self.seed, self.rank, self.reverse_complement = seed, rank, reverse_complement
+
+    def __len__(self) -> int:
+        return 2**62  # effectively infinite; the DataLoader's sampler chooses the batch numbers
+
+    def __getitem__(self, batch_number: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.rank, batch_number])
+        genomes = rng.integers(0, len(self.sampler), size=self.batch_size)
+        codes = self.sampler.sample(rng, genomes)
+        if self.reverse_complement:
+            flip = rng.random(self.batch_size) < 0.5
+            codes[flip] = reverse_complement_codes(codes[flip])
+        codes = codes[:, : self.n_tokens + self.tokenizer.k - 1]
+        tokens = self.tokenizer.tokens_from_codes(torch.from_numpy(codes))
+        return {"tokens": tokens, "labels": torch.from_numpy(self.sampler.labels[genomes].astype(np.int64))}
+
+
+def train_loader(dataset: TrainBatches, first_batch: int, n_batches: int, num_workers: int) -> DataLoader:
+    """Loader over batch numbers [first_batch, first_batch + n_batches), prefetched by background workers."""
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=range(first_batch, first_batch + n_batches),
+        num_workers=num_workers,
+        prefetch_factor=4 if num_workers else None,
+        persistent_workers=False,
+    )
+
+
+def validation_fragments(
+    sampler: FragmentSampler,
+    tokenizer: KmerTokenizer,
+    fragments_per_genome: int,
+    n_tokens: int,
+    seed: int,
+    rank: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed set of validation fragments, `fragments_per_genome` from every validation genome; same each call."""
+    rng = np.random.default_rng([seed, 1_000_003, rank])  # separate stream from the training batches
+    genomes = np.repeat(np.arange(len(sampler)), fragments_per_genome)
+    codes = sampler.sample(rng, genomes)
+    flip = rng.random(len(genomes)) < 0.5
+    codes[flip] = reverse_complement_codes(codes[flip])
+    codes = codes[:, : n_tokens + tokenizer.k - 1]
+    return tokenizer.tokens_from_codes(torch.from_numpy(codes)), torch.from_numpy(
+        sampler.labels[genomes].astype(np.int64)
+    )

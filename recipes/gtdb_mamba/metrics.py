@@ -1,0 +1,70 @@
+"""Same-genome vs different-genome ROC AUC from pairwise embedding distances, and its histogram plot.
+
+For 4,000 embeddings there are 8M pairs. The AUC here is the rank-sum (Mann-Whitney) form computed on tensors:
+one sort of the distances, tie-averaged ranks, no Python loop over pairs. It equals sklearn's roc_auc_score
+(tested), which would first build 8M-element arrays and then run its own curve construction.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def rank_auc(scores: torch.Tensor, is_positive: torch.Tensor) -> float:
+    """ROC AUC of `scores` for the boolean `is_positive` labels; ties count one half, as in sklearn."""
+    n_positive = int(is_positive.sum())
+    n_negative = is_positive.numel() - n_positive
+    if n_positive == 0 or n_negative == 0:
+        raise ValueError("AUC needs both positive and negative pairs (at least 2 genomes with 2 fragments each)")
+    sorted_scores, order = torch.sort(scores)
+    _, group_sizes = torch.unique_consecutive(sorted_scores, return_counts=True)
+    group_ends = torch.cumsum(group_sizes, 0).double()
+    average_rank = group_ends - (group_sizes.double() - 1) / 2  # 1-based rank shared by every tied element
+    ranks = torch.repeat_interleave(average_rank, group_sizes)
+    positive_rank_sum = ranks[is_positive[order]].sum().item()
+    return (positive_rank_sum - n_positive * (n_positive + 1) / 2) / (n_positive * n_negative)
+
+
+def pairwise_distances(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2 distances of every unordered pair (upper triangle) and whether the pair shares a genome."""
+    embeddings = embeddings.float()
+    distances = torch.cdist(embeddings[None], embeddings[None])[0]
+    upper = torch.ones_like(distances, dtype=torch.bool).triu_(1)
+    same = labels[:, None] == labels[None, :]
+    return distances[upper], same[upper]
+
+
+def same_genome_auc(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """AUC of 'same genome' predicted by small distance, with the pair distances and same-genome flags."""
+    distances, same = pairwise_distances(embeddings, labels)
+    return rank_auc(-distances, same), distances, same
+
+
+def write_distance_histogram(path: str | Path, distances: torch.Tensor, same: torch.Tensor, auc: float, step: int):
+    """Density histograms of same- and different-genome distances, AUC in the title; replaces the file atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    distances = distances.cpu().numpy()
+    same = same.cpu().numpy()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = np.histogram_bin_edges(distances, bins=100)  # shared edges so the two densities compare bin by bin
+    ax.hist(distances[~same], bins=bins, density=True, alpha=0.6, label=f"different genome (n={(~same).sum():,})")
+    ax.hist(distances[same], bins=bins, density=True, alpha=0.6, label=f"same genome (n={same.sum():,})")
+    ax.set_xlabel("L2 distance between fragment embeddings")
+    ax.set_ylabel("density")
+    ax.set_title(f"step {step}: same-genome ROC AUC = {auc:.4f}")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

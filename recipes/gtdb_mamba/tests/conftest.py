@@ -1,0 +1,66 @@
+"""Shared fixtures: a small synthetic GTDB-layout tree generated once per test session."""
+
+import gzip
+from pathlib import Path
+
+import pytest
+
+from make_fixture import make_fixture
+
+RECIPE_DIR = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def gtdb_fixture(tmp_path_factory) -> Path:
+    """12 families x 2 genera x 2 genomes of 20 kbp in 2 contigs (synthetic only: fast to index)."""
+    return make_fixture(
+        tmp_path_factory.mktemp("gtdb") / "release",
+        families=12,
+        genera_per_family=2,
+        genomes_per_genus=2,
+        genome_bp=20_000,
+        include_real=False,
+    )
+
+
+def metadata_files(root: Path) -> list[Path]:
+    return [root / "bac120_metadata_r0.tsv", root / "ar53_metadata_r0.tsv"]
+
+
+def write_fasta_gz(path: Path, records: list[tuple[str, str]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt") as handle:
+        for name, sequence in records:
+            handle.write(f">{name}\n{sequence}\n")
+    return path
+
+
+def tiny_overrides(root: Path, work: Path) -> list[str]:
+    """Hydra overrides for a seconds-long run on the session fixture."""
+    return [
+        f"data.genomes_root={root / 'database'}",
+        f"data.metadata_files=[{root / 'bac120_metadata_r0.tsv'},{root / 'ar53_metadata_r0.tsv'}]",
+        f"data.cache_dir={work / 'cache'}",
+        f"run_dir={work / 'run'}",
+        "data.val_species_target=6",
+        "data.n_val_genomes=8",
+        "data.num_workers=0",
+        "data.fragment_bp=150",
+        "data.train_tokens=32",
+        "data.val_tokens=64",
+        "model.d_model=16",
+        "model.n_layers=1",
+        "model.d_state=4",
+        "train.batch_size=8",
+        "train.log_every=1",
+        "val.fragments_per_genome=3",
+        "val.at_start=false",
+    ]
+
+
+def compose_config(overrides: list[str]):
+    """The sample config with overrides, as `python train.py --config-name sample ...` would see it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(RECIPE_DIR / "conf"), version_base="1.3"):
+        return compose(config_name="sample", overrides=overrides)

@@ -1,0 +1,129 @@
+"""Bad inputs: a clear error and exit 1 where the run cannot go on, a warning and a skip for one bad genome."""
+
+import gzip
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import RECIPE_DIR, compose_config, metadata_files, tiny_overrides, write_fasta_gz
+
+from preprocess import GtdbDataError, read_metadata
+from train import prepare_data
+
+
+class _Ctx:  # a single-process distributed context, as setup_distributed returns for plain python
+    rank, local_rank, world_size, is_main, is_distributed = 0, 0, 1, True, False
+
+
+@pytest.fixture()
+def fixture_copy(gtdb_fixture, tmp_path):
+    return shutil.copytree(gtdb_fixture, tmp_path / "release")
+
+
+def test_metadata_missing_column_names_file_and_column(fixture_copy):
+    bac = fixture_copy / "bac120_metadata_r0.tsv"
+    lines = bac.read_text().splitlines()
+    bac.write_text("\n".join(line.replace("checkm_contamination", "contamination") for line in lines) + "\n")
+    with pytest.raises(
+        GtdbDataError, match=r"bac120_metadata_r0.tsv: metadata is missing column\(s\) checkm_contamination"
+    ):
+        read_metadata(metadata_files(fixture_copy), fixture_copy / "database", "checkm_contamination", 5)
+
+
+def test_non_numeric_contamination_names_the_record(fixture_copy):
+    bac = fixture_copy / "bac120_metadata_r0.tsv"
+    header, first, *rest = bac.read_text().splitlines()
+    fields = first.split("\t")
+    fields[5] = "high"
+    bac.write_text("\n".join([header, "\t".join(fields), *rest]) + "\n")
+    with pytest.raises(GtdbDataError, match=rf"record {fields[0]}: checkm_contamination='high' is not a number"):
+        read_metadata(metadata_files(fixture_copy), fixture_copy / "database", "checkm_contamination", 5)
+
+
+def test_bad_genomes_are_skipped_and_counted(fixture_copy, tmp_path, caplog):
+    cfg = compose_config(tiny_overrides(fixture_copy, tmp_path))
+    from preprocess import cached_family_split
+
+    split = cached_family_split(
+        list(cfg.data.metadata_files),
+        cfg.data.genomes_root,
+        tmp_path / "probe",
+        seed=cfg.seed,
+        contamination_column="checkm_contamination",
+        max_contamination=5.0,
+        val_species_target=6,
+        n_val_genomes=8,
+        family_count_cap=100,
+        val_per_genus=10,
+        train_per_genus=20,
+    )
+    paths = [entry.path for entry in split.train[:5]]
+    Path(paths[0]).unlink()  # missing
+    Path(paths[1]).write_bytes(b">c\nACGT\n")  # not gzip
+    write_fasta_gz(Path(paths[2]), [])  # empty
+    write_fasta_gz(Path(paths[3]), [("c", "N" * 500)])  # only N
+    write_fasta_gz(Path(paths[4]), [("c", "ACGT" * 10)])  # shorter than the 150 bp fragment
+    with caplog.at_level(logging.WARNING):
+        _, train_sampler, _ = prepare_data(cfg, _Ctx(), logging.getLogger("test"))
+    assert len(train_sampler) == len(split.train) - 5
+    messages = "\n".join(caplog.messages)
+    reasons = (
+        "file not found",
+        "not a gzip file",
+        "empty genome",
+        "all 1 contig(s) are empty or only N",
+        "shorter than the 150 bp",
+    )
+    for reason in reasons:
+        assert reason in messages
+    assert "skipped 5 training and 0 validation genomes" in messages
+
+
+def test_fewer_validation_genomes_than_requested(fixture_copy, tmp_path):
+    cfg = compose_config([*tiny_overrides(fixture_copy, tmp_path), "data.n_val_genomes=50"])
+    with pytest.raises(GtdbDataError, match="only 8 validation genomes .* data.n_val_genomes=50"):
+        prepare_data(cfg, _Ctx(), logging.getLogger("test"))
+
+
+def test_zero_training_classes(fixture_copy, tmp_path):
+    cfg = compose_config(
+        [*tiny_overrides(fixture_copy, tmp_path), "data.val_species_target=1000", "data.n_val_genomes=4"]
+    )
+    with pytest.raises(GtdbDataError, match="no training classes left"):
+        prepare_data(cfg, _Ctx(), logging.getLogger("test"))
+
+
+def test_truncated_gzip_is_skipped(tmp_path):
+    from preprocess import GenomeSkipped, read_genome_contigs
+
+    path = tmp_path / "g.fna.gz"
+    path.write_bytes(gzip.compress(b">c\n" + b"ACGT" * 1000)[:-20])
+    with pytest.raises(GenomeSkipped, match="truncated"):
+        read_genome_contigs(path)
+    write_fasta_gz(path, [("c", "ACGU")])
+    with pytest.raises(GenomeSkipped, match="contig 'c': invalid character 'U'"):
+        read_genome_contigs(path)
+
+
+def test_cli_prints_one_line_error_and_exits_1(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--config-name",
+            "sample",
+            f"data.metadata_files=[{tmp_path / 'nope.tsv'}]",
+            f"run_dir={tmp_path / 'run'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ],
+        cwd=RECIPE_DIR,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope.tsv'}: metadata file not found"
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()

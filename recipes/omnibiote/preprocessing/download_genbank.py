@@ -1,0 +1,216 @@
+"""Download GenBank flat files (gb<division><n>.seq.gz) from an NCBI-style directory listing.
+
+    python -m preprocessing.download_genbank --out_dir data/genbank --divisions vrl,phg --max-files 4
+
+Each file is fetched into `<name>.part`; an interrupted transfer is resumed with an HTTP Range request (also on the
+next run), failures are retried with exponential backoff, and a file is renamed to its final name only after its
+size matches the server's and its gzip stream (CRC-32 and length trailer) checks out, plus its MD5 when --md5_file
+lists it. Files already present are skipped. The `con` division holds CONTIG records without sequence; leave it out.
+"""
+
+import argparse
+import gzip
+import hashlib
+import os
+import re
+import sys
+import time
+import zlib
+from pathlib import Path
+from urllib.parse import urljoin
+
+import requests
+import urllib3
+from tqdm import tqdm
+
+from errors import DownloadError, run_cli
+
+DEFAULT_BASE_URL = "https://ftp.ncbi.nlm.nih.gov/genbank/"
+FILE_LINK = re.compile(r'href="(gb([a-z]{3})\d+\.seq\.gz)"')
+RETRYABLE = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    urllib3.exceptions.HTTPError,
+)
+
+
+class _RetryableFailure(Exception):
+    """A transfer problem worth another attempt; restart=True when the part file is bad and must be refetched."""
+
+    def __init__(self, message: str, restart: bool = False):
+        super().__init__(message)
+        self.restart = restart
+
+
+def list_remote_files(session: requests.Session, base_url: str, timeout: float) -> list[tuple[str, str]]:
+    """(file name, division) of every gb*.seq.gz linked from the directory page at base_url."""
+    try:
+        response = session.get(base_url, timeout=timeout)
+        response.raise_for_status()
+    except requests.RequestException as exc:
+        raise DownloadError(f"{base_url}: cannot list files ({exc})") from None
+    return sorted(set(FILE_LINK.findall(response.text)))
+
+
+def select_files(files: list[tuple[str, str]], divisions: list[str] | None, max_files: int | None) -> list[str]:
+    """Names in the chosen divisions (all when None), at most max_files of them."""
+    names = [name for name, division in files if not divisions or division in divisions]
+    return names[:max_files] if max_files else names
+
+
+def verify_gzip(path: Path) -> None:
+    """Read the whole gzip stream: a corrupt or cut file fails its CRC-32/length check."""
+    try:
+        with gzip.open(path, "rb") as handle:
+            while handle.read(1 << 20):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        raise _RetryableFailure(f"gzip check failed ({exc})", restart=True) from None
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _transfer(session, url: str, part: Path, timeout: float, progress: bool) -> None:
+    """One attempt: continue `part` from its current size (Range request) up to the server's full size."""
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    with session.get(url, headers=headers, stream=True, timeout=timeout) as response:
+        if response.status_code == 416:  # our part file is not shorter than the server's file
+            raise _RetryableFailure("partial file not shorter than the remote file", restart=True)
+        if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
+            raise DownloadError(f"{url}: HTTP {response.status_code}")
+        response.raise_for_status()
+        if response.status_code == 206:
+            content_range = response.headers.get("Content-Range", "")
+            match = re.match(r"bytes (\d+)-\d+/(\d+)", content_range)
+            if not match or int(match.group(1)) != offset:
+                raise DownloadError(f"{url}: server answered the range request with '{content_range}'")
+            total, mode = int(match.group(2)), "ab"
+        else:  # the server ignored the Range header: start again
+            length = response.headers.get("Content-Length")
+            total, mode, offset = (int(length) if length else None), "wb", 0
+        with (
+            open(part, mode) as out,
+            tqdm(
+                total=total,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                desc=part.name[: -len(".part")],
+                disable=not progress,
+            ) as bar,
+        ):
+            # read1 hands over bytes as they arrive, so a dropped connection loses nothing already received
+            # (iter_content buffers a whole chunk and discards it on error); raw bytes: no Content-Encoding decoding
+            while chunk := response.raw.read1(1 << 20, decode_content=False):
+                out.write(chunk)
+                bar.update(len(chunk))
+    if total is not None and part.stat().st_size != total:
+        raise _RetryableFailure(f"got {part.stat().st_size} of {total} bytes")
+
+
+def download_file(
+    session,
+    url: str,
+    dest: Path,
+    retries: int = 5,
+    backoff: float = 2.0,
+    timeout: float = 60.0,
+    expected_md5: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Fetch url to dest with resume, retries and checks; returns dest. Raises DownloadError when all tries fail."""
+    part = dest.with_name(dest.name + ".part")
+    for attempt in range(retries + 1):
+        try:
+            _transfer(session, url, part, timeout, progress)
+            verify_gzip(part)
+            if expected_md5 and file_md5(part) != expected_md5:
+                raise _RetryableFailure("MD5 mismatch", restart=True)
+            os.replace(part, dest)
+            return dest
+        except (*RETRYABLE, _RetryableFailure) as exc:
+            if getattr(exc, "restart", False) and part.exists():
+                part.unlink()  # a complete but bad file cannot be resumed: start over
+            if attempt == retries:
+                raise DownloadError(f"{url}: failed after {retries + 1} attempts: {exc}") from None
+            time.sleep(backoff * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def read_md5_file(path: str | Path) -> dict[str, str]:
+    """`md5  filename` lines (md5sum output) -> {filename: md5}."""
+    sums = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            digest, name = line.split(maxsplit=1)
+            sums[name.strip().lstrip("*")] = digest.lower()
+    return sums
+
+
+def download_genbank(
+    base_url: str,
+    out_dir: str | Path,
+    divisions: list[str] | None = None,
+    max_files: int | None = None,
+    retries: int = 5,
+    backoff: float = 2.0,
+    timeout: float = 60.0,
+    md5_file: str | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Download the selected GenBank files into out_dir; returns their paths (downloaded or already present)."""
+    base_url = base_url if base_url.endswith("/") else base_url + "/"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checksums = read_md5_file(md5_file) if md5_file else {}
+    with requests.Session() as session:
+        names = select_files(list_remote_files(session, base_url, timeout), divisions, max_files)
+        if not names:
+            raise DownloadError(f"{base_url}: no gb*.seq.gz files for divisions {divisions or 'any'}")
+        paths = []
+        for name in names:
+            dest = out_dir / name
+            if not dest.exists():
+                download_file(
+                    session, urljoin(base_url, name), dest, retries, backoff, timeout, checksums.get(name), progress
+                )
+            paths.append(dest)
+    return paths
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base_url", default=DEFAULT_BASE_URL, help="directory listing with the gb*.seq.gz files")
+    parser.add_argument("--out_dir", required=True)
+    parser.add_argument("--divisions", default=None, help="comma-separated divisions, e.g. vrl,phg,bct (default all)")
+    parser.add_argument("--max-files", "--max_files", dest="max_files", type=int, default=None)
+    parser.add_argument("--retries", type=int, default=5)
+    parser.add_argument("--backoff", type=float, default=2.0, help="seconds before the first retry; doubles each time")
+    parser.add_argument("--timeout", type=float, default=60.0, help="connect/read timeout in seconds")
+    parser.add_argument("--md5_file", default=None, help="optional md5sum-style list to check files against")
+    args = parser.parse_args(argv)
+    divisions = [d.strip() for d in args.divisions.split(",")] if args.divisions else None
+    paths = download_genbank(
+        args.base_url,
+        args.out_dir,
+        divisions,
+        args.max_files,
+        args.retries,
+        args.backoff,
+        args.timeout,
+        args.md5_file,
+        progress=sys.stderr.isatty(),
+    )
+    print(f"{len(paths)} file(s) in {args.out_dir}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,103 @@
+"""Record shards: the text format between the parsers (GenBank, UniProt) and the tokenizer/encoder.
+
+One gzip-compressed TSV line per record: `modality<TAB>record_id<TAB>SEQUENCE`, modality one of MODALITIES.
+A ShardWriter writes into a hidden temp folder and moves the shards into place only when the whole input
+was read without error, so a failed run never leaves partial shards behind.
+"""
+
+import gzip
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from errors import PreprocessError
+
+MODALITIES = ("dna", "rna", "protein")
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def open_text(path: str | Path) -> io.TextIOBase:
+    """Open a plain or gzip text file for reading; gzip is detected from the magic bytes, not the name."""
+    path = Path(path)
+    if not path.is_file():
+        raise PreprocessError(f"{path}: no such file")
+    with open(path, "rb") as probe:
+        magic = probe.read(2)
+    if magic == GZIP_MAGIC:
+        return gzip.open(path, "rt", encoding="ascii", errors="replace", newline=None)
+    return open(path, encoding="ascii", errors="replace", newline=None)
+
+
+class ShardWriter:
+    """Writes records into `<out_dir>/<prefix>_NNNNN.tsv.gz` shards of about `max_chars` residues each."""
+
+    def __init__(self, out_dir: str | Path, prefix: str, max_chars: int = 100_000_000):
+        self.out_dir = Path(out_dir)
+        self.prefix = prefix
+        self.max_chars = max_chars
+        self.n_records = 0
+        self.n_chars = 0
+        self.shard_paths: list[Path] = []
+        self._file = None
+        self._chars_in_shard = 0
+
+    def __enter__(self) -> "ShardWriter":
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        existing = sorted(self.out_dir.glob(f"{self.prefix}_*.tsv.gz"))
+        if existing:  # never overwrite what the user already has
+            raise PreprocessError(
+                f"{existing[0]}: shards with prefix '{self.prefix}' already exist; use a new --out_dir"
+            )
+        self._tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{self.prefix}-", dir=self.out_dir))
+        return self
+
+    def add(self, modality: str, record_id: str, sequence: str) -> None:
+        """Append one record; starts a new shard when the current one is full."""
+        if modality not in MODALITIES:
+            raise PreprocessError(f"record {record_id}: unknown modality '{modality}'")
+        if self._file is None or self._chars_in_shard >= self.max_chars:
+            self._open_next_shard()
+        record_id = record_id.replace("\t", " ")
+        self._file.write(f"{modality}\t{record_id}\t{sequence}\n")
+        self._chars_in_shard += len(sequence)
+        self.n_records += 1
+        self.n_chars += len(sequence)
+
+    def _open_next_shard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        path = self._tmp_dir / f"{self.prefix}_{len(self.shard_paths):05d}.tsv.gz"
+        self.shard_paths.append(path)
+        self._file = gzip.open(path, "wt", encoding="ascii", compresslevel=3)  # noqa: SIM115 (closed in __exit__)
+        self._chars_in_shard = 0
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._file is not None:
+            self._file.close()
+        try:
+            if exc_type is None and self.n_records == 0:
+                raise PreprocessError("no records were written: the input held no usable sequences")
+            if exc_type is None:
+                final_paths = []
+                for path in self.shard_paths:
+                    final = self.out_dir / path.name
+                    os.replace(path, final)
+                    final_paths.append(final)
+                self.shard_paths = final_paths
+        finally:
+            shutil.rmtree(self._tmp_dir, ignore_errors=True)
+        return False
+
+
+def iter_shard_records(paths: Iterable[str | Path]) -> Iterator[tuple[str, str, str]]:
+    """Yield (modality, record_id, sequence) from record shards, checking each line's shape."""
+    for path in paths:
+        with open_text(path) as handle:
+            for line_number, line in enumerate(handle, start=1):
+                fields = line.rstrip("\n").split("\t")
+                if len(fields) != 3 or fields[0] not in MODALITIES or not fields[2]:
+                    raise PreprocessError(f"{path}:{line_number}: not a record shard line (modality, id, sequence)")
+                yield fields[0], fields[1], fields[2]

@@ -1,0 +1,172 @@
+"""GenBank/UniProt preprocessing of the bundled real files, RNA handling, encoding, and the bad inputs."""
+
+import gzip
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from Bio import SeqIO
+from Bio.Seq import Seq
+from Bio.SeqFeature import SeqFeature, SimpleLocation
+from Bio.SeqRecord import SeqRecord
+
+from data import TokenSource
+from errors import PreprocessError
+from preprocessing.encode_shards import encode_shards, is_val_record
+from preprocessing.preprocess_genbank import preprocess_genbank, split_at_ambiguous_runs
+from preprocessing.preprocess_uniprot import preprocess_uniprot
+from preprocessing.shards import iter_shard_records
+
+
+def genbank_text(path) -> str:
+    return gzip.decompress(path.read_bytes()).decode()
+
+
+def test_bundled_genbank_record_is_parsed_as_dna(tmp_path, sample_genbank):
+    writer = preprocess_genbank([sample_genbank], tmp_path)
+    records = list(iter_shard_records(writer.shard_paths))
+    assert len(records) == 1
+    modality, record_id, sequence = records[0]
+    assert (modality, record_id, len(sequence)) == ("dna", "BGC0001090.1", 44660)  # LOCUS says 44660 bp
+    assert sequence.startswith("TGCCTTTAAC") and set(sequence) <= set("ACGTN")
+    windows = preprocess_genbank([sample_genbank], tmp_path / "windows", split_length=2000)
+    pieces = list(iter_shard_records(windows.shard_paths))
+    assert "".join(seq for _, _, seq in pieces) == sequence and pieces[1][1] == "BGC0001090.1/1"
+
+
+def test_rna_record_keeps_its_molecule_type_and_uses_u(tmp_path):
+    record = SeqRecord(
+        Seq("atgGCTtttNNNNNNNNNNNNaaacccgggtttACGTAGCTAGCTAGCTAGCTGATCGATCGA"), id="MRNA1.1", name="MRNA1"
+    )
+    record.annotations["molecule_type"] = "mRNA"
+    record.features.append(SeqFeature(SimpleLocation(0, len(record)), type="source", qualifiers={"mol_type": ["mRNA"]}))
+    path = tmp_path / "rna.gbk"
+    SeqIO.write([record], path, "genbank")
+    writer = preprocess_genbank([path], tmp_path / "out", max_ambiguous_run=10, min_length=8)
+    records = list(iter_shard_records(writer.shard_paths))
+    assert [(m, rid) for m, rid, _ in records] == [("rna", "MRNA1.1/0"), ("rna", "MRNA1.1/1")]
+    assert records[0][2] == "AUGGCUUUU"  # upper-cased, T -> U, cut at the run of 12 N
+    assert "T" not in records[1][2] and records[1][2].startswith("AAACCCGGGUUUACGUAG")
+
+
+def test_ambiguous_runs_split_and_short_pieces_dropped():
+    sequence = "ACGT" * 10 + "N" * 10 + "ACG" + "N" * 12 + "TTTT" * 10 + "RY" + "GGGG" * 10
+    pieces = split_at_ambiguous_runs(sequence, "dna", max_run=10, min_length=20, split_length=0)
+    assert pieces == ["ACGT" * 10, "TTTT" * 10 + "RY" + "GGGG" * 10]  # short ambiguity codes stay
+
+
+def test_bundled_fasta_becomes_protein_records(tmp_path, sample_fasta):
+    writer, skipped = preprocess_uniprot([sample_fasta], tmp_path)
+    records = list(iter_shard_records(writer.shard_paths))
+    assert skipped == 0 and len(records) == 600
+    assert records[0][:2] == ("protein", "938293.PRJEB85.HG003688_1")
+    assert all(m == "protein" and "*" not in seq and seq.isupper() for m, _, seq in records)
+    raw = gzip.decompress(sample_fasta.read_bytes()).decode().split(">")[1]
+    assert records[0][2] == raw.split("\n", 1)[1].replace("\n", "").rstrip("*")
+
+
+def test_encoded_tokens_decode_back_to_the_records(tmp_path, sample_fasta, sample_tokenizer):
+    writer, _ = preprocess_uniprot([sample_fasta], tmp_path / "records")
+    metas = encode_shards(writer.shard_paths, sample_tokenizer.model_file, tmp_path / "enc", "uniprot", 0.1)
+    assert metas["train"]["n_records"] + metas["val"]["n_records"] == 600 and metas["val"]["n_records"] > 20
+    records = list(iter_shard_records(writer.shard_paths))
+    for split in ("train", "val"):
+        source = TokenSource(tmp_path / "enc" / split / "uniprot")
+        expected = [r for r in records if is_val_record(r[1], 0.1) == (split == "val")]
+        assert source.tokens.dtype == np.uint16 and len(source.offsets) == len(expected) + 1
+        for index in (0, len(expected) // 2, len(expected) - 1):
+            ids = source.tokens[source.offsets[index] : source.offsets[index + 1]]
+            assert sample_tokenizer.decode(ids) == "<protein>" + expected[index][2]
+    assert (tmp_path / "enc" / "tokenizer.model").read_bytes() == sample_tokenizer.model_file.read_bytes()
+    with pytest.raises(PreprocessError, match="already exists"):  # never overwrite encoded data
+        encode_shards(writer.shard_paths, sample_tokenizer.model_file, tmp_path / "enc", "uniprot", 0.1)
+
+
+def truncated_genbank(text):
+    return text[: text.index("ORIGIN") + 2000]
+
+
+def genbank_without_origin(text):
+    return text[: text.index("ORIGIN")] + "//\n"
+
+
+@pytest.mark.parametrize(
+    "make_text, message",
+    [
+        (truncated_genbank, "truncated"),
+        (genbank_without_origin, "malformed GenBank record"),
+        (lambda text: "", "no GenBank records"),
+        (lambda text: "just some text\n", "no GenBank records"),
+        (lambda text: text.replace("tgccttt", "tgcc1!t", 1), "invalid nucleotide"),
+    ],
+    ids=["truncated", "missing-origin", "empty", "not-genbank", "bad-letters"],
+)
+def test_bad_genbank_fails_cleanly_without_shards(tmp_path, sample_genbank, make_text, message):
+    good = genbank_text(sample_genbank)
+    bad = tmp_path / "bad.gbk"
+    bad.write_text(make_text(good))
+    out_dir = tmp_path / "out"
+    with pytest.raises(PreprocessError, match=message) as info:
+        preprocess_genbank([sample_genbank, bad], out_dir)  # a good file first: its shard must not survive
+    assert str(bad) in str(info.value)
+    assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (">p1 ok\nMKVLA\n>p2 bad\nMKV1LA*\n", "record p2: invalid amino-acid character"),
+        (">p1\nMKV*LA\n", "invalid amino-acid"),
+        (">p1\n\n>p2\nMKV\n", "record p1: empty sequence"),
+        ("MKVLA\n>p1\nMKV\n", "not FASTA"),
+        ("", "not FASTA"),
+    ],
+    ids=["digit", "inner-stop", "empty-record", "text-before-header", "empty-file"],
+)
+def test_bad_fasta_fails_cleanly_without_shards(tmp_path, text, message):
+    bad = tmp_path / "bad.faa"
+    bad.write_text(text)
+    with pytest.raises(PreprocessError, match=message):
+        preprocess_uniprot([bad], tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_skip_invalid_counts_bad_proteins(tmp_path):
+    fasta = tmp_path / "mixed.faa.gz"
+    with gzip.open(fasta, "wt") as handle:
+        handle.write(">a\nMKVL*\n>b\nMK#VL\n>c\nmkvl\n")
+    writer, skipped = preprocess_uniprot([fasta], tmp_path / "out", skip_invalid=True)
+    assert skipped == 1 and [seq for _, _, seq in iter_shard_records(writer.shard_paths)] == ["MKVL", "MKVL"]
+
+
+def test_existing_shards_are_never_overwritten(tmp_path, sample_fasta):
+    first, _ = preprocess_uniprot([sample_fasta], tmp_path)
+    before = first.shard_paths[0].read_bytes()
+    with pytest.raises(PreprocessError, match="already exist"):
+        preprocess_uniprot([sample_fasta], tmp_path)
+    assert first.shard_paths[0].read_bytes() == before
+
+
+def test_cli_prints_one_error_line_and_exits_1(tmp_path, recipe_dir):
+    bad = tmp_path / "bad.faa"
+    bad.write_text(">x1\nMKQ9\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "preprocessing.preprocess_uniprot", str(bad), "--out_dir", str(tmp_path / "out")],
+        cwd=recipe_dir,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"error: {bad}: record x1: invalid amino-acid character(s) '9'"]
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_gzip_is_detected_by_content(tmp_path, sample_genbank):
+    plain = tmp_path / "record.txt"
+    plain.write_bytes(gzip.decompress(sample_genbank.read_bytes()))
+    hidden_gzip = tmp_path / "record.dat"
+    hidden_gzip.write_bytes(sample_genbank.read_bytes())
+    for path in (plain, hidden_gzip):
+        records = list(iter_shard_records(preprocess_genbank([path], tmp_path / f"out{path.suffix}").shard_paths))
+        assert len(records[0][2]) == 44660

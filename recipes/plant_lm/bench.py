@@ -1,0 +1,223 @@
+"""Benchmarks of the plant_lm recipe on CPU (`python bench.py`, about 3-5 minutes on 2 cores).
+
+1. 6-mer tokenisation: vectorised numpy `tokenize` vs a pure-Python loop, MB/s on the bundled real sequences.
+2. Per-token cost of a training step (forward + backward + bucket memory update) with a global context of
+   2k vs 200k tokens; plus the memory update alone vs a naive one that re-averages a history buffer.
+3. Local attention at 4k tokens: blocked sliding window vs SDPA with a dense banded mask (time, peak memory).
+Every comparison is interleaved (A, B, A, B, ...) after one warm-up, and reports the median of 7 repeats.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from data import tokenize
+from model import VOCAB_SIZE, PlantLM, blocked_local_attention, dense_local_attention
+
+HERE = Path(__file__).resolve().parent
+REPEATS = 7
+UPDATES_PER_CALL = {"ours": 50, "naive": 5}  # memory updates per timed call: each call lasts well above noise
+BASE = {"A": 0, "C": 1, "G": 2, "T": 3}
+
+
+def interleaved(functions: dict, repeats: int = REPEATS) -> dict[str, float]:
+    """Median seconds per call of each function, measured in turns after one warm-up call each."""
+    for fn in functions.values():
+        fn()
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def python_6mers(seq: str) -> list[list[int]]:
+    """Baseline: the obvious pure-Python loop (split at non-ACGT, non-overlapping 6-mers)."""
+    segments, current, kmer = [], [], []
+    for base in seq:
+        code = BASE.get(base.upper())
+        if code is None:
+            if current:
+                segments.append(current)
+            current, kmer = [], []
+            continue
+        kmer.append(code)
+        if len(kmer) == 6:
+            current.append(kmer[0] * 1024 + kmer[1] * 256 + kmer[2] * 64 + kmer[3] * 16 + kmer[4] * 4 + kmer[5])
+            kmer = []
+    if current:
+        segments.append(current)
+    return segments
+
+
+def sample_sequence() -> str:
+    parts = []
+    for path in sorted((HERE / "sample_data").glob("*/*.fa.gz")):
+        with gzip.open(path, "rt") as handle:
+            parts.append("".join(line.strip() for line in handle if not line.startswith(">")))
+    return "".join(parts)
+
+
+def bench_tokenizer() -> float:
+    seq = sample_sequence() * 4  # ~3.6 MB: long enough that each timed call lasts well above timer noise
+    assert [s.tolist() for s in tokenize(seq)] == python_6mers(seq)  # same answer before timing
+    raw = seq.encode()
+    med = interleaved({"numpy": lambda: tokenize(raw), "python": lambda: python_6mers(seq)})
+    mb = len(raw) / 1e6
+    print(
+        f"| tokenise {mb:.2f} MB real DNA | numpy {mb / med['numpy']:.1f} MB/s | "
+        f"pure Python {mb / med['python']:.2f} MB/s | {med['python'] / med['numpy']:.0f}x |"
+    )
+    return med["python"] / med["numpy"]
+
+
+def naive_update(history_ids: torch.Tensor, history_hidden: torch.Tensor, ids, hidden):
+    """Baseline memory update: push the new tokens into a history of `global_context` and re-average it."""
+    n = len(ids)
+    history_ids[:-n] = history_ids[n:].clone()
+    history_hidden[:-n] = history_hidden[n:].clone()
+    history_ids[-n:], history_hidden[-n:] = ids, hidden
+    sums = torch.zeros(VOCAB_SIZE, hidden.shape[1]).index_add_(0, history_ids, history_hidden)
+    return sums / torch.bincount(history_ids, minlength=VOCAB_SIZE).clamp_min(1).unsqueeze(1)
+
+
+def bench_global_context() -> float:
+    torch.manual_seed(0)
+    batch, seq, d_model = 16, 64, 128
+    model = PlantLM(3, d_model=d_model, n_heads=4, n_layers=2, dropout=0.0, max_positions=seq)
+    model.memory.sums.normal_()
+    model.memory.counts.fill_(1.0)  # steady state: every bucket written
+    ids = torch.randint(0, VOCAB_SIZE, (batch, seq))
+    species = torch.randint(0, 3, (batch,))
+
+    def step(global_context: int):
+        def run():
+            model(ids, species, ids, memory_write_len=seq // 2)["loss"].backward()
+            model.memory.commit(global_context, normalize_every=1000)
+
+        return run
+
+    med = interleaved({"2k": step(2_000), "200k": step(200_000)})
+    tokens = batch * seq
+    ratio = med["200k"] / med["2k"]
+    print(
+        f"| train step per token, global context 2k | {med['2k'] / tokens * 1e6:.0f} us | 200k | "
+        f"{med['200k'] / tokens * 1e6:.0f} us | {ratio:.2f}x |"
+    )
+    new_ids, new_hidden = ids[:, : seq // 2].reshape(-1), torch.randn(batch * seq // 2, d_model)
+    histories = {g: (torch.randint(0, VOCAB_SIZE, (g,)), torch.randn(g, d_model)) for g in (2_000, 200_000)}
+
+    staged_hidden = torch.randn(batch, seq, d_model)
+
+    def ours(global_context):
+        def run():
+            for _ in range(UPDATES_PER_CALL["ours"]):
+                model.memory.stage(ids, staged_hidden, seq // 2)
+                model.memory.commit(global_context, normalize_every=1000)
+
+        return run
+
+    def naive(global_context):
+        def run():
+            for _ in range(UPDATES_PER_CALL["naive"]):
+                naive_update(*histories[global_context], new_ids, new_hidden)
+
+        return run
+
+    # Separate interleavings: the naive 200k update churns ~200 MB per call, which would slow its neighbour.
+    upd = interleaved({"ours 2k": ours(2_000), "ours 200k": ours(200_000)})
+    upd |= interleaved({"naive 2k": naive(2_000), "naive 200k": naive(200_000)})
+    upd = {name: seconds / UPDATES_PER_CALL[name.split()[0]] for name, seconds in upd.items()}
+    print(
+        f"| memory update alone, ours 2k / 200k | {upd['ours 2k'] * 1e3:.2f} ms | {upd['ours 200k'] * 1e3:.2f} ms | "
+        f"{upd['ours 200k'] / upd['ours 2k']:.2f}x |"
+    )
+    print(
+        f"| memory update alone, naive history 2k / 200k | {upd['naive 2k'] * 1e3:.2f} ms | "
+        f"{upd['naive 200k'] * 1e3:.2f} ms | {upd['naive 200k'] / upd['naive 2k']:.2f}x |"
+    )
+    return ratio
+
+
+ATTENTION_SHAPE = (1, 8, 4096, 64)  # batch, heads, tokens, head_dim
+WINDOW = 32
+
+
+def attention_inputs():
+    torch.manual_seed(0)
+    return [torch.randn(*ATTENTION_SHAPE, requires_grad=True) for _ in range(3)]
+
+
+def attention_step(kind: str, q, k, v) -> None:
+    fn = blocked_local_attention if kind == "blocked" else dense_local_attention
+    fn(q, k, v, WINDOW).sum().backward()
+
+
+def _proc_status_mib(key: str) -> float:
+    with open("/proc/self/status") as handle:
+        return int(re.search(rf"{key}:\s+(\d+) kB", handle.read()).group(1)) / 1024
+
+
+def peak_memory_child(kind: str) -> None:
+    """Run in a fresh process: print the peak RSS growth (MiB) of one forward+backward of `kind` (Linux only)."""
+    attention_step(kind, *attention_inputs())  # warm-up: kernels and allocator pools
+    q, k, v = attention_inputs()
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # reset the high-water mark VmHWM to the current RSS
+    before = _proc_status_mib("VmRSS")
+    attention_step(kind, q, k, v)
+    print(json.dumps({"peak_mib": _proc_status_mib("VmHWM") - before}))
+
+
+def bench_local_attention() -> tuple[float, float]:
+    q, k, v = attention_inputs()
+    blocked_out = blocked_local_attention(q, k, v, WINDOW)
+    torch.testing.assert_close(blocked_out, dense_local_attention(q, k, v, WINDOW))
+    med = interleaved({name: (lambda name=name: attention_step(name, q, k, v)) for name in ("blocked", "dense")})
+    peak = {}
+    for name in ("blocked", "dense"):
+        out = subprocess.run(
+            [sys.executable, __file__, "--peak-memory", name], capture_output=True, text=True, check=True, cwd=HERE
+        )
+        peak[name] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+    print(
+        f"| local attention 4096 tokens fwd+bwd, blocked | {med['blocked'] * 1e3:.0f} ms, {peak['blocked']:.0f} MiB "
+        f"| dense mask | {med['dense'] * 1e3:.0f} ms, {peak['dense']:.0f} MiB | "
+        f"{med['dense'] / med['blocked']:.1f}x faster, {peak['dense'] / max(peak['blocked'], 1):.0f}x less memory |"
+    )
+    return med["dense"] / med["blocked"], peak["dense"] / max(peak["blocked"], 1)
+
+
+def main() -> None:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {REPEATS} interleaved repeats\n")
+    print("| measurement | A | B | ratio |\n| --- | --- | --- | --- |")
+    speedup = bench_tokenizer()
+    context_ratio = bench_global_context()
+    attention_speedup, attention_memory = bench_local_attention()
+    print(f"\ntokenisation speed-up vs pure Python: {speedup:.0f}x (goal >= 50x)")
+    print(f"per-token step cost, global context 200k / 2k: {context_ratio:.2f}x (goal <= 1.3x)")
+    print(
+        f"local attention at 4k tokens, blocked vs dense mask: {attention_speedup:.1f}x time, "
+        f"{attention_memory:.0f}x peak memory"
+    )
+    assert math.isfinite(speedup)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--peak-memory":
+        peak_memory_child(sys.argv[2])
+    else:
+        main()

@@ -1,0 +1,313 @@
+"""Plant genomes -> non-overlapping 6-mer tokens -> overlapping next-token windows, mixed across species.
+
+Layout of a data directory: `<data_dir>/<species>/*.fna|*.fa|*.fasta` (plain or gzip); the folder name is the
+species. FASTA is streamed line by line and cut into `chunk_size` bp chunks, so a chromosome of hundreds of Mbp is
+never held in memory. Non-ACGT bases (N, IUPAC codes) split the sequence: no token or window spans them.
+Soft-masked (lowercase) bases are accepted and uppercased.
+
+Token id of a 6-mer b0..b5 (A=0, C=1, G=2, T=3): sum(b_i * 4**(5 - i)), so AAAAAA=0 and TTTTTT=4095.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+KMER = 6
+VOCAB_SIZE = 4**KMER
+FASTA_SUFFIXES = (".fna", ".fa", ".fasta")
+INVALID = 4
+# IUPAC nucleotide codes and gaps: legal in a genome FASTA, but not tokens; anything else means "not DNA".
+_NUCLEOTIDE_LETTERS = b"ACGTNRYKMSWBDHVU-."
+
+log = logging.getLogger("plant_lm.data")
+
+
+class PlantDataError(ValueError):
+    """A data directory, FASTA file or sampling setting that cannot be used (message names file and problem)."""
+
+
+def _base_codes() -> bytes:
+    table = bytearray([INVALID]) * 256
+    for code, base in enumerate(b"ACGT"):
+        table[base] = code
+        table[base + 32] = code  # lowercase (soft-masked repeats)
+    return bytes(table)
+
+
+BASE_CODES = _base_codes()  # a bytes.translate table: base letter -> 0-3, anything else -> 4
+_LEGAL = np.zeros(256, dtype=bool)
+_LEGAL[list(_NUCLEOTIDE_LETTERS + _NUCLEOTIDE_LETTERS.lower())] = True
+
+
+def kmer_ids(codes: np.ndarray) -> np.ndarray:
+    """Token ids (uint16) of the non-overlapping 6-mers of a run of base codes 0-3; a tail shorter than 6 is dropped."""
+    n_tokens = len(codes) // KMER
+    b = codes[: n_tokens * KMER].reshape(n_tokens, KMER)
+    # sum(b_i * 4**(5-i)) as shifts: two 3-mer halves in uint8, then one uint16 combine (4x faster than a matmul).
+    high = (b[:, 0] << 4) | (b[:, 1] << 2) | b[:, 2]
+    low = (b[:, 3] << 4) | (b[:, 4] << 2) | b[:, 5]
+    return (high.astype(np.uint16) << 6) | low
+
+
+def tokenize(sequence: bytes | str) -> list[np.ndarray]:
+    """6-mer token ids (uint16) of every ACGT run, split at each non-ACGT base (runs < 6 bp give nothing)."""
+    if isinstance(sequence, str):
+        sequence = sequence.encode("ascii", errors="replace")
+    codes = np.frombuffer(sequence.translate(BASE_CODES), dtype=np.uint8)
+    invalid = np.flatnonzero(codes == INVALID)
+    # Valid runs lie between consecutive invalid bases; selecting the long ones is vectorised over the N's.
+    starts = np.concatenate(([0], invalid + 1))
+    stops = np.concatenate((invalid, [len(codes)]))
+    long_enough = stops - starts >= KMER
+    return [kmer_ids(codes[a:b]) for a, b in zip(starts[long_enough], stops[long_enough])]
+
+
+def _open_fasta(path: Path):
+    """Binary handle, gunzipping when the file starts with the gzip magic (whatever its suffix)."""
+    with open(path, "rb") as probe:
+        magic = probe.read(2)
+    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
+
+
+def stream_chunks(path: Path, chunk_size: int) -> Iterator[tuple[str, bytes]]:
+    """Yield (record id, chunk) with chunks of at most `chunk_size` bases; chunks never cross records.
+
+    Written by hand because Biopython parsers hold a whole record (a chromosome) in memory.
+    Raises PlantDataError for text before the first header, non-nucleotide characters or a damaged gzip.
+    """
+    record_id, buffer, line_no = None, bytearray(), 0
+
+    def checked(chunk: bytes) -> bytes:
+        bad = np.flatnonzero(~_LEGAL[np.frombuffer(chunk, dtype=np.uint8)])
+        if len(bad):
+            raise PlantDataError(f"{path}: record {record_id}: {chr(chunk[bad[0]])!r} is not a nucleotide")
+        return chunk
+
+    try:
+        with _open_fasta(path) as handle:
+            for line_no, line in enumerate(handle, start=1):
+                line = line.rstrip(b"\r\n")
+                if line.startswith(b">"):
+                    if buffer:
+                        yield record_id, checked(bytes(buffer))
+                    header = line[1:].split(maxsplit=1)
+                    record_id = header[0].decode(errors="replace") if header else f"record_at_line_{line_no}"
+                    buffer = bytearray()
+                elif line:
+                    if record_id is None:
+                        raise PlantDataError(f"{path}: line {line_no}: sequence before the first '>' header")
+                    buffer += line
+                    if len(buffer) >= chunk_size:
+                        yield record_id, checked(bytes(buffer[:chunk_size]))
+                        del buffer[:chunk_size]
+            if buffer:
+                yield record_id, checked(bytes(buffer))
+    except (EOFError, OSError, zlib.error) as err:  # truncated or corrupt gzip
+        raise PlantDataError(f"{path}: unreadable after line {line_no}: {err}") from err
+
+
+def window_count(n_tokens: int, window_len: int, stride: int) -> int:
+    """How many windows of `window_len` tokens start every `stride` tokens inside a run of `n_tokens`."""
+    return 0 if n_tokens < window_len else (n_tokens - window_len) // stride + 1
+
+
+def window_stride(context_size: int, overlap_ratio: float) -> int:
+    """Tokens between the starts of consecutive windows (context_size * (1 - overlap_ratio), at least 1)."""
+    return max(1, int(round(context_size * (1.0 - overlap_ratio))))
+
+
+class SpeciesStream:
+    """Endless, rank-sharded stream of windows over one species' FASTA files, in genomic order.
+
+    Windows are numbered globally (0, 1, 2, ... across files and passes); rank r of W takes those with
+    index % W == r. A window holds `context_size + 1` tokens: inputs are [:-1], next-token targets [1:].
+    A file that turns out bad is skipped and counted in `bad_files` (warned once); a pass that yields no
+    window at all raises PlantDataError.
+    """
+
+    def __init__(
+        self,
+        species: str,
+        files: list[Path],
+        context_size: int,
+        overlap_ratio: float,
+        chunk_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.species, self.files = species, sorted(files)
+        self.window_len = context_size + 1
+        self.stride = window_stride(context_size, overlap_ratio)
+        self.chunk_size, self.rank, self.world_size = chunk_size, rank, world_size
+        self.bad_files: dict[str, str] = {}
+
+    def windows(self, start: int = 0) -> Iterator[np.ndarray]:
+        """Windows of this rank from global index `start` on (skipped windows are counted, not built)."""
+        index = 0
+        while True:
+            before = index
+            for path in self.files:
+                if str(path) in self.bad_files:
+                    continue
+                try:
+                    for _, chunk in stream_chunks(path, self.chunk_size):
+                        for tokens in tokenize(chunk):
+                            n = window_count(len(tokens), self.window_len, self.stride)
+                            if index + n <= start:  # fast-forward on resume
+                                index += n
+                                continue
+                            for k in range(n):
+                                if index >= start and index % self.world_size == self.rank:
+                                    offset = k * self.stride
+                                    yield tokens[offset : offset + self.window_len]
+                                index += 1
+                except PlantDataError as err:
+                    self.bad_files[str(path)] = str(err)
+                    log.warning("skipping bad file (%d so far for %s): %s", len(self.bad_files), self.species, err)
+            if index == before:
+                raise PlantDataError(
+                    f"species {self.species}: no window of {self.window_len} tokens "
+                    f"({self.window_len * KMER} ACGT bp without N) in {len(self.files)} file(s); "
+                    f"{len(self.bad_files)} bad file(s). Sequences all-N, too short, or context_size too long?"
+                )
+
+
+def discover_species(data_dir: str | Path) -> dict[str, list[Path]]:
+    """Map species (sub-folder name) -> its FASTA files; raise PlantDataError for a missing/empty dir or folder."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise PlantDataError(f"{data_dir}: data directory does not exist")
+    folders = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise PlantDataError(f"{data_dir}: no species folders; expected {data_dir}/<species>/*.fa[.gz]")
+    species = {}
+    for folder in folders:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and _is_fasta(p))
+        if not files:
+            raise PlantDataError(f"{folder}: species folder has no FASTA file (*.fna, *.fa, *.fasta, optionally .gz)")
+        species[folder.name] = files
+    return species
+
+
+def _is_fasta(path: Path) -> bool:
+    name = path.name.lower().removesuffix(".gz")
+    return name.endswith(FASTA_SUFFIXES)
+
+
+def parse_distribution(text: str) -> dict[str, float]:
+    """Parse 'glycine_max=1.0,arabidopsis=0.8' into a dict (empty text: empty dict)."""
+    weights = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise PlantDataError(f"species_distribution: {item!r} is not name=weight") from None
+        if not sep:
+            raise PlantDataError(f"species_distribution: {item!r} is not name=weight")
+    return weights
+
+
+def species_weights(found: list[str], distribution: dict[str, float], default_weight: float) -> dict[str, float]:
+    """Normalised sampling weight per species found on disk.
+
+    Weighted species missing on disk and non-positive weights raise PlantDataError; species on disk without a
+    weight get `default_weight` and a warning. An empty distribution weights every species equally.
+    """
+    bad = {name: w for name, w in distribution.items() if not w > 0}
+    if bad or not default_weight > 0:
+        raise PlantDataError(f"species weights must be > 0, got {bad or {'default_weight': default_weight}}")
+    missing = sorted(set(distribution) - set(found))
+    if missing:
+        raise PlantDataError(
+            f"species {missing} are weighted in species_distribution but have no folder in the "
+            f"data dir (found: {sorted(found)}); add the data or pass --species_distribution"
+        )
+    weights = {}
+    for name in found:
+        if distribution and name not in distribution:
+            log.warning("species %s has no weight in species_distribution: using default %.2f", name, default_weight)
+        weights[name] = distribution.get(name, default_weight)
+    total = sum(weights.values())
+    return {name: w / total for name, w in weights.items()}
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (batch, context) int64 token ids
+    targets: torch.Tensor  # (batch, context) next-token ids
+    species_ids: torch.Tensor  # (batch,) index into the sorted species list
+
+
+class SpeciesMixture:
+    """Batches whose samples draw a species by weight, then that species' next window.
+
+    The species draws use one RNG seeded by (seed, epoch) that is identical on every rank, so all ranks advance
+    each species stream in lockstep: `positions[species]` (windows consumed job-wide) is the whole data state
+    needed to resume, and windows trained at a later step always lie later in the genome than earlier ones.
+    """
+
+    def __init__(
+        self,
+        streams: dict[str, SpeciesStream],
+        weights: dict[str, float],
+        seed: int,
+        positions: dict[str, int] | None = None,
+    ):
+        self.species = sorted(streams)
+        self.streams = streams
+        self.probs = np.array([weights[s] for s in self.species])
+        self.seed = seed
+        self.world_size = next(iter(streams.values())).world_size
+        self.positions = {s: 0 for s in self.species} | dict(positions or {})
+        self._iters = {s: streams[s].windows(self.positions[s]) for s in self.species}
+
+    def batches(self, batch_size: int, n_batches: int, epoch: int) -> Iterator[Batch]:
+        """`n_batches` batches for `epoch` (same species sequence on every rank)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        for _ in range(n_batches):
+            picks = rng.choice(len(self.species), size=batch_size, p=self.probs)
+            rows = []
+            for pick in picks:
+                name = self.species[pick]
+                rows.append(next(self._iters[name]))
+                self.positions[name] += self.world_size
+            windows = torch.from_numpy(np.stack(rows).astype(np.int64))
+            yield Batch(windows[:, :-1].contiguous(), windows[:, 1:].contiguous(), torch.from_numpy(picks))
+
+
+def build_mixture(
+    data_dir: str | Path,
+    species_distribution: dict[str, float],
+    default_weight: float,
+    context_size: int,
+    overlap_ratio: float,
+    chunk_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    positions: dict[str, int] | None = None,
+) -> SpeciesMixture:
+    """Discover species under `data_dir`, check the settings, and return the weighted mixture of their streams."""
+    if context_size < 1 or not 0.0 <= overlap_ratio < 1.0:
+        raise PlantDataError(f"need context_size >= 1 and 0 <= overlap_ratio < 1, got {context_size}, {overlap_ratio}")
+    if (context_size + 1) * KMER > chunk_size:
+        raise PlantDataError(
+            f"context_size {context_size} needs {(context_size + 1) * KMER} bp per window but "
+            f"chunk_size is {chunk_size} bp: no chunk can hold a window"
+        )
+    files = discover_species(data_dir)
+    weights = species_weights(list(files), species_distribution, default_weight)
+    streams = {
+        name: SpeciesStream(name, paths, context_size, overlap_ratio, chunk_size, rank, world_size)
+        for name, paths in files.items()
+    }
+    return SpeciesMixture(streams, weights, seed, positions)

@@ -1,0 +1,302 @@
+"""Train the plant DNA language model: `python train.py --data_dir data --batch_size 16` or under torchrun.
+
+Every field of `Config` is a command-line flag of the same name. Per epoch the run writes
+`<output_dir>/dna_model/model_epoch_N.pt` (atomically) and logs every step to `<output_dir>/logs/training_*.log`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from biorecipes_shared.distributed import all_reduce_mean, setup_distributed, teardown_distributed
+from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, peak_memory, plot_loss_curve
+from checkpointing import CheckpointError, check_compatible, find_resume_checkpoint, save_epoch
+from data import PlantDataError, build_mixture, parse_distribution, window_stride
+from model import PlantLM
+
+
+class TrainingSetupError(RuntimeError):
+    """A setting that cannot work on this machine (message names the flag)."""
+
+
+@dataclass
+class Config:
+    # data
+    data_dir: str = "data"
+    species_distribution: dict[str, float] = field(
+        default_factory=lambda: {
+            "glycine_max": 1.0,
+            "arabidopsis": 0.8,
+            "oryza_sativa": 0.7,
+            "zea_mays": 0.6,
+            "vitis_vinifera": 0.5,
+        }
+    )
+    default_species_weight: float = 0.5  # for species on disk that species_distribution does not name
+    context_size: int = 64  # tokens (6-mers) per training window
+    overlap_ratio: float = 0.5
+    chunk_size: int = 1_200_000  # bp per streamed chunk of a chromosome
+    # model
+    d_model: int = 512
+    n_heads: int = 8
+    n_layers: int = 6
+    dropout: float = 0.1
+    local_attn_window: int = 32
+    global_context: int = 200_000  # forgetting horizon of the bucket memory, in written tokens
+    memory_normalize_every: int = 1000  # optimizer steps
+    # optimisation
+    batch_size: int = 16  # per rank and micro-step
+    accumulation_steps: int = 4
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    n_epochs: int = 10
+    steps_per_epoch: int = 1000  # optimizer steps; streams are endless, so an epoch is a fixed step count
+    amp: str = "auto"  # auto (bf16 on a GPU that has it, else fp16; off on CPU) | bf16 | fp16 | off
+    seed: int = 42
+    # outputs
+    output_dir: str = "."
+    resume: str = "auto"  # auto (newest valid dna_model/model_epoch_N.pt) | none | a checkpoint path
+    keep_checkpoints: int = 3  # newest N epoch checkpoints kept; 0 keeps all
+    wandb: bool = False
+    wandb_project: str = "plant_lm"
+    num_threads: int = 0  # torch CPU threads; 0 = torch default
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Build a Config from `--field value` flags (dict fields as name=weight,name=weight)."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    for f in dataclasses.fields(Config):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, bool):
+            kind = lambda text: text.lower() in ("1", "true", "yes", "on")  # noqa: E731
+        elif isinstance(default, dict):
+            kind = parse_distribution
+        else:
+            kind = type(default)
+        parser.add_argument(f"--{f.name}", type=kind, default=default, metavar=type(default).__name__.upper())
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def lr_lambda(cfg: Config, total_steps: int):
+    """Linear warm-up over `warmup_steps`, then cosine decay to 10% of the peak at the last step."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `setting` on `device` (None: full fp32)."""
+    if setting not in ("auto", "bf16", "fp16", "off"):
+        raise TrainingSetupError(f"--amp must be auto, bf16, fp16 or off, not {setting!r}")
+    if device.type != "cuda" or setting == "off":
+        return None
+    if setting == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if setting == "bf16" else torch.float16
+
+
+def open_run_log(log: logging.Logger, log_dir: Path, is_main: bool) -> logging.Handler | None:
+    """Attach logs/training_TIMESTAMP.log to the logger on rank 0."""
+    if not is_main:
+        return None
+    log_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_dir / f"training_{time.strftime('%Y%m%d_%H%M%S')}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    return handler
+
+
+def gpu_status(device: torch.device) -> dict[str, float]:
+    """CUDA memory and, when NVML is available, utilisation; empty on CPU."""
+    if device.type != "cuda":
+        return {}
+    status = {"cuda_alloc_gib": torch.cuda.memory_allocated(device) / 2**30}
+    with contextlib.suppress(Exception):  # torch.cuda.utilization needs pynvml
+        status["gpu_util_pct"] = float(torch.cuda.utilization(device))
+    return status
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) training; returns the per-step losses and the last checkpoint path."""
+    ctx = setup_distributed(cfg.seed)
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    out_dir = Path(cfg.output_dir)
+    checkpoint_dir = out_dir / "dna_model"
+    log = get_logger("plant_lm", ctx)
+    file_handler = open_run_log(log, out_dir / "logs", ctx.is_main)
+    try:
+        return _train(cfg, ctx, log, checkpoint_dir, out_dir)
+    finally:
+        if file_handler is not None:
+            log.removeHandler(file_handler)
+            file_handler.close()
+        teardown_distributed()
+
+
+def _train(cfg: Config, ctx, log: logging.Logger, checkpoint_dir: Path, out_dir: Path) -> dict:
+    resumed = find_resume_checkpoint(cfg, checkpoint_dir, log)
+    mixture = build_mixture(
+        cfg.data_dir,
+        cfg.species_distribution,
+        cfg.default_species_weight,
+        cfg.context_size,
+        cfg.overlap_ratio,
+        cfg.chunk_size,
+        cfg.seed,
+        ctx.rank,
+        ctx.world_size,
+        positions=resumed["data_positions"] if resumed else None,
+    )
+    species = mixture.species
+    log.info("species (sampling weight): %s", ", ".join(f"{s} ({p:.3f})" for s, p in zip(species, mixture.probs)))
+    model = PlantLM(
+        len(species),
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.n_layers,
+        cfg.dropout,
+        cfg.local_attn_window,
+        max_positions=cfg.context_size,
+    ).to(ctx.device)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
+    )
+    total_steps = cfg.n_epochs * cfg.steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    dtype = amp_dtype(cfg.amp, ctx.device)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    start_epoch, step = 0, 0
+    if resumed:
+        check_compatible(resumed, cfg, species)
+        model.load_state_dict(resumed["model_state_dict"])
+        optimizer.load_state_dict(resumed["optimizer_state_dict"])
+        scheduler.load_state_dict(resumed["scheduler_state_dict"])
+        if "scaler_state_dict" in resumed:
+            scaler.load_state_dict(resumed["scaler_state_dict"])
+        start_epoch, step = resumed["epoch"], resumed["step"]
+        log.info("resumed after epoch %d (step %d)", start_epoch, step)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %.2fM parameters, %d ranks, device %s, amp %s", n_params / 1e6, ctx.world_size, ctx.device, dtype)
+    # Buffers are not broadcast: every rank applies the same all-reduced bucket update itself.
+    ddp = DistributedDataParallel(model, broadcast_buffers=False) if ctx.is_distributed else None
+    wandb_args = {"project": cfg.wandb_project, "config": dataclasses.asdict(cfg)} if cfg.wandb else None
+    metrics = MetricsWriter(out_dir / "logs", ctx, wandb_init_args=wandb_args)
+    write_len = window_stride(cfg.context_size, cfg.overlap_ratio)
+    tokens_per_step = cfg.batch_size * cfg.accumulation_steps * cfg.context_size * ctx.world_size
+    losses, last_checkpoint = [], None
+    for epoch in range(start_epoch, cfg.n_epochs):
+        torch.manual_seed(cfg.seed + ctx.rank + 1000 * epoch)  # dropout stream depends only on (seed, rank, epoch)
+        model.train()
+        batches = mixture.batches(cfg.batch_size, cfg.steps_per_epoch * cfg.accumulation_steps, epoch)
+        meter = ThroughputMeter()
+        for _ in range(cfg.steps_per_epoch):
+            step_loss = 0.0
+            for micro in range(cfg.accumulation_steps):
+                batch = next(batches)
+                sync_now = ddp is None or micro == cfg.accumulation_steps - 1
+                with contextlib.nullcontext() if sync_now else ddp.no_sync():
+                    with torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype is not None):
+                        out = (ddp or model)(
+                            batch.input_ids.to(ctx.device),
+                            batch.species_ids.to(ctx.device),
+                            batch.targets.to(ctx.device),
+                            memory_write_len=write_len,
+                        )
+                    scaler.scale(out["loss"] / cfg.accumulation_steps).backward()
+                step_loss += out["loss"].item() / cfg.accumulation_steps
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            model.memory.commit(cfg.global_context, cfg.memory_normalize_every)  # after the step, outside autograd
+            step += 1
+            meter.update(samples=cfg.batch_size * cfg.accumulation_steps * ctx.world_size, tokens=tokens_per_step)
+            loss = all_reduce_mean(step_loss)
+            losses.append(loss)
+            record = {
+                "loss": loss,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                **meter.rates(),
+                **peak_memory(),
+                **gpu_status(ctx.device),
+            }
+            metrics.log(step, epoch=epoch + 1, **record)
+            log.info(
+                "epoch %d step %d loss %.4f lr %.2e grad_norm %.3f %.1f samples/s %.0f tokens/s rss %.2f GiB%s",
+                epoch + 1,
+                step,
+                loss,
+                record["lr"],
+                record["grad_norm"],
+                record["samples_per_s"],
+                record["tokens_per_s"],
+                record["cpu_rss_gib"],
+                "".join(f" {k} {v:.2f}" for k, v in record.items() if k.startswith(("cuda", "gpu"))),
+            )
+        epoch_losses = losses[-cfg.steps_per_epoch :]
+        log.info(
+            "epoch %d mean loss %.4f (a uniform guess over 4096 6-mers scores %.4f)",
+            epoch + 1,
+            sum(epoch_losses) / len(epoch_losses),
+            math.log(4096),
+        )
+        last_checkpoint = save_epoch(
+            cfg,
+            ctx,
+            model,
+            optimizer,
+            scheduler,
+            scaler,
+            epoch + 1,
+            step,
+            species,
+            mixture.positions,
+            checkpoint_dir,
+            log,
+        )
+    metrics.close()
+    if ctx.is_main and losses:
+        with contextlib.suppress(ValueError):
+            plot_loss_curve(out_dir / "logs" / "metrics.jsonl", out_dir / "logs" / "loss_curve.png")
+    bad_files = {path: why for stream in mixture.streams.values() for path, why in stream.bad_files.items()}
+    if bad_files:
+        log.warning("%d bad file(s) were skipped: %s", len(bad_files), "; ".join(bad_files.values()))
+    return {"losses": losses, "checkpoint": last_checkpoint, "bad_files": bad_files, "species": species}
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(argv)
+    try:
+        result = train(cfg)
+    except (PlantDataError, CheckpointError, TrainingSetupError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if result["losses"]:
+        print(f"done: loss {result['losses'][0]:.4f} -> {result['losses'][-1]:.4f}; checkpoint {result['checkpoint']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
