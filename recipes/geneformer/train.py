@@ -50,6 +50,11 @@ def recipe_path(path: str) -> Path:
 def check_config(cfg: DictConfig) -> None:
     """Refuse combinations that cannot run as asked, before any expensive work (no silent fallbacks)."""
     model, data, training = cfg.model, cfg.data, cfg.training
+    for key in ("num_train_steps", "log_every_n_steps", "save_every_n_steps", "keep_last_k"):
+        if training[key] < 1:
+            raise ConfigError(f"training.{key}={training[key]} must be at least 1")
+    if data.micro_batch_size < 1 or data.pad_to_multiple_of < 1:
+        raise ConfigError("data.micro_batch_size and data.pad_to_multiple_of must be at least 1")
     if model.hidden_size % model.num_attention_heads:
         raise ConfigError(f"model.hidden_size={model.hidden_size} is not divisible by num_attention_heads")
     if data.max_seq_length > model.max_position_embeddings:
@@ -153,11 +158,11 @@ def resume_point(checkpoint_dir: Path, resume: bool) -> Path | None:
     return latest
 
 
-def export_final_model(model, cfg_model: BertForMaskedLM, state_dict: dict, out_dir: Path) -> None:
+def export_final_model(model: BertForMaskedLM, state_dict: dict, out_dir: Path) -> None:
     """checkpoint_dir/final_model: model.safetensors + config.json in the Hugging Face BERT layout."""
-    if getattr(cfg_model.config, "use_te_layers", False):
+    if getattr(model.config, "use_te_layers", False):
         state_dict = te_to_hf_state_dict(state_dict)
-    config = cfg_model.config.to_dict()
+    config = model.config.to_dict()
     config["architectures"] = ["BertForMaskedLM"]
     export_safetensors(None, config, out_dir, state_dict=state_dict)
 
@@ -175,6 +180,10 @@ def train(cfg: DictConfig) -> list[float]:
     resume_from = resume_point(checkpoint_dir, training.resume_from_checkpoint)
 
     dist_ctx = setup_distributed(seed=training.seed)
+    if training.use_fsdp and not dist_ctx.is_distributed:
+        raise ConfigError(
+            "training.use_fsdp=true shards over several processes: launch with torchrun --nproc_per_node>1"
+        )
     log = get_logger("geneformer", dist_ctx)
     model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k not in ("vocab_size",)}
     seed_everything(training.seed)  # identical initial weights on every rank, without a broadcast
@@ -271,7 +280,7 @@ def train(cfg: DictConfig) -> list[float]:
     if not preempted:
         full_state = gather_full_state_dict(wrapped) if sharded else unwrap_model(wrapped).state_dict()
         if dist_ctx.is_main:
-            export_final_model(wrapped, model, full_state, checkpoint_dir / "final_model")
+            export_final_model(model, full_state, checkpoint_dir / "final_model")
             if (output_dir / "metrics.jsonl").is_file() and losses:
                 plot_loss_curve(output_dir / "metrics.jsonl", output_dir / "loss_curve.png")
             log.info(f"exported {checkpoint_dir / 'final_model'}")

@@ -5,6 +5,7 @@
 2. Same-genome AUC on 4,000 validation embeddings (8M pairs): rank-based AUC on tensors vs the pair loop
    (Python loop over pairs, then sklearn) and vs sklearn on vectorised pairs. Goal >= 10x over the pair loop.
 3. Training tokens/s (forward + backward) of the pure-PyTorch parallel scan vs the sequential recurrence.
+4. Only on CUDA with mamba_ssm installed: its fused kernels vs the pure path (numbers go to BENCHMARKS.md).
 
 Baselines run in the same process on the same data, interleaved, after a warm-up; medians of 5 repeats.
 """
@@ -29,6 +30,7 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from make_fixture import make_fixture  # noqa: E402
 from metrics import pairwise_distances, same_genome_auc  # noqa: E402
+from model import EmbedderConfig, make_mixer, mamba_ssm_available  # noqa: E402
 from train import run  # noqa: E402
 
 REPEATS = 5
@@ -139,6 +141,25 @@ def scan_throughput() -> dict[str, float]:
     return {name: x.shape[0] * x.shape[1] / _median(values) for name, values in seconds.items()}
 
 
+def gpu_kernel_throughput() -> dict[str, float]:
+    """On CUDA with mamba_ssm: training tokens/s of mamba_ssm's fused kernels vs the pure path, same weights."""
+    torch.manual_seed(0)
+    fused = make_mixer(EmbedderConfig(d_model=256, d_state=16)).cuda()
+    pure = make_mixer(EmbedderConfig(d_model=256, d_state=16, backend="pure")).cuda()
+    pure.load_state_dict(fused.state_dict())
+    x = torch.randn(16, 2048, 256, device="cuda")
+    seconds: dict[str, list[float]] = {"mamba_ssm kernels": [], "pure PyTorch (mambapy)": []}
+    for repeat in range(REPEATS + 1):
+        for name, mixer in (("mamba_ssm kernels", fused), ("pure PyTorch (mambapy)", pure)):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            mixer(x).sum().backward()
+            torch.cuda.synchronize()
+            if repeat:
+                seconds[name].append(time.perf_counter() - start)
+    return {name: x.shape[0] * x.shape[1] / _median(values) for name, values in seconds.items()}
+
+
 def main() -> None:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     logging.getLogger("gtdb_mamba").setLevel(logging.WARNING)
@@ -171,6 +192,12 @@ def main() -> None:
         print(f"   {name:<32} {rate:>10.0f}")
     scan_speedup = tokens["parallel scan (mambapy pscan)"] / tokens["sequential recurrence"]
 
+    if mamba_ssm_available():
+        gpu = gpu_kernel_throughput()
+        print(f"\n4. {torch.cuda.get_device_name()}: Mamba mixer training tokens/s (width 256, 16 x 2,048 tokens)")
+        for name, rate in gpu.items():
+            print(f"   {name:<32} {rate:>12.0f}")
+
     print("\nheadline ratios")
     print(f"   cached start, 2,000 vs 200 genomes:       {cached_growth:.2f}x  (goal <= 2x)")
     print(f"   cold vs cached start at 2,000 genomes:    {cold_over_cached:.2f}x")
@@ -180,6 +207,9 @@ def main() -> None:
     )
     print(f"   AUC, sklearn on 8M pairs / rank AUC:      {sklearn_speedup:.1f}x")
     print(f"   parallel scan / sequential recurrence:    {scan_speedup:.1f}x tokens/s")
+    if mamba_ssm_available():
+        ratio = gpu["mamba_ssm kernels"] / gpu["pure PyTorch (mambapy)"]
+        print(f"   GPU: mamba_ssm kernels / pure PyTorch:    {ratio:.1f}x tokens/s")
 
 
 if __name__ == "__main__":

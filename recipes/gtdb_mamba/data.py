@@ -110,6 +110,15 @@ class FragmentSampler:
         return out
 
 
+def check_crop(n_tokens: int, fragment_bp: int, tokenizer: KmerTokenizer, setting: str) -> None:
+    """A crop of n k-mer tokens needs n + k - 1 bases."""
+    if n_tokens > fragment_bp - tokenizer.k + 1:
+        raise GtdbDataError(
+            f"{setting}={n_tokens} tokens needs fragments of >= {n_tokens + tokenizer.k - 1} bp, "
+            f"data.fragment_bp is {fragment_bp}"
+        )
+
+
 class TrainBatches(Dataset):
     """Map-style dataset whose item b is training batch b of this rank (tokens, labels)."""
 
@@ -123,11 +132,7 @@ class TrainBatches(Dataset):
         rank: int,
         reverse_complement: bool = True,
     ):
-        if n_tokens > sampler.fragment_bp - tokenizer.k + 1:
-            raise GtdbDataError(
-                f"train crop of {n_tokens} tokens needs fragments of >= {n_tokens + tokenizer.k - 1} bp, "
-                f"data.fragment_bp is {sampler.fragment_bp}"
-            )
+        check_crop(n_tokens, sampler.fragment_bp, tokenizer, "data.train_tokens")
         self.sampler, self.tokenizer, self.batch_size, self.n_tokens = sampler, tokenizer, batch_size, n_tokens
         self.seed, self.rank, self.reverse_complement = seed, rank, reverse_complement
 
@@ -167,6 +172,7 @@ def validation_fragments(
     rank: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed set of validation fragments, `fragments_per_genome` from every validation genome; same each call."""
+    check_crop(n_tokens, sampler.fragment_bp, tokenizer, "data.val_tokens")
     rng = np.random.default_rng([seed, 1_000_003, rank])  # separate stream from the training batches
     genomes = np.repeat(np.arange(len(sampler)), fragments_per_genome)
     codes = sampler.sample(rng, genomes)

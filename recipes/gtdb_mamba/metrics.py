@@ -1,8 +1,8 @@
 """Same-genome vs different-genome ROC AUC from pairwise embedding distances, and its histogram plot.
 
-For 4,000 embeddings there are 8M pairs. The AUC here is the rank-sum (Mann-Whitney) form computed on tensors:
-one sort of the distances, tie-averaged ranks, no Python loop over pairs. It equals sklearn's roc_auc_score
-(tested), which would first build 8M-element arrays and then run its own curve construction.
+For 4,000 embeddings there are 8M pairs, of which only ~14k are same-genome pairs. The AUC here is the
+Mann-Whitney count computed on tensors: sort the same-genome distances, binary-search the others into them; no
+Python loop over pairs and no sort of all 8M values. It equals sklearn's roc_auc_score (tested, ties included).
 """
 
 from __future__ import annotations
@@ -16,18 +16,26 @@ import torch
 
 
 def rank_auc(scores: torch.Tensor, is_positive: torch.Tensor) -> float:
-    """ROC AUC of `scores` for the boolean `is_positive` labels; ties count one half, as in sklearn."""
-    n_positive = int(is_positive.sum())
-    n_negative = is_positive.numel() - n_positive
+    """ROC AUC of `scores` for the boolean `is_positive` labels; ties count one half, as in sklearn.
+
+    AUC = P(score_pos > score_neg) + P(equal) / 2. Sort the smaller class, binary-search every element of the larger
+    one into it, and count: O(n log m) with m the smaller class (the 14k same-genome pairs among 8M).
+    """
+    positives, negatives = scores[is_positive], scores[~is_positive]
+    n_positive, n_negative = positives.numel(), negatives.numel()
     if n_positive == 0 or n_negative == 0:
         raise ValueError("AUC needs both positive and negative pairs (at least 2 genomes with 2 fragments each)")
-    sorted_scores, order = torch.sort(scores)
-    _, group_sizes = torch.unique_consecutive(sorted_scores, return_counts=True)
-    group_ends = torch.cumsum(group_sizes, 0).double()
-    average_rank = group_ends - (group_sizes.double() - 1) / 2  # 1-based rank shared by every tied element
-    ranks = torch.repeat_interleave(average_rank, group_sizes)
-    positive_rank_sum = ranks[is_positive[order]].sum().item()
-    return (positive_rank_sum - n_positive * (n_positive + 1) / 2) / (n_positive * n_negative)
+    if n_positive <= n_negative:
+        reference, queries = torch.sort(positives).values, negatives
+    else:
+        reference, queries = torch.sort(negatives).values, positives
+    below = torch.searchsorted(reference, queries, side="left")
+    not_above = torch.searchsorted(reference, queries, side="right")
+    # wins (x2) counted from the queries' side: a tie is worth 1 of 2
+    twice_wins_of_queries = (below + not_above).sum(dtype=torch.float64).item()
+    if n_positive <= n_negative:  # queries are negatives: their wins are the positives' losses
+        twice_wins_of_queries = 2.0 * n_positive * n_negative - twice_wins_of_queries
+    return twice_wins_of_queries / (2.0 * n_positive * n_negative)
 
 
 def pairwise_distances(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

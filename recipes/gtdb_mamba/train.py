@@ -57,8 +57,15 @@ def prepare_data(cfg: DictConfig, dist_ctx, log):
     data = cfg.data
     split_options = {
         key: data[key]
-        for key in ("contamination_column", "max_contamination", "val_species_target", "n_val_genomes")
-        + ("family_count_cap", "val_per_genus", "train_per_genus")
+        for key in (
+            "contamination_column",
+            "max_contamination",
+            "val_species_target",
+            "n_val_genomes",
+            "family_count_cap",
+            "val_per_genus",
+            "train_per_genus",
+        )
     }
     split = cached_family_split(
         list(data.metadata_files), data.genomes_root, data.cache_dir, seed=cfg.seed, **split_options
@@ -105,13 +112,19 @@ def lr_lambda(step: int, warmup: int, max_steps: int, min_ratio: float) -> float
 
 
 def make_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, embeddings' padding, and Mamba's A_log / D."""
+    """AdamW; no weight decay on biases, norm weights and Mamba's A_log / D (as in mamba-ssm)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         skip = param.ndim < 2 or getattr(param, "_no_weight_decay", False) or name.endswith(("A_log", ".D"))
         (no_decay if skip else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(groups, lr=cfg.train.lr)
+
+
+def autocast(cfg: DictConfig, dist_ctx):
+    """bf16 autocast on CUDA when train.bf16; a no-op context on CPU."""
+    enabled = bool(cfg.train.bf16) and dist_ctx.device.type == "cuda"
+    return torch.autocast(dist_ctx.device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 @torch.no_grad()
@@ -131,11 +144,6 @@ def validate(embedder, val_tokens, val_labels, cfg, dist_ctx, run_dir: Path, ste
         write_distance_histogram(run_dir / "pairwise_distances_histogram.png", distances, same, auc, step)
     metrics.log(step, auc=auc)
     return auc
-
-
-def autocast(cfg: DictConfig, dist_ctx):
-    enabled = bool(cfg.train.bf16) and dist_ctx.device.type == "cuda"
-    return torch.autocast(dist_ctx.device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def run(cfg: DictConfig) -> dict:

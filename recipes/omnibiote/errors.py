@@ -1,5 +1,7 @@
 """Error types of the recipe: every user-facing failure raises one of these, and the CLIs print it as one line."""
 
+import sys
+
 
 class OmniBioteError(Exception):
     """Base class: the command-line entry points catch it, print `error: <message>` and exit 1."""
@@ -23,8 +25,6 @@ class ConfigError(OmniBioteError):
 
 def run_cli(main, argv=None) -> int:
     """Run a command-line `main(argv)`; a recipe error becomes one `error: ...` line on stderr and exit code 1."""
-    import sys
-
     try:
         main(argv)
     except OmniBioteError as exc:

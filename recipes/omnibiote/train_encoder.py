@@ -10,6 +10,7 @@ log_file.txt, loss_curve.png and final/ (config.json, model.safetensors, tokeniz
 
 import argparse
 import contextlib
+import importlib.util
 import shutil
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from mup import MuAdamW
 from torch.nn.parallel import DistributedDataParallel
 
-from biorecipes_shared.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from biorecipes_shared.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from biorecipes_shared.distributed import all_reduce_mean, seed_everything, setup_distributed, teardown_distributed
 from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, peak_memory, plot_loss_curve
 from biorecipes_shared.preemption import PreemptionHandler
@@ -109,6 +110,8 @@ def validation_loss(model, batches, device, autocast) -> float:
 def train(args: argparse.Namespace, dist_ctx) -> Path | None:
     """The training run; returns the folder of the exported final model (None when stopped early)."""
     log = get_logger("omnibiote", dist_ctx)
+    if args.wandb_project_name and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("--wandb_project_name needs the wandb package: pip install wandb")
     base_dir = Path(args.base_dir)
     if not base_dir.is_dir():
         raise ConfigError(f"--base_dir {base_dir}: no such folder")
@@ -171,8 +174,9 @@ def train(args: argparse.Namespace, dist_ctx) -> Path | None:
             state = load_checkpoint(
                 resume_from, model, optimizer, scheduler, generators={"data": data_generator}, dist_ctx=dist_ctx
             )
-        except CheckpointError as exc:
-            raise ConfigError(str(exc)) from None
+        except RuntimeError as exc:  # CheckpointError, or weights of another architecture
+            detail = " ".join(str(exc).split())[:300]
+            raise ConfigError(f"{resume_from}: cannot resume this run from it ({detail})") from None
         check_resumable(state.extra.get("config", {}), config, resume_from)
         step, tokens_seen = state.step, state.data_state["tokens_seen"]
         log.info("resumed from %s at step %d (%d tokens)", resume_from, step, tokens_seen)

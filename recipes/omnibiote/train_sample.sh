@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Out-of-the-box run on the bundled sample (2-4 minutes on 2 CPU cores): a 0.5M-parameter OmniBioTA on real
-# DNA (GenBank) and protein (FASTA) tokens; the training loss falls from ln(512) = 6.24 to below 5.
+# DNA (GenBank) and protein (FASTA) tokens; the validation loss falls from ln(512) = 6.24 to about 4.8.
 # Outputs: runs/sample_<time>/ (metrics.jsonl, log_file.txt, loss_curve.png, checkpoints/, final/).
 set -euo pipefail
 cd "$(dirname "$0")"

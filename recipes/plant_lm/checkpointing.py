@@ -1,8 +1,10 @@
-"""Epoch checkpoints `dna_model/model_epoch_N.pt`: atomic save, weights-only load, resume selection.
+"""Checkpoints: `dna_model/model_epoch_N.pt` after each epoch, `dna_model/model_step_S.pt` mid-epoch (on
+preemption or every `save_every_steps`); atomic save, weights-only load, resume selection.
 
 A checkpoint holds only tensors and plain values (loadable with `torch.load(..., weights_only=True)`):
 model_state_dict (incl. the bucket memory `memory.sums/counts/commits`), optimizer_state_dict,
-scheduler_state_dict, [scaler_state_dict], epoch, step, config (a dict), species, data_positions.
+scheduler_state_dict, [scaler_state_dict], epoch (completed epochs), step, step_in_epoch, config (a dict),
+species, data_positions, and mid-epoch also rng_states (one per rank).
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import re
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from biorecipes_shared.distributed import barrier
 
-CHECKPOINT_NAME = re.compile(r"model_epoch_(\d+)\.pt$")
+EPOCH_FILE = re.compile(r"^model_epoch_(\d+)\.pt$")
+STEP_FILE = re.compile(r"^model_step_(\d+)\.pt$")
 # Config fields that fix the shape of the model: a checkpoint only resumes when they match.
 ARCHITECTURE_FIELDS = ("d_model", "n_heads", "n_layers", "local_attn_window", "context_size")
 
@@ -36,11 +40,14 @@ def save_checkpoint_atomic(state: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def epoch_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
-    """(epoch, path) of every model_epoch_N.pt in the folder, newest first."""
-    found = [
-        (int(m.group(1)), p) for p in checkpoint_dir.glob("model_epoch_*.pt") if (m := CHECKPOINT_NAME.search(p.name))
-    ]
+def list_checkpoints(checkpoint_dir: Path, steps_per_epoch: int) -> list[tuple[int, Path]]:
+    """(optimizer step, path) of every epoch and mid-epoch checkpoint in the folder, newest first."""
+    found = []
+    for path in checkpoint_dir.glob("model_*.pt"):
+        if match := EPOCH_FILE.match(path.name):
+            found.append((int(match.group(1)) * steps_per_epoch, path))
+        elif match := STEP_FILE.match(path.name):
+            found.append((int(match.group(1)), path))
     return sorted(found, reverse=True)
 
 
@@ -62,7 +69,7 @@ def find_resume_checkpoint(cfg, checkpoint_dir: Path, log: logging.Logger) -> di
         return None
     if cfg.resume != "auto":
         return load_checkpoint_file(Path(cfg.resume))
-    for _, path in epoch_checkpoints(checkpoint_dir):
+    for _, path in list_checkpoints(checkpoint_dir, cfg.steps_per_epoch):
         try:
             return load_checkpoint_file(path)
         except CheckpointError as err:
@@ -83,9 +90,47 @@ def check_compatible(saved: dict, cfg, species: list[str]) -> None:
         raise CheckpointError(f"checkpoint was trained with {', '.join(diffs)}; use --resume none or a new output_dir")
 
 
-def save_epoch(cfg, ctx, model, optimizer, scheduler, scaler, epoch, step, species, positions, checkpoint_dir, log):
-    """Write dna_model/model_epoch_N.pt on rank 0 and drop the oldest beyond `keep_checkpoints`."""
-    path = checkpoint_dir / f"model_epoch_{epoch}.pt"
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's torch RNG state (CPU, and CUDA when present): the dropout stream."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_training_state(
+    cfg,
+    ctx,
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    *,
+    epoch,
+    step,
+    step_in_epoch,
+    species,
+    positions,
+    checkpoint_dir: Path,
+    log: logging.Logger,
+) -> Path:
+    """Every rank calls this. Rank 0 writes model_epoch_N.pt (step_in_epoch 0, N = epochs done) or, mid-epoch,
+    model_step_S.pt with every rank's RNG state; then prunes superseded and surplus files."""
+    rng_states = None
+    if step_in_epoch:
+        rng_states = [None] * ctx.world_size
+        if ctx.is_distributed:
+            dist.all_gather_object(rng_states, rng_state())
+        else:
+            rng_states[0] = rng_state()
+    name = f"model_step_{step}.pt" if step_in_epoch else f"model_epoch_{epoch}.pt"
+    path = checkpoint_dir / name
     if ctx.is_main:
         state = {
             "model_state_dict": model.state_dict(),  # includes the bucket memory (memory.sums/counts/commits)
@@ -93,16 +138,30 @@ def save_epoch(cfg, ctx, model, optimizer, scheduler, scaler, epoch, step, speci
             "scheduler_state_dict": scheduler.state_dict(),
             "epoch": epoch,
             "step": step,
+            "step_in_epoch": step_in_epoch,
             "config": dataclasses.asdict(cfg),
             "species": species,
             "data_positions": dict(positions),  # windows consumed per species, job-wide
         }
+        if rng_states is not None:
+            state["rng_states"] = rng_states
         if scaler.is_enabled():
             state["scaler_state_dict"] = scaler.state_dict()
         save_checkpoint_atomic(state, path)
         log.info("saved %s", path)
-        if cfg.keep_checkpoints > 0:
-            for _, old in epoch_checkpoints(checkpoint_dir)[cfg.keep_checkpoints :]:
-                old.unlink()
+        _prune(cfg, checkpoint_dir, keep=path)
     barrier()
     return path
+
+
+def _prune(cfg, checkpoint_dir: Path, keep: Path) -> None:
+    """Drop mid-epoch files older than the newest epoch file, then the oldest beyond `keep_checkpoints`."""
+    found = list_checkpoints(checkpoint_dir, cfg.steps_per_epoch)
+    newest_epoch_step = max((s for s, p in found if EPOCH_FILE.match(p.name)), default=-1)
+    for step, path in found:
+        if path != keep and STEP_FILE.match(path.name) and step <= newest_epoch_step:
+            path.unlink()
+    if cfg.keep_checkpoints > 0:
+        for _, path in list_checkpoints(checkpoint_dir, cfg.steps_per_epoch)[cfg.keep_checkpoints :]:
+            if path != keep:
+                path.unlink()

@@ -270,10 +270,12 @@ class SpeciesMixture:
         self.positions = {s: 0 for s in self.species} | dict(positions or {})
         self._iters = {s: streams[s].windows(self.positions[s]) for s in self.species}
 
-    def batches(self, batch_size: int, n_batches: int, epoch: int) -> Iterator[Batch]:
-        """`n_batches` batches for `epoch` (same species sequence on every rank)."""
+    def batches(self, batch_size: int, n_batches: int, epoch: int, skip: int = 0) -> Iterator[Batch]:
+        """Batches `skip`..`n_batches` of `epoch` (same species sequence on every rank; skipped ones draw no window)."""
         rng = np.random.default_rng([self.seed, epoch])
-        for _ in range(n_batches):
+        for _ in range(skip):  # replay the species draws of batches done before a mid-epoch resume
+            rng.choice(len(self.species), size=batch_size, p=self.probs)
+        for _ in range(n_batches - skip):
             picks = rng.choice(len(self.species), size=batch_size, p=self.probs)
             rows = []
             for pick in picks:

@@ -21,7 +21,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from biorecipes_shared.distributed import all_reduce_mean, setup_distributed, teardown_distributed
 from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, peak_memory, plot_loss_curve
-from checkpointing import CheckpointError, check_compatible, find_resume_checkpoint, save_epoch
+from biorecipes_shared.preemption import PreemptionHandler
+from checkpointing import (
+    CheckpointError,
+    check_compatible,
+    find_resume_checkpoint,
+    restore_rng_state,
+    save_training_state,
+)
 from data import PlantDataError, build_mixture, parse_distribution, window_stride
 from model import PlantLM
 
@@ -69,7 +76,8 @@ class Config:
     # outputs
     output_dir: str = "."
     resume: str = "auto"  # auto (newest valid dna_model/model_epoch_N.pt) | none | a checkpoint path
-    keep_checkpoints: int = 3  # newest N epoch checkpoints kept; 0 keeps all
+    keep_checkpoints: int = 3  # newest N checkpoints kept; 0 keeps all
+    save_every_steps: int = 0  # also save mid-epoch every N steps (0: at epoch ends and on SIGTERM/SIGUSR1 only)
     wandb: bool = False
     wandb_project: str = "plant_lm"
     num_threads: int = 0  # torch CPU threads; 0 = torch default
@@ -184,7 +192,7 @@ def _train(cfg: Config, ctx, log: logging.Logger, checkpoint_dir: Path, out_dir:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     dtype = amp_dtype(cfg.amp, ctx.device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    start_epoch, step = 0, 0
+    start_epoch, step, skip_steps = 0, 0, 0
     if resumed:
         check_compatible(resumed, cfg, species)
         model.load_state_dict(resumed["model_state_dict"])
@@ -192,90 +200,55 @@ def _train(cfg: Config, ctx, log: logging.Logger, checkpoint_dir: Path, out_dir:
         scheduler.load_state_dict(resumed["scheduler_state_dict"])
         if "scaler_state_dict" in resumed:
             scaler.load_state_dict(resumed["scaler_state_dict"])
-        start_epoch, step = resumed["epoch"], resumed["step"]
-        log.info("resumed after epoch %d (step %d)", start_epoch, step)
+        start_epoch, step, skip_steps = resumed["epoch"], resumed["step"], resumed.get("step_in_epoch", 0)
+        log.info("resumed at step %d (epoch %d, step %d of it)", step, start_epoch + 1, skip_steps)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters, %d ranks, device %s, amp %s", n_params / 1e6, ctx.world_size, ctx.device, dtype)
     # Buffers are not broadcast: every rank applies the same all-reduced bucket update itself.
     ddp = DistributedDataParallel(model, broadcast_buffers=False) if ctx.is_distributed else None
     wandb_args = {"project": cfg.wandb_project, "config": dataclasses.asdict(cfg)} if cfg.wandb else None
     metrics = MetricsWriter(out_dir / "logs", ctx, wandb_init_args=wandb_args)
-    write_len = window_stride(cfg.context_size, cfg.overlap_ratio)
     tokens_per_step = cfg.batch_size * cfg.accumulation_steps * cfg.context_size * ctx.world_size
     losses, last_checkpoint = [], None
-    for epoch in range(start_epoch, cfg.n_epochs):
-        torch.manual_seed(cfg.seed + ctx.rank + 1000 * epoch)  # dropout stream depends only on (seed, rank, epoch)
-        model.train()
-        batches = mixture.batches(cfg.batch_size, cfg.steps_per_epoch * cfg.accumulation_steps, epoch)
-        meter = ThroughputMeter()
-        for _ in range(cfg.steps_per_epoch):
-            step_loss = 0.0
-            for micro in range(cfg.accumulation_steps):
-                batch = next(batches)
-                sync_now = ddp is None or micro == cfg.accumulation_steps - 1
-                with contextlib.nullcontext() if sync_now else ddp.no_sync():
-                    with torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype is not None):
-                        out = (ddp or model)(
-                            batch.input_ids.to(ctx.device),
-                            batch.species_ids.to(ctx.device),
-                            batch.targets.to(ctx.device),
-                            memory_write_len=write_len,
-                        )
-                    scaler.scale(out["loss"] / cfg.accumulation_steps).backward()
-                step_loss += out["loss"].item() / cfg.accumulation_steps
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            model.memory.commit(cfg.global_context, cfg.memory_normalize_every)  # after the step, outside autograd
-            step += 1
-            meter.update(samples=cfg.batch_size * cfg.accumulation_steps * ctx.world_size, tokens=tokens_per_step)
-            loss = all_reduce_mean(step_loss)
-            losses.append(loss)
-            record = {
-                "loss": loss,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
-                **meter.rates(),
-                **peak_memory(),
-                **gpu_status(ctx.device),
-            }
-            metrics.log(step, epoch=epoch + 1, **record)
-            log.info(
-                "epoch %d step %d loss %.4f lr %.2e grad_norm %.3f %.1f samples/s %.0f tokens/s rss %.2f GiB%s",
-                epoch + 1,
-                step,
-                loss,
-                record["lr"],
-                record["grad_norm"],
-                record["samples_per_s"],
-                record["tokens_per_s"],
-                record["cpu_rss_gib"],
-                "".join(f" {k} {v:.2f}" for k, v in record.items() if k.startswith(("cuda", "gpu"))),
-            )
-        epoch_losses = losses[-cfg.steps_per_epoch :]
-        log.info(
-            "epoch %d mean loss %.4f (a uniform guess over 4096 6-mers scores %.4f)",
-            epoch + 1,
-            sum(epoch_losses) / len(epoch_losses),
-            math.log(4096),
-        )
-        last_checkpoint = save_epoch(
-            cfg,
-            ctx,
-            model,
-            optimizer,
-            scheduler,
-            scaler,
-            epoch + 1,
-            step,
-            species,
-            mixture.positions,
-            checkpoint_dir,
-            log,
-        )
+    with PreemptionHandler() as preemption:
+        for epoch in range(start_epoch, cfg.n_epochs):
+            first_step = skip_steps if epoch == start_epoch else 0
+            if first_step and len(resumed.get("rng_states") or []) == ctx.world_size:
+                restore_rng_state(resumed["rng_states"][ctx.rank])  # continue the dropout stream mid-epoch
+            else:
+                torch.manual_seed(cfg.seed + ctx.rank + 1000 * epoch)  # dropout depends only on (seed, rank, epoch)
+            model.train()
+            micro_steps = cfg.steps_per_epoch * cfg.accumulation_steps
+            batches = mixture.batches(cfg.batch_size, micro_steps, epoch, skip=first_step * cfg.accumulation_steps)
+            meter = ThroughputMeter()
+            stopped = False
+            for step_in_epoch in range(first_step + 1, cfg.steps_per_epoch + 1):
+                loss, grad_norm = train_step(cfg, ctx, model, ddp, optimizer, scheduler, scaler, batches, dtype)
+                step += 1
+                meter.update(samples=cfg.batch_size * cfg.accumulation_steps * ctx.world_size, tokens=tokens_per_step)
+                losses.append(loss)
+                log_step(log, metrics, ctx, epoch, step, loss, scheduler.get_last_lr()[0], grad_norm, meter)
+                stopped = preemption.should_stop(ctx)
+                epoch_done = step_in_epoch == cfg.steps_per_epoch
+                if epoch_done:
+                    epoch_losses = losses[-(cfg.steps_per_epoch - first_step) :]
+                    log.info(
+                        "epoch %d mean loss %.4f (a uniform guess over 4096 6-mers scores %.4f)",
+                        epoch + 1,
+                        sum(epoch_losses) / len(epoch_losses),
+                        math.log(4096),
+                    )
+                if epoch_done or stopped or (cfg.save_every_steps > 0 and step % cfg.save_every_steps == 0):
+                    last_checkpoint = save_training_state(
+                        cfg, ctx, model, optimizer, scheduler, scaler, epoch=epoch + epoch_done, step=step,
+                        step_in_epoch=0 if epoch_done else step_in_epoch, species=species,
+                        positions=mixture.positions, checkpoint_dir=checkpoint_dir, log=log,
+                    )  # fmt: skip
+                if stopped:
+                    break
+            if stopped:
+                log.warning("stopped on a preemption signal after step %d; run the same command again to resume", step)
+                break
     metrics.close()
     if ctx.is_main and losses:
         with contextlib.suppress(ValueError):
@@ -284,6 +257,57 @@ def _train(cfg: Config, ctx, log: logging.Logger, checkpoint_dir: Path, out_dir:
     if bad_files:
         log.warning("%d bad file(s) were skipped: %s", len(bad_files), "; ".join(bad_files.values()))
     return {"losses": losses, "checkpoint": last_checkpoint, "bad_files": bad_files, "species": species}
+
+
+def train_step(cfg, ctx, model, ddp, optimizer, scheduler, scaler, batches, dtype) -> tuple[float, float]:
+    """One optimizer step over `accumulation_steps` micro-batches, then the bucket memory commit."""
+    step_loss = 0.0
+    for micro in range(cfg.accumulation_steps):
+        batch = next(batches)
+        sync_now = ddp is None or micro == cfg.accumulation_steps - 1
+        with contextlib.nullcontext() if sync_now else ddp.no_sync():
+            with torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype is not None):
+                out = (ddp or model)(
+                    batch.input_ids.to(ctx.device),
+                    batch.species_ids.to(ctx.device),
+                    batch.targets.to(ctx.device),
+                    memory_write_len=window_stride(cfg.context_size, cfg.overlap_ratio),
+                )
+            scaler.scale(out["loss"] / cfg.accumulation_steps).backward()
+        step_loss += out["loss"].item() / cfg.accumulation_steps
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    model.memory.commit(cfg.global_context, cfg.memory_normalize_every)  # after the step, outside autograd
+    return all_reduce_mean(step_loss), float(grad_norm)
+
+
+def log_step(log, metrics, ctx, epoch, step, loss, lr, grad_norm, meter) -> None:
+    """Per-step line in the run log and a metrics.jsonl record: loss, throughput, memory, GPU status."""
+    record = {
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        **meter.rates(),
+        **peak_memory(),
+        **gpu_status(ctx.device),
+    }
+    metrics.log(step, epoch=epoch + 1, **record)
+    log.info(
+        "epoch %d step %d loss %.4f lr %.2e grad_norm %.3f %.1f samples/s %.0f tokens/s rss %.2f GiB%s",
+        epoch + 1,
+        step,
+        loss,
+        lr,
+        grad_norm,
+        record["samples_per_s"],
+        record["tokens_per_s"],
+        record["cpu_rss_gib"],
+        "".join(f" {k} {v:.2f}" for k, v in record.items() if k.startswith(("cuda", "gpu"))),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

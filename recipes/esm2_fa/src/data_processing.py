@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 from Bio.SeqIO.FastaIO import SimpleFastaParser
-from datasets import Dataset, Features, Sequence, Value
+from datasets import Dataset, DatasetInfo, Features, Sequence, Value
+from datasets.table import InMemoryTable
 from datasets.utils.logging import disable_progress_bar
 from tqdm import tqdm
 
@@ -158,34 +160,45 @@ class ShardWriter:
 
     def __init__(self, out_dir: Path, shard_size: int):
         self.out_dir, self.shard_size = out_dir, shard_size
-        self.rows: dict[str, list] = {name: [] for name in SHARD_FEATURES}
+        self.rows: list[tuple[np.ndarray, int, int, str]] = []  # (tokens, padded width, batch id, sequence id)
         self.n_shards = self.n_batches = self.n_rows = self.real_tokens = self.padded_tokens = 0
 
     def add_batch(self, token_arrays: list[np.ndarray], ids: list[str]) -> None:
         width = max(len(t) for t in token_arrays)
-        if self.rows["id"] and len(self.rows["id"]) + len(ids) > self.shard_size:
+        if self.rows and len(self.rows) + len(ids) > self.shard_size:
             self.flush()
-        for tokens, seq_id in zip(token_arrays, ids):
-            pad = width - len(tokens)
-            ids_row = np.concatenate([tokens, np.full(pad, PAD_ID, np.int8)])
-            self.rows["input_ids"].append(ids_row)
-            self.rows["attention_mask"].append(np.concatenate([np.ones(len(tokens), np.int8), np.zeros(pad, np.int8)]))
-            self.rows["labels"].append(np.concatenate([tokens, np.full(pad, IGNORE_INDEX, np.int8)]))
-            self.rows["sequence_length"].append(len(tokens))
-            self.rows["batch_id"].append(self.n_batches)
-            self.rows["id"].append(seq_id)
-            self.real_tokens += len(tokens)
-            self.padded_tokens += width
+        self.rows += [(tokens, width, self.n_batches, seq_id) for tokens, seq_id in zip(token_arrays, ids)]
+        self.real_tokens += sum(len(t) for t in token_arrays)
+        self.padded_tokens += width * len(ids)
         self.n_batches += 1
         self.n_rows += len(ids)
 
     def flush(self) -> None:
-        if not self.rows["id"]:
+        if not self.rows:
             return
-        shard = Dataset.from_dict(self.rows, features=SHARD_FEATURES)
+        # Columns are built as Arrow arrays from one flat numpy buffer each: Dataset.from_dict would encode
+        # every row in Python, which made it ~5x slower than everything else in preprocessing together.
+        widths = np.array([w for _, w, _, _ in self.rows])
+        lengths = np.array([len(t) for t, _, _, _ in self.rows])
+        offsets = pa.array(np.concatenate([[0], np.cumsum(widths)]).astype(np.int32))
+        real = np.arange(widths.sum()) - np.repeat(offsets.to_numpy()[:-1], widths) < np.repeat(lengths, widths)
+        input_ids = np.full(widths.sum(), PAD_ID, np.int8)
+        input_ids[real] = np.concatenate([t for t, _, _, _ in self.rows])
+        labels = np.where(real, input_ids, IGNORE_INDEX).astype(np.int8)
+        table = pa.table(
+            {
+                "input_ids": pa.ListArray.from_arrays(offsets, pa.array(input_ids)),
+                "attention_mask": pa.ListArray.from_arrays(offsets, pa.array(real.astype(np.int8))),
+                "labels": pa.ListArray.from_arrays(offsets, pa.array(labels)),
+                "sequence_length": pa.array(lengths.astype(np.int32)),
+                "batch_id": pa.array(np.array([b for _, _, b, _ in self.rows], np.int64)),
+                "id": pa.array([i for _, _, _, i in self.rows]),
+            }
+        ).cast(SHARD_FEATURES.arrow_schema)
+        shard = Dataset(InMemoryTable(table), info=DatasetInfo(features=SHARD_FEATURES))
         shard.save_to_disk(str(self.out_dir / f"shard-{self.n_shards:05d}"))
         self.n_shards += 1
-        self.rows = {name: [] for name in SHARD_FEATURES}
+        self.rows = []
 
 
 def refined_fasta_path(input_fasta: Path) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from biorecipes_shared.distributed import all_reduce_mean, read_launch_env
+from biorecipes_shared.distributed import all_reduce_mean, read_launch_env, teardown_distributed
 from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, plot_loss_curve
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
@@ -256,6 +256,7 @@ def run(cfg: RecipeConfig, resume: str | None = None) -> Path:
         cfg.data.train_dir, rank, world_size, cfg.data.num_workers, t.mlm_probability, t.seed, start_batch=consumed
     )
     args = training_arguments(cfg, t.output_dir)  # initialises torch.distributed under torchrun/accelerate
+    get_logger("esm2_fa")  # now that the process group exists: INFO on rank 0 only
     set_seed(t.seed)  # identical initial weights on every rank
     m = cfg.model
     config = esm2_config(m.model_name, m.max_position_embeddings, m.hidden_dropout_prob, m.attention_probs_dropout_prob)
@@ -314,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataDirError, ModelConfigError, ResumeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    teardown_distributed()
     return 0
 
 

@@ -85,6 +85,8 @@ def run_main(capsys, args):
         (["data.train_path=/nonexistent/cells.parquet"], "error: /nonexistent/cells.parquet: no such data file"),
         (["data.vocab_path=/nonexistent/vocab.txt"], "error: /nonexistent/vocab.txt: no such vocabulary file"),
         (["model.hidden_act=gelu", "model.use_te_layers=true"], "error: "),
+        (["training.use_fsdp=true"], "error: training.use_fsdp=true shards over several processes"),
+        (["training.save_every_n_steps=0"], "error: training.save_every_n_steps=0 must be at least 1"),
     ],
 )
 def test_bad_input_is_one_line_error_and_writes_nothing(tmp_path, capsys, args, message):
@@ -116,14 +118,13 @@ def test_corrupt_checkpoint_is_an_error_not_a_restart(tmp_path, capsys):
     assert not (tmp_path / "checkpoints" / "step_00000004").exists()
 
 
-def test_cli_prints_config_and_one_line_errors(tmp_path):
-    shown = subprocess.run(
-        [sys.executable, str(RECIPE_DIR / "train.py"), "--config-name", "4b", "--cfg", "job"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert shown.returncode == 0 and "hidden_size: 2560" in shown.stdout and "num_hidden_layers: 36" in shown.stdout
+def test_cfg_prints_the_composed_config(capsys):
+    assert train.main(["--config-name", "4b", "--cfg", "job", "training.num_train_steps=7"]) == 0
+    shown = capsys.readouterr().out
+    assert "hidden_size: 2560" in shown and "num_hidden_layers: 36" in shown and "num_train_steps: 7" in shown
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path):
     bad = subprocess.run(
         [sys.executable, str(RECIPE_DIR / "train.py"), "model.nope=3"], capture_output=True, text=True, cwd=tmp_path
     )

@@ -69,7 +69,7 @@ def test_batches_are_deterministic_per_batch_number(small_index):
     assert not torch.equal(first["tokens"], other["tokens"])
     other_rank = TrainBatches(sampler, KmerTokenizer(5), batch_size=8, n_tokens=16, seed=1, rank=1)[5]
     assert not torch.equal(first["tokens"], other_rank["tokens"])
-    with pytest.raises(GtdbDataError, match="needs fragments of >= 30 bp"):
+    with pytest.raises(GtdbDataError, match="data.train_tokens=26 tokens needs fragments of >= 30 bp"):
         TrainBatches(sampler, KmerTokenizer(5), batch_size=8, n_tokens=26, seed=1, rank=0)
 
 
@@ -79,6 +79,8 @@ def test_validation_fragments_cover_every_genome(small_index):
     assert tokens.shape == (6, 21) and labels.tolist() == [10, 10, 10, 11, 11, 11]
     again, _ = validation_fragments(sampler, KmerTokenizer(5), 3, 21, seed=0, rank=0)
     assert torch.equal(tokens, again)
+    with pytest.raises(GtdbDataError, match="data.val_tokens=22 tokens"):
+        validation_fragments(sampler, KmerTokenizer(5), 3, 22, seed=0, rank=0)
 
 
 def test_ambiguous_fragments_are_resampled(tmp_path):

@@ -49,9 +49,10 @@ def test_rank_auc_equals_sklearn_with_ties():
     rng = np.random.default_rng(0)
     scores = rng.integers(0, 20, size=5000).astype(np.float32)  # many ties
     labels = rng.random(5000) < scores / 40
-    assert rank_auc(torch.from_numpy(scores), torch.from_numpy(labels)) == pytest.approx(
-        roc_auc_score(labels, scores), abs=1e-12
-    )
+    for positives in (labels, ~labels):  # the smaller class is positive, then negative
+        assert rank_auc(torch.from_numpy(scores), torch.from_numpy(positives)) == pytest.approx(
+            roc_auc_score(positives, scores), abs=1e-12
+        )
     with pytest.raises(ValueError, match="both positive and negative"):
         rank_auc(torch.ones(3), torch.zeros(3, dtype=torch.bool))
 

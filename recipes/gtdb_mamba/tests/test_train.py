@@ -76,6 +76,7 @@ def test_torchrun_two_processes_learns_same_genome_embeddings(gtdb_fixture, tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "run"
     aucs = _read_tsv(run_dir / "AUC_log.tsv")
+    print("validation AUC by step:", aucs)
     assert [step for _, step in aucs] == [0, 50, 100]
     assert aucs[-1][0] > 0.8 and aucs[-1][0] > aucs[0][0] + 0.08, aucs
     losses = _read_tsv(run_dir / "log_file.txt")

@@ -5,7 +5,8 @@
 Each file is fetched into `<name>.part`; an interrupted transfer is resumed with an HTTP Range request (also on the
 next run), failures are retried with exponential backoff, and a file is renamed to its final name only after its
 size matches the server's and its gzip stream (CRC-32 and length trailer) checks out, plus its MD5 when --md5_file
-lists it. Files already present are skipped. The `con` division holds CONTIG records without sequence; leave it out.
+lists it. Files already present are skipped. Without --divisions, every division but `con` is fetched (`con` holds
+CONTIG records without sequence).
 """
 
 import argparse
@@ -54,8 +55,8 @@ def list_remote_files(session: requests.Session, base_url: str, timeout: float) 
 
 
 def select_files(files: list[tuple[str, str]], divisions: list[str] | None, max_files: int | None) -> list[str]:
-    """Names in the chosen divisions (all when None), at most max_files of them."""
-    names = [name for name, division in files if not divisions or division in divisions]
+    """Names in the chosen divisions (all but 'con' when None), at most max_files of them."""
+    names = [name for name, division in files if (division in divisions if divisions else division != "con")]
     return names[:max_files] if max_files else names
 
 
@@ -190,7 +191,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base_url", default=DEFAULT_BASE_URL, help="directory listing with the gb*.seq.gz files")
     parser.add_argument("--out_dir", required=True)
-    parser.add_argument("--divisions", default=None, help="comma-separated divisions, e.g. vrl,phg,bct (default all)")
+    parser.add_argument(
+        "--divisions", default=None, help="comma-separated divisions, e.g. vrl,phg,bct (default: all but con)"
+    )
     parser.add_argument("--max-files", "--max_files", dest="max_files", type=int, default=None)
     parser.add_argument("--retries", type=int, default=5)
     parser.add_argument("--backoff", type=float, default=2.0, help="seconds before the first retry; doubles each time")

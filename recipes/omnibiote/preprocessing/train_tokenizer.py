@@ -8,10 +8,10 @@ so protein pieces are learnt even when DNA is most of the data.
 """
 
 import argparse
+import io
 import os
 import random
 import sys
-import tempfile
 from pathlib import Path
 
 import sentencepiece as spm
@@ -59,34 +59,39 @@ def train_tokenizer(
     seed: int = 0,
     num_threads: int = 2,
 ) -> OmniTokenizer:
-    """Train and save `model_file` (+ `.vocab` beside it); written to a temp name first, then renamed."""
+    """Train and save `model_file`, plus a readable `.vocab` (piece, score) beside it; temp names, then renamed."""
     model_file = Path(model_file)
     if model_file.exists():
         raise PreprocessError(f"{model_file}: already exists; choose another --model_file")
     sentences = sample_training_text(shard_paths, chunk_length, sentences_per_modality, seed)
     model_file.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=model_file.parent, prefix=".tmp-tokenizer-") as tmp:
-        prefix = Path(tmp) / "spm"
-        spm.set_random_generator_seed(seed)
-        try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(sentences),
-                model_prefix=str(prefix),
-                vocab_size=vocab_size,
-                model_type=model_type,
-                character_coverage=1.0,
-                add_dummy_prefix=False,
-                normalization_rule_name="identity",
-                max_sentence_length=max(4192, 2 * chunk_length),
-                shuffle_input_sentence=True,
-                num_threads=num_threads,
-                minloglevel=2,
-                **TRAINER_SPECIALS,
-            )
-        except RuntimeError as exc:  # e.g. a vocab_size the sample cannot fill
-            raise PreprocessError(f"sentencepiece training failed: {exc}") from None
-        os.replace(f"{prefix}.vocab", model_file.with_suffix(".vocab"))
-        os.replace(f"{prefix}.model", model_file)
+    model_bytes = io.BytesIO()  # rather than model_prefix, which would write the temp path into the model
+    spm.set_random_generator_seed(seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences),
+            model_writer=model_bytes,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=1.0,
+            add_dummy_prefix=False,
+            normalization_rule_name="identity",
+            max_sentence_length=max(4192, 2 * chunk_length),
+            shuffle_input_sentence=True,
+            num_threads=num_threads,
+            minloglevel=2,
+            **TRAINER_SPECIALS,
+        )
+    except RuntimeError as exc:  # e.g. a vocab_size the sample cannot fill
+        raise PreprocessError(f"sentencepiece training failed: {exc}") from None
+    processor = spm.SentencePieceProcessor(model_proto=model_bytes.getvalue())
+    vocab = "".join(
+        f"{processor.id_to_piece(i)}\t{processor.get_score(i)}\n" for i in range(processor.get_piece_size())
+    )
+    for path, content in ((model_file.with_suffix(".vocab"), vocab.encode()), (model_file, model_bytes.getvalue())):
+        tmp = path.with_name(f".tmp-{path.name}")
+        tmp.write_bytes(content)
+        os.replace(tmp, path)
     return OmniTokenizer(model_file)
 
 

@@ -1,5 +1,6 @@
-"""Shared fixtures: paths of the bundled sample data and a tiny model config."""
+"""Shared fixtures: paths of the bundled sample data, and of the optional shared real data beside the checkout."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,24 @@ def sample_tokenizer():
     from tokenizer import OmniTokenizer
 
     return OmniTokenizer(SAMPLE_DIR / "encoded" / "tokenizer.model")
+
+
+def find_shared_data() -> Path | None:
+    """BIORECIPES_SHARED_DATA, else the first `<ancestor>/../shared/data` (or `<ancestor>/shared/data`) that has a
+    README.md; None on a user's machine."""
+    if os.environ.get("BIORECIPES_SHARED_DATA"):
+        return Path(os.environ["BIORECIPES_SHARED_DATA"])
+    for ancestor in RECIPE_DIR.parents:
+        for candidate in (ancestor / "shared" / "data", ancestor.parent / "shared" / "data"):
+            if (candidate / "README.md").is_file():
+                return candidate
+    return None
+
+
+@pytest.fixture(scope="session")
+def uniref_parquet() -> Path:
+    data = find_shared_data()
+    path = data / "uniref_10k" / "train.parquet" if data else None
+    if path is None or not path.is_file():
+        pytest.skip("shared real data (../shared/data/uniref_10k) is not available here")
+    return path

@@ -15,7 +15,7 @@ from preprocessing.download_genbank import download_genbank, main
 random.seed(0)
 CONTENT = {
     name: gzip.compress(("LOCUS " + "".join(random.choices("ACGT", k=150_000)) + "\n//\n").encode(), mtime=0)
-    for name in ("gbvrl1.seq.gz", "gbvrl2.seq.gz", "gbphg1.seq.gz", "gbbct1.seq.gz")
+    for name in ("gbvrl1.seq.gz", "gbvrl2.seq.gz", "gbphg1.seq.gz", "gbbct1.seq.gz", "gbcon1.seq.gz")
 }
 
 
@@ -104,6 +104,12 @@ def test_divisions_and_max_files_filter(serve, tmp_path):
     for path in paths:
         assert path.read_bytes() == CONTENT[path.name]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gbphg1.seq.gz", "gbvrl1.seq.gz"]  # no .part left
+
+
+def test_default_divisions_skip_con(serve, tmp_path):
+    _, url = serve()
+    paths = download_genbank(url, tmp_path, max_files=3, **FAST)
+    assert [p.name for p in paths] == ["gbbct1.seq.gz", "gbphg1.seq.gz", "gbvrl1.seq.gz"]  # sorted, no gbcon1
 
 
 def test_dropped_connection_is_resumed_with_a_range_request(serve, tmp_path):

@@ -170,3 +170,17 @@ def test_gzip_is_detected_by_content(tmp_path, sample_genbank):
     for path in (plain, hidden_gzip):
         records = list(iter_shard_records(preprocess_genbank([path], tmp_path / f"out{path.suffix}").shard_paths))
         assert len(records[0][2]) == 44660
+
+
+def test_ten_thousand_real_uniref_proteins_pass_and_round_trip(tmp_path, uniref_parquet, sample_tokenizer):
+    pq = pytest.importorskip("pyarrow.parquet")
+    table = pq.read_table(uniref_parquet, columns=["id", "sequence"]).to_pydict()
+    fasta = tmp_path / "uniref.fasta"
+    fasta.write_text("".join(f">{i}\n{s}\n" for i, s in zip(table["id"], table["sequence"])))
+    writer, skipped = preprocess_uniprot([fasta], tmp_path / "records")
+    records = list(iter_shard_records(writer.shard_paths))
+    assert skipped == 0 and len(records) == len(table["id"]) == 10_000
+    assert [seq for _, _, seq in records[:50]] == [s.upper() for s in table["sequence"][:50]]
+    for _, _, sequence in records[::500]:
+        (ids,) = sample_tokenizer.encode("protein", [sequence])
+        assert sample_tokenizer.decode(ids) == "<protein>" + sequence

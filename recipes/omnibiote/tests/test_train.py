@@ -156,6 +156,9 @@ def test_resume_with_other_ctx_len_is_refused(tmp_path, sample_base_dir, capsys)
     main(run_args(sample_base_dir, tmp_path, "run", 8 * 64 * 2))
     assert run_cli(main, run_args(sample_base_dir, tmp_path, "run", 8 * 64 * 4, "--ctx_len", "128")) == 1
     assert "was trained with ctx_len=64, not 128" in capsys.readouterr().err
+    assert run_cli(main, run_args(sample_base_dir, tmp_path, "run", 8 * 64 * 4, "--n_embd", "64")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot resume this run from it" in err[0] and "size mismatch" in err[0]
 
 
 def test_command_line_error_has_no_traceback(tmp_path, recipe_dir):

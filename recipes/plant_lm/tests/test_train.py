@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 import torch
 from conftest import random_dna, write_fasta
 
+import train as train_module
 from checkpointing import load_checkpoint_file
 from train import Config, main, parse_config, train
 
@@ -66,23 +68,50 @@ def test_parse_config_overrides_every_kind():
     )
 
 
-def test_resume_is_identical_including_bucket_memory(data_dir, tmp_path):
-    straight = train(tiny_config(data_dir, tmp_path / "straight"))
-    # A run that died after epoch 1: same config, only model_epoch_1.pt on disk; a fresh call resumes from it.
-    train(tiny_config(data_dir, tmp_path / "split"))
-    (tmp_path / "split" / "dna_model" / "model_epoch_2.pt").unlink()
-    resumed = train(tiny_config(data_dir, tmp_path / "split"))
-    assert resumed["losses"] == straight["losses"][3:]
-    a = load_checkpoint_file(tmp_path / "straight" / "dna_model" / "model_epoch_2.pt")
-    b = load_checkpoint_file(tmp_path / "split" / "dna_model" / "model_epoch_2.pt")
-    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 6)
-    assert a["data_positions"] == b["data_positions"]
-    assert int(a["model_state_dict"]["memory.commits"]) == 6 and a["model_state_dict"]["memory.counts"].sum() > 0
+def assert_same_checkpoint(path_a: Path, path_b: Path) -> None:
+    a, b = load_checkpoint_file(path_a), load_checkpoint_file(path_b)
+    assert (a["epoch"], a["step"], a["data_positions"]) == (b["epoch"], b["step"], b["data_positions"])
+    assert (
+        int(a["model_state_dict"]["memory.commits"]) == a["step"] and a["model_state_dict"]["memory.counts"].sum() > 0
+    )
     for key, value in a["model_state_dict"].items():
         assert torch.equal(value, b["model_state_dict"][key]), key
-    assert a["optimizer_state_dict"]["state"].keys() == b["optimizer_state_dict"]["state"].keys()
     for slot, state in a["optimizer_state_dict"]["state"].items():
         assert torch.equal(state["exp_avg"], b["optimizer_state_dict"]["state"][slot]["exp_avg"])
+
+
+def test_resume_mid_epoch_and_at_epoch_end_is_identical_including_bucket_memory(data_dir, tmp_path, monkeypatch):
+    straight_dir, split_dir = tmp_path / "straight", tmp_path / "split"
+    straight = train(tiny_config(data_dir, straight_dir, save_every_steps=2, keep_checkpoints=2))
+    # Periodic mid-epoch files are pruned once an epoch file supersedes them.
+    assert sorted(p.name for p in (straight_dir / "dna_model").iterdir()) == ["model_epoch_1.pt", "model_epoch_2.pt"]
+
+    # A real SIGUSR1 (SLURM's warning) arrives during step 4 = epoch 2, step 1 of 3: save mid-epoch and stop.
+    def log_then_signal(*args):
+        original_log_step(*args)
+        if args[4] == 4:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    original_log_step = train_module.log_step
+    monkeypatch.setattr(train_module, "log_step", log_then_signal)
+    first = train(tiny_config(data_dir, split_dir))
+    monkeypatch.undo()
+    assert first["losses"] == straight["losses"][:4]
+    assert sorted(p.name for p in (split_dir / "dna_model").iterdir()) == ["model_epoch_1.pt", "model_step_4.pt"]
+    second = train(tiny_config(data_dir, split_dir))  # the same command again resumes mid-epoch
+    assert second["losses"] == straight["losses"][4:]
+    assert_same_checkpoint(
+        straight_dir / "dna_model" / "model_epoch_2.pt", split_dir / "dna_model" / "model_epoch_2.pt"
+    )
+    assert not (split_dir / "dna_model" / "model_step_4.pt").exists()
+
+    # A run that died after epoch 1 (only model_epoch_1.pt left) resumes at the epoch boundary.
+    (split_dir / "dna_model" / "model_epoch_2.pt").unlink()
+    third = train(tiny_config(data_dir, split_dir))
+    assert third["losses"] == straight["losses"][3:]
+    assert_same_checkpoint(
+        straight_dir / "dna_model" / "model_epoch_2.pt", split_dir / "dna_model" / "model_epoch_2.pt"
+    )
 
 
 def test_damaged_newest_checkpoint_is_skipped_on_auto_resume(data_dir, tmp_path, caplog):

@@ -1,0 +1,188 @@
+"""CPU benchmark of the recipe against its baselines, measured in the same run (`make bench recipe=esm2_fa`).
+
+    python bench.py                # ~3-5 minutes on 2 CPU cores
+    python bench.py --repeats 7 --model esm2_t12_35M
+
+1. padding efficiency (real / padded tokens) of token-budget batches vs fixed-size batches, on the sample FASTA
+   (and on 10,000 real UniRef sequences when ../shared/data is present);
+2. preprocessing throughput vs the same pipeline with a per-sequence `EsmTokenizer` loop;
+3. streaming-loader tokens/s;
+4. training tokens/s (forward + backward + AdamW) of the recipe's model (faesm, SDPA on CPU) vs transformers'
+   EsmForMaskedLM (eager attention) at the same size, on the same real batches.
+Timed pairs are interleaved after a warm-up; each figure is the median of --repeats runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RECIPE_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(RECIPE_DIR / "src"))
+
+import data_processing  # noqa: E402
+from data_processing import chunk_protein, pack_batches, preprocess_fasta, read_fasta, tokenize  # noqa: E402
+from dataset import ShardStream  # noqa: E402
+from model import build_model, esm2_config, save_tokenizer  # noqa: E402
+from train import masked_lm_loss  # noqa: E402
+
+SAMPLE = RECIPE_DIR / "sample_data" / "train.fasta"
+BUDGET, MAX_AA, WINDOW, FIXED_BATCH = 16384, 1022, 10_000, 32
+
+
+def padding_efficiency(lengths: list[int]) -> tuple[float, float]:
+    """(token-budget batches, fixed-size batches of FIXED_BATCH in input order): real / padded tokens."""
+    real = sum(lengths)
+    budget_padded = 0
+    for start in range(0, len(lengths), WINDOW):
+        window = lengths[start : start + WINDOW]
+        budget_padded += sum(len(b) * max(window[i] for i in b) for b in pack_batches(window, BUDGET))
+    fixed_padded = sum(
+        len(lengths[i : i + FIXED_BATCH]) * max(lengths[i : i + FIXED_BATCH]) for i in range(0, len(lengths), FIXED_BATCH)
+    )
+    return real / budget_padded, real / fixed_padded
+
+
+def token_lengths(sequences) -> list[int]:
+    return [len(tokenize(c)) for i, s in enumerate(sequences) for c in chunk_protein(f">{i}", s, MAX_AA)]
+
+
+def uniref_sequences() -> list[str] | None:
+    for parent in RECIPE_DIR.parents:
+        path = parent / "shared" / "data" / "uniref_10k" / "train.parquet"
+        if path.is_file():
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path, columns=["sequence"])["sequence"].to_pylist()
+    return None
+
+
+def interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function; one warm-up call each, then the calls alternate."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def bench_preprocessing(fasta: Path, tmp: Path, repeats: int) -> tuple[float, float, int]:
+    """Proteins/s of preprocess_fasta with the recipe's table look-up vs a per-sequence EsmTokenizer loop."""
+    tokenizer = save_tokenizer(tmp / "tokenizer")
+    fast_tokenize = data_processing.tokenize
+
+    def tokenizer_loop(chunk):
+        ids = tokenizer(chunk.residues, add_special_tokens=False)["input_ids"]
+        return np.array(([0] if chunk.bos else []) + ids + ([2] if chunk.eos else []), np.int8)
+
+    runs = iter(range(10**6))
+
+    def run_with(tokenize_fn):
+        def call():
+            data_processing.tokenize = tokenize_fn
+            try:
+                preprocess_fasta(fasta, tmp / f"pp{next(runs)}", WINDOW, 50_000, MAX_AA, BUDGET, 1026, progress=False)
+            finally:
+                data_processing.tokenize = fast_tokenize
+
+        return call
+
+    n = sum(1 for _ in read_fasta(fasta))
+    t = interleaved({"recipe": run_with(fast_tokenize), "loop": run_with(tokenizer_loop)}, repeats)
+    return n / t["recipe"], n / t["loop"], n
+
+
+def bench_loader(train_dir: Path, n_batches: int = 200) -> float:
+    """Real (unpadded) tokens/s that one streaming reader delivers, masking included."""
+    stream = iter(ShardStream(train_dir, 0, 1, 0, 0.2))
+    next(stream)
+    start, tokens = time.perf_counter(), 0
+    for _, batch in zip(range(n_batches), stream):
+        tokens += int(batch["attention_mask"].sum())
+    return tokens / (time.perf_counter() - start)
+
+
+def bench_training(train_dir: Path, model_name: str, repeats: int) -> dict[str, float]:
+    """Training tokens/s (fwd + bwd + AdamW step) of faesm-SDPA vs transformers eager, same weights, same batches."""
+    stream = iter(ShardStream(train_dir, 0, 1, 0, 0.2))
+    batches = [next(stream) for _ in range(repeats + 1)]
+    torch.manual_seed(0)
+    reference = build_model(esm2_config(model_name), attention="eager")
+    recipe = build_model(esm2_config(model_name), attention="auto")
+    recipe.load_state_dict(reference.state_dict())
+    models = {"recipe": recipe, "transformers_eager": reference}
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
+    position = {name: 0 for name in models}
+
+    def step(name):
+        def call():
+            batch = batches[position[name] % len(batches)]
+            position[name] += 1
+            loss = masked_lm_loss(models[name], batch)
+            loss.backward()
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+
+        return call
+
+    times = interleaved({name: step(name) for name in models}, repeats)
+    tokens = statistics.median(int(b["attention_mask"].sum()) for b in batches)
+    return {name: tokens / seconds for name, seconds in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="esm2_fa CPU benchmark")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--model", default="esm2_t6_8M", help="ESM-2 size for the training comparison")
+    parser.add_argument("--train_budget", type=int, default=2048, help="tokens per training batch (CPU-sized)")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    rows = []
+    sample_seqs = [s for _, s in read_fasta(SAMPLE)]
+    budget_eff, fixed_eff = padding_efficiency(token_lengths(sample_seqs))
+    rows.append(("padding efficiency, sample (token budget / fixed 32)", f"{budget_eff:.3f} / {fixed_eff:.3f}"))
+    uniref = uniref_sequences()
+    if uniref is not None:
+        u_budget, u_fixed = padding_efficiency(token_lengths(uniref))
+        rows.append(("padding efficiency, UniRef 10k (token budget / fixed 32)", f"{u_budget:.3f} / {u_fixed:.3f}"))
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        sample = tmp / SAMPLE.name  # a copy: preprocessing writes <name>_refined.fasta next to its input
+        sample.write_bytes(SAMPLE.read_bytes())
+        recipe_rate, loop_rate, n = bench_preprocessing(sample, tmp, args.repeats)
+        rows.append((f"preprocessing proteins/s, {n} proteins (recipe / tokenizer loop)", f"{recipe_rate:,.0f} / {loop_rate:,.0f}"))
+        train_dir = tmp / "train_shards"
+        preprocess_fasta(sample, train_dir, WINDOW, 400, MAX_AA, args.train_budget, 1026, progress=False)
+        loader_rate = bench_loader(train_dir)
+        rows.append(("loader tokens/s (1 reader, masking incl.)", f"{loader_rate:,.0f}"))
+        train = bench_training(train_dir, args.model, args.repeats)
+        rows.append(
+            (
+                f"training tokens/s, {args.model}, {args.train_budget}-token batches (recipe / transformers eager)",
+                f"{train['recipe']:,.0f} / {train['transformers_eager']:,.0f}",
+            )
+        )
+    width = max(len(name) for name, _ in rows)
+    print(f"\n{'measure'.ljust(width)}  value\n{'-' * width}  -----")
+    for name, value in rows:
+        print(f"{name.ljust(width)}  {value}")
+    print(f"\nheadline: padding efficiency {budget_eff:.3f} (goal >= 0.97, fixed-size batches {fixed_eff:.3f})")
+    print(f"headline: preprocessing {recipe_rate / loop_rate:.1f}x the per-sequence tokenizer loop (goal >= 5x)")
+    print(f"headline: loader {loader_rate / train['recipe']:.0f}x the tokens/s the CPU training step consumes")
+    ratio = train["recipe"] / train["transformers_eager"]
+    print(f"headline: training {ratio:.2f}x transformers' EsmForMaskedLM eager on CPU (goal >= 1.3x)")
+
+
+if __name__ == "__main__":
+    main()
