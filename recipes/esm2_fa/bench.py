@@ -34,18 +34,19 @@ from model import build_model, esm2_config, save_tokenizer  # noqa: E402
 from train import masked_lm_loss  # noqa: E402
 
 SAMPLE = RECIPE_DIR / "sample_data" / "train.fasta"
-BUDGET, MAX_AA, WINDOW, FIXED_BATCH = 16384, 1022, 10_000, 32
+BUDGET, SAMPLE_BUDGET, MAX_AA, WINDOW, FIXED_BATCH = 16384, 4096, 1022, 10_000, 32
 
 
-def padding_efficiency(lengths: list[int]) -> tuple[float, float]:
+def padding_efficiency(lengths: list[int], budget: int) -> tuple[float, float]:
     """(token-budget batches, fixed-size batches of FIXED_BATCH in input order): real / padded tokens."""
     real = sum(lengths)
     budget_padded = 0
     for start in range(0, len(lengths), WINDOW):
         window = lengths[start : start + WINDOW]
-        budget_padded += sum(len(b) * max(window[i] for i in b) for b in pack_batches(window, BUDGET))
+        budget_padded += sum(len(b) * max(window[i] for i in b) for b in pack_batches(window, budget))
     fixed_padded = sum(
-        len(lengths[i : i + FIXED_BATCH]) * max(lengths[i : i + FIXED_BATCH]) for i in range(0, len(lengths), FIXED_BATCH)
+        len(lengths[i : i + FIXED_BATCH]) * max(lengths[i : i + FIXED_BATCH])
+        for i in range(0, len(lengths), FIXED_BATCH)
     )
     return real / budget_padded, real / fixed_padded
 
@@ -149,19 +150,36 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
-    sample_seqs = [s for _, s in read_fasta(SAMPLE)]
-    budget_eff, fixed_eff = padding_efficiency(token_lengths(sample_seqs))
-    rows.append(("padding efficiency, sample (token budget / fixed 32)", f"{budget_eff:.3f} / {fixed_eff:.3f}"))
+    sample_lengths = token_lengths(s for _, s in read_fasta(SAMPLE))
+    # The sample run's budget (config_tiny_cpu.yaml) and the production default (config.yaml).
+    budget_eff, fixed_eff = padding_efficiency(sample_lengths, SAMPLE_BUDGET)
+    rows.append(
+        (
+            f"padding efficiency, sample, {SAMPLE_BUDGET} tokens (budget / fixed 32)",
+            f"{budget_eff:.3f} / {fixed_eff:.3f}",
+        )
+    )
+    big_eff, _ = padding_efficiency(sample_lengths, BUDGET)
+    rows.append(
+        (f"padding efficiency, sample, {BUDGET} tokens (budget / fixed 32)", f"{big_eff:.3f} / {fixed_eff:.3f}")
+    )
     uniref = uniref_sequences()
     if uniref is not None:
-        u_budget, u_fixed = padding_efficiency(token_lengths(uniref))
-        rows.append(("padding efficiency, UniRef 10k (token budget / fixed 32)", f"{u_budget:.3f} / {u_fixed:.3f}"))
+        u_budget, u_fixed = padding_efficiency(token_lengths(uniref), BUDGET)
+        rows.append(
+            (f"padding efficiency, UniRef 10k, {BUDGET} tokens (budget / fixed 32)", f"{u_budget:.3f} / {u_fixed:.3f}")
+        )
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         sample = tmp / SAMPLE.name  # a copy: preprocessing writes <name>_refined.fasta next to its input
         sample.write_bytes(SAMPLE.read_bytes())
         recipe_rate, loop_rate, n = bench_preprocessing(sample, tmp, args.repeats)
-        rows.append((f"preprocessing proteins/s, {n} proteins (recipe / tokenizer loop)", f"{recipe_rate:,.0f} / {loop_rate:,.0f}"))
+        rows.append(
+            (
+                f"preprocessing proteins/s, {n} proteins (recipe / tokenizer loop)",
+                f"{recipe_rate:,.0f} / {loop_rate:,.0f}",
+            )
+        )
         train_dir = tmp / "train_shards"
         preprocess_fasta(sample, train_dir, WINDOW, 400, MAX_AA, args.train_budget, 1026, progress=False)
         loader_rate = bench_loader(train_dir)
@@ -177,7 +195,9 @@ def main() -> None:
     print(f"\n{'measure'.ljust(width)}  value\n{'-' * width}  -----")
     for name, value in rows:
         print(f"{name.ljust(width)}  {value}")
-    print(f"\nheadline: padding efficiency {budget_eff:.3f} (goal >= 0.97, fixed-size batches {fixed_eff:.3f})")
+    print(
+        f"\nheadline: padding efficiency {budget_eff:.3f} on the sample (goal >= 0.97; fixed-size batches {fixed_eff:.3f})"
+    )
     print(f"headline: preprocessing {recipe_rate / loop_rate:.1f}x the per-sequence tokenizer loop (goal >= 5x)")
     print(f"headline: loader {loader_rate / train['recipe']:.0f}x the tokens/s the CPU training step consumes")
     ratio = train["recipe"] / train["transformers_eager"]

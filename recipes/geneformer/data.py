@@ -94,6 +94,10 @@ class MaskingCollator:
         maskable = ~torch.isin(input_ids, self.special_ids)
         draw = torch.rand(input_ids.shape, generator=self.generator)
         chosen = maskable & (draw < self.mlm_probability)
+        if not chosen.any():  # tiny batches: keep at least one prediction target so the loss is defined
+            candidates = maskable.flatten().nonzero().squeeze(1)
+            pick = candidates[torch.randint(len(candidates), (1,), generator=self.generator)]
+            chosen.view(-1)[pick], draw.view(-1)[pick] = True, 0.0
         labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
         # Re-use the same uniform draw to split the chosen tokens 80/10/10 (it is uniform on [0, p) there).
         fraction = draw / self.mlm_probability

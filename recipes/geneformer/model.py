@@ -272,8 +272,13 @@ class BertForMaskedLM(PreTrainedModel):
             return plain
         plain.config.use_te_layers = True
         model = cls(plain.config)
-        model.load_state_dict(hf_to_te_state_dict(plain.state_dict()), strict=False)
-        return model.to(plain.device)
+        missing, unexpected = model.load_state_dict(hf_to_te_state_dict(plain.state_dict()), strict=False)
+        missing = [key for key in missing if not key.endswith("_extra_state")]  # FP8 metadata, created by TE
+        if missing or unexpected:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: weights do not fit the TE layout ({missing + unexpected})"
+            )
+        return model.to("cuda")  # TE layers only run on CUDA (check_te_config already required a CUDA build)
 
 
 # ---- weight mapping between the plain (Hugging Face) layout and the TE layout, per encoder layer ----

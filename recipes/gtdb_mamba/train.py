@@ -19,7 +19,7 @@ from pathlib import Path
 import hydra
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -274,9 +274,28 @@ def run(cfg: DictConfig) -> dict:
         teardown_distributed()
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Fail fast, in one line, on settings that would otherwise fail deep inside the run."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise GtdbDataError(f"required setting(s) not given: {', '.join(missing)} (pass them as key=value)")
+    choices = {
+        "model.norm": ("layernorm", "rmsnorm"),
+        "model.pooling": ("sum", "mean"),
+        "model.backend": ("auto", "pure"),
+    }
+    for key, allowed in choices.items():
+        if OmegaConf.select(cfg, key) not in allowed:
+            raise GtdbDataError(f"{key}={OmegaConf.select(cfg, key)!r}: must be one of {', '.join(allowed)}")
+    for key in ("train.batch_size", "train.grad_accumulation", "train.max_steps", "train.steps_per_epoch"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise GtdbDataError(f"{key} must be >= 1, got {OmegaConf.select(cfg, key)}")
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
+        check_config(cfg)
         run(cfg)
     except (GtdbDataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -17,14 +17,14 @@ fi
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 echo "torch==$torch_version" > "$constraints"
-# biorecipes_shared: the vendored copy of an exported recipe, else the monorepo's.
-if [ -f shared/pyproject.toml ]; then
-  shared_dir=shared
+# biorecipes_shared: an exported recipe's requirements.txt already lists its vendored ./shared; in the monorepo
+# it is ../../shared.
+if grep -q '^\./shared' requirements.txt; then
+  "${pip[@]}" -c "$constraints" -r requirements.txt
 elif [ -f ../../shared/pyproject.toml ]; then
-  shared_dir=../../shared
+  "${pip[@]}" -c "$constraints" -e ../../shared -r requirements.txt
 else
-  echo "error: biorecipes_shared not found (expected ./shared or ../../shared)" >&2
+  echo "error: biorecipes_shared not found (expected ./shared listed in requirements.txt, or ../../shared)" >&2
   exit 1
 fi
-"${pip[@]}" -c "$constraints" -e "$shared_dir" -r requirements.txt
 echo "ready: source $venv/bin/activate && bash train_sample.sh"

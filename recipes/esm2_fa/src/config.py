@@ -1,8 +1,7 @@
 """Load `config.yaml` (or another YAML) into typed sections; unknown or mistyped keys fail loudly.
 
-    from config import get_model_config, get_training_config, get_data_config
-    model_cfg = get_model_config()                      # src/config.yaml
-    train_cfg = get_training_config("my.yaml", ["training.max_steps=10"])
+`get_model_config()` reads src/config.yaml; `get_training_config("my.yaml", ["training.max_steps=10"])` reads
+another file with a dot-list override; `load_config(...)` returns all three sections at once.
 """
 
 from __future__ import annotations

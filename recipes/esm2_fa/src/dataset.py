@@ -65,7 +65,9 @@ def mask_tokens(batch: dict[str, torch.Tensor], mlm_probability: float, generato
     draw = torch.rand(input_ids.shape, generator=generator)
     to_mask = chosen & (draw < 0.8)
     to_random = chosen & (draw >= 0.8) & (draw < 0.9)
-    random_ids = torch.tensor(STANDARD_AA_IDS)[torch.randint(len(STANDARD_AA_IDS), input_ids.shape, generator=generator)]
+    random_ids = torch.tensor(STANDARD_AA_IDS)[
+        torch.randint(len(STANDARD_AA_IDS), input_ids.shape, generator=generator)
+    ]
     input_ids[to_mask] = MASK_ID
     input_ids[to_random] = random_ids[to_random]
     return {"input_ids": input_ids, "attention_mask": batch["attention_mask"], "labels": labels}

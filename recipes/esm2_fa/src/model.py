@@ -21,9 +21,41 @@ from transformers import EsmConfig, EsmForMaskedLM, EsmTokenizer
 log = logging.getLogger(__name__)
 
 # ESM-2 vocabulary in id order (ids 0-32): <cls>=0, <pad>=1, <eos>=2, <unk>=3, <mask>=32.
-ESM_VOCAB = (
-    "<cls> <pad> <eos> <unk> L A G V S E R T I D P K Q N F Y M H W C X B U Z O . - <null_1> <mask>".split()
-)
+ESM_VOCAB = [
+    "<cls>",
+    "<pad>",
+    "<eos>",
+    "<unk>",
+    "L",
+    "A",
+    "G",
+    "V",
+    "S",
+    "E",
+    "R",
+    "T",
+    "I",
+    "D",
+    "P",
+    "K",
+    "Q",
+    "N",
+    "F",
+    "Y",
+    "M",
+    "H",
+    "W",
+    "C",
+    "X",
+    "B",
+    "U",
+    "Z",
+    "O",
+    ".",
+    "-",
+    "<null_1>",
+    "<mask>",
+]
 CLS_ID, PAD_ID, EOS_ID, UNK_ID, MASK_ID = 0, 1, 2, 3, 32
 # Ids of the 20 standard amino acids (L..C): the replacement pool for MLM's "random token" branch.
 STANDARD_AA_IDS = tuple(range(4, 24))
@@ -173,7 +205,9 @@ def build_model(config: EsmConfig, attention: str = "auto", weights: str | Path 
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if k != "lm_head.decoder.weight"]
         if missing or unexpected:
-            raise ModelConfigError(f"{weights}: state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise ModelConfigError(
+                f"{weights}: state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         model.tie_weights()
     return model
 

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from biorecipes_shared.distributed import all_reduce_mean, read_launch_env, teardown_distributed
-from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, plot_loss_curve
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from biorecipes_shared.distributed import all_reduce_mean, read_launch_env, teardown_distributed
+from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, plot_loss_curve
 from config import ConfigError, RecipeConfig, load_config
 from data_processing import IGNORE_INDEX
 from dataset import DataDirError, ShardStream, eval_batches, list_shards, make_train_loader
@@ -54,7 +54,10 @@ def masked_lm_loss(model, batch: dict[str, torch.Tensor], reduction: str = "mean
     """Cross-entropy over masked positions; works for faesm (dict output) and transformers (ModelOutput)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])["logits"]
     return F.cross_entropy(
-        logits.float().view(-1, logits.size(-1)), batch["labels"].view(-1), ignore_index=IGNORE_INDEX, reduction=reduction
+        logits.float().view(-1, logits.size(-1)),
+        batch["labels"].view(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction=reduction,
     )
 
 

@@ -8,7 +8,7 @@ from conftest import SAMPLE_TRAIN, TINY_CONFIG, head_fasta, shared_data_dir, wri
 from datasets import load_from_disk
 
 from data_processing import FastaError, chunk_protein, main, pack_batches, preprocess_fasta, read_fasta, tokenize
-from model import CLS_ID, EOS_ID, ESM_VOCAB, PAD_ID
+from model import CLS_ID, EOS_ID, ESM_VOCAB, PAD_ID, save_tokenizer
 
 OPTS = dict(chunk_size=50, shard_size=40, max_aa_length=100, token_budget=512, max_position_embeddings=1026)
 
@@ -22,7 +22,11 @@ def test_chunks_are_balanced_with_range_ids_and_bos_eos_only_at_the_ends():
     seq = "".join(np.random.default_rng(0).choice(list("ACDEFGHIKLMNPQRSTVWY"), 2500))
     chunks = chunk_protein(">P1 some protein", seq, 1022)
     assert [len(c.residues) for c in chunks] == [834, 833, 833]
-    assert [c.id for c in chunks] == [">P1/1-834 some protein", ">P1/835-1667 some protein", ">P1/1668-2500 some protein"]
+    assert [c.id for c in chunks] == [
+        ">P1/1-834 some protein",
+        ">P1/835-1667 some protein",
+        ">P1/1668-2500 some protein",
+    ]
     assert "".join(c.residues for c in chunks) == seq
     assert [(c.bos, c.eos) for c in chunks] == [(True, False), (False, False), (False, True)]
     first, middle, last = (tokenize(c) for c in chunks)
@@ -32,9 +36,13 @@ def test_chunks_are_balanced_with_range_ids_and_bos_eos_only_at_the_ends():
     assert chunk_protein(">P2", seq[:1022], 1022)[0].id == ">P2"  # exactly max length: one piece, no suffix
 
 
-def test_tokenize_matches_the_esm_vocabulary():
+def test_tokenize_matches_the_esm_vocabulary_and_transformers_tokenizer(tmp_path):
     chunk = chunk_protein(">x", "MKLVXU", 10)[0]
     assert [ESM_VOCAB[i] for i in tokenize(chunk)] == ["<cls>", "M", "K", "L", "V", "X", "U", "<eos>"]
+    tokenizer = save_tokenizer(tmp_path)
+    for header, residues in read_fasta(SAMPLE_TRAIN):
+        if len(residues) <= 1022:
+            assert tokenize(chunk_protein(header, residues, 1022)[0]).tolist() == tokenizer(residues)["input_ids"]
 
 
 def test_pack_batches_never_exceeds_budget_and_sorts_within_batches():

@@ -45,6 +45,14 @@ def test_masking_statistics():
     assert torch.equal(batch["input_ids"][~genes & (original != 0)], original[~genes & (original != 0)])
 
 
+def test_every_batch_has_a_prediction_target():
+    collator = MaskingCollator(VOCAB, generator=torch.Generator().manual_seed(0))
+    for _ in range(50):
+        batch = collator([np.array([2, 7, 3])])  # <cls> one gene <eos>: chosen only 15% of the time by chance
+        assert (batch["labels"] != IGNORE_INDEX).sum() >= 1
+        assert batch["labels"][0, 0] == IGNORE_INDEX and batch["labels"][0, 2] == IGNORE_INDEX
+
+
 def test_masking_is_reproducible_from_generator_state():
     cells = [np.arange(4, 300)] * 8
     collator = MaskingCollator(VOCAB, generator=torch.Generator().manual_seed(5))

@@ -43,7 +43,9 @@ def test_non_numeric_contamination_names_the_record(fixture_copy):
         read_metadata(metadata_files(fixture_copy), fixture_copy / "database", "checkm_contamination", 5)
 
 
-def test_bad_genomes_are_skipped_and_counted(fixture_copy, tmp_path, caplog):
+def test_bad_genomes_are_skipped_and_counted(fixture_copy, tmp_path, caplog, monkeypatch):
+    for name in ("preprocess", "data", "test"):  # an in-process training run may have set propagate=False
+        monkeypatch.setattr(logging.getLogger(name), "propagate", True)
     cfg = compose_config(tiny_overrides(fixture_copy, tmp_path))
     from preprocess import cached_family_split
 
@@ -127,3 +129,17 @@ def test_cli_prints_one_line_error_and_exits_1(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope.tsv'}: metadata file not found"
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_missing_required_setting_is_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "train.py", f"run_dir={tmp_path / 'run'}", "model.norm=batchnorm"],
+        cwd=RECIPE_DIR,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        == "error: required setting(s) not given: data.genomes_root, data.metadata_files (pass them as key=value)"
+    )

@@ -26,7 +26,12 @@ def _read_tsv(path):
 
 @pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(gtdb_fixture, tmp_path):
-    common = [*tiny_overrides(gtdb_fixture, tmp_path), "train.max_steps=6", "train.steps_per_epoch=3"]
+    common = [
+        *tiny_overrides(gtdb_fixture, tmp_path),
+        "train.max_steps=6",
+        "train.steps_per_epoch=3",
+        "train.grad_accumulation=2",  # resume must also land on the right micro-batch
+    ]
     straight = run(compose_config([*common, f"run_dir={tmp_path / 'straight'}"]))
     first = run(compose_config([*common, f"run_dir={tmp_path / 'resumed'}", "train.stop_at_step=4"]))
     assert first["step"] == 4
