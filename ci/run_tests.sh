@@ -2,7 +2,7 @@
 # Run every test suite: shared/, each recipe in-tree, then each recipe exported to a temp dir (fast tests only).
 # Usage: ci/run_tests.sh VENV_BIN [RECIPE]. Prints a total line "tests: N passed, N failed, N skipped".
 set -uo pipefail
-bin=$1
+bin=$(cd "$1" && pwd)  # absolute: suites run from inside their folders
 only=${2:-}
 cd "$(dirname "$0")/.."
 root=$PWD

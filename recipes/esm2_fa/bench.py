@@ -34,7 +34,7 @@ from model import build_model, esm2_config, save_tokenizer  # noqa: E402
 from train import masked_lm_loss  # noqa: E402
 
 SAMPLE = RECIPE_DIR / "sample_data" / "train.fasta"
-BUDGET, SAMPLE_BUDGET, MAX_AA, WINDOW, FIXED_BATCH = 16384, 4096, 1022, 10_000, 32
+BUDGET, SAMPLE_BUDGET, MAX_AA, WINDOW, FIXED_BATCH = 16384, 2048, 1022, 10_000, 32
 
 
 def padding_efficiency(lengths: list[int], budget: int) -> tuple[float, float]:

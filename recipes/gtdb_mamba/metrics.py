@@ -30,7 +30,9 @@ def rank_auc(scores: torch.Tensor, is_positive: torch.Tensor) -> float:
     else:
         reference, queries = torch.sort(negatives).values, positives
     below = torch.searchsorted(reference, queries, side="left")
-    not_above = torch.searchsorted(reference, queries, side="right")
+    # Float distances rarely tie: search a second time (for the ties' upper ends) only when some query has a twin.
+    has_twin = (reference[below.clamp(max=reference.numel() - 1)] == queries).any()
+    not_above = torch.searchsorted(reference, queries, side="right") if has_twin else below
     # wins (x2) counted from the queries' side: a tie is worth 1 of 2
     twice_wins_of_queries = (below + not_above).sum(dtype=torch.float64).item()
     if n_positive <= n_negative:  # queries are negatives: their wins are the positives' losses

@@ -5,7 +5,14 @@ import pytest
 import torch
 from conftest import write_fasta_gz
 
-from data import FragmentSampler, KmerTokenizer, TrainBatches, reverse_complement_codes, validation_fragments
+from data import (
+    FragmentSampler,
+    KmerTokenizer,
+    TrainBatches,
+    reverse_complement_codes,
+    train_loader,
+    validation_fragments,
+)
 from preprocess import GenomeEntry, GtdbDataError, build_or_load_index
 
 
@@ -91,3 +98,14 @@ def test_ambiguous_fragments_are_resampled(tmp_path):
     strict = FragmentSampler(index, 20, max_n_fraction=0.0, max_tries=50).sample(rng, np.zeros(200, dtype=int))
     loose = FragmentSampler(index, 20, max_n_fraction=1.0).sample(rng, np.zeros(200, dtype=int))
     assert (strict == 4).sum() == 0 and (loose == 4).sum() > 0
+
+
+def test_background_workers_deliver_the_same_batches(small_index):
+    """The loader's worker count must not change the data, or a resume on another machine would diverge."""
+    dataset = TrainBatches(FragmentSampler(small_index, fragment_bp=25), KmerTokenizer(5), 4, 16, seed=3, rank=0)
+    in_process = list(train_loader(dataset, first_batch=10, n_batches=6, num_workers=0))
+    in_workers = list(train_loader(dataset, first_batch=10, n_batches=6, num_workers=2))
+    assert len(in_workers) == 6
+    for a, b in zip(in_process, in_workers):
+        assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["labels"], b["labels"])
+    assert torch.equal(in_process[0]["tokens"], dataset[10]["tokens"])
