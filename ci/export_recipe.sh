@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Copy one recipe out of the monorepo into DEST as a standalone project: the recipe, a vendored copy of shared/
-# (as DEST/shared, installed by DEST/requirements.txt), and its tests. Never writes into an existing non-empty DEST.
+# (as DEST/shared, installed by DEST/requirements-standalone.txt), and its tests. Never writes into an existing non-empty DEST.
 set -euo pipefail
 recipe=$1
 dest=$2
@@ -14,19 +14,30 @@ fi
 mkdir -p "$(dirname "$dest")"
 tmp=$(mktemp -d "$(dirname "$dest")/.export-XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
-excludes=(--exclude=__pycache__ --exclude=.pytest_cache --exclude=outputs --exclude=runs --exclude=.venv --exclude='*.egg-info')
-tar -C "$src" "${excludes[@]}" -cf - . | tar -C "$tmp" -xf -
+copy_tree() {  # copy what git would track (ignored run outputs, caches and fixtures stay behind)
+  local from=$1 to=$2
+  if git -C "$from" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    (cd "$from" && git ls-files -z --cached --others --exclude-standard -- . | xargs -0 -r sh -c 'for f; do [ -e "$f" ] && printf "%s\0" "$f"; done' sh) |
+      tar -C "$from" --null -T - -cf - | tar -C "$to" -xf -
+  else
+    tar -C "$from" --exclude=__pycache__ --exclude=.pytest_cache --exclude=outputs --exclude=runs --exclude=.venv \
+      --exclude='*.egg-info' -cf - . | tar -C "$to" -xf -
+  fi
+}
+copy_tree "$src" "$tmp"
 mkdir -p "$tmp/shared"
-tar -C shared "${excludes[@]}" --exclude=tests -cf - . | tar -C "$tmp/shared" -xf -
+copy_tree shared "$tmp/shared"
+rm -rf "$tmp/shared/tests"
 {
-  echo "# Exported from biorecipes: install torch first (pip install torch==2.13.0 for CPU), then this file."
+  echo "# Installs this exported recipe without the biorecipes repo: run from this folder, after installing torch"
+  echo "# (pip install torch==2.13.0 for CPU). ./shared is the vendored biorecipes_shared package."
   echo "./shared"
-  [ -f "$src/requirements.txt" ] && grep -v '^\s*#' "$src/requirements.txt" | sed '/^\s*$/d'
-} > "$tmp/requirements.txt"
+  echo "-r requirements.txt"
+} > "$tmp/requirements-standalone.txt"
 cat > "$tmp/EXPORTED.md" <<TXT
 This folder was exported from the biorecipes monorepo (recipes/$recipe) with \`make export\`.
-- \`shared/\` is a vendored copy of the biorecipes_shared package; \`requirements.txt\` installs it.
-- Set up: \`python -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -r requirements.txt\`$( [ -f "$src/requirements-nodeps.txt" ] && printf ' && pip install --no-deps -r requirements-nodeps.txt')
+- \`shared/\` is a vendored copy of the biorecipes_shared package; \`requirements-standalone.txt\` installs it and \`requirements.txt\`.
+- Set up: \`python -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -r requirements-standalone.txt\`$( [ -f "$src/requirements-nodeps.txt" ] && printf ' && pip install --no-deps -r requirements-nodeps.txt')
 - Tests: \`pytest\`. Docker: \`docker build --build-arg RECIPE_DIR=. -t biorecipes/$recipe .\` from this folder.
 TXT
 [ -d "$dest" ] && rmdir "$dest"

@@ -50,10 +50,14 @@ def mini_repo(tmp_path):
     shutil.copytree(ROOT / "shared", repo / "shared", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     recipe = repo / "recipes" / "demo"
     (recipe / "tests").mkdir(parents=True)
+    (recipe / "tests" / "test_demo.py").write_text("def test_nothing_to_do():\n    pass\n")
     (recipe / "train.py").write_text("import biorecipes_shared\n")
     (recipe / "requirements.txt").write_text("# deps\nnumpy\n")
-    (recipe / "outputs").mkdir()
-    (recipe / "outputs" / "big.bin").write_bytes(b"0" * 10)
+    for ignored in ("outputs", "fixture"):  # run outputs and generated data stay behind
+        (recipe / ignored).mkdir()
+        (recipe / ignored / "big.bin").write_bytes(b"0" * 10)
+    (recipe / ".gitignore").write_text("outputs/\nfixture/\n")
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
     return repo
 
 
@@ -68,8 +72,11 @@ def test_export_is_standalone(mini_repo, tmp_path):
     assert export(mini_repo, dest).returncode == 0
     assert (dest / "train.py").is_file() and (dest / "tests").is_dir()
     assert (dest / "shared" / "biorecipes_shared" / "checkpoint.py").is_file()
-    assert not (dest / "outputs").exists() and not (dest / "shared" / "tests").exists()
-    assert (dest / "requirements.txt").read_text().splitlines()[1:] == ["./shared", "numpy"]
+    assert not (dest / "outputs").exists() and not (dest / "fixture").exists()
+    assert not (dest / "shared" / "tests").exists()
+    assert (dest / "requirements.txt").read_text() == "# deps\nnumpy\n"
+    standalone = [line for line in (dest / "requirements-standalone.txt").read_text().splitlines() if line[:1] != "#"]
+    assert standalone == ["./shared", "-r requirements.txt"]
     env = {**os.environ, "PYTHONPATH": str(dest / "shared")}
     where = subprocess.run(
         [sys.executable, "-c", "import biorecipes_shared; print(biorecipes_shared.__file__)"],

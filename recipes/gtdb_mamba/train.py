@@ -111,6 +111,20 @@ def lr_lambda(step: int, warmup: int, max_steps: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def build_model(cfg: DictConfig, model_config: EmbedderConfig, n_classes: int, device: torch.device):
+    """Embedder + CurricularFace head (identical on every rank), AdamW, warmup-cosine schedule."""
+    torch.manual_seed(cfg.seed)
+    embedder = GenomeFragmentEmbedder(model_config)
+    head = CurricularFace(model_config.d_model, n_classes, cfg.head.scale, cfg.head.margin, cfg.head.t_momentum)
+    model = EmbedderWithHead(embedder, head).to(device)
+    optimizer = make_optimizer(model, cfg)
+    min_ratio = cfg.train.min_lr / cfg.train.lr
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, cfg.train.warmup_steps, cfg.train.max_steps, min_ratio)
+    )
+    return model, optimizer, scheduler
+
+
 def make_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases, norm weights and Mamba's A_log / D (as in mamba-ssm)."""
     decay, no_decay = [], []
@@ -162,17 +176,8 @@ def run(cfg: DictConfig) -> dict:
             val_sampler, tokenizer, cfg.val.fragments_per_genome, cfg.data.val_tokens, cfg.seed, dist_ctx.rank
         )
         model_config = EmbedderConfig(vocab_size=tokenizer.vocab_size, pad_token=tokenizer.pad_token, **cfg.model)
-        torch.manual_seed(cfg.seed)  # same initial weights on every rank
-        embedder = GenomeFragmentEmbedder(model_config)
-        head = CurricularFace(
-            model_config.d_model, len(split.train), cfg.head.scale, cfg.head.margin, cfg.head.t_momentum
-        )
-        model = EmbedderWithHead(embedder, head).to(dist_ctx.device)
-        optimizer = make_optimizer(model, cfg)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda s: lr_lambda(s, cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr / cfg.train.lr),
-        )
+        model, optimizer, scheduler = build_model(cfg, model_config, len(split.train), dist_ctx.device)
+        embedder = model.embedder
         step = 0
         resume_from = latest_checkpoint(ckpt_dir) if cfg.train.resume else None
         if resume_from is not None:
@@ -206,15 +211,14 @@ def run(cfg: DictConfig) -> dict:
                 auc = validate(embedder, val_tokens, val_labels, cfg, dist_ctx, run_dir, step, metrics)
                 summary["aucs"].append((step, auc))
                 log.info("step %d: validation AUC %.4f", step, auc)
-            meter, micro, loss_sum = ThroughputMeter(), 0, 0.0
+            meter, micro, loss_sum, window_loss, window_steps = ThroughputMeter(), 0, 0.0, 0.0, 0
             for batch in loader:
                 tokens, labels = batch["tokens"].to(dist_ctx.device), batch["labels"].to(dist_ctx.device)
                 sync = (micro + 1) % accumulation == 0
-                with (
-                    autocast(cfg, dist_ctx),
-                    trained.no_sync() if dist_ctx.is_distributed and not sync else nullcontext(),
-                ):
-                    loss = F.cross_entropy(trained(tokens, labels), labels) / accumulation
+                # DDP all-reduces gradients only on the last micro-batch of an accumulation group.
+                with trained.no_sync() if dist_ctx.is_distributed and not sync else nullcontext():
+                    with autocast(cfg, dist_ctx):
+                        loss = F.cross_entropy(trained(tokens, labels), labels) / accumulation
                     loss.backward()
                 loss_sum += loss.item()
                 meter.update(samples=tokens.shape[0], tokens=tokens.numel())
@@ -226,11 +230,13 @@ def run(cfg: DictConfig) -> dict:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                window_loss, window_steps, loss_sum = window_loss + loss_sum, window_steps + 1, 0.0
                 if summary["time_to_first_step_s"] is None:
                     summary["time_to_first_step_s"] = time.perf_counter() - t_start
                     log.info("time to first step: %.2f s", summary["time_to_first_step_s"])
                 if step % cfg.train.log_every == 0 or step == stop_step:
-                    mean_loss = float(all_reduce_mean(loss_sum))
+                    mean_loss = float(all_reduce_mean(window_loss / window_steps))  # mean since the last log line
+                    window_loss, window_steps = 0.0, 0
                     summary["losses"].append((step, mean_loss))
                     metrics.log(
                         step,
@@ -242,7 +248,6 @@ def run(cfg: DictConfig) -> dict:
                         **peak_memory(),
                     )
                     log.info("step %d: loss %.4f", step, mean_loss)
-                loss_sum = 0.0
                 end_of_epoch = step % cfg.train.steps_per_epoch == 0
                 if end_of_epoch:
                     auc = validate(embedder, val_tokens, val_labels, cfg, dist_ctx, run_dir, step, metrics)

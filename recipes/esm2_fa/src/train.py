@@ -100,6 +100,14 @@ class EsmMlmTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
+    def _save_checkpoint(self, model, trial):
+        # transformers 4.53 records the best checkpoint only if checkpoint-N/ already exists when a rank looks;
+        # ranks other than 0 can look before rank 0 created it, then skip the end-of-training barrier that rank 0
+        # enters and the job deadlocks. Creating the dir on every rank first removes the race.
+        step_dir = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        step_dir.mkdir(parents=True, exist_ok=True)
+        super()._save_checkpoint(model, trial)
+
     def create_optimizer(self):
         if self.optimizer is None:
             opt_cfg = self.recipe.training.optimizer
@@ -240,10 +248,14 @@ def resolve_resume(resume: str | None, output_dir: str, world_size: int, num_wor
 def export_final_model(trainer: EsmMlmTrainer, out_dir: Path) -> None:
     """save_pretrained (safetensors) + tokenizer into out_dir, written under a temp name and then renamed."""
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
-    trainer.model.config.architectures = ["EsmForMaskedLM"]  # loads in transformers and faesm alike
     trainer.save_model(str(tmp))
     if trainer.is_world_process_zero():
         save_tokenizer(tmp)
+        config_file = tmp / "config.json"
+        config = json.loads(config_file.read_text())
+        config["architectures"] = ["EsmForMaskedLM"]  # save_pretrained wrote faesm's class; the weights are the same
+        config_file.write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the export stays pickle-free
         if out_dir.exists():
             shutil.rmtree(out_dir)  # the previous export of this same run (resume): replaced as a whole
         tmp.rename(out_dir)

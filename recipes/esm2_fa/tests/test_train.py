@@ -79,6 +79,7 @@ def test_tiny_training_loss_falls_and_exports_a_loadable_model(tiny_shards, tmp_
     assert (tmp_path / "checkpoint-40" / "stream_state.json").is_file() and (tmp_path / "loss_curve.png").is_file()
     model = EsmForMaskedLM.from_pretrained(final)  # plain transformers loads the export
     assert model.config.num_hidden_layers == 2 and (final / "vocab.txt").is_file()
+    assert model.config.architectures == ["EsmForMaskedLM"] and not (final / "training_args.bin").exists()
 
 
 @pytest.mark.slow
