@@ -8,7 +8,8 @@
 2. preprocessing throughput vs the same pipeline with a per-sequence `EsmTokenizer` loop;
 3. streaming-loader tokens/s;
 4. training tokens/s (forward + backward + AdamW) of the recipe's model (faesm, SDPA on CPU) vs transformers'
-   EsmForMaskedLM (eager attention) at the same size, on the same real batches.
+   EsmForMaskedLM (eager attention) at the same size, on the same real batches;
+5. with a CUDA GPU only: flash-attn vs SDPA vs eager tokens/s and peak memory at --gpu_model (bf16).
 Timed pairs are interleaved after a warm-up; each figure is the median of --repeats runs.
 """
 
@@ -34,7 +35,7 @@ from model import build_model, esm2_config, save_tokenizer  # noqa: E402
 from train import masked_lm_loss  # noqa: E402
 
 SAMPLE = RECIPE_DIR / "sample_data" / "train.fasta"
-BUDGET, SAMPLE_BUDGET, MAX_AA, WINDOW, FIXED_BATCH = 16384, 2048, 1022, 10_000, 32
+BUDGET, SAMPLE_BUDGET, MAX_AA, WINDOW, FIXED_BATCH = 16384, 4096, 1022, 10_000, 32
 
 
 def padding_efficiency(lengths: list[int], budget: int) -> tuple[float, float]:
@@ -114,32 +115,68 @@ def bench_loader(train_dir: Path, n_batches: int = 200) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def bench_training(train_dir: Path, model_name: str, repeats: int) -> dict[str, float]:
-    """Training tokens/s (fwd + bwd + AdamW step) of faesm-SDPA vs transformers eager, same weights, same batches."""
+def bench_training(train_dir: Path, model_name: str, repeats: int, n_batches: int = 3) -> dict[str, float]:
+    """Training tokens/s (fwd + bwd + AdamW step) of the recipe's model vs transformers eager.
+
+    Same initial weights; every timed repeat runs the same n_batches real batches through each model.
+    """
     stream = iter(ShardStream(train_dir, 0, 1, 0, 0.2))
-    batches = [next(stream) for _ in range(repeats + 1)]
+    batches = [next(stream) for _ in range(n_batches)]
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     torch.manual_seed(0)
     reference = build_model(esm2_config(model_name), attention="eager")
     recipe = build_model(esm2_config(model_name), attention="auto")
     recipe.load_state_dict(reference.state_dict())
     models = {"recipe": recipe, "transformers_eager": reference}
     optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
-    position = {name: 0 for name in models}
 
-    def step(name):
+    def steps(name):
         def call():
-            batch = batches[position[name] % len(batches)]
-            position[name] += 1
-            loss = masked_lm_loss(models[name], batch)
-            loss.backward()
-            optimizers[name].step()
-            optimizers[name].zero_grad(set_to_none=True)
+            for batch in batches:
+                masked_lm_loss(models[name], batch).backward()
+                optimizers[name].step()
+                optimizers[name].zero_grad(set_to_none=True)
 
         return call
 
-    times = interleaved({name: step(name) for name in models}, repeats)
-    tokens = statistics.median(int(b["attention_mask"].sum()) for b in batches)
+    times = interleaved({name: steps(name) for name in models}, repeats)
     return {name: tokens / seconds for name, seconds in times.items()}
+
+
+def bench_gpu_backends(train_dir: Path, model_name: str, repeats: int, device: str = "cuda") -> dict[str, tuple]:
+    """{backend: (tokens/s, peak GiB)} for flash-attn / SDPA / eager, bf16 autocast, one backend at a time."""
+    stream = iter(ShardStream(train_dir, 0, 1, 0, 0.2))
+    batches = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(3)]
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    backends = ["flash", "sdpa", "eager"] if device == "cuda" else ["sdpa", "eager"]
+    results = {}
+    for backend in backends:
+        try:
+            model = build_model(esm2_config(model_name), attention=backend).to(device)
+        except ValueError as err:  # e.g. flash-attn not installed
+            print(f"{backend}: skipped ({err})")
+            continue
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def steps(model=model, optimizer=optimizer):
+            for batch in batches:
+                with torch.autocast(device, dtype=torch.bfloat16):
+                    loss = masked_lm_loss(model, batch)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        seconds = interleaved({backend: steps}, repeats)[backend]
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+        results[backend] = (tokens / seconds, peak)
+        del model, optimizer
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return results
 
 
 def main() -> None:
@@ -147,6 +184,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--model", default="esm2_t6_8M", help="ESM-2 size for the training comparison")
     parser.add_argument("--train_budget", type=int, default=2048, help="tokens per training batch (CPU-sized)")
+    parser.add_argument("--gpu_model", default="esm2_t33_650M", help="size for the GPU back-end comparison")
+    parser.add_argument("--gpu_budget", type=int, default=16384, help="tokens per batch on the GPU")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
@@ -191,6 +230,14 @@ def main() -> None:
                 f"{train['recipe']:,.0f} / {train['transformers_eager']:,.0f}",
             )
         )
+        if torch.cuda.is_available():  # flash-attn vs SDPA vs eager, as BENCHMARKS.md asks (sequential, bf16)
+            gpu_dir = tmp / "gpu_shards"
+            preprocess_fasta(sample, gpu_dir, WINDOW, 400, MAX_AA, args.gpu_budget, 1026, progress=False)
+            name = torch.cuda.get_device_name()
+            for backend, (rate, peak) in bench_gpu_backends(gpu_dir, args.gpu_model, args.repeats).items():
+                rows.append(
+                    (f"GPU {name}, {args.gpu_model}, {backend}: tokens/s, peak GiB", f"{rate:,.0f}, {peak:.1f}")
+                )
     width = max(len(name) for name, _ in rows)
     print(f"\n{'measure'.ljust(width)}  value\n{'-' * width}  -----")
     for name, value in rows:

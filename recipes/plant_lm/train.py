@@ -317,8 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     except (PlantDataError, CheckpointError, TrainingSetupError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    if result["losses"]:
-        print(f"done: loss {result['losses'][0]:.4f} -> {result['losses'][-1]:.4f}; checkpoint {result['checkpoint']}")
+    losses = result["losses"]
+    if losses:
+        n = min(10, len(losses))  # single steps are noisy: compare the means of the first and last n steps
+        first, last = sum(losses[:n]) / n, sum(losses[-n:]) / n
+        print(f"done: loss (mean of {n} steps) {first:.4f} -> {last:.4f}; checkpoint {result['checkpoint']}")
     return 0
 
 
