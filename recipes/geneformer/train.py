@@ -22,15 +22,13 @@ from transformers import get_scheduler
 from biorecipes_shared.checkpoint import (
     CheckpointError,
     export_safetensors,
-    gather_full_state_dict,
     latest_checkpoint,
     load_checkpoint,
-    load_sharded_checkpoint,
     save_checkpoint,
-    save_sharded_checkpoint,
     unwrap_model,
 )
 from biorecipes_shared.distributed import all_reduce_mean, seed_everything, setup_distributed, teardown_distributed
+from biorecipes_shared.fsdp_checkpoint import gather_full_state_dict, load_sharded_checkpoint, save_sharded_checkpoint
 from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, peak_memory, plot_loss_curve
 from biorecipes_shared.preemption import PreemptionHandler
 from config import ConfigError, config_from_argv

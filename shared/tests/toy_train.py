@@ -15,14 +15,12 @@ import torch.nn as nn
 from biorecipes_shared.checkpoint import (
     PreemptionHandler,
     export_safetensors,
-    gather_full_state_dict,
     latest_checkpoint,
     load_checkpoint,
-    load_sharded_checkpoint,
     save_checkpoint,
-    save_sharded_checkpoint,
 )
 from biorecipes_shared.distributed import all_reduce_mean, seed_everything, setup_distributed, teardown_distributed
+from biorecipes_shared.fsdp_checkpoint import gather_full_state_dict, load_sharded_checkpoint, save_sharded_checkpoint
 from biorecipes_shared.logging_utils import MetricsWriter, get_logger
 
 
