@@ -305,7 +305,10 @@ def _load_common(path: Path, optimizer, scheduler, scaler, generators, restore_r
         if target is not None:
             if training_state.get(name) is None:
                 raise CheckpointError(f"{path}: holds no {name} state but one was asked for")
-            target.load_state_dict(training_state[name])
+            try:
+                target.load_state_dict(training_state[name])
+            except (ValueError, KeyError, RuntimeError) as err:  # e.g. another number of parameter groups
+                raise CheckpointError(f"{path}: {name} state does not fit ({str(err).splitlines()[0]})") from err
     rank, world_size = _rank_and_world()
     rank_file = path / f"rank_{rank}.pt"
     if not rank_file.is_file():
@@ -343,6 +346,15 @@ def load_checkpoint(
     except Exception as err:
         raise CheckpointError(f"{path / 'model.safetensors'}: cannot be read ({err})") from err
     target = unwrap_model(model)
+    # load_state_dict raises a multi-line RuntimeError on shape mismatches even with strict=False: name them here.
+    expected_shapes = {name: tuple(t.shape) for name, t in target.state_dict().items()}
+    wrong = [
+        f"{name} {tuple(t.shape)} vs model {expected_shapes[name]}"
+        for name, t in weights.items()
+        if name in expected_shapes and tuple(t.shape) != expected_shapes[name]
+    ]
+    if wrong:
+        raise CheckpointError(f"{path}: weights do not fit the model ({len(wrong)} shape mismatches: {wrong[:3]})")
     missing, unexpected = target.load_state_dict(weights, strict=False)
     missing = [key for key in missing if not key.endswith("_extra_state")]
     if strict and (missing or unexpected):

@@ -130,6 +130,25 @@ def test_weights_that_do_not_fit_are_an_error(tmp_path):
         load_checkpoint(path, nn.Sequential(nn.Linear(4, 8)))
 
 
+def test_weights_of_another_shape_are_a_one_line_error_and_leave_the_model_alone(tmp_path):
+    model, optimizer, _ = make_training()
+    path = save_checkpoint(tmp_path, 1, model, optimizer)
+    wider = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.5), nn.Linear(16, 2))
+    before = {k: v.clone() for k, v in wider.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"shape mismatches.*0\.weight \(8, 4\) vs model \(16, 4\)") as err:
+        load_checkpoint(path, wider)
+    assert "\n" not in str(err.value)
+    assert all(torch.equal(before[k], v) for k, v in wider.state_dict().items())
+
+
+def test_optimizer_state_that_does_not_fit_is_a_checkpoint_error(tmp_path):
+    model, optimizer, _ = make_training()
+    path = save_checkpoint(tmp_path, 1, model, optimizer)
+    two_groups = torch.optim.AdamW([{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=0.1)
+    with pytest.raises(CheckpointError, match="optimizer state does not fit"):
+        load_checkpoint(path, model, two_groups)
+
+
 def test_keep_last_k(tmp_path):
     model, optimizer, _ = make_training()
     for step in (1, 2, 3, 4):
