@@ -11,6 +11,7 @@ log_file.txt, loss_curve.png and final/ (config.json, model.safetensors, tokeniz
 import argparse
 import contextlib
 import importlib.util
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -31,6 +32,22 @@ from tokenizer import OmniTokenizer
 
 # Architecture fields a resumed run must share with its checkpoint.
 ARCHITECTURE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_embd", "ctx_len")
+# Counts, sizes and frequencies that must be above 0: 0 divides by zero (ctx_len, val_batches, log_freq, n_head)
+# or builds an empty model or batch.
+POSITIVE_FLAGS = (
+    "mini_batch_size",
+    "batch_size",
+    "n_head",
+    "n_embd",
+    "n_layer",
+    "ctx_len",
+    "val_batches",
+    "log_freq",
+    "token_budget",
+    "lr",
+)
+# Frequencies and strengths where 0 means "off" and only a negative value is wrong.
+NON_NEGATIVE_FLAGS = ("test_freq", "save_freq", "grad_clip", "weight_decay", "epsilon")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n_head", type=int, default=12)
     p.add_argument("--n_embd", type=int, default=768)
     p.add_argument("--n_layer", type=int, default=12)
-    p.add_argument("--ctx_len", type=int, default=1024)
+    p.add_argument("--ctx_len", type=int, default=1024, help="tokens per row; at most the smallest source's tokens")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument(
         "--lr", type=float, default=1e-2, help="muP base LR, scaled by sqrt(batch_size)/32 unless --force_lr"
@@ -51,8 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epsilon", type=float, default=1e-8)
     p.add_argument("--weight_decay", type=float, default=0.01)
     p.add_argument("--token_budget", type=float, default=1e9, help="tokens to train on, ramp included (approx.)")
-    p.add_argument("--test_freq", type=float, default=1e7, help="validate every this many tokens")
-    p.add_argument("--save_freq", type=float, default=1e8, help="checkpoint every this many tokens")
+    p.add_argument("--test_freq", type=float, default=1e7, help="validate every this many tokens (0: at the end)")
+    p.add_argument("--save_freq", type=float, default=1e8, help="checkpoint every this many tokens (0: at the end)")
     p.add_argument("--save_name", default="omnibiota", help="run name: outputs go to <out_dir>/<save_name>")
     p.add_argument("--disable_flash", action="store_true", help="use the plain math attention path")
     p.add_argument("--wandb_project_name", default=None, help="log to this wandb project (off when unset)")
@@ -70,6 +87,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max_steps", type=int, default=None, help="stop (with a checkpoint) after this many steps")
     return p.parse_args(argv)
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Reject impossible flag values up front, before any data is read or any run folder is made."""
+    for flag in POSITIVE_FLAGS:
+        value = getattr(args, flag)
+        if not (value > 0 and math.isfinite(value)):  # NaN fails too; an infinite budget cannot be planned
+            raise ConfigError(f"--{flag} must be positive, got {value}")
+    if args.ctx_len < 2:  # a window needs its modality token and at least one residue to mask
+        raise ConfigError(f"--ctx_len must be at least 2, got {args.ctx_len}")
+    for flag in NON_NEGATIVE_FLAGS:
+        if not getattr(args, flag) >= 0:
+            raise ConfigError(f"--{flag} must be 0 (off) or positive, got {getattr(args, flag)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ConfigError(f"--max_steps must be positive when given, got {args.max_steps}")
+    if not 0.0 <= args.dropout < 1.0:
+        raise ConfigError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not (0.0 <= args.beta1 < 1.0 and 0.0 <= args.beta2 < 1.0):
+        raise ConfigError(f"--beta1 and --beta2 must be in [0, 1), got {args.beta1} and {args.beta2}")
+
+
+def check_ctx_len(ctx_len: int, sources) -> None:
+    """A window longer than a source's whole token array would be mostly padding, and the ctx_len x ctx_len
+    attention mask of an absurd --ctx_len (e.g. 100000) takes tens of GB before the first step."""
+    smallest = min(sources, key=lambda source: source.n_tokens)
+    if ctx_len > smallest.n_tokens:
+        raise ConfigError(
+            f"--ctx_len {ctx_len} is longer than all {smallest.n_tokens} tokens of {smallest.folder};"
+            " lower --ctx_len or add data to that source"
+        )
 
 
 def build_optimizer(model: OmniBioTA, args: argparse.Namespace, lr: float) -> torch.optim.Optimizer:
@@ -110,6 +157,7 @@ def validation_loss(model, batches, device, autocast) -> float:
 def train(args: argparse.Namespace, dist_ctx) -> Path | None:
     """The training run; returns the folder of the exported final model (None when stopped early)."""
     log = get_logger("omnibiote", dist_ctx)
+    check_flags(args)
     if args.wandb_project_name and importlib.util.find_spec("wandb") is None:
         raise ConfigError("--wandb_project_name needs the wandb package: pip install wandb")
     base_dir = Path(args.base_dir)
@@ -123,6 +171,12 @@ def train(args: argparse.Namespace, dist_ctx) -> Path | None:
                 f"{source.folder}: encoded with {source.meta['vocab_size']} pieces, tokenizer has"
                 f" {tokenizer.vocab_size}"
             )
+    train_weights = parse_source_weights(args.source_weights, train_sources)
+    val_weights = {name: weight for name, weight in train_weights.items() if name in val_sources}
+    if not any(val_weights.values()):
+        raise ConfigError(f"{base_dir / 'val'}: none of the training sources {sorted(train_weights)} has a val split")
+    used = [train_sources[name] for name, weight in train_weights.items() if weight > 0]
+    check_ctx_len(args.ctx_len, used + [val_sources[name] for name, weight in val_weights.items() if weight > 0])
     plan = plan_training(
         int(args.token_budget),
         args.batch_size,
@@ -153,14 +207,10 @@ def train(args: argparse.Namespace, dist_ctx) -> Path | None:
     optimizer = build_optimizer(model, args, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(plan))
     data_generator = torch.Generator().manual_seed(args.seed * 1000 + dist_ctx.rank)
-    train_weights = parse_source_weights(args.source_weights, train_sources)
     batcher = PackedMLMBatcher(
         train_sources, train_weights, args.ctx_len, args.mini_batch_size, tokenizer, data_generator
     )
     val_generator = torch.Generator().manual_seed(12345 + dist_ctx.rank)
-    val_weights = {name: weight for name, weight in train_weights.items() if name in val_sources}
-    if not any(val_weights.values()):
-        raise ConfigError(f"{base_dir / 'val'}: none of the training sources {sorted(train_weights)} has a val split")
     val_batches = PackedMLMBatcher(
         val_sources, val_weights, args.ctx_len, args.mini_batch_size, tokenizer, val_generator
     ).fixed_batches(args.val_batches)
@@ -188,11 +238,6 @@ def train(args: argparse.Namespace, dist_ctx) -> Path | None:
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
-    wandb_args = {"project": args.wandb_project_name, "name": args.save_name} if args.wandb_project_name else None
-    metrics = MetricsWriter(
-        run_dir, dist_ctx, tsv_files={"log_file.txt": ["step", "tokens", "loss"]}, wandb_init_args=wandb_args
-    )
-    meter = ThroughputMeter()
     log.info(
         "model %.2fM parameters; %d steps (ramp %d, warmup %d), lr %.3g, accumulation %d x %d ranks",
         model.num_parameters() / 1e6,
@@ -224,8 +269,15 @@ def train(args: argparse.Namespace, dist_ctx) -> Path | None:
         )
 
     last_step = plan.total_steps if args.max_steps is None else min(plan.total_steps, args.max_steps)
-    if step == 0:
-        metrics.log(0, tokens=0, val_loss=validation_loss(model, val_batches, dist_ctx.device, autocast))
+    # the first validation runs before the run folder exists: a run that cannot even do that leaves nothing
+    initial_val_loss = validation_loss(model, val_batches, dist_ctx.device, autocast) if step == 0 else None
+    wandb_args = {"project": args.wandb_project_name, "name": args.save_name} if args.wandb_project_name else None
+    metrics = MetricsWriter(
+        run_dir, dist_ctx, tsv_files={"log_file.txt": ["step", "tokens", "loss"]}, wandb_init_args=wandb_args
+    )
+    meter = ThroughputMeter()
+    if initial_val_loss is not None:
+        metrics.log(0, tokens=0, val_loss=initial_val_loss)
     with PreemptionHandler() as preemption:
         while step < last_step:
             accumulation = plan.accumulation(step)

@@ -2,11 +2,13 @@
 
     python -m preprocessing.download_genbank --out_dir data/genbank --divisions vrl,phg --max-files 4
 
-Each file is fetched into `<name>.part`; an interrupted transfer is resumed with an HTTP Range request (also on the
-next run), failures are retried with exponential backoff, and a file is renamed to its final name only after its
-size matches the server's and its gzip stream (CRC-32 and length trailer) checks out, plus its MD5 when --md5_file
-lists it. Files already present are skipped. Without --divisions, every division but `con` is fetched (`con` holds
-CONTIG records without sequence).
+Files are taken division by division (in --divisions order, else alphabetically) and by file number within a
+division (gbbct2 before gbbct10); --max-files caps each division. Each file is fetched into `<name>.part`; an
+interrupted transfer is resumed with an HTTP Range request (also on the next run), dropped connections, timeouts
+and HTTP 408/429/5xx answers are retried with exponential backoff, other HTTP errors (404, ...) stop the run at once,
+and a file is renamed to its final name only after its size matches the server's and its gzip stream (CRC-32 and
+length trailer) checks out, plus its MD5 when --md5_file lists it. Files already present are skipped. Without
+--divisions, every division but `con` is fetched (`con` holds CONTIG records without sequence).
 """
 
 import argparse
@@ -24,10 +26,14 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from errors import DownloadError, run_cli
+from errors import ConfigError, DownloadError, run_cli
 
 DEFAULT_BASE_URL = "https://ftp.ncbi.nlm.nih.gov/genbank/"
 FILE_LINK = re.compile(r'href="(gb([a-z]{3})\d+\.seq\.gz)"')
+FILE_NUMBER = re.compile(r"(\d+)\.seq\.gz$")
+# HTTP answers that usually pass with time, besides every 5xx (overload, maintenance, gateway): request
+# timeout and rate limit. Other 4xx answers (404, 403, ...) will not change on a retry.
+RETRYABLE_STATUS = frozenset({408, 429})
 RETRYABLE = (
     requests.ConnectionError,
     requests.Timeout,
@@ -44,20 +50,45 @@ class _RetryableFailure(Exception):
         self.restart = restart
 
 
-def list_remote_files(session: requests.Session, base_url: str, timeout: float) -> list[tuple[str, str]]:
+def check_status(response: requests.Response, url: str) -> None:
+    """Retry on a passing server problem (408, 429, 5xx); any other HTTP error is final."""
+    status = response.status_code
+    if status in RETRYABLE_STATUS or status >= 500:
+        raise _RetryableFailure(f"HTTP {status} {response.reason or ''}".rstrip())
+    if status >= 400:
+        raise DownloadError(f"{url}: HTTP {status} {response.reason or ''}".rstrip())
+
+
+def list_remote_files(
+    session: requests.Session, base_url: str, timeout: float, retries: int = 5, backoff: float = 2.0
+) -> list[tuple[str, str]]:
     """(file name, division) of every gb*.seq.gz linked from the directory page at base_url."""
-    try:
-        response = session.get(base_url, timeout=timeout)
-        response.raise_for_status()
-    except requests.RequestException as exc:
-        raise DownloadError(f"{base_url}: cannot list files ({exc})") from None
-    return sorted(set(FILE_LINK.findall(response.text)))
+    for attempt in range(retries + 1):
+        try:
+            response = session.get(base_url, timeout=timeout)
+            check_status(response, base_url)
+            return sorted(set(FILE_LINK.findall(response.text)))
+        except (*RETRYABLE, _RetryableFailure) as exc:
+            if attempt == retries:
+                raise DownloadError(f"{base_url}: cannot list files after {retries + 1} attempts: {exc}") from None
+            time.sleep(backoff * 2**attempt)
+        except requests.RequestException as exc:  # e.g. an invalid URL: another try cannot help
+            raise DownloadError(f"{base_url}: cannot list files ({exc})") from None
+    raise AssertionError("unreachable")
 
 
 def select_files(files: list[tuple[str, str]], divisions: list[str] | None, max_files: int | None) -> list[str]:
-    """Names in the chosen divisions (all but 'con' when None), at most max_files of them."""
-    names = [name for name, division in files if (division in divisions if divisions else division != "con")]
-    return names[:max_files] if max_files else names
+    """Names in the chosen divisions (all but 'con' when None), at most max_files per division (None: all),
+    division by division and in numeric file order within each (gbbct2 before gbbct10)."""
+    by_division: dict[str, list[str]] = {}
+    for name, division in files:
+        by_division.setdefault(division, []).append(name)
+    chosen = dict.fromkeys(divisions) if divisions else sorted(d for d in by_division if d != "con")
+    names = []
+    for division in chosen:
+        in_order = sorted(by_division.get(division, []), key=lambda name: int(FILE_NUMBER.search(name).group(1)))
+        names.extend(in_order if max_files is None else in_order[:max_files])
+    return names
 
 
 def verify_gzip(path: Path) -> None:
@@ -85,9 +116,7 @@ def _transfer(session, url: str, part: Path, timeout: float, progress: bool) -> 
     with session.get(url, headers=headers, stream=True, timeout=timeout) as response:
         if response.status_code == 416:  # our part file is not shorter than the server's file
             raise _RetryableFailure("partial file not shorter than the remote file", restart=True)
-        if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
-            raise DownloadError(f"{url}: HTTP {response.status_code}")
-        response.raise_for_status()
+        check_status(response, url)
         if response.status_code == 206:
             content_range = response.headers.get("Content-Range", "")
             match = re.match(r"bytes (\d+)-\d+/(\d+)", content_range)
@@ -141,8 +170,11 @@ def download_file(
             if getattr(exc, "restart", False) and part.exists():
                 part.unlink()  # a complete but bad file cannot be resumed: start over
             if attempt == retries:
+                # a .part with good bytes stays: the next run continues it with a Range request
                 raise DownloadError(f"{url}: failed after {retries + 1} attempts: {exc}") from None
             time.sleep(backoff * 2**attempt)
+        except requests.RequestException as exc:  # e.g. too many redirects: another try cannot help
+            raise DownloadError(f"{url}: {exc}") from None
     raise AssertionError("unreachable")
 
 
@@ -168,14 +200,21 @@ def download_genbank(
     progress: bool = True,
 ) -> list[Path]:
     """Download the selected GenBank files into out_dir; returns their paths (downloaded or already present)."""
+    if max_files is not None and max_files < 1:  # 0 must not silently mean "all"; None does
+        raise ConfigError(f"--max-files must be at least 1, got {max_files} (leave it out for all files)")
+    if retries < 0 or backoff < 0 or timeout <= 0:
+        raise ConfigError("--retries and --backoff must be >= 0 and --timeout > 0")
     base_url = base_url if base_url.endswith("/") else base_url + "/"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     checksums = read_md5_file(md5_file) if md5_file else {}
     with requests.Session() as session:
-        names = select_files(list_remote_files(session, base_url, timeout), divisions, max_files)
-        if not names:
-            raise DownloadError(f"{base_url}: no gb*.seq.gz files for divisions {divisions or 'any'}")
+        files = list_remote_files(session, base_url, timeout, retries, backoff)
+        names = select_files(files, divisions, max_files)
+        # a mistyped division among good ones would otherwise be skipped without a word
+        missing = [d for d in divisions or [] if d not in {division for _, division in files}]
+        if missing or not names:
+            raise DownloadError(f"{base_url}: no gb*.seq.gz files for divisions {missing or divisions or 'any'}")
         paths = []
         for name in names:
             dest = out_dir / name
@@ -194,7 +233,14 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--divisions", default=None, help="comma-separated divisions, e.g. vrl,phg,bct (default: all but con)"
     )
-    parser.add_argument("--max-files", "--max_files", dest="max_files", type=int, default=None)
+    parser.add_argument(
+        "--max-files",
+        "--max_files",
+        dest="max_files",
+        type=int,
+        default=None,
+        help="at most this many files per division, lowest numbers first (default: all)",
+    )
     parser.add_argument("--retries", type=int, default=5)
     parser.add_argument("--backoff", type=float, default=2.0, help="seconds before the first retry; doubles each time")
     parser.add_argument("--timeout", type=float, default=60.0, help="connect/read timeout in seconds")

@@ -2,7 +2,8 @@
 
 One gzip-compressed TSV line per record: `modality<TAB>record_id<TAB>SEQUENCE`, modality one of MODALITIES.
 A ShardWriter writes into a hidden temp folder and moves the shards into place only when the whole input
-was read without error, so a failed run never leaves partial shards behind.
+was read without error, so a failed run never leaves partial shards behind. A cut or corrupt gzip input is a
+PreprocessError naming the file, not a zlib/EOF traceback.
 """
 
 import gzip
@@ -10,6 +11,7 @@ import io
 import os
 import shutil
 import tempfile
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -17,6 +19,32 @@ from errors import PreprocessError
 
 MODALITIES = ("dna", "rna", "protein")
 GZIP_MAGIC = b"\x1f\x8b"
+
+
+class _CheckedGzipFile(gzip.GzipFile):
+    """GzipFile whose reads raise PreprocessError on a cut or damaged stream; the errors only show up mid-read
+    (EOFError at a missing end, BadGzipFile on a CRC/length mismatch, zlib.error on bad deflate data)."""
+
+    def _checked(self, method, *args):
+        try:
+            return method(*args)
+        except (EOFError, gzip.BadGzipFile, zlib.error):
+            raise PreprocessError(f"{self.name}: truncated or corrupt gzip") from None
+
+    def read(self, size=-1):
+        return self._checked(super().read, size)
+
+    def read1(self, size=-1):
+        return self._checked(super().read1, size)
+
+    def readline(self, size=-1):
+        return self._checked(super().readline, size)
+
+    def peek(self, n):
+        return self._checked(super().peek, n)
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        return self._checked(super().seek, offset, whence)
 
 
 def open_text(path: str | Path) -> io.TextIOBase:
@@ -27,7 +55,7 @@ def open_text(path: str | Path) -> io.TextIOBase:
     with open(path, "rb") as probe:
         magic = probe.read(2)
     if magic == GZIP_MAGIC:
-        return gzip.open(path, "rt", encoding="ascii", errors="replace", newline=None)
+        return io.TextIOWrapper(_CheckedGzipFile(path, "rb"), encoding="ascii", errors="replace", newline=None)
     return open(path, encoding="ascii", errors="replace", newline=None)
 
 

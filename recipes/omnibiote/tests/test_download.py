@@ -1,16 +1,20 @@
 """GenBank downloader against a loopback HTTP server: listing, filters, Range resume after a dropped connection,
-retries, and the size / gzip checks. The server binds 127.0.0.1 on a free port and is shut down after each test."""
+retries (also on HTTP 408/429/5xx), and the size / gzip checks. The server binds 127.0.0.1 on a free port and is
+shut down after each test."""
 
 import gzip
 import http.server
+import itertools
 import random
 import re
+import subprocess
+import sys
 import threading
 
 import pytest
 
-from errors import DownloadError
-from preprocessing.download_genbank import download_genbank, main
+from errors import DownloadError, run_cli
+from preprocessing.download_genbank import download_genbank, main, select_files
 
 random.seed(0)
 CONTENT = {
@@ -21,11 +25,13 @@ CONTENT = {
 
 class FixtureServer(http.server.ThreadingHTTPServer):
     """Serves CONTENT; `drop_first` names files whose first transfer stops half-way; `corrupt` names files served
-    with a flipped byte (right size, bad gzip CRC)."""
+    with a flipped byte (right size, bad gzip CRC); `fail` maps a name ("" for the listing) to the HTTP error
+    statuses it answers before it is served normally (an iterator, e.g. itertools.repeat(503) for always)."""
 
-    def __init__(self, drop_first=(), corrupt=(), honour_range=True):
+    def __init__(self, drop_first=(), corrupt=(), honour_range=True, fail=None):
         super().__init__(("127.0.0.1", 0), FixtureHandler)
         self.drop_first, self.corrupt, self.honour_range = set(drop_first), set(corrupt), honour_range
+        self.fail = {name: iter(statuses) for name, statuses in (fail or {}).items()}
         self.requests: list[tuple[str, str | None]] = []
 
 
@@ -37,6 +43,10 @@ class FixtureHandler(http.server.BaseHTTPRequestHandler):
         server = self.server
         name = self.path.strip("/")
         server.requests.append((name, self.headers.get("Range")))
+        status = next(server.fail.get(name, iter(())), None)
+        if status is not None:
+            self._send(status, b"try again later" if status != 404 else b"not found", {})
+            return
         if name == "":
             body = "".join(f'<a href="{n}">{n}</a>\n' for n in CONTENT) + '<a href="README.genbank">x</a>'
             self._send(200, body.encode(), {"Content-Type": "text/html"})
@@ -100,16 +110,73 @@ FAST = dict(retries=3, backoff=0.01, timeout=10, progress=False)
 def test_divisions_and_max_files_filter(serve, tmp_path):
     _, url = serve()
     paths = download_genbank(url, tmp_path, divisions=["vrl", "phg"], max_files=2, **FAST)
-    assert sorted(p.name for p in paths) == ["gbphg1.seq.gz", "gbvrl1.seq.gz"]
+    assert [p.name for p in paths] == ["gbvrl1.seq.gz", "gbvrl2.seq.gz", "gbphg1.seq.gz"]  # 2 per division
     for path in paths:
         assert path.read_bytes() == CONTENT[path.name]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gbphg1.seq.gz", "gbvrl1.seq.gz"]  # no .part left
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)  # no .part left
+    paths = download_genbank(url, tmp_path / "one", divisions=["vrl", "phg", "bct"], max_files=1, **FAST)
+    assert [p.name for p in paths] == ["gbvrl1.seq.gz", "gbphg1.seq.gz", "gbbct1.seq.gz"]  # --divisions order
 
 
 def test_default_divisions_skip_con(serve, tmp_path):
     _, url = serve()
-    paths = download_genbank(url, tmp_path, max_files=3, **FAST)
+    paths = download_genbank(url, tmp_path, max_files=1, **FAST)
     assert [p.name for p in paths] == ["gbbct1.seq.gz", "gbphg1.seq.gz", "gbvrl1.seq.gz"]  # sorted, no gbcon1
+
+
+def test_files_are_in_numeric_order_and_max_files_is_per_division():
+    listing = [(f"gb{division}{n}.seq.gz", division) for division in ("bct", "phg", "vrl") for n in range(1, 121)]
+    names = select_files(sorted(listing), ["vrl", "phg", "bct"], 20)
+    assert names[:3] == ["gbvrl1.seq.gz", "gbvrl2.seq.gz", "gbvrl3.seq.gz"]  # not gbvrl1, gbvrl10, gbvrl100
+    assert names[19:21] == ["gbvrl20.seq.gz", "gbphg1.seq.gz"] and names[-1] == "gbbct20.seq.gz"
+    assert len(names) == 60 and len(select_files(sorted(listing), ["bct"], None)) == 120
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--max-files", "0"], "--max-files must be at least 1"),
+        (["--divisions", "vrl,phq"], "no gb*.seq.gz files for divisions ['phq']"),
+    ],
+)
+def test_bad_selection_is_a_one_line_error(serve, tmp_path, capsys, extra, message):
+    _, url = serve()
+    assert run_cli(main, ["--base_url", url, "--out_dir", str(tmp_path / "out"), *extra]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("status", [503, 500, 429, 408])
+def test_passing_http_errors_are_retried(serve, tmp_path, status):
+    server, url = serve(fail={"": [status], "gbvrl2.seq.gz": [status, status]})
+    paths = download_genbank(url, tmp_path, divisions=["vrl"], **FAST)
+    assert [p.read_bytes() for p in paths] == [CONTENT["gbvrl1.seq.gz"], CONTENT["gbvrl2.seq.gz"]]
+    assert [name for name, _ in server.requests].count("gbvrl2.seq.gz") == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gbvrl1.seq.gz", "gbvrl2.seq.gz"]
+
+
+def test_http_503_to_the_end_is_a_one_line_error_without_a_file(serve, tmp_path, recipe_dir):
+    server, url = serve(fail={"gbphg1.seq.gz": itertools.repeat(503)})
+    out_dir = tmp_path / "out"
+    args = ["--base_url", url, "--out_dir", str(out_dir), "--divisions", "phg", "--retries", "2", "--backoff", "0.01"]
+    result = subprocess.run(
+        [sys.executable, "-m", "preprocessing.download_genbank", *args], cwd=recipe_dir, capture_output=True, text=True
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {url}gbphg1.seq.gz: failed after 3 attempts: HTTP 503 Service Unavailable"
+    ]
+    assert [name for name, _ in server.requests].count("gbphg1.seq.gz") == 3
+    assert list(out_dir.iterdir()) == []  # nothing received: no file, no .part
+
+
+def test_404_is_an_immediate_error(serve, tmp_path):
+    server, url = serve(fail={"gbphg1.seq.gz": itertools.repeat(404)})
+    with pytest.raises(DownloadError, match=r"gbphg1.seq.gz: HTTP 404 Not Found$"):
+        download_genbank(url, tmp_path, divisions=["phg"], **FAST)
+    assert [name for name, _ in server.requests].count("gbphg1.seq.gz") == 1  # no retries
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_dropped_connection_is_resumed_with_a_range_request(serve, tmp_path):
@@ -159,8 +226,6 @@ def test_existing_files_are_skipped_and_cli_errors_are_one_line(serve, tmp_path,
     download_genbank(url, tmp_path, divisions=["phg"], **FAST)
     assert (tmp_path / "gbphg1.seq.gz").read_bytes() == b"the user's own file"
     assert not any(name == "gbphg1.seq.gz" for name, _ in server.requests)
-    from errors import run_cli
-
     assert run_cli(main, ["--base_url", url, "--out_dir", str(tmp_path), "--divisions", "xyz"]) == 1
     assert capsys.readouterr().err.strip() == f"error: {url}: no gb*.seq.gz files for divisions ['xyz']"
     assert run_cli(main, ["--base_url", url + "missing/", "--out_dir", str(tmp_path), "--retries", "0"]) == 1

@@ -162,6 +162,50 @@ def test_cli_prints_one_error_line_and_exits_1(tmp_path, recipe_dir):
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
+def cut_gzip(source, dest, keep=0.5):
+    """A copy of a gzip file cut short, as an interrupted copy or download leaves it."""
+    data = source.read_bytes()
+    dest.write_bytes(data[: int(len(data) * keep)])
+    return dest
+
+
+@pytest.mark.parametrize("step", ["preprocess_genbank", "preprocess_uniprot", "train_tokenizer", "encode_shards"])
+def test_truncated_gzip_is_a_one_line_error_without_output(
+    tmp_path, recipe_dir, sample_genbank, sample_fasta, sample_tokenizer, step
+):
+    out = tmp_path / "out"
+    if step in ("preprocess_genbank", "preprocess_uniprot"):
+        good = sample_genbank if step == "preprocess_genbank" else sample_fasta
+        bad = cut_gzip(good, tmp_path / f"cut-{good.name}")
+        args = [str(good), str(bad), "--out_dir", str(out)]  # the good file's shard must not survive either
+    else:
+        writer, _ = preprocess_uniprot([sample_fasta], tmp_path / "records")
+        good = writer.shard_paths[0]
+        bad = cut_gzip(good, tmp_path / "records" / "cut_00000.tsv.gz", keep=0.8)
+        if step == "train_tokenizer":
+            args = [str(good), str(bad), "--model_file", str(out / "tokenizer.model"), "--vocab_size", "64"]
+        else:
+            args = [str(good), str(bad), "--tokenizer", str(sample_tokenizer.model_file), "--base_dir", str(out)]
+            args += ["--source", "uniprot"]
+    result = subprocess.run(
+        [sys.executable, "-m", f"preprocessing.{step}", *args], cwd=recipe_dir, capture_output=True, text=True
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()  # tqdm's progress lines come first
+    assert lines[-1] == f"error: {bad}: truncated or corrupt gzip" and "error" not in "".join(lines[:-1])
+    assert not out.exists() or [p for p in out.rglob("*") if p.is_file()] == []
+
+
+def test_gzip_with_a_bad_checksum_is_an_error(tmp_path, sample_genbank):
+    data = bytearray(sample_genbank.read_bytes())
+    data[-6] ^= 0xFF  # inside the CRC-32 trailer: every byte decompresses, the check at the end fails
+    bad = tmp_path / "bad-crc.gbk.gz"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(PreprocessError, match="bad-crc.gbk.gz: truncated or corrupt gzip"):
+        preprocess_genbank([bad], tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_gzip_is_detected_by_content(tmp_path, sample_genbank):
     plain = tmp_path / "record.txt"
     plain.write_bytes(gzip.decompress(sample_genbank.read_bytes()))

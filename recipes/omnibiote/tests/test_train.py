@@ -132,13 +132,36 @@ def test_two_process_torchrun(tmp_path, sample_base_dir, recipe_dir):
         (["--batch_size", "10"], "--batch_size 10 must be a positive multiple of world size 1 x --mini_batch_size 4"),
         (["--n_embd", "30"], "n_embd 30 must split into 2 heads"),
         (["--source_weights", "refseq=1"], "--source_weights names 'refseq'"),
+        (["--ctx_len", "0"], "--ctx_len must be positive, got 0"),
+        (["--ctx_len", "1"], "--ctx_len must be at least 2"),
+        (["--val_batches", "0"], "--val_batches must be positive, got 0"),
+        (["--log_freq", "0"], "--log_freq must be positive, got 0"),
+        (["--n_head", "0"], "--n_head must be positive"),
+        (["--mini_batch_size", "0"], "--mini_batch_size must be positive"),
+        (["--max_steps", "0"], "--max_steps must be positive"),
+        (["--token_budget", "nan"], "--token_budget must be positive, got nan"),
+        (["--test_freq", "-1"], "--test_freq must be 0 (off) or positive"),
+        (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+        # the val genbank array of the sample holds 4113 tokens: a window cannot be longer
+        (["--ctx_len", "5000"], "--ctx_len 5000 is longer than all 4113 tokens of"),
     ],
 )
 def test_bad_flags_exit_1_with_one_line(tmp_path, sample_base_dir, capsys, extra, message):
     assert run_cli(main, run_args(sample_base_dir, tmp_path, "bad", 1000, *extra)) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
-    assert not (tmp_path / "bad" / "checkpoints").exists()
+    assert not (tmp_path / "bad").exists()  # no run folder, no log_file.txt
+
+
+@pytest.mark.parametrize("extra", [["--ctx_len", "100000"], ["--val_batches", "0"]])
+def test_startup_errors_leave_no_run_folder_and_no_traceback(tmp_path, sample_base_dir, recipe_dir, extra):
+    args = run_args(sample_base_dir, tmp_path, "bad", 1000, *extra)
+    result = subprocess.run(
+        [sys.executable, "train_encoder.py", *args], cwd=recipe_dir, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {extra[0]} ")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_base_dir_splits_exit_1(tmp_path, sample_base_dir, capsys):
@@ -158,7 +181,7 @@ def test_resume_with_other_ctx_len_is_refused(tmp_path, sample_base_dir, capsys)
     assert "was trained with ctx_len=64, not 128" in capsys.readouterr().err
     assert run_cli(main, run_args(sample_base_dir, tmp_path, "run", 8 * 64 * 4, "--n_embd", "64")) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "cannot resume this run from it" in err[0] and "size mismatch" in err[0]
+    assert len(err) == 1 and "cannot resume this run from it" in err[0] and "shape mismatch" in err[0]
 
 
 def test_command_line_error_has_no_traceback(tmp_path, recipe_dir):
