@@ -130,7 +130,7 @@ class SpeciesStream:
     Windows are numbered globally (0, 1, 2, ... across files and passes); rank r of W takes those with
     index % W == r. A window holds `context_size + 1` tokens: inputs are [:-1], next-token targets [1:].
     A file that turns out bad is skipped and counted in `bad_files` (warned once); a pass that yields no
-    window at all raises PlantDataError.
+    window at all raises PlantDataError (`check_has_window` raises it up front).
     """
 
     def __init__(
@@ -170,14 +170,35 @@ class SpeciesStream:
                                     yield tokens[offset : offset + self.window_len]
                                 index += 1
                 except PlantDataError as err:
-                    self.bad_files[str(path)] = str(err)
-                    log.warning("skipping bad file (%d so far for %s): %s", len(self.bad_files), self.species, err)
+                    self._skip(path, err)
             if index == before:
-                raise PlantDataError(
-                    f"species {self.species}: no window of {self.window_len} tokens "
-                    f"({self.window_len * KMER} ACGT bp without N) in {len(self.files)} file(s); "
-                    f"{len(self.bad_files)} bad file(s). Sequences all-N, too short, or context_size too long?"
-                )
+                raise self._no_window_error()
+
+    def check_has_window(self) -> None:
+        """Raise the no-window PlantDataError now, reading only up to the first window (one chunk on real data)."""
+        for path in self.files:
+            if str(path) in self.bad_files:
+                continue
+            try:
+                for _, chunk in stream_chunks(path, self.chunk_size):
+                    if any(window_count(len(tokens), self.window_len, self.stride) for tokens in tokenize(chunk)):
+                        return
+            except PlantDataError as err:
+                # Read to its error without a window, so this file adds no window to `windows()` either:
+                # skipping it now leaves the window sequence unchanged and warns once, at startup.
+                self._skip(path, err)
+        raise self._no_window_error()
+
+    def _skip(self, path: Path, err: PlantDataError) -> None:
+        self.bad_files[str(path)] = str(err)
+        log.warning("skipping bad file (%d so far for %s): %s", len(self.bad_files), self.species, err)
+
+    def _no_window_error(self) -> PlantDataError:
+        return PlantDataError(
+            f"species {self.species}: no window of {self.window_len} tokens "
+            f"({self.window_len * KMER} ACGT bp without N) in {len(self.files)} file(s); "
+            f"{len(self.bad_files)} bad file(s). Sequences all-N, too short, or context_size too long?"
+        )
 
 
 def discover_species(data_dir: str | Path) -> dict[str, list[Path]]:
@@ -298,7 +319,8 @@ def build_mixture(
     world_size: int = 1,
     positions: dict[str, int] | None = None,
 ) -> SpeciesMixture:
-    """Discover species under `data_dir`, check the settings, and return the weighted mixture of their streams."""
+    """Discover species under `data_dir`, check the settings and that every species has a window, and return the
+    weighted mixture of their streams."""
     if context_size < 1 or not 0.0 <= overlap_ratio < 1.0:
         raise PlantDataError(f"need context_size >= 1 and 0 <= overlap_ratio < 1, got {context_size}, {overlap_ratio}")
     if (context_size + 1) * KMER > chunk_size:
@@ -312,4 +334,6 @@ def build_mixture(
         name: SpeciesStream(name, paths, context_size, overlap_ratio, chunk_size, rank, world_size)
         for name, paths in files.items()
     }
+    for stream in streams.values():  # else an all-N species fails only when first drawn, mid-run
+        stream.check_has_window()
     return SpeciesMixture(streams, weights, seed, positions)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import logging
+import logging.handlers
 import math
 import sys
 import time
@@ -29,7 +31,7 @@ from checkpointing import (
     restore_rng_state,
     save_training_state,
 )
-from data import PlantDataError, build_mixture, parse_distribution, window_stride
+from data import PlantDataError, SpeciesMixture, build_mixture, parse_distribution, window_stride
 from model import PlantLM
 
 
@@ -150,17 +152,80 @@ def train(cfg: Config) -> dict:
     out_dir = Path(cfg.output_dir)
     checkpoint_dir = out_dir / "dna_model"
     log = get_logger("plant_lm", ctx)
-    file_handler = open_run_log(log, out_dir / "logs", ctx.is_main)
+    # Startup lines wait in memory until every input has been checked, so a bad input leaves no log file
+    # (nor output_dir) behind; once the run is set up they go to the top of the run log.
+    startup_lines = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)
+    log.addHandler(startup_lines)
+    file_handler = None
     try:
-        return _train(cfg, ctx, log, checkpoint_dir, out_dir)
+        run = _set_up(cfg, ctx, log, checkpoint_dir)
+        file_handler = open_run_log(log, out_dir / "logs", ctx.is_main)
+        startup_lines.setTarget(file_handler)
+        startup_lines.flush()
+        log.removeHandler(startup_lines)
+        return _train(cfg, ctx, log, run, checkpoint_dir, out_dir)
     finally:
+        log.removeHandler(startup_lines)
+        startup_lines.close()
         if file_handler is not None:
             log.removeHandler(file_handler)
             file_handler.close()
         teardown_distributed()
 
 
-def _train(cfg: Config, ctx, log: logging.Logger, checkpoint_dir: Path, out_dir: Path) -> dict:
+@dataclass
+class Run:
+    """What startup builds and checks before the run writes its first file."""
+
+    mixture: SpeciesMixture
+    model: PlantLM
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    dtype: torch.dtype | None
+    resumed: dict | None
+    start_epoch: int = 0
+    step: int = 0
+    skip_steps: int = 0
+
+
+# Counts that must be at least 1: 0 divides by zero or trains nothing.
+POSITIVE_SETTINGS = (
+    "d_model",
+    "n_heads",
+    "n_layers",
+    "local_attn_window",
+    "global_context",
+    "memory_normalize_every",
+    "batch_size",
+    "accumulation_steps",
+    "n_epochs",
+    "steps_per_epoch",
+)
+
+
+def check_settings(cfg: Config) -> None:
+    """Reject impossible model and optimisation settings before anything is read or built."""
+    for name in POSITIVE_SETTINGS:
+        if getattr(cfg, name) < 1:
+            raise TrainingSetupError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.d_model % cfg.n_heads:
+        raise TrainingSetupError(f"--d_model {cfg.d_model} must be divisible by --n_heads {cfg.n_heads}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise TrainingSetupError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if not cfg.learning_rate > 0:
+        raise TrainingSetupError(f"--learning_rate must be positive, got {cfg.learning_rate}")
+    for name in ("warmup_steps", "grad_clip", "weight_decay", "keep_checkpoints", "save_every_steps"):
+        if not getattr(cfg, name) >= 0:
+            raise TrainingSetupError(f"--{name} must be 0 or more, got {getattr(cfg, name)}")
+
+
+def _set_up(cfg: Config, ctx, log: logging.Logger, checkpoint_dir: Path) -> Run:
+    """Check settings, data and checkpoint, build model and optimizer; reads files but creates none."""
+    check_settings(cfg)
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        raise TrainingSetupError("--wandb true needs the wandb package: pip install wandb")
+    dtype = amp_dtype(cfg.amp, ctx.device)
     resumed = find_resume_checkpoint(cfg, checkpoint_dir, log)
     mixture = build_mixture(
         cfg.data_dir,
@@ -176,6 +241,8 @@ def _train(cfg: Config, ctx, log: logging.Logger, checkpoint_dir: Path, out_dir:
     )
     species = mixture.species
     log.info("species (sampling weight): %s", ", ".join(f"{s} ({p:.3f})" for s, p in zip(species, mixture.probs)))
+    if resumed:
+        check_compatible(resumed, cfg, species)
     model = PlantLM(
         len(species),
         cfg.d_model,
@@ -190,20 +257,24 @@ def _train(cfg: Config, ctx, log: logging.Logger, checkpoint_dir: Path, out_dir:
     )
     total_steps = cfg.n_epochs * cfg.steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    dtype = amp_dtype(cfg.amp, ctx.device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    start_epoch, step, skip_steps = 0, 0, 0
+    run = Run(mixture, model, optimizer, scheduler, scaler, dtype, resumed)
     if resumed:
-        check_compatible(resumed, cfg, species)
         model.load_state_dict(resumed["model_state_dict"])
         optimizer.load_state_dict(resumed["optimizer_state_dict"])
         scheduler.load_state_dict(resumed["scheduler_state_dict"])
         if "scaler_state_dict" in resumed:
             scaler.load_state_dict(resumed["scaler_state_dict"])
-        start_epoch, step, skip_steps = resumed["epoch"], resumed["step"], resumed.get("step_in_epoch", 0)
-        log.info("resumed at step %d (epoch %d, step %d of it)", step, start_epoch + 1, skip_steps)
+        run.start_epoch, run.step, run.skip_steps = resumed["epoch"], resumed["step"], resumed.get("step_in_epoch", 0)
+        log.info("resumed at step %d (epoch %d, step %d of it)", run.step, run.start_epoch + 1, run.skip_steps)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters, %d ranks, device %s, amp %s", n_params / 1e6, ctx.world_size, ctx.device, dtype)
+    return run
+
+
+def _train(cfg: Config, ctx, log: logging.Logger, run: Run, checkpoint_dir: Path, out_dir: Path) -> dict:
+    mixture, model, optimizer, scheduler, scaler = run.mixture, run.model, run.optimizer, run.scheduler, run.scaler
+    resumed, step, species = run.resumed, run.step, run.mixture.species
     # Buffers are not broadcast: every rank applies the same all-reduced bucket update itself.
     ddp = DistributedDataParallel(model, broadcast_buffers=False) if ctx.is_distributed else None
     wandb_args = {"project": cfg.wandb_project, "config": dataclasses.asdict(cfg)} if cfg.wandb else None
@@ -211,8 +282,8 @@ def _train(cfg: Config, ctx, log: logging.Logger, checkpoint_dir: Path, out_dir:
     tokens_per_step = cfg.batch_size * cfg.accumulation_steps * cfg.context_size * ctx.world_size
     losses, last_checkpoint = [], None
     with PreemptionHandler() as preemption:
-        for epoch in range(start_epoch, cfg.n_epochs):
-            first_step = skip_steps if epoch == start_epoch else 0
+        for epoch in range(run.start_epoch, cfg.n_epochs):
+            first_step = run.skip_steps if epoch == run.start_epoch else 0
             if first_step and len(resumed.get("rng_states") or []) == ctx.world_size:
                 restore_rng_state(resumed["rng_states"][ctx.rank])  # continue the dropout stream mid-epoch
             else:
@@ -223,7 +294,7 @@ def _train(cfg: Config, ctx, log: logging.Logger, checkpoint_dir: Path, out_dir:
             meter = ThroughputMeter()
             stopped = False
             for step_in_epoch in range(first_step + 1, cfg.steps_per_epoch + 1):
-                loss, grad_norm = train_step(cfg, ctx, model, ddp, optimizer, scheduler, scaler, batches, dtype)
+                loss, grad_norm = train_step(cfg, ctx, model, ddp, optimizer, scheduler, scaler, batches, run.dtype)
                 step += 1
                 meter.update(samples=cfg.batch_size * cfg.accumulation_steps * ctx.world_size, tokens=tokens_per_step)
                 losses.append(loss)

@@ -159,6 +159,31 @@ def test_all_n_species_and_context_longer_than_chunk(tmp_path, data_dir):
         next(short.windows())
 
 
+def test_build_mixture_finds_a_species_without_windows_at_startup(data_dir):
+    args = dict(context_size=16, overlap_ratio=0.5, chunk_size=10_000, seed=0)
+    write_fasta(data_dir / "zea_mays" / "x.fa", {"x": "N" * 5000, "y": "n" * 300})
+    with pytest.raises(PlantDataError, match="species zea_mays: no window of 17 tokens"):
+        build_mixture(data_dir, {}, 1.0, **args)
+    short = random_dna(90, 14)  # 15 tokens per ACGT run: none holds a window of 17
+    write_fasta(data_dir / "zea_mays" / "x.fa", {"a": short + "N" + short, "b": short})
+    with pytest.raises(PlantDataError, match="species zea_mays: no window of 17 tokens"):
+        build_mixture(data_dir, {}, 1.0, **args)
+
+
+def test_startup_check_skips_bad_files_without_changing_the_windows(tmp_path, caplog):
+    header_less = tmp_path / "d" / "sp" / "a_noheader.fa"
+    header_less.parent.mkdir(parents=True)
+    header_less.write_text("ACGTACGTACGT\n")
+    good = write_fasta(tmp_path / "d" / "sp" / "b_good.fa", {"g": random_dna(600, 15)})
+    with caplog.at_level(logging.WARNING, logger="plant_lm.data"):
+        mixture = build_mixture(tmp_path / "d", {}, 1.0, context_size=8, overlap_ratio=0.5, chunk_size=10_000, seed=0)
+    stream = mixture.streams["sp"]
+    assert list(stream.bad_files) == [str(header_less)] and caplog.text.count("skipping bad file") == 1
+    unchecked = SpeciesStream("sp", [header_less, good], 8, 0.5, 10_000)
+    assert stream_windows(stream, 30) == stream_windows(unchecked, 30)
+    assert caplog.text.count("skipping bad file") == 2  # once at startup, once by the unchecked stream
+
+
 def test_bad_files_are_skipped_and_counted(tmp_path, caplog):
     folder = tmp_path / "sp"
     good = write_fasta(folder / "b_good.fa", {"g": random_dna(600, 11)})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import signal
 import socket
@@ -124,18 +125,71 @@ def test_damaged_newest_checkpoint_is_skipped_on_auto_resume(data_dir, tmp_path,
     assert not list((out / "dna_model").glob(".*.tmp"))
 
 
+def assert_startup_error(capsys, out: Path, args: list[str], message: str) -> None:
+    """main() exits 1 with a one-line error naming `message`, and has created nothing under `out`."""
+    assert main(args + ["--output_dir", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "error: " in err and message in err and "Traceback" not in err, err
+    assert not out.exists(), sorted(str(p) for p in out.rglob("*"))  # no output_dir, log or checkpoint left
+
+
 def test_cli_reports_bad_inputs_without_traceback(tmp_path, capsys, data_dir):
     (tmp_path / "empty").mkdir()
-    assert main(["--data_dir", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "o1")]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "no species folders" in err and "Traceback" not in err
-    assert main(["--data_dir", str(data_dir), "--output_dir", str(tmp_path / "o2")]) == 1
-    assert "are weighted in species_distribution but have no folder" in capsys.readouterr().err
+    assert_startup_error(capsys, tmp_path / "o1", ["--data_dir", str(tmp_path / "empty")], "no species folders")
+    assert_startup_error(
+        capsys,
+        tmp_path / "o2",
+        ["--data_dir", str(data_dir)],
+        "are weighted in species_distribution but have no folder",
+    )
+    all_species = ["--data_dir", str(data_dir), "--species_distribution", ""]
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"")
-    args = ["--data_dir", str(data_dir), "--species_distribution", "", "--resume", str(bad)]
-    assert main(args + ["--output_dir", str(tmp_path / "o3")]) == 1
-    assert f"{bad}: not a readable checkpoint" in capsys.readouterr().err
+    assert_startup_error(
+        capsys, tmp_path / "o3", all_species + ["--resume", str(bad)], f"{bad}: not a readable checkpoint"
+    )
+    assert_startup_error(capsys, tmp_path / "o4", all_species + ["--context_size", "0"], "need context_size >= 1")
+    assert_startup_error(capsys, tmp_path / "o5", all_species + ["--chunk_size", "100"], "no chunk can hold a window")
+    assert_startup_error(
+        capsys, tmp_path / "o6", all_species + ["--amp", "fp8"], "--amp must be auto, bf16, fp16 or off"
+    )
+    (data_dir / "zea_mays").mkdir()
+    (data_dir / "zea_mays" / "README.txt").write_text("genome to come")
+    assert_startup_error(capsys, tmp_path / "o7", all_species, "zea_mays: species folder has no FASTA")
+
+
+def test_species_without_a_window_fails_before_the_model_or_any_output(tmp_path, capsys, data_dir, monkeypatch):
+    write_fasta(data_dir / "zea_mays" / "x.fa", {"x": "N" * 3000, "y": random_dna(60, 23)})
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before every species was checked")
+
+    monkeypatch.setattr(train_module, "PlantLM", no_model)
+    args = ["--data_dir", str(data_dir), "--species_distribution", ""]
+    assert_startup_error(capsys, tmp_path / "out", args, "species zea_mays: no window of 65 tokens (390 ACGT bp")
+
+
+def test_wandb_without_the_package_is_a_one_line_error(tmp_path, capsys, data_dir, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails too, even where it is installed
+    args = ["--data_dir", str(data_dir), "--species_distribution", "", "--wandb", "true"]
+    assert_startup_error(capsys, tmp_path / "out", args, "--wandb true needs the wandb package: pip install wandb")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--d_model", "30", "--n_heads", "4"], "--d_model 30 must be divisible by --n_heads 4"),
+        (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+        (["--local_attn_window", "0"], "--local_attn_window must be at least 1"),
+        (["--dropout", "1.0"], "--dropout must be in [0, 1)"),
+        (["--learning_rate", "0"], "--learning_rate must be positive"),
+    ],
+)
+def test_impossible_settings_are_one_line_errors_before_any_output(tmp_path, capsys, data_dir, flags, message):
+    args = ["--data_dir", str(data_dir), "--species_distribution", ""] + flags
+    assert_startup_error(capsys, tmp_path / "out", args, message)
 
 
 def test_resume_refuses_a_different_architecture(data_dir, tmp_path, capsys):
