@@ -170,14 +170,16 @@ def validation_fragments(
     n_tokens: int,
     seed: int,
     rank: int,
+    reverse_complement: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed set of validation fragments, `fragments_per_genome` from every validation genome; same each call."""
     check_crop(n_tokens, sampler.fragment_bp, tokenizer, "data.val_tokens")
     rng = np.random.default_rng([seed, 1_000_003, rank])  # separate stream from the training batches
     genomes = np.repeat(np.arange(len(sampler)), fragments_per_genome)
     codes = sampler.sample(rng, genomes)
-    flip = rng.random(len(genomes)) < 0.5
-    codes[flip] = reverse_complement_codes(codes[flip])
+    if reverse_complement:
+        flip = rng.random(len(genomes)) < 0.5
+        codes[flip] = reverse_complement_codes(codes[flip])
     codes = codes[:, : n_tokens + tokenizer.k - 1]
     return tokenizer.tokens_from_codes(torch.from_numpy(codes)), torch.from_numpy(
         sampler.labels[genomes].astype(np.int64)

@@ -260,12 +260,15 @@ def read_genome_contigs(path: str | Path) -> list[tuple[str, np.ndarray]]:
         with gzip.open(path, "rt", encoding="ascii", errors="replace") as handle:
             for title, sequence in SimpleFastaParser(handle):
                 n_records += 1
+                if not title.split():  # a nameless record means a malformed or spliced file: distrust the genome
+                    raise GenomeSkipped(f"record {n_records}: empty FASTA header")
+                name = title.split()[0]
                 codes = BASE_LOOKUP[np.frombuffer(sequence.encode("ascii", errors="replace"), dtype=np.uint8)]
                 bad = np.flatnonzero(codes == INVALID_CODE)
                 if bad.size:
-                    raise GenomeSkipped(f"contig {title.split()[0]!r}: invalid character {sequence[bad[0]]!r}")
+                    raise GenomeSkipped(f"contig {name!r}: invalid character {sequence[bad[0]]!r}")
                 if codes.size and (codes < N_CODE).any():
-                    contigs.append((title.split()[0] if title else "", codes))
+                    contigs.append((name, codes))
     except (gzip.BadGzipFile, zlib.error):
         raise GenomeSkipped("not a gzip file") from None
     except EOFError:

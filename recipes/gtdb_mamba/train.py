@@ -33,7 +33,7 @@ from biorecipes_shared.checkpoint import (
 )
 from biorecipes_shared.distributed import all_reduce_mean, barrier, setup_distributed, teardown_distributed
 from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, peak_memory, plot_loss_curve
-from data import FragmentSampler, KmerTokenizer, TrainBatches, train_loader, validation_fragments
+from data import FragmentSampler, KmerTokenizer, TrainBatches, check_crop, train_loader, validation_fragments
 from metrics import same_genome_auc, write_distance_histogram
 from model import CurricularFace, EmbedderConfig, GenomeFragmentEmbedder, mamba_ssm_available
 from preprocess import GtdbDataError, build_or_load_index, cached_family_split, shard_for_rank
@@ -173,7 +173,13 @@ def run(cfg: DictConfig) -> dict:
         split, train_sampler, val_sampler = prepare_data(cfg, dist_ctx, log)
         tokenizer = KmerTokenizer(cfg.data.kmer)
         val_tokens, val_labels = validation_fragments(
-            val_sampler, tokenizer, cfg.val.fragments_per_genome, cfg.data.val_tokens, cfg.seed, dist_ctx.rank
+            val_sampler,
+            tokenizer,
+            cfg.val.fragments_per_genome,
+            cfg.data.val_tokens,
+            cfg.seed,
+            dist_ctx.rank,
+            cfg.data.reverse_complement,
         )
         model_config = EmbedderConfig(vocab_size=tokenizer.vocab_size, pad_token=tokenizer.pad_token, **cfg.model)
         model, optimizer, scheduler = build_model(cfg, model_config, len(split.train), dist_ctx.device)
@@ -181,7 +187,10 @@ def run(cfg: DictConfig) -> dict:
         step = 0
         resume_from = latest_checkpoint(ckpt_dir) if cfg.train.resume else None
         if resume_from is not None:
-            step = load_checkpoint(resume_from, model, optimizer, scheduler, dist_ctx=dist_ctx).step
+            try:
+                step = load_checkpoint(resume_from, model, optimizer, scheduler, dist_ctx=dist_ctx).step
+            except RuntimeError as err:  # CheckpointError, or load_state_dict's multi-line size mismatch
+                raise resume_error(resume_from, err) from None
             log.info("resumed from %s (step %d)", resume_from, step)
         backend = "mamba_ssm" if cfg.model.backend == "auto" and mamba_ssm_available() else "pure PyTorch (mambapy)"
         log.info(
@@ -279,6 +288,55 @@ def run(cfg: DictConfig) -> dict:
         teardown_distributed()
 
 
+def resume_error(path: Path, err: Exception) -> CheckpointError:
+    """One line for a checkpoint that cannot be loaded into this run's model (another size, class count, k)."""
+    detail = " ".join(str(err).split()).removeprefix(f"{path}: ")  # torch's message spans lines, tab-indented
+    if len(detail) > 300:  # torch lists every mismatched tensor: a changed d_model touches all of them
+        detail = detail[:300] + " ..."
+    return CheckpointError(
+        f"{path}: cannot resume: the checkpoint does not fit this model/config ({detail}); "
+        "use train.resume=false or a new run_dir"
+    )
+
+
+# Minimum of each integer setting: below it the run would divide by zero, loop zero times or build an empty tensor,
+# mostly long after the index build. The AUC needs 2 genomes with 2 fragments each.
+MIN_COUNTS = {
+    "data.kmer": 1,
+    "data.fragment_bp": 1,
+    "data.train_tokens": 1,
+    "data.val_tokens": 1,
+    "data.val_species_target": 1,
+    "data.family_count_cap": 1,
+    "data.n_val_genomes": 2,
+    "data.val_per_genus": 1,
+    "data.train_per_genus": 1,
+    "data.num_workers": 0,
+    "model.d_model": 1,
+    "model.n_layers": 1,
+    "model.d_state": 1,
+    "model.d_conv": 1,
+    "model.expand": 1,
+    "train.batch_size": 1,
+    "train.grad_accumulation": 1,
+    "train.max_steps": 1,
+    "train.steps_per_epoch": 1,
+    "train.warmup_steps": 0,
+    "train.log_every": 1,
+    "train.checkpoint_every": 1,
+    "val.fragments_per_genome": 2,
+    "val.batch_size": 1,
+}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_config(cfg: DictConfig) -> None:
     """Fail fast, in one line, on settings that would otherwise fail deep inside the run."""
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -292,9 +350,22 @@ def check_config(cfg: DictConfig) -> None:
     for key, allowed in choices.items():
         if OmegaConf.select(cfg, key) not in allowed:
             raise GtdbDataError(f"{key}={OmegaConf.select(cfg, key)!r}: must be one of {', '.join(allowed)}")
-    for key in ("train.batch_size", "train.grad_accumulation", "train.max_steps", "train.steps_per_epoch"):
-        if OmegaConf.select(cfg, key) < 1:
-            raise GtdbDataError(f"{key} must be >= 1, got {OmegaConf.select(cfg, key)}")
+    for key, minimum in MIN_COUNTS.items():
+        value = OmegaConf.select(cfg, key)
+        if not _is_int(value) or value < minimum:
+            raise GtdbDataError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    stop = cfg.train.stop_at_step
+    if stop is not None and (not _is_int(stop) or stop < 1):
+        raise GtdbDataError(f"train.stop_at_step must be null or an integer >= 1, got {stop!r}")
+    lr, min_lr = cfg.train.lr, cfg.train.min_lr
+    if not _is_number(lr) or lr <= 0:  # the schedule divides by it
+        raise GtdbDataError(f"train.lr must be a number > 0, got {lr!r}")
+    if not _is_number(min_lr) or min_lr < 0:
+        raise GtdbDataError(f"train.min_lr must be a number >= 0, got {min_lr!r}")
+    # Checked here too (not only by the data classes) so that it fails before the split and index are built.
+    tokenizer = KmerTokenizer(cfg.data.kmer)
+    check_crop(cfg.data.train_tokens, cfg.data.fragment_bp, tokenizer, "data.train_tokens")
+    check_crop(cfg.data.val_tokens, cfg.data.fragment_bp, tokenizer, "data.val_tokens")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

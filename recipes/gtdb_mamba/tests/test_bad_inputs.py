@@ -2,6 +2,7 @@
 
 import gzip
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -110,6 +111,23 @@ def test_truncated_gzip_is_skipped(tmp_path):
         read_genome_contigs(path)
 
 
+def test_empty_fasta_header_skips_the_genome(tmp_path, caplog):
+    from preprocess import GenomeEntry, GenomeSkipped, build_or_load_index, read_genome_contigs
+
+    bad_char = write_fasta_gz(tmp_path / "a.fna.gz", [("", "ACGU")])
+    second = write_fasta_gz(tmp_path / "b.fna.gz", [("c1", "ACGT" * 10), ("", "ACGT" * 10)])
+    good = write_fasta_gz(tmp_path / "c.fna.gz", [("c1", "ACGT" * 10)])
+    for path, record in ((bad_char, 1), (second, 2)):
+        with pytest.raises(GenomeSkipped, match=f"record {record}: empty FASTA header"):
+            read_genome_contigs(path)
+    entries = [GenomeEntry(f"GCA_00000000{i}.1", "F", "G", str(p)) for i, p in enumerate((bad_char, second, good))]
+    with caplog.at_level(logging.WARNING):
+        index = build_or_load_index(entries, [0, 1, 2], tmp_path / "cache", "t", show_progress=False)
+    assert index.accessions == ["GCA_000000002.1"]
+    assert sorted(index.skipped) == ["GCA_000000000.1", "GCA_000000001.1"]
+    assert "genome GCA_000000000.1 skipped: record 1: empty FASTA header" in caplog.text
+
+
 def test_cli_prints_one_line_error_and_exits_1(tmp_path):
     result = subprocess.run(
         [
@@ -143,3 +161,88 @@ def test_missing_required_setting_is_one_line(tmp_path):
         result.stderr.strip()
         == "error: required setting(s) not given: data.genomes_root, data.metadata_files (pass them as key=value)"
     )
+
+
+def _cli(overrides: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "train.py", "--config-name", "sample", *overrides],
+        cwd=RECIPE_DIR,
+        capture_output=True,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.log_every=0", "train.log_every must be an integer >= 1, got 0"),
+        ("train.checkpoint_every=0", "train.checkpoint_every must be an integer >= 1, got 0"),
+        ("val.batch_size=0", "val.batch_size must be an integer >= 1, got 0"),
+        ("data.kmer=0", "data.kmer must be an integer >= 1, got 0"),
+        ("data.val_tokens=1000", "data.val_tokens=1000 tokens needs fragments of >= 1004 bp, data.fragment_bp is 150"),
+    ],
+)
+def test_bad_counts_fail_before_anything_is_written(gtdb_fixture, tmp_path, override, message):
+    result = _cli([*tiny_overrides(gtdb_fixture, tmp_path), override])
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: {message}"
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.grad_accumulation=0", "train.grad_accumulation must be an integer >= 1, got 0"),
+        ("val.fragments_per_genome=1", "val.fragments_per_genome must be an integer >= 2, got 1"),
+        ("data.n_val_genomes=1", "data.n_val_genomes must be an integer >= 2, got 1"),
+        ("data.num_workers=-1", "data.num_workers must be an integer >= 0, got -1"),
+        ("model.d_model=0", "model.d_model must be an integer >= 1, got 0"),
+        ("train.log_every=2.5", "train.log_every must be an integer >= 1, got 2.5"),
+        ("train.stop_at_step=0", "train.stop_at_step must be null or an integer >= 1, got 0"),
+        ("train.lr=0", "train.lr must be a number > 0, got 0"),
+        ("data.train_tokens=200", "data.train_tokens=200 tokens needs fragments of >= 204 bp"),
+    ],
+)
+def test_check_config_rejects_bad_values(gtdb_fixture, tmp_path, override, message):
+    from train import check_config
+
+    with pytest.raises(GtdbDataError, match=re.escape(message)):
+        check_config(compose_config([*tiny_overrides(gtdb_fixture, tmp_path), override]))
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["model.d_model=8", "data.val_species_target=12"],  # another width; 3 held-out families: 36 classes, not 40
+)
+def test_resume_with_another_model_is_one_line(gtdb_fixture, tmp_path, change):
+    from train import run
+
+    run(compose_config([*tiny_overrides(gtdb_fixture, tmp_path), "train.max_steps=2", "train.steps_per_epoch=2"]))
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
+    assert checkpoint.is_dir()
+    result = _cli([*tiny_overrides(gtdb_fixture, tmp_path), "train.max_steps=4", change])
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {checkpoint}: cannot resume: the checkpoint does not fit this model/config (")
+    assert last.endswith("); use train.resume=false or a new run_dir")
+
+
+def test_resume_error_from_load_state_dict_is_one_line(gtdb_fixture, tmp_path, monkeypatch):
+    import train
+    from biorecipes_shared.checkpoint import CheckpointError
+
+    overrides = [*tiny_overrides(gtdb_fixture, tmp_path), "train.max_steps=2", "train.steps_per_epoch=2"]
+    train.run(compose_config(overrides))
+
+    def load_state_dict_fails(*args, **kwargs):  # what torch raises when nothing checked the shapes first
+        raise RuntimeError(
+            "Error(s) in loading state_dict for EmbedderWithHead:\n\tsize mismatch for head.weight: copying a param "
+            "with shape torch.Size([30, 16]) from checkpoint, the shape in current model is torch.Size([20, 16])."
+        )
+
+    monkeypatch.setattr(train, "load_checkpoint", load_state_dict_fails)
+    with pytest.raises(CheckpointError) as caught:
+        train.run(compose_config([*overrides, "train.max_steps=4"]))
+    message = str(caught.value)
+    assert "\n" not in message and "size mismatch for head.weight" in message
+    assert message.startswith(f"{tmp_path / 'run' / 'checkpoints' / 'step_00000002'}: cannot resume: ")

@@ -109,3 +109,12 @@ def test_background_workers_deliver_the_same_batches(small_index):
     for a, b in zip(in_process, in_workers):
         assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["labels"], b["labels"])
     assert torch.equal(in_process[0]["tokens"], dataset[10]["tokens"])
+
+
+def test_validation_fragments_respect_reverse_complement_flag(small_index):
+    # k=1 tokens are the base codes; genome 0's only usable contig is A/C, so a T or G means reverse-complemented
+    sampler = FragmentSampler(small_index, fragment_bp=25)
+    tokens, labels = validation_fragments(sampler, KmerTokenizer(1), 40, 25, seed=0, rank=0, reverse_complement=False)
+    assert set(tokens[labels == 10].unique().tolist()) <= {0, 2}
+    flipped, _ = validation_fragments(sampler, KmerTokenizer(1), 40, 25, seed=0, rank=0, reverse_complement=True)
+    assert set(flipped[labels == 10].unique().tolist()) == {0, 1, 2, 3}
