@@ -58,7 +58,7 @@ class TrainingConfig:
     weight_decay: float = MISSING
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = MISSING
-    lr_schedule: str = MISSING  # any transformers.get_scheduler name: linear, cosine, constant_with_warmup, ...
+    lr_schedule: str = MISSING  # one of train.LR_SCHEDULES: linear, cosine, constant_with_warmup, ...
     grad_clip_norm: float = MISSING
     seed: int = MISSING
     bf16: bool = MISSING

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -20,7 +21,8 @@ from preprocess import DataError
 class CellDataset(torch.utils.data.Dataset):
     """Cells of a token parquet (`input_ids` column), validated against the vocabulary and truncated to max_length.
 
-    Truncation keeps the first (highest-ranked) genes, which is what rank-value encoding means by a shorter context.
+    Truncation keeps the first (highest-ranked) genes, which is what rank-value encoding means by a shorter context;
+    `num_truncated` counts the cells it cuts, so the caller can say so once.
     """
 
     def __init__(self, parquet_path: str | Path, vocab_size: int, max_length: int):
@@ -33,7 +35,17 @@ class CellDataset(torch.utils.data.Dataset):
             raise DataError(f"{path}: not a readable parquet file ({error})") from None
         if "input_ids" not in schema.names:
             raise DataError(f"{path}: no 'input_ids' column (has {schema.names}); tokenize with preprocess.py")
+        kind = schema.field("input_ids").type
+        # Float ids would be truncated silently by the int64 cast below, and a flat column is not one list per cell.
+        if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or not pa.types.is_integer(kind.value_type):
+            raise DataError(f"{path}: 'input_ids' is {kind}, not a list of integer token ids per cell")
         column = pq.read_table(path, columns=["input_ids"]).column("input_ids").combine_chunks()
+        if column.null_count:
+            raise DataError(f"{path}: row {_first_null(column)} has a null input_ids")
+        if column.values.null_count:
+            position = _first_null(column.values)
+            row = int(np.searchsorted(np.asarray(column.offsets), position, side="right") - 1)
+            raise DataError(f"{path}: row {row} has a null token id")
         # Flat token array + offsets: one allocation for the whole corpus instead of a Python list per cell.
         offsets = np.asarray(column.offsets, dtype=np.int64)
         tokens = np.asarray(column.values, dtype=np.int64)
@@ -50,6 +62,7 @@ class CellDataset(torch.utils.data.Dataset):
                 f"{path}: row {row} has token id {int(tokens[position])} outside the vocabulary (size {vocab_size})"
             )
         self.path, self.tokens, self.offsets, self.max_length = path, tokens, offsets, max_length
+        self.num_truncated = int((lengths > max_length).sum())
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -62,6 +75,10 @@ class CellDataset(torch.utils.data.Dataset):
     def lengths(self) -> np.ndarray:
         """Tokens per cell after truncation."""
         return np.minimum(np.diff(self.offsets), self.max_length)
+
+
+def _first_null(array: pa.Array) -> int:
+    return int(np.argmax(array.is_null().to_numpy(zero_copy_only=False)))
 
 
 @dataclass
@@ -122,6 +139,14 @@ def batches_per_epoch(num_cells: int, micro_batch_size: int, world_size: int) ->
     return (num_cells // world_size) // micro_batch_size
 
 
+def check_fills_a_batch(dataset: CellDataset, micro_batch_size: int, world_size: int) -> None:
+    """Raise DataError when the corpus cannot give every rank one full micro-batch."""
+    if batches_per_epoch(len(dataset), micro_batch_size, world_size) == 0:
+        raise DataError(
+            f"{dataset.path}: {len(dataset)} cells cannot fill one micro-batch of {micro_batch_size} on {world_size} ranks"
+        )
+
+
 def iterate_batches(
     dataset: CellDataset,
     collator: MaskingCollator,
@@ -132,13 +157,15 @@ def iterate_batches(
     start_epoch: int = 0,
     start_batch: int = 0,
 ):
-    """Yields (epoch, batch_index, batch) forever, starting at (start_epoch, start_batch)."""
+    """An iterator of (epoch, batch_index, batch), forever, starting at (start_epoch, start_batch).
+
+    Checks the corpus now, not at the first next() (a generator body would only run then)."""
+    check_fills_a_batch(dataset, micro_batch_size, world_size)
+    return _batches(dataset, collator, micro_batch_size, seed, rank, world_size, start_epoch, start_batch)
+
+
+def _batches(dataset, collator, micro_batch_size, seed, rank, world_size, epoch, batch_index):
     per_epoch = batches_per_epoch(len(dataset), micro_batch_size, world_size)
-    if per_epoch == 0:
-        raise DataError(
-            f"{dataset.path}: {len(dataset)} cells cannot fill one micro-batch of {micro_batch_size} on {world_size} ranks"
-        )
-    epoch, batch_index = start_epoch, start_batch
     while True:
         order = epoch_order(len(dataset), epoch, seed, rank, world_size)
         while batch_index < per_epoch:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ PAD, MASK, CLS, EOS = "<pad>", "<mask>", "<cls>", "<eos>"
 SPECIAL_TOKENS = {"v1": [PAD, MASK], "v2": [PAD, MASK, CLS, EOS]}
 TARGET_SUM = 10_000  # counts per cell after normalisation, as in the original Geneformer tokenizer
 CELL_ID_COLUMN = "cell_id"
+# pandas' name for a column without a header, e.g. the index written by DataFrame.to_csv() without index=False.
+UNNAMED_COLUMN = re.compile(r"Unnamed: \d+")
 
 
 class DataError(ValueError):
@@ -54,11 +57,20 @@ def _is_raw_counts(matrix) -> bool:
     return bool(np.all(values >= 0) and np.all(np.abs(values - np.round(values)) < 1e-6))
 
 
+def _unreadable(path: Path, kind: str, error: Exception) -> DataError:
+    """The reader's own message can span lines and omit the file name: keep its first line, name the file."""
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return DataError(f"{path}: not a readable {kind} file ({reason})")
+
+
 def read_h5ad(path: Path, gene_id_column: str | None = None) -> CountMatrix:
     """Read raw counts from an h5ad: `layers['counts']`, else `raw.X`, else `X` — the first holding integer counts."""
     import anndata
 
-    adata = anndata.read_h5ad(path)
+    try:
+        adata = anndata.read_h5ad(path)
+    except Exception as error:  # h5py and anndata raise OSError, KeyError, TypeError... for damaged files
+        raise _unreadable(path, "h5ad", error) from None
     candidates = []
     if "counts" in adata.layers:
         candidates.append(("layers['counts']", adata.layers["counts"], adata.var))
@@ -87,15 +99,38 @@ def read_table(path: Path) -> CountMatrix:
     """Read a dense table of counts (parquet or CSV): one row per cell, one column per gene, optional `cell_id`."""
     import pandas as pd
 
-    frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    kind = path.suffix.lstrip(".")
+    try:
+        frame = pd.read_parquet(path) if kind == "parquet" else pd.read_csv(path)
+    except Exception as error:  # EmptyDataError, ParserError, ArrowInvalid, UnicodeDecodeError, ...
+        raise _unreadable(path, kind, error) from None
+    unnamed = [str(c) for c in frame.columns if UNNAMED_COLUMN.fullmatch(str(c))]
+    if unnamed:
+        # Refused, not dropped: it is usually a saved index, which may hold the cell ids the user wants to keep.
+        raise DataError(
+            f"{path}: column {unnamed[0]!r} has no header (a saved DataFrame index?); write the table with "
+            f"to_csv(index=False), or name the column {CELL_ID_COLUMN!r} if it holds cell ids"
+        )
     if CELL_ID_COLUMN in frame.columns:
-        cell_ids = frame.pop(CELL_ID_COLUMN).astype(str).tolist()
+        ids = frame.pop(CELL_ID_COLUMN)
+        if ids.isna().any():
+            raise DataError(f"{path}: row {int(np.argmax(ids.isna()))} has no {CELL_ID_COLUMN}")
+        cell_ids = ids.astype(str).tolist()
     else:
         cell_ids = [str(i) for i in range(len(frame))]
+    if frame.empty:  # checked before the dtypes: the columns of a header-only CSV read as text
+        raise DataError(f"{path}: no cells or no genes ({frame.shape[0]} x {frame.shape[1]})")
     non_numeric = [c for c in frame.columns if not np.issubdtype(frame[c].dtype, np.number)]
     if non_numeric:
         raise DataError(f"{path}: column {non_numeric[0]!r} is not numeric; every column but cell_id is a gene")
     values = frame.to_numpy(dtype=np.float64)
+    if np.isnan(values).any():
+        # A short CSV row or an empty field reads as NaN; guessing 0 could hide a truncated or misaligned file.
+        row, column = (int(i) for i in np.argwhere(np.isnan(values))[0])
+        raise DataError(
+            f"{path}: cell {cell_ids[row]!r}, gene {str(frame.columns[column])!r} has no value (empty field or "
+            "short row); write 0 for genes without counts"
+        )
     if not _is_raw_counts(values):
         row = int(np.argwhere((values < 0) | (np.abs(values - np.round(values)) > 1e-6))[0][0])
         raise DataError(f"{path}: cell {cell_ids[row]!r} has non-integer or negative counts; raw counts needed")
@@ -113,6 +148,8 @@ def read_counts(path: str | Path, gene_id_column: str | None = None) -> CountMat
         matrix = read_table(path)
     else:
         raise DataError(f"{path}: unknown format {path.suffix!r} (expected .h5ad, .parquet or .csv)")
+    if matrix.counts.shape[0] == 0 or matrix.counts.shape[1] == 0:
+        raise DataError(f"{path}: no cells or no genes ({matrix.counts.shape[0]} x {matrix.counts.shape[1]})")
     if len(set(matrix.gene_ids)) != len(matrix.gene_ids):
         raise DataError(f"{path}: duplicate gene ids; make them unique (e.g. use Ensembl ids)")
     return matrix
@@ -229,6 +266,9 @@ def preprocess(
     """Tokenize one count file into `out_dir`; returns the path of the written `cells.parquet`."""
     if style not in SPECIAL_TOKENS:
         raise DataError(f"unknown token style {style!r} (expected one of {sorted(SPECIAL_TOKENS)})")
+    shortest = {"v1": 1, "v2": 3}[style]  # v2 needs room for <cls>, one gene and <eos>
+    if max_length < shortest:
+        raise DataError(f"--max-length {max_length} is too small: style {style} needs at least {shortest} tokens")
     matrix = read_counts(counts_path, gene_id_column)
     normalised = normalise(matrix.counts, matrix.source, matrix.cell_ids)
     if gene_medians_path is not None:

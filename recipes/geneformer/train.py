@@ -11,6 +11,7 @@ training.checkpoint_dir/step_XXXXXXXX/, resumed automatically; the final weights
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import get_scheduler
+from transformers.activations import ACT2FN
 
 from biorecipes_shared.checkpoint import (
     CheckpointError,
@@ -32,12 +34,23 @@ from biorecipes_shared.fsdp_checkpoint import gather_full_state_dict, load_shard
 from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, peak_memory, plot_loss_curve
 from biorecipes_shared.preemption import PreemptionHandler
 from config import ConfigError, config_from_argv
-from data import CellDataset, MaskingCollator, iterate_batches
+from data import CellDataset, MaskingCollator, check_fills_a_batch, iterate_batches
 from model import BertForMaskedLM, check_te_config, geneformer_config, te, te_to_hf_state_dict
 from preprocess import DataError, read_vocab
 
 RECIPE_DIR = Path(__file__).resolve().parent
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
+# The transformers schedules that work as make_optimizer builds and steps them (warmup + total steps, step() without
+# a metric); reduce_lr_on_plateau, cosine_with_min_lr and warmup_stable_decay need arguments this recipe never passes.
+LR_SCHEDULES = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
 
 
 def recipe_path(path: str) -> Path:
@@ -59,6 +72,19 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"data.max_seq_length={data.max_seq_length} > model.max_position_embeddings")
     if not 0 < data.mlm_probability < 1:
         raise ConfigError(f"data.mlm_probability={data.mlm_probability} must be in (0, 1)")
+    if model.hidden_act not in ACT2FN:
+        raise ConfigError(f"model.hidden_act={model.hidden_act!r} is unknown (e.g. relu, gelu, gelu_new)")
+    if training.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"training.lr_schedule={training.lr_schedule!r}: use one of {', '.join(LR_SCHEDULES)}")
+    if training.lr_schedule == "constant" and training.warmup_steps:
+        raise ConfigError("training.lr_schedule=constant ignores warmup_steps; use constant_with_warmup")
+    if len(training.adam_betas) != 2 or not all(0 <= beta < 1 for beta in training.adam_betas):
+        raise ConfigError(f"training.adam_betas={list(training.adam_betas)} must be two values in [0, 1)")
+    if training.wandb_init_args:
+        try:  # MetricsWriter imports wandb only after it has created output_dir: check first
+            importlib.import_module("wandb")
+        except ImportError as error:
+            raise ConfigError(f"training.wandb_init_args is set but wandb does not import ({error})") from None
     if training.fsdp_impl not in ("torch", "megatron"):
         raise ConfigError(f"training.fsdp_impl={training.fsdp_impl!r}: use torch or megatron")
     if training.fsdp_impl == "megatron" and not training.use_fsdp:
@@ -182,7 +208,17 @@ def train(cfg: DictConfig) -> list[float]:
         raise ConfigError(
             "training.use_fsdp=true shards over several processes: launch with torchrun --nproc_per_node>1"
         )
+    check_fills_a_batch(dataset, cfg.data.micro_batch_size, dist_ctx.world_size)
     log = get_logger("geneformer", dist_ctx)
+    if dataset.num_truncated and dist_ctx.is_main:
+        cut = f"only their first {cfg.data.max_seq_length} tokens are used"
+        if "<eos>" in vocab:
+            cut += " (so they lose their <eos>)"
+        log.warning(
+            f"{dataset.num_truncated} of {len(dataset)} cells in {dataset.path} are longer than "
+            f"data.max_seq_length={cfg.data.max_seq_length}: {cut}; raise data.max_seq_length and "
+            "model.max_position_embeddings to keep them"
+        )
     model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k not in ("vocab_size",)}
     seed_everything(training.seed)  # identical initial weights on every rank, without a broadcast
     model = BertForMaskedLM(geneformer_config(vocab_size, **model_kwargs)).to(dist_ctx.device)
@@ -198,7 +234,15 @@ def train(cfg: DictConfig) -> list[float]:
     step, data_state = 0, {"epoch": 0, "batch": 0}
     if resume_from is not None:
         load = load_sharded_checkpoint if sharded else load_checkpoint
-        state = load(resume_from, wrapped, optimizer, scheduler, generators={"masking": mask_generator})
+        try:
+            state = load(resume_from, wrapped, optimizer, scheduler, generators={"masking": mask_generator})
+        except CheckpointError as error:
+            if "shape mismatch" not in str(error):
+                raise
+            # Usually the same output_dir rerun with other model.* values: say so, since resuming is the default.
+            raise CheckpointError(
+                f"{error}; the model config differs from the run that saved it: use a new training.output_dir"
+            ) from None
         step, data_state = state.step, state.data_state
         log.info(f"resumed from {resume_from} at step {step}; continuing with step {step + 1}")
     save = save_sharded_checkpoint if sharded else save_checkpoint

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -115,3 +117,35 @@ def test_rank_shards_are_disjoint_and_resume_exactly(tmp_path):
     resumed, _ = batches(epoch, index + 1, state)
     for (e1, b1, x1), (e2, b2, x2) in zip(tail, [next(resumed) for _ in range(5)]):
         assert (e1, b1) == (e2, b2) and all(torch.equal(x1[k], x2[k]) for k in x1)
+
+
+@pytest.mark.parametrize(
+    ("column", "message"),
+    [
+        (pa.array([5, 6, 7], type=pa.int64()), "'input_ids' is int64, not a list of integer token ids per cell"),
+        (pa.array([[5.0, 6.7]], type=pa.list_(pa.float32())), "'input_ids' is list<element: float>, not a list of"),
+        (pa.array([[5, 6], [7, None, 8]], type=pa.list_(pa.int32())), "row 1 has a null token id"),
+        (pa.array([[5, 6], [7], None], type=pa.list_(pa.int32())), "row 2 has a null input_ids"),
+    ],
+)
+def test_dataset_needs_integer_lists_without_nulls(tmp_path, column, message):
+    path = tmp_path / "cells.parquet"
+    pq.write_table(pa.table({"input_ids": column}), path)
+    with pytest.raises(DataError, match=re.escape(f"{path}: {message}")):
+        CellDataset(path, vocab_size=1000, max_length=64)
+
+
+def test_dataset_counts_truncated_cells(tmp_path):
+    path = write_cells(tmp_path / "cells.parquet", [[5] * 10, [6] * 64, [7] * 65, [8] * 100])
+    assert CellDataset(path, 1000, max_length=64).num_truncated == 2
+    assert CellDataset(path, 1000, max_length=100).num_truncated == 0
+
+
+def test_too_few_cells_fail_when_iteration_is_set_up(tmp_path):
+    """The check runs when iterate_batches is called, before the training loop creates any output."""
+    dataset = CellDataset(write_cells(tmp_path / "cells.parquet", [[5, 6]] * 3), 1000, 64)
+    collator = MaskingCollator(VOCAB)
+    with pytest.raises(DataError, match="3 cells cannot fill one micro-batch of 4 on 1 ranks"):
+        iterate_batches(dataset, collator, micro_batch_size=4, seed=0, rank=0, world_size=1)
+    with pytest.raises(DataError, match="3 cells cannot fill one micro-batch of 2 on 2 ranks"):
+        iterate_batches(dataset, collator, micro_batch_size=2, seed=0, rank=0, world_size=2)

@@ -14,6 +14,7 @@ import scipy.sparse as sp
 from conftest import RECIPE_DIR, SAMPLE_DIR
 
 from preprocess import DataError, preprocess
+from preprocess import main as preprocess_main
 
 # 3 cells x 4 genes. Cells 1 and 2 total 10 counts, cell 3 totals 20, so after scaling to 10,000:
 #   A: 4000, 1000       -> non-zero median 2500
@@ -110,3 +111,70 @@ def test_cli_error_is_one_line(tmp_path):
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope.h5ad'}: no such file"]
+
+
+def test_missing_csv_value_names_the_cell(tmp_path):
+    (tmp_path / "short.csv").write_text("cell_id,A,B,C,D\nc1,4,2,0,4\nc2,1,1,8\n")  # c2 lacks its D value
+    with pytest.raises(DataError, match=r"short.csv: cell 'c2', gene 'D' has no value"):
+        preprocess(tmp_path / "short.csv", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_pandas_index_column_is_refused(tmp_path):
+    COUNTS.drop(columns="cell_id").to_csv(tmp_path / "with_index.csv")  # pandas' default writes the index too
+    with pytest.raises(DataError, match=r"with_index.csv: column 'Unnamed: 0' has no header.*index=False"):
+        preprocess(tmp_path / "with_index.csv", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("style", "max_length", "message"),
+    [("v1", 0, "--max-length 0 is too small: style v1 needs at least 1"), ("v2", 2, "style v2 needs at least 3")],
+)
+def test_max_length_too_small_is_refused(tmp_path, style, max_length, message):
+    COUNTS.to_csv(tmp_path / "counts.csv", index=False)
+    with pytest.raises(DataError, match=message):
+        preprocess(tmp_path / "counts.csv", tmp_path / "out", max_length=max_length, style=style)
+    assert not (tmp_path / "out").exists()
+    out = preprocess(tmp_path / "counts.csv", tmp_path / "out", max_length=max_length + 1, style=style)
+    assert all(len(cell) == max_length + 1 for cell in token_rows(out))
+
+
+def write_bad_counts(tmp_path, case):
+    """A few unusable count files, as users produce them."""
+    if case == "empty.csv":
+        (tmp_path / case).write_text("")
+    elif case == "text.parquet":
+        (tmp_path / case).write_text("cell_id,A\nc1,3\n")
+    elif case == "corrupt.h5ad":
+        (tmp_path / case).write_bytes(b"\x89HDF\r\n\x1a\n" + b"junk" * 100)
+    elif case == "header_only.csv":
+        (tmp_path / case).write_text("cell_id,A,B\n")
+    elif case == "short.csv":
+        (tmp_path / case).write_text("cell_id,A,B\nc1,1,2\nc2,3\n")
+    elif case == "with_index.csv":
+        COUNTS.to_csv(tmp_path / case)
+    return tmp_path / case
+
+
+@pytest.mark.parametrize(
+    ("case", "args", "message"),
+    [
+        ("empty.csv", [], "empty.csv: not a readable csv file (No columns to parse from file)"),
+        ("text.parquet", [], "text.parquet: not a readable parquet file ("),
+        ("corrupt.h5ad", [], "corrupt.h5ad: not a readable h5ad file ("),
+        ("header_only.csv", [], "header_only.csv: no cells or no genes (0 x 2)"),
+        ("short.csv", [], "short.csv: cell 'c2', gene 'B' has no value"),
+        ("with_index.csv", [], "with_index.csv: column 'Unnamed: 0' has no header"),
+        ("short.csv", ["--max-length", "0"], "--max-length 0 is too small"),
+        ("short.csv", ["--style", "v2", "--max-length", "2"], "--max-length 2 is too small: style v2"),
+    ],
+)
+def test_cli_bad_counts_are_one_line_errors_and_write_nothing(tmp_path, capsys, case, args, message):
+    path = write_bad_counts(tmp_path, case)
+    code = preprocess_main([str(path), "--out-dir", str(tmp_path / "out"), *args])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert "Traceback" not in lines[0]
+    assert not (tmp_path / "out").exists()

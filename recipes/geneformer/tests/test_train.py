@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import signal
 import subprocess
 import sys
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import transformers
 from conftest import RECIPE_DIR, tiny_overrides
 
+import model as model_module
 import train
 from config import load_config
-from model import BertForMaskedLM
+from model import BertForMaskedLM, check_te_config, geneformer_config
 
 
 def logged_losses(output_dir) -> dict[int, float]:
@@ -84,18 +88,84 @@ def run_main(capsys, args):
         (["training.use_fp8=true"], "error: training.use_fp8=true needs a CUDA GPU"),
         (["data.train_path=/nonexistent/cells.parquet"], "error: /nonexistent/cells.parquet: no such data file"),
         (["data.vocab_path=/nonexistent/vocab.txt"], "error: /nonexistent/vocab.txt: no such vocabulary file"),
-        (["model.hidden_act=gelu", "model.use_te_layers=true"], "error: "),
+        (["model.use_te_layers=true"], "error: model.use_te_layers=true needs transformer_engine"),
         (["training.use_fsdp=true"], "error: training.use_fsdp=true shards over several processes"),
         (["training.save_every_n_steps=0"], "error: training.save_every_n_steps=0 must be at least 1"),
+        (["model.hidden_act=foo"], "error: model.hidden_act='foo' is unknown"),
+        (["training.lr_schedule=foo"], "error: training.lr_schedule='foo': use one of linear, cosine,"),
+        (["training.lr_schedule=reduce_lr_on_plateau"], "error: training.lr_schedule='reduce_lr_on_plateau': use"),
+        (["training.lr_schedule=constant"], "error: training.lr_schedule=constant ignores warmup_steps"),
+        (["training.adam_betas=[0.9]"], "error: training.adam_betas=[0.9] must be two values in [0, 1)"),
+        (["training.adam_betas=[0.9,1.5]"], "error: training.adam_betas=[0.9, 1.5] must be two values"),
+        (["+training.wandb_init_args.project=x"], "error: training.wandb_init_args is set but wandb does not import"),
     ],
 )
-def test_bad_input_is_one_line_error_and_writes_nothing(tmp_path, capsys, args, message):
+def test_bad_input_is_one_line_error_and_writes_nothing(tmp_path, capsys, monkeypatch, args, message):
     if torch.cuda.is_available() and "use_fp8" in args[0]:
         pytest.skip("a GPU is present")
+    if model_module.te is not None and "use_te_layers" in args[0]:
+        pytest.skip("transformer_engine is installed")
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed, even where it is: import raises
     code, lines = run_main(capsys, [f"training.output_dir={tmp_path / 'run'}", *args])
     assert code == 1
     assert len(lines) == 1 and lines[0].startswith(message), lines
     assert not (tmp_path / "run").exists()
+
+
+def test_te_refuses_exact_gelu(tmp_path, capsys, monkeypatch):
+    """TE's gelu is the tanh approximation: exact gelu is refused by name, not swapped (checked without TE here)."""
+    monkeypatch.setattr(model_module, "te", object())  # stands in for an importable transformer_engine
+    for act in ("relu", "gelu_new", "gelu_pytorch_tanh"):
+        check_te_config(geneformer_config(2, use_te_layers=True, hidden_act=act))
+    with pytest.raises(ValueError, match=r"hidden_act='gelu' has no Transformer Engine equivalent \(use one of"):
+        check_te_config(geneformer_config(2, use_te_layers=True, hidden_act="gelu"))
+    args = [f"training.output_dir={tmp_path / 'run'}", "model.hidden_act=gelu", "model.use_te_layers=true"]
+    code, lines = run_main(capsys, args)
+    assert code == 1 and lines == [
+        "error: hidden_act='gelu' has no Transformer Engine equivalent "
+        "(use one of ['gelu_new', 'gelu_pytorch_tanh', 'relu'])"
+    ]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("schedule", train.LR_SCHEDULES)
+def test_every_accepted_lr_schedule_builds_and_steps(schedule):
+    warmup = 0 if schedule == "constant" else 2
+    cfg = load_config("l0_sanity", [f"training.lr_schedule={schedule}", f"training.warmup_steps={warmup}"])
+    train.check_config(cfg)
+    optimizer, scheduler = train.make_optimizer(torch.nn.Linear(2, 2), cfg)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.get_last_lr()[0] > 0
+
+
+def test_too_few_cells_is_an_error_before_any_output(tmp_path, capsys):
+    cells = tmp_path / "cells.parquet"
+    pq.write_table(pa.table({"input_ids": pa.array([[5, 6, 7]] * 3, type=pa.list_(pa.int32()))}), cells)
+    code, lines = run_main(capsys, tiny_overrides(tmp_path / "run") + [f"data.train_path={cells}"])
+    assert code == 1 and lines == [f"error: {cells}: 3 cells cannot fill one micro-batch of 4 on 1 ranks"]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_cells_longer_than_max_seq_length_are_warned_once(tmp_path, monkeypatch, caplog):
+    logger = logging.getLogger("geneformer.test")  # propagates, unlike the recipe's logger, so caplog sees it
+    monkeypatch.setattr(train, "get_logger", lambda name, dist_ctx: logger)
+    with caplog.at_level(logging.INFO, logger="geneformer.test"):
+        train.train(load_config("l0_sanity", tiny_overrides(tmp_path, steps=2)))  # sample cells: 183-409 tokens
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "500 of 500 cells in" in warnings[0] and "longer than data.max_seq_length=64" in warnings[0]
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_model_size_is_one_line_error(tmp_path, capsys):
+    assert train.main(tiny_overrides(tmp_path, steps=2)) == 0
+    code, lines = run_main(capsys, tiny_overrides(tmp_path, steps=4) + ["model.hidden_size=64"])
+    assert code == 1 and lines[-1].startswith("error: ") and "shape mismatches" in lines[-1]
+    assert lines[-1].endswith("the model config differs from the run that saved it: use a new training.output_dir")
+    assert not (tmp_path / "checkpoints" / "step_00000004").exists()
 
 
 def test_existing_but_broken_checkpoints_are_errors(tmp_path, capsys):
