@@ -7,6 +7,7 @@ another file with a dot-list override; `load_config(...)` returns all three sect
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import reduce
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -23,10 +24,10 @@ class ConfigError(ValueError):
 class ModelConfig:
     model_name: str = "esm2_t6_8M"  # ESM-2 size name (see model.ESM2_SIZES) or a local checkpoint dir
     max_position_embeddings: int = 1026  # incl. <cls>/<eos>; must match the architecture
-    max_batch_size: int = 16384  # token budget per batch (rows x longest row), used by preprocessing
+    max_batch_size: int = 16384  # token budget per batch (rows x longest row): preprocessing packs to it, train checks
     attention: str = "auto"  # auto | flash | sdpa | eager (transformers' EsmForMaskedLM)
     hidden_dropout_prob: float | None = None  # None keeps the architecture's value (0.0 for ESM-2)
-    attention_probs_dropout_prob: float | None = None
+    attention_probs_dropout_prob: float | None = None  # > 0 only with attention: eager (faesm ignores it)
 
 
 @dataclass
@@ -66,7 +67,7 @@ class TrainingConfig:
     greater_is_better: bool = False
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     seed: int = 42
-    report_to: str = "none"  # none | wandb | tensorboard (passed to TrainingArguments)
+    report_to: str = "none"  # none | wandb | tensorboard (passed to TrainingArguments; the package must be installed)
 
 
 @dataclass
@@ -99,8 +100,40 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
+# Counts and step intervals with their smallest valid value; a 0 or negative one would otherwise surface deep
+# inside the Trainer as a ZeroDivisionError or ValueError traceback (or silently mean "epochs" for max_steps).
+MINIMUMS = {
+    "model.max_position_embeddings": 1,
+    "model.max_batch_size": 1,
+    "training.gradient_accumulation_steps": 1,
+    "training.warmup_steps": 0,
+    "training.schedule_steps": 1,
+    "training.max_steps": 1,
+    "training.eval_steps": 1,
+    "training.save_steps": 1,
+    "training.logging_steps": 1,
+    "training.save_total_limit": 0,
+    "training.early_stopping.patience": 1,
+    "training.seed": 0,
+    "data.num_workers": 0,
+}
+REPORT_TO_CHOICES = ("none", "wandb", "tensorboard")
+
+
 def _validate(cfg: RecipeConfig, path: Path) -> None:
-    t = cfg.training
+    for key, minimum in MINIMUMS.items():
+        value = reduce(getattr, key.split("."), cfg)
+        if value < minimum:
+            raise ConfigError(f"{path}: {key} must be >= {minimum}, got {value}")
+    m, t = cfg.model, cfg.training
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        value = getattr(m, key)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise ConfigError(f"{path}: model.{key} must be in [0, 1), got {value}")
+    if t.report_to not in REPORT_TO_CHOICES:
+        raise ConfigError(
+            f"{path}: training.report_to must be one of {', '.join(REPORT_TO_CHOICES)}, got {t.report_to!r}"
+        )
     if t.mixed_precision not in ("bf16", "fp16", "no"):
         raise ConfigError(f"{path}: training.mixed_precision must be bf16, fp16 or no, got {t.mixed_precision!r}")
     if not 0.0 < t.mlm_probability < 1.0:

@@ -6,7 +6,8 @@
 Steps: stream the FASTA (plain or gzip) -> validate and normalise each record -> split long sequences into
 balanced chunks -> tokenize -> sort a window of `chunk_size` sequences by length -> pack greedily so that
 rows x longest-row never exceeds the token budget -> write the batches' rows contiguously (batch-major) so the
-training loader can rebuild each batch from one slice of a memory-mapped shard.
+training loader can rebuild each batch from one slice of a memory-mapped shard. `packing.json` beside the shards
+records the token budget and lengths used, which train.py checks against its config.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import itertools
+import json
 import math
 import os
 import random
@@ -40,6 +42,8 @@ _RESIDUE_TO_ID = np.full(256, -1, dtype=np.int8)
 for _letter in VALID_RESIDUES:
     _RESIDUE_TO_ID[ord(_letter)] = ESM_VOCAB.index(_letter)
 IGNORE_INDEX = -100
+PACKING_FILE = "packing.json"  # next to the shard dirs: the token budget and lengths they were packed with
+PACKING_KEYS = ("token_budget", "max_aa_length", "max_position_embeddings")
 
 SHARD_FEATURES = Features(
     {
@@ -231,6 +235,9 @@ def preprocess_fasta(
         raise FastaError(f"token budget {token_budget} is smaller than one full-length sequence ({max_aa_length + 2})")
     if min(chunk_size, shard_size, max_aa_length) < 1:
         raise FastaError("--chunk_size, --shard_size and --max_aa_length must be positive")
+    existing = next((p for p in (output_dir, *output_dir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise FastaError(f"{output_dir}: {existing} exists and is not a directory; choose another --output_dir")
     if output_dir.exists() and any(output_dir.iterdir()):
         raise FastaError(f"{output_dir}: output directory exists and is not empty; choose a new one")
     disable_progress_bar()  # one tqdm bar for the whole run instead of one per shard
@@ -252,6 +259,11 @@ def preprocess_fasta(
                     window = []
             _write_window(window, writer, token_budget, rng)
         writer.flush()
+        # Inside tmp_dir, so it appears with the shards in the one rename; train.py checks it against its config.
+        packing = dict(
+            token_budget=token_budget, max_aa_length=max_aa_length, max_position_embeddings=max_position_embeddings
+        )
+        (tmp_dir / PACKING_FILE).write_text(json.dumps(packing, indent=2) + "\n")
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         if output_dir.exists():  # an empty dir the user created: replace it
             output_dir.rmdir()
@@ -269,6 +281,20 @@ def preprocess_fasta(
         "padding_efficiency": writer.real_tokens / max(writer.padded_tokens, 1),
         "refined_fasta": str(refined_path),
     }
+
+
+def read_packing(data_dir: str | Path) -> dict | None:
+    """The packing.json of a shard dir, or None for shards written before it existed."""
+    path = Path(data_dir) / PACKING_FILE
+    if not path.is_file():
+        return None
+    try:
+        packing = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(packing, dict) or not all(isinstance(packing.get(k), int) for k in PACKING_KEYS):
+        raise ValueError(f"{path}: needs integer {', '.join(PACKING_KEYS)}")
+    return packing
 
 
 def _write_window(window: list[Chunk], writer: ShardWriter, token_budget: int, rng: random.Random) -> None:

@@ -22,10 +22,11 @@ from model import CLS_ID, EOS_ID, MASK_ID, PAD_ID, STANDARD_AA_IDS
 
 SPECIAL_IDS = (CLS_ID, PAD_ID, EOS_ID)
 TENSOR_COLUMNS = ["input_ids", "attention_mask", "labels"]
+SHARD_COLUMNS = [*TENSOR_COLUMNS, "batch_id"]  # what the loader reads
 
 
 class DataDirError(ValueError):
-    """A train/val dir is missing, holds no shards, or has too few shards for the ranks and workers."""
+    """A train/val dir is missing, holds no or broken shards, or has too few shards for the ranks and workers."""
 
 
 def list_shards(data_dir: str | Path, what: str = "data") -> list[Path]:
@@ -36,6 +37,23 @@ def list_shards(data_dir: str | Path, what: str = "data") -> list[Path]:
     shards = sorted(p for p in data_dir.glob("shard-*") if p.is_dir())
     if not shards:
         raise DataDirError(f"{what} dir {data_dir} holds no shard-XXXXX/ datasets")
+    return shards
+
+
+def check_shards(data_dir: str | Path, what: str = "data") -> list[Path]:
+    """list_shards, after opening every shard: a broken one fails here, not at its first batch hours into a run."""
+    shards = list_shards(data_dir, what)
+    for path in shards:
+        try:
+            columns = load_from_disk(str(path)).column_names
+        except Exception as err:  # datasets raises FileNotFoundError, JSON, Arrow and other errors for a bad dir
+            reason = (str(err).splitlines() or [type(err).__name__])[0]
+            raise DataDirError(
+                f"{what} shard {path} is not a dataset written by data_processing.py ({reason})"
+            ) from err
+        missing = [c for c in SHARD_COLUMNS if c not in columns]
+        if missing:
+            raise DataDirError(f"{what} shard {path} lacks columns {missing}; was it written by data_processing.py?")
     return shards
 
 
@@ -91,7 +109,7 @@ class ShardStream(IterableDataset):
         seed: int = 0,
         start_batch: int = 0,
     ):
-        self.shards = list_shards(data_dir, "train")
+        self.shards = check_shards(data_dir, "train")
         self.num_slots = world_size * max(1, num_workers)
         if len(self.shards) < self.num_slots:
             raise DataDirError(

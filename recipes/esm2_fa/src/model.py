@@ -182,9 +182,27 @@ def resolve_attention(attention: str) -> str:
     return attention
 
 
-def build_model(config: EsmConfig, attention: str = "auto", weights: str | Path | None = None) -> torch.nn.Module:
+def check_attention_dropout(config: EsmConfig, backend: str, attention: str | None = None) -> None:
+    """Refuse attention dropout on a back-end that would silently drop it.
+
+    faesm 0.1.1 never passes dropout_p to SDPA or flash-attn, so only transformers' eager attention applies it.
+    """
+    p = config.attention_probs_dropout_prob or 0.0
+    if p > 0 and backend != "eager":
+        how = f"attention={backend}" + (f" (from {attention})" if attention and attention != backend else "")
+        raise ModelConfigError(
+            f"model.attention_probs_dropout_prob={p} would be ignored: faesm's {how} applies no attention dropout; "
+            "use model.attention: eager, or set model.attention_probs_dropout_prob to 0"
+        )
+
+
+def build_model(
+    config: EsmConfig, attention: str = "auto", weights: str | Path | None = None, for_training: bool = True
+) -> torch.nn.Module:
     """Instantiate the masked-LM with the chosen attention back-end; optionally load a safetensors state dict."""
     backend = resolve_attention(attention)
+    if for_training:  # dropout is off at inference, so a faesm back-end computes the same thing there
+        check_attention_dropout(config, backend, attention)
     if backend == "eager":
         model = EsmForMaskedLM(config)
     else:
@@ -215,7 +233,9 @@ def build_model(config: EsmConfig, attention: str = "auto", weights: str | Path 
 def load_pretrained(model_dir: str | Path, attention: str = "auto") -> torch.nn.Module:
     """Load an exported checkpoint dir (config.json + model.safetensors) with the chosen attention back-end."""
     model_dir = Path(model_dir)
-    return build_model(esm2_config(str(model_dir)), attention, weights=model_dir / "model.safetensors")
+    return build_model(
+        esm2_config(str(model_dir)), attention, weights=model_dir / "model.safetensors", for_training=False
+    )
 
 
 def count_parameters(model: torch.nn.Module) -> int:

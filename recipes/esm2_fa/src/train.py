@@ -22,15 +22,23 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.integrations import is_tensorboard_available, is_wandb_available
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from biorecipes_shared.distributed import all_reduce_mean, read_launch_env, teardown_distributed
 from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, plot_loss_curve
-from config import ConfigError, RecipeConfig, load_config
-from data_processing import IGNORE_INDEX
-from dataset import DataDirError, ShardStream, eval_batches, list_shards, make_train_loader
-from model import ModelConfigError, build_model, esm2_config, save_tokenizer
+from config import ConfigError, ModelConfig, RecipeConfig, load_config
+from data_processing import IGNORE_INDEX, PACKING_FILE, read_packing
+from dataset import DataDirError, ShardStream, check_shards, eval_batches, make_train_loader
+from model import (
+    ModelConfigError,
+    build_model,
+    check_attention_dropout,
+    esm2_config,
+    resolve_attention,
+    save_tokenizer,
+)
 
 STREAM_STATE_FILE = "stream_state.json"
 log = get_logger("esm2_fa")
@@ -261,25 +269,68 @@ def export_final_model(trainer: EsmMlmTrainer, out_dir: Path) -> None:
         tmp.rename(out_dir)
 
 
+def check_report_to(report_to: str) -> None:
+    """The logging integration must import now: the Trainer would otherwise fail after creating the output dir."""
+    available = {"none": True, "wandb": is_wandb_available(), "tensorboard": is_tensorboard_available()}
+    if not available.get(report_to, False):
+        raise ConfigError(
+            f"training.report_to={report_to} needs the {report_to} package; install it or set training.report_to=none"
+        )
+
+
+def check_packing(data_dir: str | Path, what: str, model_cfg: ModelConfig) -> None:
+    """Compare the shards' packing.json with the model section: batches must fit model.max_batch_size."""
+    try:
+        packing = read_packing(data_dir)
+    except ValueError as err:
+        raise DataDirError(str(err)) from err
+    if packing is None:  # shards from before packing.json: nothing to compare, but say so
+        log.warning(
+            "%s dir %s has no %s; cannot check its token budget against model.max_batch_size",
+            what,
+            data_dir,
+            PACKING_FILE,
+        )
+        return
+    budget, longest = packing["token_budget"], packing["max_aa_length"] + 2
+    if budget > model_cfg.max_batch_size:
+        raise DataDirError(
+            f"{what} dir {data_dir} was packed with a token budget of {budget} but model.max_batch_size is "
+            f"{model_cfg.max_batch_size}; re-run data_processing.py with --token_budget {model_cfg.max_batch_size} "
+            "or raise model.max_batch_size"
+        )
+    if longest > model_cfg.max_position_embeddings:
+        raise DataDirError(
+            f"{what} dir {data_dir} holds rows of up to {longest} tokens but model.max_position_embeddings is "
+            f"{model_cfg.max_position_embeddings}; re-run data_processing.py with a smaller --max_aa_length"
+        )
+
+
 def run(cfg: RecipeConfig, resume: str | None = None) -> Path:
     """Train according to cfg; returns the final export dir."""
     rank, _, world_size = read_launch_env()
-    t = cfg.training
-    list_shards(cfg.data.val_dir, "val")  # fail before building anything if the val dir is missing
+    t, m = cfg.training, cfg.model
+    # Every check on user input runs before anything is written, so a refused run leaves no output dir behind.
+    if Path(t.output_dir).exists() and not Path(t.output_dir).is_dir():
+        raise ConfigError(f"training.output_dir {t.output_dir} exists and is not a directory")
+    check_report_to(t.report_to)
+    check_shards(cfg.data.val_dir, "val")
     ckpt, consumed = resolve_resume(resume, t.output_dir, world_size, cfg.data.num_workers)
     stream = ShardStream(
         cfg.data.train_dir, rank, world_size, cfg.data.num_workers, t.mlm_probability, t.seed, start_batch=consumed
     )
+    check_packing(cfg.data.train_dir, "train", m)
+    check_packing(cfg.data.val_dir, "val", m)
+    config = esm2_config(m.model_name, m.max_position_embeddings, m.hidden_dropout_prob, m.attention_probs_dropout_prob)
+    backend = resolve_attention(m.attention)
+    check_attention_dropout(config, backend, m.attention)
     args = training_arguments(cfg, t.output_dir)  # initialises torch.distributed under torchrun/accelerate
     get_logger("esm2_fa")  # now that the process group exists: INFO on rank 0 only
     set_seed(t.seed)  # identical initial weights on every rank
-    m = cfg.model
-    config = esm2_config(m.model_name, m.max_position_embeddings, m.hidden_dropout_prob, m.attention_probs_dropout_prob)
     local_weights = Path(m.model_name) / "model.safetensors"
-    model = build_model(config, m.attention, weights=local_weights if local_weights.is_file() else None)
+    model = build_model(config, backend, weights=local_weights if local_weights.is_file() else None)
     for param in model.esm.contact_head.parameters():  # not used by MLM; frozen so DDP sees no unused grads
         param.requires_grad_(False)
-    writer = MetricsWriter(t.output_dir)
     callbacks = [StreamStateCallback(world_size, cfg.data.num_workers, t.seed)]
     if t.early_stopping.enabled:
         callbacks.append(EarlyStoppingCallback(t.early_stopping.patience, t.early_stopping.threshold))
@@ -294,6 +345,7 @@ def run(cfg: RecipeConfig, resume: str | None = None) -> Path:
         world=(rank, world_size),
     )
     trainer.remove_callback(PrinterCallback)
+    writer = MetricsWriter(t.output_dir)
     trainer.add_callback(MetricsCallback(writer, trainer))
     if consumed:
         log.info("resuming from %s at data-stream batch %d per rank", ckpt, consumed)

@@ -1,13 +1,23 @@
 """Preprocessing: chunking, BOS/EOS rules, token budget, batch-major rows, refined FASTA, bad input."""
 
 import gzip
+import json
 
 import numpy as np
 import pytest
 from conftest import SAMPLE_TRAIN, TINY_CONFIG, head_fasta, shared_data_dir, write_fasta
 from datasets import load_from_disk
 
-from data_processing import FastaError, chunk_protein, main, pack_batches, preprocess_fasta, read_fasta, tokenize
+from data_processing import (
+    PACKING_FILE,
+    FastaError,
+    chunk_protein,
+    main,
+    pack_batches,
+    preprocess_fasta,
+    read_fasta,
+    tokenize,
+)
 from model import CLS_ID, EOS_ID, ESM_VOCAB, PAD_ID, save_tokenizer
 
 OPTS = dict(chunk_size=50, shard_size=40, max_aa_length=100, token_budget=512, max_position_embeddings=1026)
@@ -148,6 +158,27 @@ def test_cli_prints_one_error_line_and_exits_1(tmp_path, capsys):
     assert err[-1].startswith("error: ") and "record 1" in err[-1] and "Traceback" not in "".join(err)
     assert main([*args, "--max_aa_length", "2000"]) == 1
     assert "max_position_embeddings" in capsys.readouterr().err
+
+
+def test_output_dir_that_is_a_file_is_one_error_line_and_leaves_nothing(tmp_path, capsys):
+    fasta = write_fasta(tmp_path / "ok.fasta", [("a", "MKV")])
+    taken = tmp_path / "taken"
+    taken.write_text("user data")
+    for out in (taken, taken / "sub"):
+        args = ["--input_fasta", str(fasta), "--output_dir", str(out), "--config", str(TINY_CONFIG)]
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert lines[-1].startswith("error: ") and "is not a directory" in lines[-1] and "Traceback" not in err
+    assert taken.read_text() == "user data" and sorted(p.name for p in tmp_path.iterdir()) == ["ok.fasta", "taken"]
+
+
+def test_shards_record_their_packing_next_to_them(tmp_path):
+    fasta = head_fasta(SAMPLE_TRAIN, tmp_path / "in.fasta", 20)
+    preprocess_fasta(fasta, tmp_path / "out", progress=False, **OPTS)
+    packing = json.loads((tmp_path / "out" / PACKING_FILE).read_text())
+    assert packing == {"token_budget": 512, "max_aa_length": 100, "max_position_embeddings": 1026}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.fasta", "in_refined.fasta", "out"]  # no temp left
 
 
 def test_real_uniref_lengths_pack_at_least_97_percent_full():

@@ -66,6 +66,21 @@ def test_faesm_keeps_the_configured_dropout():
     assert model.config.hidden_dropout_prob == 0.0  # faesm's own default would be 0.1
 
 
+@needs_faesm
+def test_attention_dropout_is_refused_where_faesm_would_ignore_it():
+    config = esm2_config("esm2_tiny", attention_probs_dropout_prob=0.3)
+    for attention in ("sdpa", "auto"):
+        with pytest.raises(ModelConfigError, match="attention_probs_dropout_prob=0.3 would be ignored.*eager"):
+            build_model(config, attention=attention)
+    ids, mask = padded_batch()
+    eager = build_model(config, attention="eager").train()  # transformers' eager attention applies it
+    with torch.no_grad():
+        first, second = (eager(input_ids=ids, attention_mask=mask).logits for _ in range(2))
+    assert not torch.equal(first, second)
+    build_model(esm2_config("esm2_tiny", attention_probs_dropout_prob=0.0), attention="sdpa")  # 0 is fine
+    build_model(config, attention="sdpa", for_training=False)  # inference: dropout is off anyway
+
+
 def test_exported_checkpoint_loads_in_transformers_and_the_recipe(tmp_path):
     torch.manual_seed(1)
     model = build_model(esm2_config("esm2_tiny"), attention="auto").eval()

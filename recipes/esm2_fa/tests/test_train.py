@@ -1,6 +1,8 @@
 """Training: LR schedule, optimizer choice, CLI errors, a tiny run whose loss falls, exact resume, 2 processes."""
 
 import json
+import logging
+import shutil
 import socket
 import subprocess
 import sys
@@ -10,9 +12,12 @@ import torch
 from conftest import RECIPE_DIR, TINY_CONFIG
 from safetensors.torch import load_file
 from transformers import EsmForMaskedLM
+from transformers.integrations import is_wandb_available
 
 from config import ConfigError, load_config
-from train import esm2_lr_lambda, fused_adamw_supported, main, run
+from data_processing import PACKING_FILE
+from model import faesm_available
+from train import check_packing, esm2_lr_lambda, fused_adamw_supported, main, run
 
 
 def test_lr_schedule_at_key_steps():
@@ -36,6 +41,10 @@ def test_config_defaults_and_validation(tmp_path):
         load_config(TINY_CONFIG, ["training.mixed_precision=fp8"])
     with pytest.raises(ConfigError, match="learning_rte"):
         load_config(TINY_CONFIG, ["training.learning_rte=1.0"])
+    with pytest.raises(ConfigError, match="attention_probs_dropout_prob must be in"):
+        load_config(TINY_CONFIG, ["model.attention_probs_dropout_prob=1.5"])
+    with pytest.raises(ConfigError, match="data.num_workers must be >= 0"):
+        load_config(TINY_CONFIG, ["data.num_workers=-1"])
 
 
 def test_fused_adamw_detection_runs_here():
@@ -54,6 +63,88 @@ def test_cli_errors_are_one_line_and_exit_1(tiny_shards, tmp_path, capsys):
     assert main(args) == 1
     assert "no checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def assert_refused(args, out_dir, capsys, *fragments):
+    """main() exits 1 with a single `error:` line naming the fragments, and creates no output dir."""
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err[-2000:]
+    assert all(fragment in lines[0] for fragment in fragments), lines[0]
+    assert not out_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, fragments",
+    [
+        (["training.max_steps=-1"], ["training.max_steps must be >= 1"]),
+        (["training.eval_steps=0"], ["training.eval_steps must be >= 1"]),
+        (["training.gradient_accumulation_steps=0"], ["training.gradient_accumulation_steps must be >= 1"]),
+        (["training.save_total_limit=-1"], ["training.save_total_limit must be >= 0"]),
+        (["training.report_to=wandb", "training.max_steps=1"], ["report_to=wandb", "needs the wandb package"]),
+        (["training.report_to=tensorbord"], ["training.report_to must be one of"]),
+        (["model.max_batch_size=512", "training.max_steps=1"], ["token budget of 1024", "max_batch_size is 512"]),
+        (
+            ["model.attention=sdpa", "model.attention_probs_dropout_prob=0.1", "training.max_steps=1"],
+            ["model.attention_probs_dropout_prob=0.1", "model.attention: eager"],
+        ),
+        (
+            ["model.attention_probs_dropout_prob=0.1", "training.max_steps=1"],
+            ["model.attention_probs_dropout_prob=0.1", "(from auto)"],
+        ),
+    ],
+)
+def test_bad_training_input_is_one_error_line_and_no_output_dir(tiny_shards, tmp_path, capsys, overrides, fragments):
+    if "report_to=wandb" in fragments and is_wandb_available():
+        pytest.skip("wandb is installed here")
+    if "model.attention_probs_dropout_prob=0.1" in fragments and not faesm_available():
+        pytest.skip("without faesm, attention resolves to eager, which applies attention dropout")
+    train_dir, val_dir = tiny_shards
+    out = tmp_path / "out"
+    args = ["--config", str(TINY_CONFIG), "--train_dir", str(train_dir), "--val_dir", str(val_dir)]
+    assert_refused([*args, "--output_dir", str(out), *overrides], out, capsys, *fragments)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_shard_dir_that_is_not_a_dataset_is_refused_before_training(tiny_shards, tmp_path, capsys, split):
+    dirs = {name: tmp_path / name for name in ("train", "val")}
+    for name, src in zip(("train", "val"), tiny_shards):
+        shutil.copytree(src, dirs[name])
+    broken = dirs[split] / "shard-00000"
+    shutil.rmtree(broken)
+    broken.mkdir()
+    (broken / "notes.txt").write_text("not a dataset")
+    out = tmp_path / "out"
+    args = ["--config", str(TINY_CONFIG), "--train_dir", str(dirs["train"]), "--val_dir", str(dirs["val"])]
+    assert_refused([*args, "--output_dir", str(out), "training.max_steps=1"], out, capsys, f"{split} shard {broken}")
+
+
+def test_output_dir_that_is_a_file_is_refused(tiny_shards, tmp_path, capsys):
+    train_dir, val_dir = tiny_shards
+    out = tmp_path / "out.txt"
+    out.write_text("keep")
+    args = ["--config", str(TINY_CONFIG), "--train_dir", str(train_dir), "--val_dir", str(val_dir)]
+    assert main([*args, "--output_dir", str(out), "training.max_steps=1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not a directory" in err and len(err.strip().splitlines()) == 1
+    assert out.read_text() == "keep"
+
+
+def test_packing_json_smaller_budget_passes_and_missing_one_warns(tiny_shards, tmp_path, caplog):
+    train_dir, _ = tiny_shards
+    model_cfg = load_config(TINY_CONFIG).model
+    assert json.loads((train_dir / PACKING_FILE).read_text())["token_budget"] == 1024 < model_cfg.max_batch_size
+    check_packing(train_dir, "train", model_cfg)  # packed under the budget: fine
+    old = tmp_path / "old"
+    shutil.copytree(train_dir, old)
+    (old / PACKING_FILE).unlink()
+    logging.getLogger("esm2_fa").addHandler(caplog.handler)
+    try:
+        check_packing(old, "train", model_cfg)
+    finally:
+        logging.getLogger("esm2_fa").removeHandler(caplog.handler)
+    assert any(r.levelno == logging.WARNING and PACKING_FILE in r.getMessage() for r in caplog.records)
 
 
 def tiny_cfg(train_dir, val_dir, out_dir, *extra):
