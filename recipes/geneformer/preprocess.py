@@ -14,6 +14,7 @@ token per line) and `gene_medians.json`. The output is a pure function of the in
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import re
@@ -104,6 +105,13 @@ def read_table(path: Path) -> CountMatrix:
         frame = pd.read_parquet(path) if kind == "parquet" else pd.read_csv(path)
     except Exception as error:  # EmptyDataError, ParserError, ArrowInvalid, UnicodeDecodeError, ...
         raise _unreadable(path, kind, error) from None
+    if kind != "parquet":
+        # pandas renames a repeated header (A, A.1), which would hide a duplicated gene: read the raw header row.
+        with open(path, newline="") as handle:
+            header = next(csv.reader(handle), [])
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:
+            raise DataError(f"{path}: duplicate gene ids {repeated[:3]}; make them unique (e.g. use Ensembl ids)")
     unnamed = [str(c) for c in frame.columns if UNNAMED_COLUMN.fullmatch(str(c))]
     if unnamed:
         # Refused, not dropped: it is usually a saved index, which may hold the cell ids the user wants to keep.

@@ -120,6 +120,13 @@ def test_missing_csv_value_names_the_cell(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_repeated_gene_in_a_csv_header_is_refused(tmp_path):
+    (tmp_path / "dup.csv").write_text("cell_id,A,B,A\nc1,4,2,1\nc2,1,1,8\n")  # pandas would rename it A.1
+    with pytest.raises(DataError, match=r"dup.csv: duplicate gene ids \['A'\]"):
+        preprocess(tmp_path / "dup.csv", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_pandas_index_column_is_refused(tmp_path):
     COUNTS.drop(columns="cell_id").to_csv(tmp_path / "with_index.csv")  # pandas' default writes the index too
     with pytest.raises(DataError, match=r"with_index.csv: column 'Unnamed: 0' has no header.*index=False"):
