@@ -30,7 +30,7 @@ from biorecipes_shared.checkpoint import (
     unwrap_model,
 )
 from biorecipes_shared.distributed import all_reduce_mean, seed_everything, setup_distributed, teardown_distributed
-from biorecipes_shared.fsdp_checkpoint import gather_full_state_dict, load_sharded_checkpoint, save_sharded_checkpoint
+from biorecipes_shared.fsdp_checkpoint import gather_full_state_dict
 from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, peak_memory, plot_loss_curve
 from biorecipes_shared.preemption import PreemptionHandler
 from config import ConfigError, config_from_argv
@@ -233,9 +233,8 @@ def train(cfg: DictConfig) -> list[float]:
 
     step, data_state = 0, {"epoch": 0, "batch": 0}
     if resume_from is not None:
-        load = load_sharded_checkpoint if sharded else load_checkpoint
         try:
-            state = load(resume_from, wrapped, optimizer, scheduler, generators={"masking": mask_generator})
+            state = load_checkpoint(resume_from, wrapped, optimizer, scheduler, generators={"masking": mask_generator})
         except CheckpointError as error:
             if "shape mismatch" not in str(error):
                 raise
@@ -245,10 +244,9 @@ def train(cfg: DictConfig) -> list[float]:
             ) from None
         step, data_state = state.step, state.data_state
         log.info(f"resumed from {resume_from} at step {step}; continuing with step {step + 1}")
-    save = save_sharded_checkpoint if sharded else save_checkpoint
 
     def checkpoint(at_step: int, position: dict) -> None:
-        save(
+        save_checkpoint(
             checkpoint_dir,
             at_step,
             wrapped,
@@ -257,6 +255,7 @@ def train(cfg: DictConfig) -> list[float]:
             data_state=position,
             generators={"masking": mask_generator},
             keep_last_k=training.keep_last_k,
+            sharded=sharded,
         )
 
     batches = iterate_batches(
@@ -312,7 +311,7 @@ def train(cfg: DictConfig) -> list[float]:
                 )
                 if not math.isfinite(mean_loss):
                     raise FloatingPointError(f"loss became {mean_loss} at step {step}")
-            preempted = preemption.should_stop(dist_ctx)
+            preempted = preemption.should_stop()
             if step % training.save_every_n_steps == 0 or step == training.num_train_steps or preempted:
                 checkpoint(step, position)
             if preempted:

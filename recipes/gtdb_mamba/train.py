@@ -188,7 +188,7 @@ def run(cfg: DictConfig) -> dict:
         resume_from = latest_checkpoint(ckpt_dir) if cfg.train.resume else None
         if resume_from is not None:
             try:
-                step = load_checkpoint(resume_from, model, optimizer, scheduler, dist_ctx=dist_ctx).step
+                step = load_checkpoint(resume_from, model, optimizer, scheduler).step
             except RuntimeError as err:  # CheckpointError, or load_state_dict's multi-line size mismatch
                 raise resume_error(resume_from, err) from None
             log.info("resumed from %s (step %d)", resume_from, step)
@@ -262,7 +262,7 @@ def run(cfg: DictConfig) -> dict:
                     auc = validate(embedder, val_tokens, val_labels, cfg, dist_ctx, run_dir, step, metrics)
                     summary["aucs"].append((step, auc))
                     log.info("step %d: validation AUC %.4f", step, auc)
-                stopping = step == stop_step or preempt.should_stop(dist_ctx)
+                stopping = step == stop_step or preempt.should_stop()
                 if end_of_epoch or stopping or step % cfg.train.checkpoint_every == 0:
                     save_checkpoint(
                         ckpt_dir,
@@ -272,7 +272,6 @@ def run(cfg: DictConfig) -> dict:
                         scheduler,
                         data_state={"step": step},
                         keep_last_k=cfg.train.keep_last_k,
-                        dist_ctx=dist_ctx,
                     )
                 if stopping:
                     break

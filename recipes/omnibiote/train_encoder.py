@@ -221,9 +221,7 @@ def train(args: argparse.Namespace, dist_ctx) -> Path | None:
     resume_from = latest_checkpoint(ckpt_dir)
     if resume_from is not None:
         try:
-            state = load_checkpoint(
-                resume_from, model, optimizer, scheduler, generators={"data": data_generator}, dist_ctx=dist_ctx
-            )
+            state = load_checkpoint(resume_from, model, optimizer, scheduler, generators={"data": data_generator})
         except RuntimeError as exc:  # CheckpointError, or weights of another architecture
             detail = " ".join(str(exc).split())[:300]
             raise ConfigError(f"{resume_from}: cannot resume this run from it ({detail})") from None
@@ -265,7 +263,6 @@ def train(args: argparse.Namespace, dist_ctx) -> Path | None:
             data_state={"tokens_seen": tokens_seen},
             generators={"data": data_generator},
             extra={"config": config.to_dict()},
-            dist_ctx=dist_ctx,
         )
 
     last_step = plan.total_steps if args.max_steps is None else min(plan.total_steps, args.max_steps)
@@ -316,7 +313,7 @@ def train(args: argparse.Namespace, dist_ctx) -> Path | None:
                 log.info("step %d  val_loss %.4f", step, val_loss)
             if crossed(args.save_freq, previous_tokens, tokens_seen):
                 checkpoint()
-            if preemption.should_stop(dist_ctx):
+            if preemption.should_stop():
                 log.info("preempted at step %d", step)
                 break
     checkpoint()

@@ -299,7 +299,7 @@ def _train(cfg: Config, ctx, log: logging.Logger, run: Run, checkpoint_dir: Path
                 meter.update(samples=cfg.batch_size * cfg.accumulation_steps * ctx.world_size, tokens=tokens_per_step)
                 losses.append(loss)
                 log_step(log, metrics, ctx, epoch, step, loss, scheduler.get_last_lr()[0], grad_norm, meter)
-                stopped = preemption.should_stop(ctx)
+                stopped = preemption.should_stop()
                 epoch_done = step_in_epoch == cfg.steps_per_epoch
                 if epoch_done:
                     epoch_losses = losses[-(cfg.steps_per_epoch - first_step) :]

@@ -6,7 +6,13 @@ A checkpoint is a directory `step_{N:08d}/`:
   rank_{r}.pt         per-rank RNG states (python, numpy, torch, cuda), named torch.Generators, data-loader state
   manifest.json       step, time, world size, and every file with its size and sha256 — written last
 Everything is written into `.tmp-step_{N:08d}/`, fsynced, and renamed, so a crash never leaves a directory that
-looks complete. Everything is read back with safetensors or `torch.load(weights_only=True)`.
+looks complete; a failed write (full disk, no permission) removes the temporary directory and raises one
+`CheckpointWriteError` line. Old checkpoints are removed by renaming them to `.trash-…` first, so a kill during
+rotation never leaves a half-deleted `step_…`; `clean_incomplete` removes every such leftover. Everything is read
+back with safetensors or `torch.load(weights_only=True)`.
+
+One save/load pair serves DDP and FSDP2: `save_checkpoint(..., sharded=True)` writes model and optimizer through
+torch.distributed.checkpoint, and `load_checkpoint` reads the manifest to know which kind it holds.
 """
 
 from __future__ import annotations
@@ -28,12 +34,15 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from .distributed import barrier
+from .distributed import all_reduce_max, barrier
+from .files import WriteError, describe_write_error, fsync_dir, swap_into_place
 from .preemption import PreemptionHandler
 
 __all__ = [
     "CheckpointError",
     "CheckpointState",
+    "CheckpointWriteError",
+    "clean_incomplete",
     "PreemptionHandler",
     "export_safetensors",
     "latest_checkpoint",
@@ -44,10 +53,15 @@ __all__ = [
 MANIFEST = "manifest.json"
 STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp-step_"
+TRASH_PREFIX = ".trash-step_"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that exists but cannot be trusted or loaded."""
+
+
+class CheckpointWriteError(CheckpointError, WriteError):
+    """A checkpoint could not be written (e.g. the disk is full); the temporary directory was removed."""
 
 
 @dataclass
@@ -58,6 +72,7 @@ class CheckpointState:
     path: Path
     data_state: Any = None
     extra: dict = field(default_factory=dict)
+    world_size: int = 1  # of the run that saved it
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -80,14 +95,6 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
@@ -159,20 +166,12 @@ def _write_manifest(tmp_dir: Path, step: int, world_size: int, sharded: bool) ->
     manifest_path = tmp_dir / MANIFEST
     manifest_path.write_text(json.dumps(manifest, indent=1))
     _fsync_file(manifest_path)
-    _fsync_dir(tmp_dir)
+    fsync_dir(tmp_dir)
 
 
 def _publish(tmp_dir: Path, final_dir: Path) -> None:
     """Rename the finished temp dir into place; a re-save of the same step replaces the old one only after."""
-    if final_dir.exists():
-        old = final_dir.with_name(final_dir.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        final_dir.rename(old)
-        tmp_dir.rename(final_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp_dir.rename(final_dir)
-    _fsync_dir(final_dir.parent)
+    swap_into_place(tmp_dir, final_dir)
 
 
 def _step_dirs(checkpoint_dir: Path) -> list[tuple[int, Path]]:
@@ -218,28 +217,58 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     return None
 
 
+def clean_incomplete(checkpoint_dir: str | Path) -> list[Path]:
+    """Remove leftovers of killed saves and rotations: `.tmp-step_*`, `.trash-step_*`, `step_*` without a manifest.
+
+    A `step_*` directory whose manifest exists is never removed here, even if its files fail the check: that is
+    corruption, not an interrupted save, and the user should see it. Returns what was removed. Call on one rank.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    removed = [p for pattern in (f"{TMP_PREFIX}*", f"{TRASH_PREFIX}*") for p in checkpoint_dir.glob(pattern)]
+    removed += [path for _, path in _step_dirs(checkpoint_dir) if not (path / MANIFEST).is_file()]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
 def _rotate(checkpoint_dir: Path, keep_last_k: int, current: Path) -> None:
-    """Keep the newest `keep_last_k` valid checkpoints; drop leftovers of crashed saves."""
-    for leftover in checkpoint_dir.glob(f"{TMP_PREFIX}*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    if keep_last_k <= 0:
-        return
-    valid = [path for _, path in _step_dirs(checkpoint_dir) if (path / MANIFEST).is_file()]
-    for path in valid[:-keep_last_k]:
-        if path != current:
-            shutil.rmtree(path, ignore_errors=True)
+    """Keep the newest `keep_last_k` valid checkpoints (rename first, so a kill never half-deletes a `step_*`)."""
+    if keep_last_k > 0:
+        valid = [path for _, path in _step_dirs(checkpoint_dir) if (path / MANIFEST).is_file()]
+        for path in valid[:-keep_last_k]:
+            if path != current:
+                trash = checkpoint_dir / (TRASH_PREFIX + path.name[len(STEP_PREFIX) :])
+                path.rename(trash)
+    fsync_dir(checkpoint_dir)
+    clean_incomplete(checkpoint_dir)
 
 
 def _begin_save(checkpoint_dir: str | Path, step: int, rank: int) -> tuple[Path, Path]:
     checkpoint_dir = Path(checkpoint_dir)
     tmp_dir = checkpoint_dir / f"{TMP_PREFIX}{step:08d}"
     final_dir = checkpoint_dir / f"{STEP_PREFIX}{step:08d}"
+    error = None
     if rank == 0:
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        tmp_dir.mkdir()
-    barrier()
+        try:
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            tmp_dir.mkdir()
+        except OSError as err:
+            error = err
+    _raise_if_any_rank_failed(error, tmp_dir, rank)
     return tmp_dir, final_dir
+
+
+def _raise_if_any_rank_failed(error: BaseException | None, tmp_dir: Path, rank: int) -> None:
+    """All ranks learn whether any rank failed to write; the temp dir goes, and every rank raises one line."""
+    if all_reduce_max(1.0 if error is not None else 0.0) == 0:
+        return
+    if rank == 0:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    where = tmp_dir.parent / tmp_dir.name.replace(TMP_PREFIX, STEP_PREFIX)
+    if error is None:
+        raise CheckpointWriteError(f"cannot write checkpoint {where}: another process failed to write its part")
+    raise CheckpointWriteError(f"checkpoint {where}: {describe_write_error(error, tmp_dir)}") from error
 
 
 def _training_state(optimizer, scheduler, scaler, step: int, extra: dict | None) -> dict[str, Any]:
@@ -256,12 +285,28 @@ def _finish_save(
     tmp_dir: Path, final_dir: Path, step: int, world_size: int, rank: int, keep_last_k: int, sharded: bool
 ) -> Path:
     barrier()
+    error = None
     if rank == 0:
-        _write_manifest(tmp_dir, step, world_size, sharded)
-        _publish(tmp_dir, final_dir)
+        try:
+            _write_manifest(tmp_dir, step, world_size, sharded)
+            _publish(tmp_dir, final_dir)
+        except OSError as err:
+            error = err
+    _raise_if_any_rank_failed(error, tmp_dir, rank)
+    if rank == 0:
         _rotate(final_dir.parent, keep_last_k, final_dir)
     barrier()
     return final_dir
+
+
+def _write_dense_parts(tmp_dir: Path, rank: int, model, optimizer, scheduler, scaler, step, extra) -> None:
+    if rank == 0:
+        save_file(
+            _tensor_state_dict(unwrap_model(model).state_dict()),
+            tmp_dir / "model.safetensors",
+            metadata={"format": "pt"},
+        )
+        torch.save(_training_state(optimizer, scheduler, scaler, step, extra), tmp_dir / "training_state.pt")
 
 
 def save_checkpoint(
@@ -275,21 +320,29 @@ def save_checkpoint(
     generators: dict[str, torch.Generator] | None = None,
     extra: dict | None = None,
     keep_last_k: int = 2,
-    dist_ctx=None,
+    sharded: bool = False,
 ) -> Path:
-    """Save a complete, resumable checkpoint as `checkpoint_dir/step_{step:08d}`; every rank must call it (DDP)."""
-    del dist_ctx  # the process group tells us the rank; kept in the signature for symmetry with load
+    """Save a complete, resumable checkpoint as `checkpoint_dir/step_{step:08d}`; every rank must call it.
+
+    sharded=True (FSDP2): model and optimizer through torch.distributed.checkpoint, each rank its shards.
+    Raises CheckpointWriteError (one line: path and cause, e.g. a full disk) after removing the temp dir; earlier
+    checkpoints are untouched.
+    """
     rank, world_size = _rank_and_world()
     tmp_dir, final_dir = _begin_save(checkpoint_dir, step, rank)
-    torch.save(_python_state(generators, data_state), tmp_dir / f"rank_{rank}.pt")
-    if rank == 0:
-        save_file(
-            _tensor_state_dict(unwrap_model(model).state_dict()),
-            tmp_dir / "model.safetensors",
-            metadata={"format": "pt"},
-        )
-        torch.save(_training_state(optimizer, scheduler, scaler, step, extra), tmp_dir / "training_state.pt")
-    return _finish_save(tmp_dir, final_dir, step, world_size, rank, keep_last_k, sharded=False)
+    error = None
+    try:
+        torch.save(_python_state(generators, data_state), tmp_dir / f"rank_{rank}.pt")
+        if sharded:
+            from .fsdp_checkpoint import write_sharded_parts  # FSDP2 imports stay out of the DDP path
+
+            write_sharded_parts(tmp_dir, rank, model, optimizer, scheduler, scaler, step, extra)
+        else:
+            _write_dense_parts(tmp_dir, rank, model, optimizer, scheduler, scaler, step, extra)
+    except (OSError, RuntimeError) as err:  # torch's writer raises RuntimeError on a full disk
+        error = err
+    _raise_if_any_rank_failed(error, tmp_dir, rank)
+    return _finish_save(tmp_dir, final_dir, step, world_size, rank, keep_last_k, sharded=sharded)
 
 
 def _load_weights_only(path: Path, map_location) -> Any:
@@ -299,7 +352,36 @@ def _load_weights_only(path: Path, map_location) -> Any:
         raise CheckpointError(f"{path}: cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0]})") from err
 
 
-def _load_common(path: Path, optimizer, scheduler, scaler, generators, restore_rng, map_location) -> CheckpointState:
+def _check_world_size(path: Path, saved_world_size: int, data_position: str, warn: bool) -> None:
+    world_size = _rank_and_world()[1]
+    if saved_world_size == world_size:
+        return
+    if data_position != "global":
+        raise CheckpointError(
+            f"{path} was saved by {saved_world_size} process(es) and this run has {world_size}: "
+            f"relaunch with {saved_world_size} process(es) (each process's data position is saved separately), "
+            "or start a new output directory"
+        )
+    if warn and _rank_and_world()[0] == 0:
+        warnings.warn(
+            f"{path}: saved by {saved_world_size} process(es), resumed by {world_size}: continuing from the "
+            "global data position (not bitwise equal to an uninterrupted run)",
+            stacklevel=4,
+        )
+
+
+def _rank_file(path: Path, saved_world_size: int) -> tuple[Path, bool]:
+    """This rank's state file, and whether it is really this rank's (False: a stand-in under another world size)."""
+    rank, world_size = _rank_and_world()
+    own = path / f"rank_{rank}.pt"
+    if own.is_file() and saved_world_size == world_size:
+        return own, True
+    return path / "rank_0.pt", False
+
+
+def _load_common(
+    path: Path, manifest: dict, optimizer, scheduler, scaler, generators, restore_rng, map_location, data_position
+) -> CheckpointState:
     training_state = _load_weights_only(path / "training_state.pt", map_location)
     for name, target in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
         if target is not None:
@@ -309,38 +391,22 @@ def _load_common(path: Path, optimizer, scheduler, scaler, generators, restore_r
                 target.load_state_dict(training_state[name])
             except (ValueError, KeyError, RuntimeError) as err:  # e.g. another number of parameter groups
                 raise CheckpointError(f"{path}: {name} state does not fit ({str(err).splitlines()[0]})") from err
-    rank, world_size = _rank_and_world()
-    rank_file = path / f"rank_{rank}.pt"
-    if not rank_file.is_file():
-        warnings.warn(f"{path}: no state for rank {rank} (saved with another world size); using rank 0's", stacklevel=3)
-        rank_file = path / "rank_0.pt"
+    saved_world_size = int(manifest.get("world_size", 1))
+    _check_world_size(path, saved_world_size, data_position, warn=True)
+    rank_file, own = _rank_file(path, saved_world_size)
     rank_state = _load_weights_only(rank_file, "cpu")
-    _restore_rank_state(rank_state, generators, restore_rng)
+    if own:  # another rank's RNG streams would duplicate that rank's dropout and masking: keep this rank's seeds
+        _restore_rank_state(rank_state, generators, restore_rng)
     return CheckpointState(
         step=int(training_state["step"]),
         path=path,
         data_state=rank_state["data_state"],
         extra=training_state.get("extra") or {},
+        world_size=saved_world_size,
     )
 
 
-def load_checkpoint(
-    path: str | Path,
-    model: torch.nn.Module,
-    optimizer=None,
-    scheduler=None,
-    scaler=None,
-    generators: dict[str, torch.Generator] | None = None,
-    restore_rng: bool = True,
-    dist_ctx=None,
-    map_location: str | torch.device = "cpu",
-    strict: bool = True,
-    check_hashes: bool = True,
-) -> CheckpointState:
-    """Restore model, optimizer, scheduler, scaler, RNG and generators from a checkpoint dir; raise CheckpointError."""
-    del dist_ctx
-    path = Path(path)
-    verify_checkpoint(path, check_hashes=check_hashes)
+def _load_dense_weights(path: Path, model: torch.nn.Module, strict: bool) -> None:
     try:
         weights = load_file(path / "model.safetensors", device="cpu")
     except Exception as err:
@@ -361,7 +427,43 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
-    return _load_common(path, optimizer, scheduler, scaler, generators, restore_rng, map_location)
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer=None,
+    scheduler=None,
+    scaler=None,
+    generators: dict[str, torch.Generator] | None = None,
+    restore_rng: bool = True,
+    map_location: str | torch.device = "cpu",
+    strict: bool = True,
+    check_hashes: bool = True,
+    data_position: str = "per_rank",
+) -> CheckpointState:
+    """Restore model, optimizer, scheduler, scaler, RNG and generators from a checkpoint dir (every rank calls it).
+
+    Dense or FSDP2-sharded is read from the manifest. data_position says what `data_state` holds:
+    "per_rank" (each rank's own position: another world size is refused with one CheckpointError line) or
+    "global" (the same global position on every rank: another world size continues from it, with a warning).
+    Raises CheckpointError (one line) for anything missing, corrupt or not fitting the model.
+    """
+    if data_position not in ("per_rank", "global"):
+        raise ValueError(f"data_position={data_position!r}: use 'per_rank' or 'global'")
+    path = Path(path)
+    manifest = verify_checkpoint(path, check_hashes=check_hashes)
+    _check_world_size(path, int(manifest.get("world_size", 1)), data_position, warn=False)  # before the model
+    if manifest.get("sharded"):
+        from .fsdp_checkpoint import read_sharded_parts
+
+        read_sharded_parts(path, model, optimizer)
+        optimizer = None  # restored with the shards
+    else:
+        _load_dense_weights(path, model, strict)
+    return _load_common(
+        path, manifest, optimizer, scheduler, scaler, generators, restore_rng, map_location, data_position
+    )
 
 
 def _config_dict(config: Any) -> dict[str, Any]:
@@ -385,11 +487,15 @@ def export_safetensors(
     if state_dict is None:
         state_dict = unwrap_model(model).state_dict()
     tmp_dir = out_dir.with_name(f".tmp-{out_dir.name}")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
-    save_file(_tensor_state_dict(state_dict), tmp_dir / "model.safetensors", metadata={"format": "pt"})
-    (tmp_dir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True, default=str))
-    for name in ("model.safetensors", "config.json"):
-        _fsync_file(tmp_dir / name)
-    _publish(tmp_dir, out_dir)
+    try:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir(parents=True)
+        save_file(_tensor_state_dict(state_dict), tmp_dir / "model.safetensors", metadata={"format": "pt"})
+        (tmp_dir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True, default=str))
+        for name in ("model.safetensors", "config.json"):
+            _fsync_file(tmp_dir / name)
+        _publish(tmp_dir, out_dir)
+    except (OSError, RuntimeError) as err:  # safetensors raises its own errors on a full disk, not only OSError
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise WriteError(describe_write_error(err, out_dir)) from err
     return out_dir

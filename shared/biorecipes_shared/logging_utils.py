@@ -8,6 +8,7 @@ import math
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import psutil
 import torch
 
 from .distributed import is_main_process
+from .files import atomic_write
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -83,6 +85,7 @@ class MetricsWriter:
         tsv_files: dict[str, list[str]] | None = None,
         tsv_header: bool = True,
         wandb_init_args: dict[str, Any] | None = None,
+        resume_step: int | None = None,
     ):
         self.enabled = dist_ctx.is_main if dist_ctx is not None else is_main_process()
         self.out_dir = Path(out_dir)
@@ -92,6 +95,8 @@ class MetricsWriter:
         if not self.enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            self._drop_records_after(resume_step)
         if tsv_header:
             for name, columns in self.tsv_files.items():
                 path = self.out_dir / name
@@ -102,6 +107,22 @@ class MetricsWriter:
 
             # wandb reads WANDB_API_KEY / WANDB_MODE itself; we never pass or log environment variables.
             self._wandb_run = wandb.init(**wandb_init_args)
+
+    def _drop_records_after(self, step: int) -> None:
+        """A run killed after its last checkpoint logged steps that the resumed run logs again: drop those lines."""
+        if self.jsonl_path.is_file():
+            kept = [line for line in self.jsonl_path.read_text().splitlines(keepends=True) if _step_of(line) <= step]
+            with atomic_write(self.jsonl_path) as handle:
+                handle.writelines(kept)
+        for name, columns in self.tsv_files.items():
+            path = self.out_dir / name
+            if "step" not in columns or not path.is_file():
+                continue
+            column = columns.index("step")
+            lines = path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if not _tsv_row_after(line, column, step)]
+            with atomic_write(path) as handle:
+                handle.writelines(kept)
 
     def log(self, step: int, **metrics: Any) -> None:
         """Record the metrics of one step (rank 0 only; other ranks do nothing)."""
@@ -129,15 +150,37 @@ class MetricsWriter:
         self.close()
 
 
+def _step_of(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", -1))
+    except (ValueError, AttributeError):
+        return math.inf  # a line cut by a kill: drop it
+
+
+def _tsv_row_after(line: str, column: int, step: int) -> bool:
+    fields = line.rstrip("\n").split("\t")
+    try:
+        return float(fields[column]) > step
+    except (IndexError, ValueError):
+        return False  # the header
+
+
 def read_metrics(jsonl_path: str | Path) -> list[dict[str, Any]]:
     """All records of a metrics.jsonl file."""
     with open(jsonl_path) as handle:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def plot_loss_curve(jsonl_path: str | Path, out_png: str | Path, key: str = "loss") -> Path:
-    """Plot `key` against step from a metrics.jsonl file into a PNG (headless)."""
-    import matplotlib
+def plot_loss_curve(jsonl_path: str | Path, out_png: str | Path, key: str = "loss") -> Path | None:
+    """Plot `key` against step from a metrics.jsonl file into a PNG (headless); None, with a warning, without matplotlib.
+
+    matplotlib is imported only here, so it is needed only by runs that plot.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        warnings.warn("matplotlib is not installed: no loss curve plotted (pip install matplotlib)", stacklevel=2)
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,4 +1,9 @@
-"""Turn SLURM's warning signals (SIGTERM, SIGUSR1) into a flag the training loop polls, to save and exit cleanly."""
+"""Turn SLURM's warning signals (SIGTERM, SIGUSR1) into a flag the training loop polls, to save and exit cleanly.
+
+Signal the training processes themselves: under SLURM launch them with `srun` (one task per GPU) and ask for
+`--signal=USR1@120`; a `torchrun` launcher that receives SIGTERM forwards it but then exits 1 itself, so a scheduler
+records a preempted job as failed even though every worker saved and exited 0.
+"""
 
 from __future__ import annotations
 
@@ -32,7 +37,6 @@ class PreemptionHandler:
             signal.signal(signum, previous)
         self._previous.clear()
 
-    def should_stop(self, dist_ctx=None) -> bool:
+    def should_stop(self) -> bool:
         """True on every rank as soon as any rank was signalled (an all-reduce when distributed)."""
-        del dist_ctx
         return all_reduce_max(1.0 if self.requested else 0.0) > 0

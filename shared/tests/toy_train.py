@@ -1,6 +1,8 @@
 """A tiny training loop that uses every part of biorecipes_shared; the tests run it as a fresh process.
 
 python toy_train.py --ckpt-dir D --out losses.jsonl --steps 20 [--stop-after 10] [--resume] [--fsdp] [--sleep 0.1]
+                    [--save-every 3]
+--resume follows the run contract: the newest valid checkpoint if any, else a fresh start; a finished run exits 0.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ import torch.nn as nn
 from biorecipes_shared.checkpoint import (
     PreemptionHandler,
     export_safetensors,
-    latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
 from biorecipes_shared.distributed import all_reduce_mean, seed_everything, setup_distributed, teardown_distributed
-from biorecipes_shared.fsdp_checkpoint import gather_full_state_dict, load_sharded_checkpoint, save_sharded_checkpoint
+from biorecipes_shared.fsdp_checkpoint import gather_full_state_dict
 from biorecipes_shared.logging_utils import MetricsWriter, get_logger
+from biorecipes_shared.run import RunLayout, finished_message, finished_run, mark_finished, resolve_resume
 
 
 def main() -> None:
@@ -33,7 +35,12 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--fsdp", action="store_true")
     parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--save-every", type=int, default=0)
     args = parser.parse_args()
+    layout = RunLayout(args.out.parent)
+    if args.resume and finished_run(layout, args.steps):
+        print(finished_message(layout, finished_run(layout, args.steps)), flush=True)
+        return
 
     dist_ctx = setup_distributed(seed=0)
     log = get_logger("toy", dist_ctx)
@@ -59,16 +66,13 @@ def main() -> None:
     data_state = {"epoch": 0, "next_batch": 0, "order": torch.randperm(len(inputs), generator=shuffle_gen)}
 
     step = 0
-    if args.resume:
-        path = latest_checkpoint(args.ckpt_dir)
-        assert path is not None, "nothing to resume from"
-        loader = load_sharded_checkpoint if args.fsdp else load_checkpoint
-        state = loader(path, model, optimizer, scheduler, generators={"shuffle": shuffle_gen}, dist_ctx=dist_ctx)
+    path = resolve_resume("auto", args.ckpt_dir) if args.resume else None
+    if path is not None:
+        state = load_checkpoint(path, model, optimizer, scheduler, generators={"shuffle": shuffle_gen})
         step, data_state = state.step, state.data_state
         log.info("resumed at step %d", step)
-    saver = save_sharded_checkpoint if args.fsdp else save_checkpoint
 
-    metrics = MetricsWriter(args.out.parent, dist_ctx, jsonl_name=args.out.name)
+    metrics = MetricsWriter(args.out.parent, dist_ctx, jsonl_name=args.out.name, resume_step=step)
     with PreemptionHandler() as preempt:
         while step < args.steps:
             order = data_state["order"][dist_ctx.rank :: dist_ctx.world_size]
@@ -91,8 +95,9 @@ def main() -> None:
             print(f"step {step}", flush=True)
             time.sleep(args.sleep)
             stop_now = args.stop_after is not None and step == args.stop_after
-            if stop_now or preempt.should_stop(dist_ctx):
-                saver(
+            periodic = args.save_every and step % args.save_every == 0 and step < args.steps
+            if periodic and not stop_now:
+                save_checkpoint(
                     args.ckpt_dir,
                     step,
                     model,
@@ -100,7 +105,18 @@ def main() -> None:
                     scheduler,
                     data_state=data_state,
                     generators={"shuffle": shuffle_gen},
-                    dist_ctx=dist_ctx,
+                    sharded=args.fsdp,
+                )
+            if stop_now or preempt.should_stop():
+                save_checkpoint(
+                    args.ckpt_dir,
+                    step,
+                    model,
+                    optimizer,
+                    scheduler,
+                    data_state=data_state,
+                    generators={"shuffle": shuffle_gen},
+                    sharded=args.fsdp,
                 )
                 log.info("saved checkpoint at step %d", step)
                 break
@@ -108,6 +124,8 @@ def main() -> None:
     full_state = gather_full_state_dict(model) if args.fsdp else None
     if dist_ctx.is_main:
         export_safetensors(model, {"layers": 2}, args.out.parent / "final_model", state_dict=full_state)
+    if step >= args.steps:
+        mark_finished(layout, step, "max steps reached")
     teardown_distributed()
 
 

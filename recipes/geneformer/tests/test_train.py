@@ -208,11 +208,11 @@ def test_preemption_saves_stops_and_resumes_identically(tmp_path, monkeypatch):
     class SignalAtStep3(train.PreemptionHandler):
         calls = 0
 
-        def should_stop(self, dist_ctx=None):
+        def should_stop(self):
             SignalAtStep3.calls += 1
             if SignalAtStep3.calls == 3:
                 self._handle(signal.SIGTERM, None)
-            return super().should_stop(dist_ctx)
+            return super().should_stop()
 
     extra = {"training.save_every_n_steps": 100, "model.hidden_dropout_prob": 0.1}
     train.train(load_config("l0_sanity", tiny_overrides(tmp_path / "full", steps=6, **extra)))

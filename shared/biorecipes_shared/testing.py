@@ -1,0 +1,124 @@
+"""Helpers for the recipes' tests and measurement scripts: launch a training command as a fresh process, under
+torchrun, and kill it around its checkpoint saves (the run contract's "kill -9 at any moment" check).
+
+Lives in shared/ because every recipe's tests start distributed runs the same way; it imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["KillReport", "child_env", "free_port", "kill_around_saves", "run_command", "torchrun_command"]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for torchrun's --master_port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun_command(script: str | Path, args: Sequence[str] = (), nproc: int = 2) -> list[str]:
+    """`python -m torch.distributed.run --nproc_per_node=N --master_port=P script args…` (standalone, one node)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        str(script),
+        *args,
+    ]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The current environment with one thread per process (the test machines have 2 cores)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def run_command(
+    command: Sequence[str], cwd: str | Path | None = None, check: bool = True, timeout: float = 900, **env: str
+) -> subprocess.CompletedProcess:
+    """Run a command to completion, capturing output; with check=True a non-zero exit fails with its output."""
+    result = subprocess.run(
+        list(command), cwd=cwd, capture_output=True, text=True, env=child_env(**env), timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(map(str, command))} exited {result.returncode}\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+@dataclass
+class KillReport:
+    """What `kill_around_saves` saw: kills sent, reruns that resumed cleanly, and the ones that failed."""
+
+    kills: int = 0
+    clean_resumes: int = 0
+    failures: list[str] | None = None
+
+
+def _names(checkpoint_dir: Path) -> set[str]:
+    try:
+        return {p.name for p in checkpoint_dir.iterdir()}
+    except OSError:
+        return set()
+
+
+def _wait_for_save(checkpoint_dir: Path, proc: subprocess.Popen, deadline: float) -> bool:
+    """Poll until a directory appears in `checkpoint_dir` (a save began, or a rotation renamed one)."""
+    previous = _names(checkpoint_dir)
+    while time.time() < deadline and proc.poll() is None:
+        names = _names(checkpoint_dir)
+        if names - previous:
+            return True
+        previous = names
+        time.sleep(0.002)
+    return False
+
+
+def kill_around_saves(
+    command: Sequence[str],
+    checkpoint_dir: str | Path,
+    kills: int = 15,
+    cwd: str | Path | None = None,
+    seed: int = 0,
+    max_delay_s: float = 0.05,
+    timeout: float = 900,
+) -> KillReport:
+    """Start `command`, SIGKILL it at a random moment (0–max_delay_s) after a save begins, rerun the same command;
+    `kills` times, then let the last run finish. A rerun that exits non-zero counts as a failure."""
+    rng = random.Random(seed)
+    report = KillReport(failures=[])
+    checkpoint_dir = Path(checkpoint_dir)
+    deadline = time.time() + timeout
+    while True:
+        proc = subprocess.Popen(
+            list(command), cwd=cwd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        if report.kills < kills and _wait_for_save(checkpoint_dir, proc, deadline):
+            time.sleep(rng.uniform(0, max_delay_s))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.communicate()
+                report.kills += 1
+                continue
+        out, err = proc.communicate(timeout=max(deadline - time.time(), 1))
+        if proc.returncode == 0:
+            report.clean_resumes += 1
+            if report.kills >= kills or "already finished" in out + err:
+                return report
+        else:
+            report.failures.append((err or out).strip().splitlines()[-1] if (err or out).strip() else "no output")
+            if len(report.failures) > 3 or time.time() > deadline:
+                return report
