@@ -86,7 +86,7 @@ def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-
     path = Path(path)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
     binary = "b" in mode
-    try:
+    with _removed_on_error(tmp, path):
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, mode, encoding=None if binary else encoding) as handle:
             yield handle
@@ -94,6 +94,13 @@ def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def _removed_on_error(tmp: Path, path: Path) -> Iterator[None]:
+    """On any error remove `tmp`; OS errors become one WriteError line about `path`."""
+    try:
+        yield
     except OSError as err:
         _remove(tmp)
         raise WriteError(describe_write_error(err, path)) from err
@@ -121,7 +128,7 @@ def atomic_dir(path: str | Path, replace: bool = False) -> Iterator[Path]:
     if path.exists() and not replace:
         raise FileExistsError(f"{path} already exists; nothing was written (remove it or choose another path)")
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    try:
+    with _removed_on_error(tmp, path):
         _remove(tmp)
         tmp.mkdir(parents=True)
         yield tmp
@@ -130,12 +137,6 @@ def atomic_dir(path: str | Path, replace: bool = False) -> Iterator[Path]:
                 with open(child, "rb") as handle:
                     os.fsync(handle.fileno())
         swap_into_place(tmp, path)
-    except OSError as err:
-        _remove(tmp)
-        raise WriteError(describe_write_error(err, path)) from err
-    except BaseException:
-        _remove(tmp)
-        raise
 
 
 def swap_into_place(tmp_dir: Path, final_dir: Path) -> None:

@@ -95,8 +95,8 @@ def main() -> None:
             print(f"step {step}", flush=True)
             time.sleep(args.sleep)
             stop_now = args.stop_after is not None and step == args.stop_after
-            periodic = args.save_every and step % args.save_every == 0 and step < args.steps
-            if periodic and not stop_now:
+            stopping = stop_now or preempt.should_stop()
+            if stopping or (args.save_every and step % args.save_every == 0 and step < args.steps):
                 save_checkpoint(
                     args.ckpt_dir,
                     step,
@@ -107,17 +107,7 @@ def main() -> None:
                     generators={"shuffle": shuffle_gen},
                     sharded=args.fsdp,
                 )
-            if stop_now or preempt.should_stop():
-                save_checkpoint(
-                    args.ckpt_dir,
-                    step,
-                    model,
-                    optimizer,
-                    scheduler,
-                    data_state=data_state,
-                    generators={"shuffle": shuffle_gen},
-                    sharded=args.fsdp,
-                )
+            if stopping:
                 log.info("saved checkpoint at step %d", step)
                 break
     metrics.close()
