@@ -7,7 +7,6 @@ Its cache key covers the accession list and each FASTA file's size and mtime, so
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
@@ -15,40 +14,27 @@ import os
 import re
 import shutil
 import uuid
-import zlib
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from Bio.SeqIO.FastaIO import SimpleFastaParser
 from tqdm import tqdm
+
+from genome_fasta import BASE_LOOKUP, INVALID_CODE, N_CODE, GenomeSkipped, read_genome_contigs  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-INDEX_FORMAT_VERSION = 1
-BASE_CODES = {"A": 0, "T": 1, "C": 2, "G": 3}
-N_CODE = 4
-INVALID_CODE = 255
+INDEX_FORMAT_VERSION = 2  # 2: manifest carries a fingerprint; contract-checked reader
 METADATA_COLUMNS = ("accession", "gtdb_genome_representative", "gtdb_taxonomy")
 _ACCESSION_RE = re.compile(r"^(?:RS_|GB_)?(GC[AF])_(\d{3})(\d{3})(\d{3})\.(\d+)$")
 
 
 class GtdbDataError(Exception):
     """A problem with the user's GTDB inputs that stops the run (missing column, no genomes left, ...)."""
-
-
-def _base_lookup_table() -> np.ndarray:
-    """ASCII byte -> base code; IUPAC ambiguity letters become N, anything else is invalid."""
-    table = np.full(256, INVALID_CODE, dtype=np.uint8)
-    for letter in "NRYKMSWBDHV":
-        table[ord(letter)] = table[ord(letter.lower())] = N_CODE
-    for letter, code in BASE_CODES.items():
-        table[ord(letter)] = table[ord(letter.lower())] = code
-    return table
-
-
-BASE_LOOKUP = _base_lookup_table()
 
 
 # ----------------------------------------------------------------------------------------------- metadata and split
@@ -246,46 +232,20 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ genome index
-class GenomeSkipped(Exception):
-    """One genome file cannot be used; the index builder logs it and goes on."""
-
-
-def read_genome_contigs(path: str | Path) -> list[tuple[str, np.ndarray]]:
-    """Decode a gzipped FASTA into (contig name, uint8 codes); all-N contigs are dropped. Raises GenomeSkipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise GenomeSkipped("file not found")
-    contigs, n_records = [], 0
-    try:
-        with gzip.open(path, "rt", encoding="ascii", errors="replace") as handle:
-            for title, sequence in SimpleFastaParser(handle):
-                n_records += 1
-                if not title.split():  # a nameless record means a malformed or spliced file: distrust the genome
-                    raise GenomeSkipped(f"record {n_records}: empty FASTA header")
-                name = title.split()[0]
-                codes = BASE_LOOKUP[np.frombuffer(sequence.encode("ascii", errors="replace"), dtype=np.uint8)]
-                bad = np.flatnonzero(codes == INVALID_CODE)
-                if bad.size:
-                    raise GenomeSkipped(f"contig {name!r}: invalid character {sequence[bad[0]]!r}")
-                if codes.size and (codes < N_CODE).any():
-                    contigs.append((name, codes))
-    except (gzip.BadGzipFile, zlib.error):
-        raise GenomeSkipped("not a gzip file") from None
-    except EOFError:
-        raise GenomeSkipped("truncated gzip file") from None
-    if n_records == 0:
-        raise GenomeSkipped("empty genome (no FASTA record)")
-    if not contigs:
-        raise GenomeSkipped(f"no usable sequence: all {n_records} contig(s) are empty or only N")
-    return contigs
-
-
 class GenomeIndex:
     """Memory-mapped view of an index directory: `sequence` (uint8), `contigs` [start, length], `genomes` table."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         manifest = json.loads((self.directory / "manifest.json").read_text())
+        if manifest.get("version") not in (1, INDEX_FORMAT_VERSION):
+            raise GtdbDataError(
+                f"{self.directory / 'manifest.json'}: index format {manifest.get('version')!r}, this code reads "
+                f"1-{INDEX_FORMAT_VERSION}; delete the index directory to rebuild it"
+            )
+        if "fingerprint" not in manifest:  # version 1: same files, nothing recorded to check against
+            log.warning("%s: index without a fingerprint (older version): not checked", self.directory)
+        self.fingerprint: dict = manifest.get("fingerprint", {})
         self.accessions: list[str] = manifest["accessions"]
         self.skipped: dict[str, str] = manifest["skipped"]
         self.total_bases: int = manifest["total_bases"]
@@ -325,10 +285,56 @@ def index_cache_key(entries: list[GenomeEntry], labels: list[int]) -> str:
     return hashlib.sha256(json.dumps(key_source).encode()).hexdigest()[:16]
 
 
+def default_index_workers() -> int:
+    """Processes for the index build: the usable cores divided among this node's ranks (LOCAL_WORLD_SIZE), >= 1."""
+    ranks_on_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    return max(1, len(os.sched_getaffinity(0)) // ranks_on_node)
+
+
+def ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
+    """`map(fn, items)` on `workers` processes, results in item order, at most 2 x workers results held at once.
+
+    The bound keeps memory flat however many genomes there are (`Executor.map` would submit them all up front).
+    """
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with ProcessPoolExecutor(workers) as pool:  # fork: workers only decode bytes and touch no CUDA/torch state
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _decode_genome(path: str) -> tuple[list[int], bytes] | str:
+    """Worker: (contig lengths, their codes back to back), or the reason the genome is skipped."""
+    try:
+        contigs = read_genome_contigs(path)
+    except GenomeSkipped as reason:
+        return str(reason)
+    return [codes.size for _, codes in contigs], b"".join(codes.tobytes() for _, codes in contigs)
+
+
 def build_or_load_index(
-    entries: list[GenomeEntry], labels: list[int], cache_dir: str | Path, name: str, show_progress: bool = True
+    entries: list[GenomeEntry],
+    labels: list[int],
+    cache_dir: str | Path,
+    name: str,
+    show_progress: bool = True,
+    workers: int | None = None,
 ) -> GenomeIndex:
-    """Return the cached index for these genomes, building it first (into a temp dir, then renamed) if needed."""
+    """Return the cached index for these genomes, building it first (into a temp dir, then renamed) if needed.
+
+    `workers` processes decode genomes in parallel (None: `default_index_workers()`); the files written are
+    byte-identical for any number of workers. Raises GtdbDataError for a bad `workers`.
+    """
+    if workers is None:
+        workers = default_index_workers()
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise GtdbDataError(f"data.index_workers must be null or an integer >= 1, got {workers!r}")
     target = Path(cache_dir) / f"{name}-{index_cache_key(entries, labels)}"
     if (target / "manifest.json").is_file():
         return GenomeIndex(target)
@@ -336,7 +342,7 @@ def build_or_load_index(
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     tmp.mkdir()
     try:
-        _write_index(tmp, entries, labels, show_progress, desc=f"indexing {name}")
+        _write_index(tmp, entries, labels, show_progress, f"indexing {name}", workers)
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished the same index first; theirs is identical
@@ -348,26 +354,47 @@ def build_or_load_index(
     return GenomeIndex(target)
 
 
-def _write_index(directory: Path, entries: list[GenomeEntry], labels: list[int], show_progress: bool, desc: str):
+def index_fingerprint(entries: list[GenomeEntry], labels: list[int], accessions: list[str]) -> dict:
+    """What a consumer of an index depends on: format, base codes, the genomes asked for and those indexed."""
+    return {
+        "format_version": INDEX_FORMAT_VERSION,
+        "base_codes": "A=0 T=1 C=2 G=3 N=4 (IUPAC ambiguity -> N)",
+        "genome_list_sha256": _sha256_json([[e.accession, label] for e, label in zip(entries, labels)]),
+        "indexed_sha256": _sha256_json(accessions),
+    }
+
+
+def _sha256_json(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def _write_index(directory: Path, entries: list[GenomeEntry], labels: list[int], show_progress, desc, workers):
     genomes, contigs, accessions, skipped = [], [], [], {}
     offset = 0
+    decoded = ordered_map(_decode_genome, [entry.path for entry in entries], workers)
     with open(directory / "sequence.u8", "wb") as out:
-        for entry, label in tqdm(list(zip(entries, labels)), desc=desc, unit="genome", disable=not show_progress):
-            try:
-                genome_contigs = read_genome_contigs(entry.path)
-            except GenomeSkipped as reason:
-                skipped[entry.accession] = str(reason)
-                log.warning("%s: genome %s skipped: %s", entry.path, entry.accession, reason)
+        rows = zip(entries, labels, decoded)
+        for entry, label, result in tqdm(rows, total=len(entries), desc=desc, unit="genome", disable=not show_progress):
+            if isinstance(result, str):
+                skipped[entry.accession] = result
+                log.warning("genome %s skipped: %s", entry.accession, result)
                 continue
-            genomes.append((label, len(contigs), len(genome_contigs)))
+            lengths, codes = result
+            genomes.append((label, len(contigs), len(lengths)))
             accessions.append(entry.accession)
-            for _, codes in genome_contigs:
-                out.write(codes.tobytes())
-                contigs.append((offset, codes.size))
-                offset += codes.size
+            out.write(codes)
+            for length in lengths:
+                contigs.append((offset, length))
+                offset += length
         out.flush()
         os.fsync(out.fileno())
     np.save(directory / "genomes.npy", np.asarray(genomes, dtype=np.int64).reshape(-1, 3))
     np.save(directory / "contigs.npy", np.asarray(contigs, dtype=np.int64).reshape(-1, 2))
-    manifest = {"version": INDEX_FORMAT_VERSION, "accessions": accessions, "skipped": skipped, "total_bases": offset}
+    manifest = {
+        "version": INDEX_FORMAT_VERSION,
+        "fingerprint": index_fingerprint(entries, labels, accessions),
+        "accessions": accessions,
+        "skipped": skipped,
+        "total_bases": offset,
+    }
     (directory / "manifest.json").write_text(json.dumps(manifest))  # written last: marks a finished index

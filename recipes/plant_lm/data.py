@@ -245,10 +245,15 @@ class SpeciesMixture:
         self.world_size = next(iter(streams.values())).world_size
         self.positions = {s: 0 for s in self.species} | dict(positions or {})
         self.fingerprint: dict = {}  # set by build_mixture: what a checkpoint of a model trained on it depends on
+        self.data_dir: Path | None = None
+        self.fingerprint_record: Path | None = None  # set by check_data_fingerprint; written at the first batch
         self._iters = {s: streams[s].windows(self.positions[s]) for s in self.species}
 
     def batches(self, batch_size: int, n_batches: int, epoch: int, skip: int = 0) -> Iterator[Batch]:
         """Batches `skip`..`n_batches` of `epoch` (same species sequence on every rank; skipped ones draw no window)."""
+        if self.fingerprint_record is not None:  # training has started: record what its checkpoints depend on
+            write_fingerprint(self.fingerprint_record, self.fingerprint)
+            self.fingerprint_record = None
         rng = np.random.default_rng([self.seed, epoch])
         for _ in range(skip):  # replay the species draws of batches done before a mid-epoch resume
             rng.choice(len(self.species), size=batch_size, p=self.probs)
@@ -294,6 +299,7 @@ def build_mixture(
         stream.check_has_window()
     mixture = SpeciesMixture(streams, weights, seed, positions)
     mixture.fingerprint = data_fingerprint(mixture.species, context_size, overlap_ratio, chunk_size)
+    mixture.data_dir = Path(data_dir)
     return mixture
 
 
@@ -322,14 +328,16 @@ def data_fingerprint(species: list[str], context_size: int, overlap_ratio: float
     }
 
 
-def check_data_fingerprint(checkpoint_dir: str | Path, fingerprint: dict, resuming: bool) -> Path:
-    """Record `fingerprint` in `<checkpoint_dir>/data_fingerprint.json`, or, when resuming, check it first.
+def check_data_fingerprint(run_dir: str | Path, mixture: SpeciesMixture, resuming: bool) -> Path:
+    """Check `mixture.fingerprint` against `<run_dir>/data_fingerprint.json` when resuming; arrange for it to be recorded.
 
-    A resumed run whose data settings differ from the recorded ones raises PlantDataError naming the record and
-    every differing key; checkpoints without a record (older runs) get a warning and the record is written.
+    A resumed run whose data settings differ from the recorded ones raises PlantDataError in one line naming the
+    record, the data dir and every differing key; a run without a record (older version) gets a warning. Nothing is
+    written here (start-up creates no file): the mixture writes the record when its first batch is drawn.
     Returns the record's path.
     """
-    record = Path(checkpoint_dir) / FINGERPRINT_FILE
+    record = Path(run_dir) / FINGERPRINT_FILE
+    fingerprint = mixture.fingerprint
     if resuming and record.is_file():
         try:
             recorded = json.loads(record.read_text())
@@ -339,14 +347,18 @@ def check_data_fingerprint(checkpoint_dir: str | Path, fingerprint: dict, resumi
         if differ:
             detail = "; ".join(f"{k}: checkpoint {recorded.get(k)!r} vs now {fingerprint.get(k)!r}" for k in differ)
             raise PlantDataError(
-                f"{record}: the checkpoints were trained on other data settings than this run's ({detail}); "
-                "use the original settings or a new output_dir"
+                f"{record}: the checkpoints were trained on other data settings than {mixture.data_dir} now gives "
+                f"({detail}); use the original settings or a new output_dir"
             )
-        return record
-    if resuming:
-        log.warning("%s: missing (checkpoint from an older version): data settings not checked, recording them", record)
+    elif resuming:
+        log.warning("%s: missing (checkpoint from an older version): data settings not checked", record)
+    mixture.fingerprint_record = record
+    return record
+
+
+def write_fingerprint(record: Path, fingerprint: dict) -> None:
+    """Write the record atomically (every rank writes the same bytes; the rename keeps readers from half a file)."""
     record.parent.mkdir(parents=True, exist_ok=True)
     tmp = record.with_name(f".{record.name}.{uuid.uuid4().hex}.tmp")
     tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
-    os.replace(tmp, record)  # every rank writes the same bytes; the rename keeps readers from a half-written file
-    return record
+    os.replace(tmp, record)

@@ -250,7 +250,7 @@ def _set_up(cfg: Config, ctx, log: logging.Logger, checkpoint_dir: Path) -> Run:
     log.info("species (sampling weight): %s", ", ".join(f"{s} ({p:.3f})" for s, p in zip(species, mixture.probs)))
     if resumed:
         check_compatible(resumed, cfg, species)
-    check_data_fingerprint(checkpoint_dir, mixture.fingerprint, resuming=resumed is not None)
+    check_data_fingerprint(checkpoint_dir.parent, mixture, resuming=resumed is not None)
     model = PlantLM(
         len(species),
         cfg.d_model,

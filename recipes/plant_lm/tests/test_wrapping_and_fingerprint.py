@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -72,20 +73,25 @@ def test_stream_matches_one_pass_reference(tmp_path):
 
 
 def test_fingerprint_recorded_checked_and_old_runs_warned(tmp_path, data_dir, caplog):
-    args = dict(context_size=8, overlap_ratio=0.5, chunk_size=10_000, seed=0)
-    fingerprint = build_mixture(data_dir, {}, 1.0, **args).fingerprint
+    args = dict(overlap_ratio=0.5, chunk_size=10_000, seed=0)
+    mixture = build_mixture(data_dir, {}, 1.0, context_size=8, **args)
+    fingerprint = mixture.fingerprint
     assert fingerprint["species_ids"] == {"arabidopsis": 0, "oryza_sativa": 1}
     assert fingerprint["tokenizer"]["kmer"] == 6 and len(fingerprint["tokenizer"]["sha256"]) == 64
-    ckpt = tmp_path / "dna_model"
+    run = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="plant_lm.data"):
-        record = check_data_fingerprint(ckpt, fingerprint, resuming=True)  # checkpoints from before fingerprints
-    assert "missing" in caplog.text and record.is_file()
-    check_data_fingerprint(ckpt, fingerprint, resuming=True)  # same settings: accepted
-    changed = data_fingerprint(["arabidopsis", "oryza_sativa", "zea_mays"], 8, 0.25, 10_000)
+        record = check_data_fingerprint(run, mixture, resuming=True)  # checkpoints from before fingerprints
+    assert "missing" in caplog.text and not run.exists()  # start-up writes nothing ...
+    next(mixture.batches(2, 1, epoch=0))
+    assert json.loads(record.read_text()) == fingerprint  # ... the first batch does
+    check_data_fingerprint(run, build_mixture(data_dir, {}, 1.0, context_size=8, **args), resuming=True)
+    changed = build_mixture(data_dir, {}, 1.0, context_size=12, **args)
     with pytest.raises(PlantDataError) as caught:
-        check_data_fingerprint(ckpt, changed, resuming=True)
+        check_data_fingerprint(run, changed, resuming=True)
     message = str(caught.value)
-    assert str(record) in message and "\n" not in message
-    assert "species_ids" in message and "stride_tokens" in message and "window_tokens" not in message
-    check_data_fingerprint(ckpt, changed, resuming=False)  # a fresh run records its own settings
-    check_data_fingerprint(ckpt, changed, resuming=True)
+    assert str(record) in message and str(data_dir) in message and "\n" not in message
+    assert "window_tokens" in message and "stride_tokens" in message and "species_ids" not in message
+    check_data_fingerprint(run, changed, resuming=False)  # a fresh run records its own settings
+    next(changed.batches(2, 1, epoch=0))
+    check_data_fingerprint(run, changed, resuming=True)
+    assert data_fingerprint(["b", "a"], 8, 0.5, 10_000)["species_ids"] == {"a": 0, "b": 1}
