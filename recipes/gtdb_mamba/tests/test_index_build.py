@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import write_fasta_gz
+from conftest import RECIPE_DIR, compose_config, tiny_overrides, write_fasta_gz
 from omegaconf import OmegaConf
 
 from data import FragmentSampler, assign_classes, check_data_fingerprint, data_fingerprint
 from preprocess import FamilySplit, GenomeEntry, GtdbDataError, build_or_load_index
+from train import run
 
 RNG = np.random.default_rng(5)
 
@@ -88,3 +91,16 @@ def test_skipped_genome_is_not_a_class_and_fingerprint_is_checked(tmp_path, capl
     assert "tokenizer" in message and "split_sha256" in message and "fragment" not in message
     check_data_fingerprint(run, cfg, split, sampler, resuming=False)  # a fresh run records its own
     check_data_fingerprint(run, cfg, split, sampler, resuming=True)
+
+
+def test_resume_with_other_data_settings_is_refused_in_one_line(gtdb_fixture, tmp_path):
+    overrides = [*tiny_overrides(gtdb_fixture, tmp_path), "train.max_steps=2", "train.steps_per_epoch=2"]
+    run(compose_config(overrides))
+    record = tmp_path / "run" / "data_fingerprint.json"
+    assert json.loads(record.read_text())["fragment"]["fragment_bp"] == 150
+    cmd = [sys.executable, "train.py", "--config-name", "sample", *overrides, "train.max_steps=4"]
+    result = subprocess.run([*cmd, "data.max_n_fraction=0.5"], cwd=RECIPE_DIR, capture_output=True, text=True)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert last.startswith(f"error: {record}: the checkpoints were trained on other data than ")
+    assert "'max_n_fraction': 0.0" in last and "'max_n_fraction': 0.5" in last

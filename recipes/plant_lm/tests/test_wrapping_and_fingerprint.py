@@ -95,3 +95,21 @@ def test_fingerprint_recorded_checked_and_old_runs_warned(tmp_path, data_dir, ca
     next(changed.batches(2, 1, epoch=0))
     check_data_fingerprint(run, changed, resuming=True)
     assert data_fingerprint(["b", "a"], 8, 0.5, 10_000)["species_ids"] == {"a": 0, "b": 1}
+
+
+def test_training_resume_refuses_other_data_settings(data_dir, tmp_path, capsys):
+    from test_train import tiny_config
+
+    from train import main, train
+
+    out = tmp_path / "run"
+    train(tiny_config(data_dir, out, n_epochs=1))
+    recorded = json.loads((out / "data_fingerprint.json").read_text())
+    assert recorded["window_tokens"] == 17 and recorded["species_ids"] == {"arabidopsis": 0, "oryza_sativa": 1}
+    args = ["--data_dir", str(data_dir), "--output_dir", str(out), "--d_model", "32", "--n_heads", "4"]
+    args += ["--n_layers", "1", "--batch_size", "4", "--context_size", "16", "--steps_per_epoch", "3"]
+    args += ["--n_epochs", "2", "--species_distribution", "", "--overlap_ratio", "0.25"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {out / 'data_fingerprint.json'}: the checkpoints were trained on other data")
+    assert "stride_tokens: checkpoint 8 vs now 12" in err
