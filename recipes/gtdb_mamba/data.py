@@ -6,7 +6,6 @@ worker count or on what came before: resuming at batch b reproduces the uninterr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,7 +18,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from genome_fasta import BASE_LOOKUP, INVALID_CODE, N_CODE
-from preprocess import INDEX_FORMAT_VERSION, FamilySplit, GenomeIndex, GtdbDataError
+from preprocess import INDEX_FORMAT_VERSION, FamilySplit, GenomeIndex, GtdbDataError, split_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -216,10 +215,6 @@ FINGERPRINT_VERSION = 1
 FINGERPRINT_FILE = "data_fingerprint.json"
 
 
-def _sha256_json(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
-
-
 def data_fingerprint(data_cfg, split: FamilySplit, n_classes: int) -> dict:
     """What a model trained on this data depends on: tokenizer, fragment settings, the split and the classes."""
     return {
@@ -230,12 +225,7 @@ def data_fingerprint(data_cfg, split: FamilySplit, n_classes: int) -> dict:
             key: data_cfg[key]
             for key in ("fragment_bp", "train_tokens", "val_tokens", "reverse_complement", "max_n_fraction")
         },
-        "split_sha256": _sha256_json(
-            {"train": [e.accession for e in split.train], "val": [e.accession for e in split.val]}
-        ),
-        "genome_list_sha256": _sha256_json(
-            sorted([*(e.accession for e in split.train), *(e.accession for e in split.val)])
-        ),
+        **split_fingerprint(split),
         "n_classes": int(n_classes),
     }
 

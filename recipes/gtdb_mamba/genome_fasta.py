@@ -2,15 +2,20 @@
 
 Codes: A=0, T=1, C=2, G=3, N=4 (IUPAC ambiguity letters count as N). Normalisation: CR/LF dropped, lowercase
 upper-cased. Refused, naming file and record: text before the first '>', a file without records, an empty record or
-header, `U` (RNA), digits, protein letters. A genome is small (bacteria: ~5 Mbp), so it is decoded whole; whole-buffer
-byte operations make a one-line genome cost the same as a wrapped one. Written by hand because Biopython checks no
-alphabet and drops text before the first header silently.
+header, `U` (RNA), digits, protein letters. A genome is small (bacteria: ~5 Mbp), so it is decoded whole;
+whole-buffer byte operations make a one-line genome cost the same as a wrapped one. `ordered_map` decodes many
+genomes on worker processes and hands them back in order (the index builder in `preprocess.py` writes them).
+Written by hand because Biopython checks no alphabet and drops text before the first header silently.
 """
 
 from __future__ import annotations
 
 import gzip
+import os
 import zlib
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -95,3 +100,37 @@ def read_genome_contigs(path: str | Path) -> list[tuple[str, np.ndarray]]:
     if not contigs:
         raise GenomeSkipped(f"{path}: no usable sequence: all {len(records)} contig(s) are only N")
     return contigs
+
+
+# ------------------------------------------------------------------------------------ parallel decoding
+def default_index_workers() -> int:
+    """Processes for the index build: the usable cores divided among this node's ranks (LOCAL_WORLD_SIZE), >= 1."""
+    ranks_on_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    return max(1, len(os.sched_getaffinity(0)) // ranks_on_node)
+
+
+def ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
+    """`map(fn, items)` on `workers` processes, results in item order, at most 2 x workers results held at once.
+
+    The bound keeps memory flat however many genomes there are (`Executor.map` would submit them all up front).
+    """
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with ProcessPoolExecutor(workers) as pool:  # fork: workers only decode bytes and touch no CUDA/torch state
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def decode_genome(path: str) -> tuple[list[int], bytes] | str:
+    """Worker: (contig lengths, their codes back to back), or the reason the genome is skipped."""
+    try:
+        contigs = read_genome_contigs(path)
+    except GenomeSkipped as reason:
+        return str(reason)
+    return [codes.size for _, codes in contigs], b"".join(codes.tobytes() for _, codes in contigs)

@@ -14,9 +14,6 @@ import os
 import re
 import shutil
 import uuid
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +21,16 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from genome_fasta import BASE_LOOKUP, INVALID_CODE, N_CODE, GenomeSkipped, read_genome_contigs  # noqa: F401
+from genome_fasta import (  # noqa: F401  (BASE_LOOKUP ... read_genome_contigs: re-exported)
+    BASE_LOOKUP,
+    INVALID_CODE,
+    N_CODE,
+    GenomeSkipped,
+    decode_genome,
+    default_index_workers,
+    ordered_map,
+    read_genome_contigs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -208,20 +214,42 @@ def cached_family_split(
     cache_file = Path(cache_dir) / f"split-{key}.json"
     if cache_file.is_file():
         cached = json.loads(cache_file.read_text())
-        return FamilySplit(
+        split = FamilySplit(
             train=[GenomeEntry(**e) for e in cached["train"]],
             val=[GenomeEntry(**e) for e in cached["val"]],
             stats=cached["stats"],
         )
+        if "fingerprint" not in cached:
+            log.warning("%s: split cache without a fingerprint (older version): not checked", cache_file)
+        elif cached["fingerprint"] != split_fingerprint(split):
+            raise GtdbDataError(
+                f"{cache_file}: the cached split does not match its recorded fingerprint (edited or damaged); "
+                "delete it to recompute the split"
+            )
+        return split
     split_options = {k: v for k, v in options.items() if k not in ("contamination_column", "max_contamination")}
     entries, counts = read_metadata(
         metadata_files, genomes_root, options["contamination_column"], options["max_contamination"]
     )
     split = family_split(entries, **split_options)
     split.stats = {**counts, **split.stats}
-    payload = {"train": [asdict(e) for e in split.train], "val": [asdict(e) for e in split.val], "stats": split.stats}
+    payload = {
+        "fingerprint": split_fingerprint(split),
+        "train": [asdict(e) for e in split.train],
+        "val": [asdict(e) for e in split.val],
+        "stats": split.stats,
+    }
     _atomic_write_text(cache_file, json.dumps(payload))
     return split
+
+
+def split_fingerprint(split: FamilySplit) -> dict:
+    """sha256 of the family holdout (train and val accessions, in label order) and of the genome list (sorted)."""
+    train, val = [e.accession for e in split.train], [e.accession for e in split.val]
+    return {
+        "split_sha256": _sha256_json({"train": train, "val": val}),
+        "genome_list_sha256": _sha256_json(sorted(train + val)),
+    }
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -285,39 +313,6 @@ def index_cache_key(entries: list[GenomeEntry], labels: list[int]) -> str:
     return hashlib.sha256(json.dumps(key_source).encode()).hexdigest()[:16]
 
 
-def default_index_workers() -> int:
-    """Processes for the index build: the usable cores divided among this node's ranks (LOCAL_WORLD_SIZE), >= 1."""
-    ranks_on_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
-    return max(1, len(os.sched_getaffinity(0)) // ranks_on_node)
-
-
-def ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
-    """`map(fn, items)` on `workers` processes, results in item order, at most 2 x workers results held at once.
-
-    The bound keeps memory flat however many genomes there are (`Executor.map` would submit them all up front).
-    """
-    if workers <= 1:
-        yield from map(fn, items)
-        return
-    with ProcessPoolExecutor(workers) as pool:  # fork: workers only decode bytes and touch no CUDA/torch state
-        pending: deque = deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
-def _decode_genome(path: str) -> tuple[list[int], bytes] | str:
-    """Worker: (contig lengths, their codes back to back), or the reason the genome is skipped."""
-    try:
-        contigs = read_genome_contigs(path)
-    except GenomeSkipped as reason:
-        return str(reason)
-    return [codes.size for _, codes in contigs], b"".join(codes.tobytes() for _, codes in contigs)
-
-
 def build_or_load_index(
     entries: list[GenomeEntry],
     labels: list[int],
@@ -371,7 +366,7 @@ def _sha256_json(value) -> str:
 def _write_index(directory: Path, entries: list[GenomeEntry], labels: list[int], show_progress, desc, workers):
     genomes, contigs, accessions, skipped = [], [], [], {}
     offset = 0
-    decoded = ordered_map(_decode_genome, [entry.path for entry in entries], workers)
+    decoded = ordered_map(decode_genome, [entry.path for entry in entries], workers)
     with open(directory / "sequence.u8", "wb") as out:
         rows = zip(entries, labels, decoded)
         for entry, label, result in tqdm(rows, total=len(entries), desc=desc, unit="genome", disable=not show_progress):

@@ -9,11 +9,18 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import RECIPE_DIR, compose_config, tiny_overrides, write_fasta_gz
+from conftest import RECIPE_DIR, compose_config, metadata_files, tiny_overrides, write_fasta_gz
 from omegaconf import OmegaConf
 
 from data import FragmentSampler, assign_classes, check_data_fingerprint, data_fingerprint
-from preprocess import FamilySplit, GenomeEntry, GtdbDataError, build_or_load_index
+from preprocess import (
+    FamilySplit,
+    GenomeEntry,
+    GtdbDataError,
+    build_or_load_index,
+    cached_family_split,
+    split_fingerprint,
+)
 from train import run
 
 RNG = np.random.default_rng(5)
@@ -104,3 +111,24 @@ def test_resume_with_other_data_settings_is_refused_in_one_line(gtdb_fixture, tm
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert last.startswith(f"error: {record}: the checkpoints were trained on other data than ")
     assert "'max_n_fraction': 0.0" in last and "'max_n_fraction': 0.5" in last
+
+
+def test_split_cache_records_its_fingerprint(gtdb_fixture, tmp_path, caplog):
+    options = dict(
+        seed=1, contamination_column="checkm_contamination", max_contamination=5.0, val_species_target=6,
+        n_val_genomes=8, family_count_cap=100, val_per_genus=10, train_per_genus=20,
+    )  # fmt: skip
+    args = (metadata_files(gtdb_fixture), gtdb_fixture / "database", tmp_path)
+    split = cached_family_split(*args, **options)
+    (cache_file,) = tmp_path.glob("split-*.json")
+    payload = json.loads(cache_file.read_text())
+    assert payload["fingerprint"] == split_fingerprint(split)
+    payload["train"] = payload["train"][1:]  # an edited cache no longer matches its fingerprint
+    cache_file.write_text(json.dumps(payload))
+    with pytest.raises(GtdbDataError, match="does not match its recorded fingerprint"):
+        cached_family_split(*args, **options)
+    del payload["fingerprint"]  # a cache from before fingerprints: a warning
+    cache_file.write_text(json.dumps(payload))
+    with caplog.at_level(logging.WARNING):
+        assert len(cached_family_split(*args, **options).train) == len(split.train) - 1
+    assert "without a fingerprint" in caplog.text
