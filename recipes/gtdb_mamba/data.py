@@ -44,7 +44,7 @@ class KmerTokenizer:
 
     def tokens_from_sequence(self, sequence: str) -> torch.Tensor:
         """A DNA string -> 1-D token ids (IUPAC ambiguity letters count as N)."""
-        codes = BASE_LOOKUP[np.frombuffer(sequence.encode("ascii"), dtype=np.uint8)]
+        codes = BASE_LOOKUP[np.frombuffer(sequence.encode("ascii", errors="replace"), dtype=np.uint8)]  # '?': invalid
         if (codes == INVALID_CODE).any():
             raise ValueError(f"sequence contains a character that is not a nucleotide: {sequence[:40]!r}...")
         if codes.size < self.k:
