@@ -143,6 +143,11 @@ def report(runs: dict, small: dict, worker_counts: tuple[int, ...]) -> dict:
         f"| 10x, gunzip only, 1 process (ceiling) | {med['gunzip']:.2f} | {one['genomes'] / med['gunzip']:.1f} | "
         f"{mb / med['gunzip']:.0f} | - | - |"
     )
+    return extrapolate(runs, small, worker_counts, med, rss, mb)
+
+
+def extrapolate(runs: dict, small: dict, worker_counts: tuple, med: dict, rss: dict, mb: float) -> dict:
+    """CPU cost per Mbp, the Amdahl extrapolation to the full corpus, and the headline figures."""
     cpu = {w: statistics.median(r["cpu_s"] for r in runs[w]) for w in worker_counts}
     main_cpu = {w: statistics.median(r["main_cpu_s"] for r in runs[w]) for w in worker_counts}
     best = max(worker_counts)

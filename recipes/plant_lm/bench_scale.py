@@ -131,50 +131,52 @@ def main() -> dict:
             runs["2 ranks"].append(measure_parallel(wrapped))
             runs["gunzip"].append(measure(["--gunzip", str(gz)]))
         big = measure(["--pass", str(ten_x), "0", "1"])
-        med = {name: statistics.median(r["s"] for r in rs) for name, rs in runs.items()}
-        rss = {name: statistics.median(r["rss_mib"] for r in rs) for name, rs in runs.items() if name != "2 ranks"}
-        a, b = runs["one_line"][0], runs["wrapped"][0]
-        print("| input | chunks | largest chunk (bp) | windows | window hash | peak RSS (MiB) |")
-        print("| --- | --- | --- | --- | --- | --- |")
-        for name, r, mib in (("30 Mbp one line", a, rss["one_line"]), ("30 Mbp wrapped at 60", b, rss["wrapped"])):
-            print(f"| {name} | {r['chunks']} | {r['largest_chunk']:,} | {r['windows']:,} | {r['sha']} | {mib:.0f} |")
-        print(
-            f"| 300 Mbp wrapped (10x) | {big['chunks']} | {big['largest_chunk']:,} | {big['windows']:,} | "
-            f"{big['sha']} | {big['rss_mib']:.0f} |"
-        )
-        same = (a["chunks"], a["windows"], a["sha"]) == (b["chunks"], b["windows"], b["sha"])
-        mb = n_bp / 1e6
-        print("\n| one pass, 30 Mbp | s | MB/s | windows/s |\n| --- | --- | --- | --- |")
-        for name in ("one_line", "wrapped", "gz"):
-            print(f"| 1 process, {name} | {med[name]:.2f} | {mb / med[name]:.0f} | {a['windows'] / med[name]:,.0f} |")
-        print(
-            f"| 2 processes (2 ranks, each reads all, keeps half) | {med['2 ranks']:.2f} | "
-            f"{mb / med['2 ranks']:.0f} per rank | {a['windows'] / med['2 ranks']:,.0f} together |"
-        )
-        print(f"| gunzip only (ceiling for .gz input) | {med['gunzip']:.2f} | {mb / med['gunzip']:.0f} | - |")
-        rate = mb / med["gz"]  # MB/s of one rank on gzip input, the usual case
-        summary = {
-            "identical_one_line_vs_wrapped": same,
-            "rss_ratio_one_line_over_wrapped": rss["one_line"] / rss["wrapped"],
-            "rss_ratio_10x_over_1x": big["rss_mib"] / rss["wrapped"],
-            "gz_mb_per_s": rate,
-            "maize_pass_min": 2300 / rate / 60,
-            "largest_genome_pass_min": 2500 / rate / 60,
-        }
-        print(
-            f"\none-line vs wrapped: identical chunks/windows/hash: {same}; peak RSS ratio "
-            f"{summary['rss_ratio_one_line_over_wrapped']:.2f} (goal 0.9-1.1)"
-        )
-        print(
-            f"peak RSS 300 Mbp / 30 Mbp: {summary['rss_ratio_10x_over_1x']:.2f} (goal ~1: memory flat in corpus size)"
-        )
-        print(
-            f"extrapolated: one pass over maize (2.3 Gbp, gzip) per rank {summary['maize_pass_min']:.1f} min, "
-            f"2.5 Gbp {summary['largest_genome_pass_min']:.1f} min. Every rank reads the whole corpus (windows are "
-            "dealt round-robin), so on a 32-core node with 8 ranks the pass time per rank is the same and uses "
-            "8 of the 32 cores; streaming overlaps training."
-        )
-        return summary
+        return report(runs, big, n_bp / 1e6)
+
+
+def report(runs: dict, big: dict, mb: float) -> dict:
+    """Print the tables and the extrapolation; return the headline figures."""
+    med = {name: statistics.median(r["s"] for r in rs) for name, rs in runs.items()}
+    rss = {name: statistics.median(r["rss_mib"] for r in rs) for name, rs in runs.items() if name != "2 ranks"}
+    a, b = runs["one_line"][0], runs["wrapped"][0]
+    print("| input | chunks | largest chunk (bp) | windows | window hash | peak RSS (MiB) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, r, mib in (("30 Mbp one line", a, rss["one_line"]), ("30 Mbp wrapped at 60", b, rss["wrapped"])):
+        print(f"| {name} | {r['chunks']} | {r['largest_chunk']:,} | {r['windows']:,} | {r['sha']} | {mib:.0f} |")
+    print(
+        f"| 300 Mbp wrapped (10x) | {big['chunks']} | {big['largest_chunk']:,} | {big['windows']:,} | "
+        f"{big['sha']} | {big['rss_mib']:.0f} |"
+    )
+    same = (a["chunks"], a["windows"], a["sha"]) == (b["chunks"], b["windows"], b["sha"])
+    print("\n| one pass, 30 Mbp | s | MB/s | windows/s |\n| --- | --- | --- | --- |")
+    for name in ("one_line", "wrapped", "gz"):
+        print(f"| 1 process, {name} | {med[name]:.2f} | {mb / med[name]:.0f} | {a['windows'] / med[name]:,.0f} |")
+    print(
+        f"| 2 processes (2 ranks, each reads all, keeps half) | {med['2 ranks']:.2f} | "
+        f"{mb / med['2 ranks']:.0f} per rank | {a['windows'] / med['2 ranks']:,.0f} together |"
+    )
+    print(f"| gunzip only (ceiling for .gz input) | {med['gunzip']:.2f} | {mb / med['gunzip']:.0f} | - |")
+    rate = mb / med["gz"]  # MB/s of one rank on gzip input, the usual case
+    summary = {
+        "identical_one_line_vs_wrapped": same,
+        "rss_ratio_one_line_over_wrapped": rss["one_line"] / rss["wrapped"],
+        "rss_ratio_10x_over_1x": big["rss_mib"] / rss["wrapped"],
+        "gz_mb_per_s": rate,
+        "maize_pass_min": 2300 / rate / 60,
+        "largest_genome_pass_min": 2500 / rate / 60,
+    }
+    print(
+        f"\none-line vs wrapped: identical chunks/windows/hash: {same}; peak RSS ratio "
+        f"{summary['rss_ratio_one_line_over_wrapped']:.2f} (goal 0.9-1.1)"
+    )
+    print(f"peak RSS 300 Mbp / 30 Mbp: {summary['rss_ratio_10x_over_1x']:.2f} (goal ~1: memory flat in corpus size)")
+    print(
+        f"extrapolated: one pass over maize (2.3 Gbp, gzip) per rank {summary['maize_pass_min']:.1f} min, "
+        f"2.5 Gbp {summary['largest_genome_pass_min']:.1f} min. Every rank reads the whole corpus (windows are "
+        "dealt round-robin), so on a 32-core node with 8 ranks the pass time per rank is the same and uses "
+        "8 of the 32 cores; streaming overlaps training."
+    )
+    return summary
 
 
 if __name__ == "__main__":
