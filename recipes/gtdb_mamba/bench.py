@@ -6,6 +6,8 @@
    (Python loop over pairs, then sklearn) and vs sklearn on vectorised pairs. Goal >= 10x over the pair loop.
 3. Training tokens/s (forward + backward) of the pure-PyTorch parallel scan vs the sequential recurrence.
 4. Only on CUDA with mamba_ssm installed: its fused kernels vs the pure path (numbers go to BENCHMARKS.md).
+5. Scale (`bench_scale.py`, also runnable alone): parallel genome-index build at 1 and 2 workers vs the gunzip
+   ceiling, peak RSS at 1x / 10x, per-genome decode cost and the extrapolated cold start for 75k genomes.
 
 Baselines run in the same process on the same data, interleaved, after a warm-up; medians of 5 repeats.
 """
@@ -28,6 +30,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from mambapy.mamba import MambaBlock, MambaConfig  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
+import bench_scale  # noqa: E402
 from make_fixture import make_fixture  # noqa: E402
 from metrics import pairwise_distances, same_genome_auc  # noqa: E402
 from model import EmbedderConfig, make_mixer, mamba_ssm_available  # noqa: E402
@@ -210,6 +213,7 @@ def main() -> None:
     if mamba_ssm_available():
         ratio = gpu["mamba_ssm kernels"] / gpu["pure PyTorch (mambapy)"]
         print(f"   GPU: mamba_ssm kernels / pure PyTorch:    {ratio:.1f}x tokens/s")
+    bench_scale.main()
 
 
 if __name__ == "__main__":

@@ -6,13 +6,19 @@ worker count or on what came before: resuming at batch b reproduces the uninterr
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import uuid
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from preprocess import N_CODE, GenomeIndex, GtdbDataError
+from genome_fasta import BASE_LOOKUP, INVALID_CODE, N_CODE
+from preprocess import INDEX_FORMAT_VERSION, FamilySplit, GenomeIndex, GtdbDataError, split_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +44,7 @@ class KmerTokenizer:
 
     def tokens_from_sequence(self, sequence: str) -> torch.Tensor:
         """A DNA string -> 1-D token ids (IUPAC ambiguity letters count as N)."""
-        from preprocess import BASE_LOOKUP, INVALID_CODE
-
-        codes = BASE_LOOKUP[np.frombuffer(sequence.encode("ascii"), dtype=np.uint8)]
+        codes = BASE_LOOKUP[np.frombuffer(sequence.encode("ascii", errors="replace"), dtype=np.uint8)]  # '?': invalid
         if (codes == INVALID_CODE).any():
             raise ValueError(f"sequence contains a character that is not a nucleotide: {sequence[:40]!r}...")
         if codes.size < self.k:
@@ -76,7 +80,8 @@ class FragmentSampler:
             raise GtdbDataError(
                 f"index {index.directory}: no genome has a contig of at least {fragment_bp} bp (data.fragment_bp)"
             )
-        self.labels = index.genomes[self.genome_rows, 0]
+        self.labels = index.genomes[self.genome_rows, 0]  # split positions until assign_classes() makes them dense
+        self.n_classes: int | None = None
         # A "virtual coordinate" enumerates every valid start of every contig back to back; a draw in
         # [genome_offset[g], genome_offset[g] + n_starts[g]) maps to (contig, start) by binary search.
         self._contig_cum_starts = np.concatenate([[0], np.cumsum(valid_starts)])
@@ -184,3 +189,73 @@ def validation_fragments(
     return tokenizer.tokens_from_codes(torch.from_numpy(codes)), torch.from_numpy(
         sampler.labels[genomes].astype(np.int64)
     )
+
+
+# ----------------------------------------------------------------------------------------------- classes, fingerprint
+def assign_classes(sampler: FragmentSampler) -> int:
+    """Number the training classes 0..C-1 over the genomes usable on some rank and relabel `sampler.labels`.
+
+    A skipped genome (unreadable, only N, every contig shorter than a fragment) yields no fragment, so it must not be
+    a class: its CurricularFace row would only ever be a negative. Classes keep the split's order (ascending split
+    position), the same on every rank; under torch.distributed the usable positions are all-gathered. Returns C
+    (also stored as `sampler.n_classes`). Idempotent.
+    """
+    local = sorted(int(label) for label in sampler.labels)
+    gathered = [local]
+    if dist.is_available() and dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+    used = np.array(sorted(set().union(*gathered)), dtype=np.int64)
+    sampler.labels = np.searchsorted(used, sampler.labels).astype(np.int64)
+    sampler.n_classes = len(used)
+    return len(used)
+
+
+FINGERPRINT_VERSION = 1
+FINGERPRINT_FILE = "data_fingerprint.json"
+
+
+def data_fingerprint(data_cfg, split: FamilySplit, n_classes: int) -> dict:
+    """What a model trained on this data depends on: tokenizer, fragment settings, the split and the classes."""
+    return {
+        "format_version": FINGERPRINT_VERSION,
+        "index_format_version": INDEX_FORMAT_VERSION,
+        "tokenizer": {"kmer": int(data_cfg["kmer"]), "base_order": "ATCG", "n_token": 4 ** int(data_cfg["kmer"])},
+        "fragment": {
+            key: data_cfg[key]
+            for key in ("fragment_bp", "train_tokens", "val_tokens", "reverse_complement", "max_n_fraction")
+        },
+        **split_fingerprint(split),
+        "n_classes": int(n_classes),
+    }
+
+
+def check_data_fingerprint(run_dir, data_cfg, split: FamilySplit, sampler: FragmentSampler, resuming: bool) -> Path:
+    """Record this run's data fingerprint in `<run_dir>/data_fingerprint.json`, or, when resuming, check it first.
+
+    A resumed run whose k-mer size, fragment settings, split, genome list or class count differ from the recorded
+    ones raises GtdbDataError in one line naming the record, the training index and every differing key. A run
+    dir without a record (older version) gets a warning and the record is written. Returns the record's path.
+    """
+    fingerprint = data_fingerprint(data_cfg, split, sampler.n_classes or assign_classes(sampler))
+    record = Path(run_dir) / FINGERPRINT_FILE
+    if resuming and record.is_file():
+        try:
+            recorded = json.loads(record.read_text())
+        except (OSError, ValueError) as err:
+            raise GtdbDataError(f"{record}: unreadable data fingerprint ({err})") from None
+        differ = sorted(k for k in set(recorded) | set(fingerprint) if recorded.get(k) != fingerprint.get(k))
+        if differ:
+            detail = "; ".join(f"{k}: checkpoint {recorded.get(k)!r} vs now {fingerprint.get(k)!r}" for k in differ)
+            raise GtdbDataError(
+                f"{record}: the checkpoints were trained on other data than {sampler.index.directory / 'manifest.json'} "
+                f"with this config ({detail}); use the original settings or a new run_dir"
+            )
+        return record
+    if resuming:
+        log.warning("%s: missing (run from an older version): data settings not checked, recording them", record)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_name(f".{record.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
+    os.replace(tmp, record)  # every rank writes the same bytes; the rename keeps readers from a half-written file
+    return record

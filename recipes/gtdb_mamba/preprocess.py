@@ -7,7 +7,6 @@ Its cache key covers the accession list and each FASTA file's size and mtime, so
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
@@ -15,40 +14,33 @@ import os
 import re
 import shutil
 import uuid
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from Bio.SeqIO.FastaIO import SimpleFastaParser
 from tqdm import tqdm
+
+from genome_fasta import (  # noqa: F401  (BASE_LOOKUP ... read_genome_contigs: re-exported)
+    BASE_LOOKUP,
+    INVALID_CODE,
+    N_CODE,
+    GenomeSkipped,
+    decode_genome,
+    default_index_workers,
+    ordered_map,
+    read_genome_contigs,
+)
 
 log = logging.getLogger(__name__)
 
-INDEX_FORMAT_VERSION = 1
-BASE_CODES = {"A": 0, "T": 1, "C": 2, "G": 3}
-N_CODE = 4
-INVALID_CODE = 255
+INDEX_FORMAT_VERSION = 2  # 2: manifest carries a fingerprint; contract-checked reader
 METADATA_COLUMNS = ("accession", "gtdb_genome_representative", "gtdb_taxonomy")
 _ACCESSION_RE = re.compile(r"^(?:RS_|GB_)?(GC[AF])_(\d{3})(\d{3})(\d{3})\.(\d+)$")
 
 
 class GtdbDataError(Exception):
     """A problem with the user's GTDB inputs that stops the run (missing column, no genomes left, ...)."""
-
-
-def _base_lookup_table() -> np.ndarray:
-    """ASCII byte -> base code; IUPAC ambiguity letters become N, anything else is invalid."""
-    table = np.full(256, INVALID_CODE, dtype=np.uint8)
-    for letter in "NRYKMSWBDHV":
-        table[ord(letter)] = table[ord(letter.lower())] = N_CODE
-    for letter, code in BASE_CODES.items():
-        table[ord(letter)] = table[ord(letter.lower())] = code
-    return table
-
-
-BASE_LOOKUP = _base_lookup_table()
 
 
 # ----------------------------------------------------------------------------------------------- metadata and split
@@ -222,20 +214,42 @@ def cached_family_split(
     cache_file = Path(cache_dir) / f"split-{key}.json"
     if cache_file.is_file():
         cached = json.loads(cache_file.read_text())
-        return FamilySplit(
+        split = FamilySplit(
             train=[GenomeEntry(**e) for e in cached["train"]],
             val=[GenomeEntry(**e) for e in cached["val"]],
             stats=cached["stats"],
         )
+        if "fingerprint" not in cached:
+            log.warning("%s: split cache without a fingerprint (older version): not checked", cache_file)
+        elif cached["fingerprint"] != split_fingerprint(split):
+            raise GtdbDataError(
+                f"{cache_file}: the cached split does not match its recorded fingerprint (edited or damaged); "
+                "delete it to recompute the split"
+            )
+        return split
     split_options = {k: v for k, v in options.items() if k not in ("contamination_column", "max_contamination")}
     entries, counts = read_metadata(
         metadata_files, genomes_root, options["contamination_column"], options["max_contamination"]
     )
     split = family_split(entries, **split_options)
     split.stats = {**counts, **split.stats}
-    payload = {"train": [asdict(e) for e in split.train], "val": [asdict(e) for e in split.val], "stats": split.stats}
+    payload = {
+        "fingerprint": split_fingerprint(split),
+        "train": [asdict(e) for e in split.train],
+        "val": [asdict(e) for e in split.val],
+        "stats": split.stats,
+    }
     _atomic_write_text(cache_file, json.dumps(payload))
     return split
+
+
+def split_fingerprint(split: FamilySplit) -> dict:
+    """sha256 of the family holdout (train and val accessions, in label order) and of the genome list (sorted)."""
+    train, val = [e.accession for e in split.train], [e.accession for e in split.val]
+    return {
+        "split_sha256": _sha256_json({"train": train, "val": val}),
+        "genome_list_sha256": _sha256_json(sorted(train + val)),
+    }
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -246,46 +260,20 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ genome index
-class GenomeSkipped(Exception):
-    """One genome file cannot be used; the index builder logs it and goes on."""
-
-
-def read_genome_contigs(path: str | Path) -> list[tuple[str, np.ndarray]]:
-    """Decode a gzipped FASTA into (contig name, uint8 codes); all-N contigs are dropped. Raises GenomeSkipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise GenomeSkipped("file not found")
-    contigs, n_records = [], 0
-    try:
-        with gzip.open(path, "rt", encoding="ascii", errors="replace") as handle:
-            for title, sequence in SimpleFastaParser(handle):
-                n_records += 1
-                if not title.split():  # a nameless record means a malformed or spliced file: distrust the genome
-                    raise GenomeSkipped(f"record {n_records}: empty FASTA header")
-                name = title.split()[0]
-                codes = BASE_LOOKUP[np.frombuffer(sequence.encode("ascii", errors="replace"), dtype=np.uint8)]
-                bad = np.flatnonzero(codes == INVALID_CODE)
-                if bad.size:
-                    raise GenomeSkipped(f"contig {name!r}: invalid character {sequence[bad[0]]!r}")
-                if codes.size and (codes < N_CODE).any():
-                    contigs.append((name, codes))
-    except (gzip.BadGzipFile, zlib.error):
-        raise GenomeSkipped("not a gzip file") from None
-    except EOFError:
-        raise GenomeSkipped("truncated gzip file") from None
-    if n_records == 0:
-        raise GenomeSkipped("empty genome (no FASTA record)")
-    if not contigs:
-        raise GenomeSkipped(f"no usable sequence: all {n_records} contig(s) are empty or only N")
-    return contigs
-
-
 class GenomeIndex:
     """Memory-mapped view of an index directory: `sequence` (uint8), `contigs` [start, length], `genomes` table."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         manifest = json.loads((self.directory / "manifest.json").read_text())
+        if manifest.get("version") not in (1, INDEX_FORMAT_VERSION):
+            raise GtdbDataError(
+                f"{self.directory / 'manifest.json'}: index format {manifest.get('version')!r}, this code reads "
+                f"1-{INDEX_FORMAT_VERSION}; delete the index directory to rebuild it"
+            )
+        if "fingerprint" not in manifest:  # version 1: same files, nothing recorded to check against
+            log.warning("%s: index without a fingerprint (older version): not checked", self.directory)
+        self.fingerprint: dict = manifest.get("fingerprint", {})
         self.accessions: list[str] = manifest["accessions"]
         self.skipped: dict[str, str] = manifest["skipped"]
         self.total_bases: int = manifest["total_bases"]
@@ -326,9 +314,22 @@ def index_cache_key(entries: list[GenomeEntry], labels: list[int]) -> str:
 
 
 def build_or_load_index(
-    entries: list[GenomeEntry], labels: list[int], cache_dir: str | Path, name: str, show_progress: bool = True
+    entries: list[GenomeEntry],
+    labels: list[int],
+    cache_dir: str | Path,
+    name: str,
+    show_progress: bool = True,
+    workers: int | None = None,
 ) -> GenomeIndex:
-    """Return the cached index for these genomes, building it first (into a temp dir, then renamed) if needed."""
+    """Return the cached index for these genomes, building it first (into a temp dir, then renamed) if needed.
+
+    `workers` processes decode genomes in parallel (None: `default_index_workers()`); the files written are
+    byte-identical for any number of workers. Raises GtdbDataError for a bad `workers`.
+    """
+    if workers is None:
+        workers = default_index_workers()
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise GtdbDataError(f"data.index_workers must be null or an integer >= 1, got {workers!r}")
     target = Path(cache_dir) / f"{name}-{index_cache_key(entries, labels)}"
     if (target / "manifest.json").is_file():
         return GenomeIndex(target)
@@ -336,7 +337,7 @@ def build_or_load_index(
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     tmp.mkdir()
     try:
-        _write_index(tmp, entries, labels, show_progress, desc=f"indexing {name}")
+        _write_index(tmp, entries, labels, show_progress, f"indexing {name}", workers)
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished the same index first; theirs is identical
@@ -348,26 +349,47 @@ def build_or_load_index(
     return GenomeIndex(target)
 
 
-def _write_index(directory: Path, entries: list[GenomeEntry], labels: list[int], show_progress: bool, desc: str):
+def index_fingerprint(entries: list[GenomeEntry], labels: list[int], accessions: list[str]) -> dict:
+    """What a consumer of an index depends on: format, base codes, the genomes asked for and those indexed."""
+    return {
+        "format_version": INDEX_FORMAT_VERSION,
+        "base_codes": "A=0 T=1 C=2 G=3 N=4 (IUPAC ambiguity -> N)",
+        "genome_list_sha256": _sha256_json([[e.accession, label] for e, label in zip(entries, labels)]),
+        "indexed_sha256": _sha256_json(accessions),
+    }
+
+
+def _sha256_json(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def _write_index(directory: Path, entries: list[GenomeEntry], labels: list[int], show_progress, desc, workers):
     genomes, contigs, accessions, skipped = [], [], [], {}
     offset = 0
+    decoded = ordered_map(decode_genome, [entry.path for entry in entries], workers)
     with open(directory / "sequence.u8", "wb") as out:
-        for entry, label in tqdm(list(zip(entries, labels)), desc=desc, unit="genome", disable=not show_progress):
-            try:
-                genome_contigs = read_genome_contigs(entry.path)
-            except GenomeSkipped as reason:
-                skipped[entry.accession] = str(reason)
-                log.warning("%s: genome %s skipped: %s", entry.path, entry.accession, reason)
+        rows = zip(entries, labels, decoded)
+        for entry, label, result in tqdm(rows, total=len(entries), desc=desc, unit="genome", disable=not show_progress):
+            if isinstance(result, str):
+                skipped[entry.accession] = result
+                log.warning("genome %s skipped: %s", entry.accession, result)
                 continue
-            genomes.append((label, len(contigs), len(genome_contigs)))
+            lengths, codes = result
+            genomes.append((label, len(contigs), len(lengths)))
             accessions.append(entry.accession)
-            for _, codes in genome_contigs:
-                out.write(codes.tobytes())
-                contigs.append((offset, codes.size))
-                offset += codes.size
+            out.write(codes)
+            for length in lengths:
+                contigs.append((offset, length))
+                offset += length
         out.flush()
         os.fsync(out.fileno())
     np.save(directory / "genomes.npy", np.asarray(genomes, dtype=np.int64).reshape(-1, 3))
     np.save(directory / "contigs.npy", np.asarray(contigs, dtype=np.int64).reshape(-1, 2))
-    manifest = {"version": INDEX_FORMAT_VERSION, "accessions": accessions, "skipped": skipped, "total_bases": offset}
+    manifest = {
+        "version": INDEX_FORMAT_VERSION,
+        "fingerprint": index_fingerprint(entries, labels, accessions),
+        "accessions": accessions,
+        "skipped": skipped,
+        "total_bases": offset,
+    }
     (directory / "manifest.json").write_text(json.dumps(manifest))  # written last: marks a finished index

@@ -33,7 +33,16 @@ from biorecipes_shared.checkpoint import (
 )
 from biorecipes_shared.distributed import all_reduce_mean, barrier, setup_distributed, teardown_distributed
 from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, peak_memory, plot_loss_curve
-from data import FragmentSampler, KmerTokenizer, TrainBatches, check_crop, train_loader, validation_fragments
+from data import (
+    FragmentSampler,
+    KmerTokenizer,
+    TrainBatches,
+    assign_classes,
+    check_crop,
+    check_data_fingerprint,
+    train_loader,
+    validation_fragments,
+)
 from metrics import same_genome_auc, write_distance_histogram
 from model import CurricularFace, EmbedderConfig, GenomeFragmentEmbedder, mamba_ssm_available
 from preprocess import GtdbDataError, build_or_load_index, cached_family_split, shard_for_rank
@@ -79,20 +88,22 @@ def prepare_data(cfg: DictConfig, dist_ctx, log):
         data.cache_dir,
         f"train-rank{dist_ctx.rank}of{dist_ctx.world_size}",
         show_progress,
+        workers=data.index_workers,
     )
     val_labels = list(range(len(split.val)))
     if dist_ctx.local_rank == 0:  # one builder per node; the others wait and memory-map it
-        build_or_load_index(split.val, val_labels, data.cache_dir, "val", show_progress)
+        build_or_load_index(split.val, val_labels, data.cache_dir, "val", show_progress, workers=data.index_workers)
     barrier()
-    val_index = build_or_load_index(split.val, val_labels, data.cache_dir, "val", show_progress=False)
+    val_index = build_or_load_index(split.val, val_labels, data.cache_dir, "val", False, workers=data.index_workers)
 
     train_sampler = FragmentSampler(train_index, data.fragment_bp, data.max_n_fraction)
     val_sampler = FragmentSampler(val_index, data.fragment_bp, data.max_n_fraction)
+    assign_classes(train_sampler)  # a skipped genome is not a class
     train_skipped = all_reduce_mean(float(len(train_index.skipped) + len(train_sampler.dropped))) * dist_ctx.world_size
     val_skipped = len(val_index.skipped) + len(val_sampler.dropped)
     (log.warning if train_skipped or val_skipped else log.info)(
         "genomes: %d training classes (%d on this rank), %d validation; skipped %d training and %d validation genomes",
-        len(split.train),
+        train_sampler.n_classes,
         len(train_sampler),
         len(val_sampler),
         round(train_skipped),
@@ -182,7 +193,7 @@ def run(cfg: DictConfig) -> dict:
             cfg.data.reverse_complement,
         )
         model_config = EmbedderConfig(vocab_size=tokenizer.vocab_size, pad_token=tokenizer.pad_token, **cfg.model)
-        model, optimizer, scheduler = build_model(cfg, model_config, len(split.train), dist_ctx.device)
+        model, optimizer, scheduler = build_model(cfg, model_config, train_sampler.n_classes, dist_ctx.device)
         embedder = model.embedder
         step = 0
         resume_from = latest_checkpoint(ckpt_dir) if cfg.train.resume else None
@@ -192,6 +203,7 @@ def run(cfg: DictConfig) -> dict:
             except RuntimeError as err:  # CheckpointError, or load_state_dict's multi-line size mismatch
                 raise resume_error(resume_from, err) from None
             log.info("resumed from %s (step %d)", resume_from, step)
+        check_data_fingerprint(run_dir, cfg.data, split, train_sampler, resuming=resume_from is not None)
         backend = "mamba_ssm" if cfg.model.backend == "auto" and mamba_ssm_available() else "pure PyTorch (mambapy)"
         log.info(
             "model: %.2fM parameters, Mamba backend %s, device %s, world size %d",

@@ -4,6 +4,8 @@
 2. Per-token cost of a training step (forward + backward + bucket memory update) with a global context of
    2k vs 200k tokens; for reference, a naive memory update that re-averages a history buffer.
 3. Local attention at 4k tokens: blocked sliding window vs SDPA with a dense banded mask (time, peak memory).
+4. Scale (`bench_scale.py`, also runnable alone): one-line vs wrapped chromosome, peak RSS at 1x / 10x, streaming
+   throughput at 1 and 2 processes against the gunzip ceiling, extrapolation to maize.
 Every comparison is interleaved (A, B, A, B, ...) after one warm-up, and reports the median of 7 repeats.
 """
 
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+import bench_scale
 from data import tokenize
 from model import VOCAB_SIZE, PlantLM, blocked_local_attention, dense_local_attention
 
@@ -204,6 +207,7 @@ def main() -> None:
         f"{attention_memory:.0f}x peak memory"
     )
     assert math.isfinite(speedup)
+    bench_scale.main()
 
 
 if __name__ == "__main__":

@@ -1,18 +1,21 @@
 """Plant genomes -> non-overlapping 6-mer tokens -> overlapping next-token windows, mixed across species.
 
 Layout of a data directory: `<data_dir>/<species>/*.fna|*.fa|*.fasta` (plain or gzip); the folder name is the
-species. FASTA is streamed line by line and cut into `chunk_size` bp chunks, so a chromosome of hundreds of Mbp is
-never held in memory. Non-ACGT bases (N, IUPAC codes) split the sequence: no token or window spans them.
-Soft-masked (lowercase) bases are accepted and uppercased.
+species. FASTA is streamed in fixed-size blocks (`fasta.py`) and cut into chunks of exactly `chunk_size` bp (the
+last of a record shorter), so a chromosome of hundreds of Mbp is never held in memory, even written as one line, and
+the windows do not depend on the line length. Windows never cross a chunk boundary. Non-ACGT bases (N, IUPAC codes)
+split the sequence: no token or window spans them. Soft-masked (lowercase) bases are accepted and uppercased.
 
 Token id of a 6-mer b0..b5 (A=0, C=1, G=2, T=3): sum(b_i * 4**(5 - i)), so AAAAAA=0 and TTTTTT=4095.
 """
 
 from __future__ import annotations
 
-import gzip
+import hashlib
+import json
 import logging
-import zlib
+import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,18 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fasta import PlantDataError, stream_chunks
+
 KMER = 6
 VOCAB_SIZE = 4**KMER
+TOKENIZER_VERSION = 1  # bump when the base order, the id formula or the N handling changes
+FINGERPRINT_VERSION = 1
+FINGERPRINT_FILE = "data_fingerprint.json"
 FASTA_SUFFIXES = (".fna", ".fa", ".fasta")
 INVALID = 4
-# IUPAC nucleotide codes and gaps: legal in a genome FASTA, but not tokens; anything else means "not DNA".
-_NUCLEOTIDE_LETTERS = b"ACGTNRYKMSWBDHVU-."
-
 log = logging.getLogger("plant_lm.data")
-
-
-class PlantDataError(ValueError):
-    """A data directory, FASTA file or sampling setting that cannot be used (message names file and problem)."""
 
 
 def _base_codes() -> bytes:
@@ -43,8 +44,6 @@ def _base_codes() -> bytes:
 
 
 BASE_CODES = _base_codes()  # a bytes.translate table: base letter -> 0-3, anything else -> 4
-_LEGAL = np.zeros(256, dtype=bool)
-_LEGAL[list(_NUCLEOTIDE_LETTERS + _NUCLEOTIDE_LETTERS.lower())] = True
 
 
 def kmer_ids(codes: np.ndarray) -> np.ndarray:
@@ -68,50 +67,6 @@ def tokenize(sequence: bytes | str) -> list[np.ndarray]:
     stops = np.concatenate((invalid, [len(codes)]))
     long_enough = stops - starts >= KMER
     return [kmer_ids(codes[a:b]) for a, b in zip(starts[long_enough], stops[long_enough])]
-
-
-def _open_fasta(path: Path):
-    """Binary handle, gunzipping when the file starts with the gzip magic (whatever its suffix)."""
-    with open(path, "rb") as probe:
-        magic = probe.read(2)
-    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
-
-
-def stream_chunks(path: Path, chunk_size: int) -> Iterator[tuple[str, bytes]]:
-    """Yield (record id, chunk) with chunks of at most `chunk_size` bases; chunks never cross records.
-
-    Written by hand because Biopython parsers hold a whole record (a chromosome) in memory.
-    Raises PlantDataError for text before the first header, non-nucleotide characters or a damaged gzip.
-    """
-    record_id, buffer, line_no = None, bytearray(), 0
-
-    def checked(chunk: bytes) -> bytes:
-        bad = np.flatnonzero(~_LEGAL[np.frombuffer(chunk, dtype=np.uint8)])
-        if len(bad):
-            raise PlantDataError(f"{path}: record {record_id}: {chr(chunk[bad[0]])!r} is not a nucleotide")
-        return chunk
-
-    try:
-        with _open_fasta(path) as handle:
-            for line_no, line in enumerate(handle, start=1):
-                line = line.rstrip(b"\r\n")
-                if line.startswith(b">"):
-                    if buffer:
-                        yield record_id, checked(bytes(buffer))
-                    header = line[1:].split(maxsplit=1)
-                    record_id = header[0].decode(errors="replace") if header else f"record_at_line_{line_no}"
-                    buffer = bytearray()
-                elif line:
-                    if record_id is None:
-                        raise PlantDataError(f"{path}: line {line_no}: sequence before the first '>' header")
-                    buffer += line
-                    if len(buffer) >= chunk_size:
-                        yield record_id, checked(bytes(buffer[:chunk_size]))
-                        del buffer[:chunk_size]
-            if buffer:
-                yield record_id, checked(bytes(buffer))
-    except (EOFError, OSError, zlib.error) as err:  # truncated or corrupt gzip
-        raise PlantDataError(f"{path}: unreadable after line {line_no}: {err}") from err
 
 
 def window_count(n_tokens: int, window_len: int, stride: int) -> int:
@@ -289,10 +244,16 @@ class SpeciesMixture:
         self.seed = seed
         self.world_size = next(iter(streams.values())).world_size
         self.positions = {s: 0 for s in self.species} | dict(positions or {})
+        self.fingerprint: dict = {}  # set by build_mixture: what a checkpoint of a model trained on it depends on
+        self.data_dir: Path | None = None
+        self.fingerprint_record: Path | None = None  # set by check_data_fingerprint; written at the first batch
         self._iters = {s: streams[s].windows(self.positions[s]) for s in self.species}
 
     def batches(self, batch_size: int, n_batches: int, epoch: int, skip: int = 0) -> Iterator[Batch]:
         """Batches `skip`..`n_batches` of `epoch` (same species sequence on every rank; skipped ones draw no window)."""
+        if self.fingerprint_record is not None:  # training has started: record what its checkpoints depend on
+            write_fingerprint(self.fingerprint_record, self.fingerprint)
+            self.fingerprint_record = None
         rng = np.random.default_rng([self.seed, epoch])
         for _ in range(skip):  # replay the species draws of batches done before a mid-epoch resume
             rng.choice(len(self.species), size=batch_size, p=self.probs)
@@ -336,4 +297,68 @@ def build_mixture(
     }
     for stream in streams.values():  # else an all-N species fails only when first drawn, mid-run
         stream.check_has_window()
-    return SpeciesMixture(streams, weights, seed, positions)
+    mixture = SpeciesMixture(streams, weights, seed, positions)
+    mixture.fingerprint = data_fingerprint(mixture.species, context_size, overlap_ratio, chunk_size)
+    mixture.data_dir = Path(data_dir)
+    return mixture
+
+
+# ------------------------------------------------------------------------------------------------------ fingerprints
+def tokenizer_sha256() -> str:
+    """sha256 of the ids `tokenize` gives the 4096 6-mers in ACGT-lexicographic order (uint16, little-endian).
+
+    Computed through `tokenize` itself, so any change of base order, formula or dtype changes the fingerprint.
+    """
+    digits = (np.arange(VOCAB_SIZE)[:, None] >> (2 * np.arange(KMER - 1, -1, -1))) & 3
+    text = np.frombuffer(b"ACGT", dtype=np.uint8)[digits].tobytes()
+    ids = np.concatenate(tokenize(text)).astype("<u2")
+    return hashlib.sha256(ids.tobytes()).hexdigest()
+
+
+def data_fingerprint(species: list[str], context_size: int, overlap_ratio: float, chunk_size: int) -> dict:
+    """What a model trained on this data depends on: tokenizer, window geometry, species -> embedding id."""
+    return {
+        "format_version": FINGERPRINT_VERSION,
+        "tokenizer": {"kmer": KMER, "base_order": "ACGT", "version": TOKENIZER_VERSION, "sha256": tokenizer_sha256()},
+        "window_tokens": context_size + 1,
+        "stride_tokens": window_stride(context_size, overlap_ratio),
+        "overlap_ratio": overlap_ratio,
+        "chunk_bp": chunk_size,  # windows never cross a chunk: the window sequence (and resume positions) depend on it
+        "species_ids": {name: i for i, name in enumerate(sorted(species))},
+    }
+
+
+def check_data_fingerprint(run_dir: str | Path, mixture: SpeciesMixture, resuming: bool) -> Path:
+    """Check `mixture.fingerprint` against `<run_dir>/data_fingerprint.json` when resuming; arrange for it to be recorded.
+
+    A resumed run whose data settings differ from the recorded ones raises PlantDataError in one line naming the
+    record, the data dir and every differing key; a run without a record (older version) gets a warning. Nothing is
+    written here (start-up creates no file): the mixture writes the record when its first batch is drawn.
+    Returns the record's path.
+    """
+    record = Path(run_dir) / FINGERPRINT_FILE
+    fingerprint = mixture.fingerprint
+    if resuming and record.is_file():
+        try:
+            recorded = json.loads(record.read_text())
+        except (OSError, ValueError) as err:
+            raise PlantDataError(f"{record}: unreadable data fingerprint ({err})") from None
+        differ = sorted(k for k in set(recorded) | set(fingerprint) if recorded.get(k) != fingerprint.get(k))
+        if differ:
+            detail = "; ".join(f"{k}: checkpoint {recorded.get(k)!r} vs now {fingerprint.get(k)!r}" for k in differ)
+            raise PlantDataError(
+                f"{record}: the checkpoints were trained on other data settings than {mixture.data_dir} now gives "
+                f"({detail}); use the original settings or a new output_dir"
+            )
+    elif resuming:
+        log.warning("%s: missing (checkpoint from an older version): data settings not checked", record)
+    mixture.fingerprint_record = record
+    return record
+
+
+def write_fingerprint(record: Path, fingerprint: dict) -> None:
+    """Write the record atomically (every rank writes the same bytes; the rename keeps readers from half a file)."""
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_name(f".{record.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
+    os.replace(tmp, record)

@@ -31,7 +31,14 @@ from checkpointing import (
     restore_rng_state,
     save_training_state,
 )
-from data import PlantDataError, SpeciesMixture, build_mixture, parse_distribution, window_stride
+from data import (
+    PlantDataError,
+    SpeciesMixture,
+    build_mixture,
+    check_data_fingerprint,
+    parse_distribution,
+    window_stride,
+)
 from model import PlantLM
 
 
@@ -243,6 +250,7 @@ def _set_up(cfg: Config, ctx, log: logging.Logger, checkpoint_dir: Path) -> Run:
     log.info("species (sampling weight): %s", ", ".join(f"{s} ({p:.3f})" for s, p in zip(species, mixture.probs)))
     if resumed:
         check_compatible(resumed, cfg, species)
+    check_data_fingerprint(checkpoint_dir.parent, mixture, resuming=resumed is not None)
     model = PlantLM(
         len(species),
         cfg.d_model,

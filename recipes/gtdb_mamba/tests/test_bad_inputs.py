@@ -65,23 +65,27 @@ def test_bad_genomes_are_skipped_and_counted(fixture_copy, tmp_path, caplog, mon
     )
     paths = [entry.path for entry in split.train[:5]]
     Path(paths[0]).unlink()  # missing
-    Path(paths[1]).write_bytes(b">c\nACGT\n")  # not gzip
+    Path(paths[1]).write_bytes(b"\x1f\x8b not really gzip")  # damaged gzip
     write_fasta_gz(Path(paths[2]), [])  # empty
     write_fasta_gz(Path(paths[3]), [("c", "N" * 500)])  # only N
     write_fasta_gz(Path(paths[4]), [("c", "ACGT" * 10)])  # shorter than the 150 bp fragment
     with caplog.at_level(logging.WARNING):
         _, train_sampler, _ = prepare_data(cfg, _Ctx(), logging.getLogger("test"))
     assert len(train_sampler) == len(split.train) - 5
+    # A skipped genome is not a class: classes are numbered densely over the genomes actually indexed and usable.
+    assert train_sampler.n_classes == len(split.train) - 5
+    assert sorted(set(train_sampler.labels.tolist())) == list(range(len(split.train) - 5))
     messages = "\n".join(caplog.messages)
     reasons = (
         "file not found",
         "not a gzip file",
-        "empty genome",
-        "all 1 contig(s) are empty or only N",
+        "no records (empty file)",
+        "all 1 contig(s) are only N",
         "shorter than the 150 bp",
     )
     for reason in reasons:
         assert reason in messages
+    assert f"{len(split.train) - 5} training classes" in messages
     assert "skipped 5 training and 0 validation genomes" in messages
 
 
@@ -107,7 +111,7 @@ def test_truncated_gzip_is_skipped(tmp_path):
     with pytest.raises(GenomeSkipped, match="truncated"):
         read_genome_contigs(path)
     write_fasta_gz(path, [("c", "ACGU")])
-    with pytest.raises(GenomeSkipped, match="contig 'c': invalid character 'U'"):
+    with pytest.raises(GenomeSkipped, match="record c: 'U' not DNA"):
         read_genome_contigs(path)
 
 
@@ -125,7 +129,7 @@ def test_empty_fasta_header_skips_the_genome(tmp_path, caplog):
         index = build_or_load_index(entries, [0, 1, 2], tmp_path / "cache", "t", show_progress=False)
     assert index.accessions == ["GCA_000000002.1"]
     assert sorted(index.skipped) == ["GCA_000000000.1", "GCA_000000001.1"]
-    assert "genome GCA_000000000.1 skipped: record 1: empty FASTA header" in caplog.text
+    assert f"genome GCA_000000000.1 skipped: {bad_char}: record 1: empty FASTA header" in caplog.text
 
 
 def test_cli_prints_one_line_error_and_exits_1(tmp_path):

@@ -198,7 +198,7 @@ def test_bad_files_are_skipped_and_counted(tmp_path, caplog):
     assert set(stream.bad_files) == {str(truncated), str(header_less), str(protein)}
     assert "unreadable" in stream.bad_files[str(truncated)]
     assert "before the first '>' header" in stream.bad_files[str(header_less)]
-    assert "'L' is not a nucleotide" in stream.bad_files[str(protein)]
+    assert "'L', 'Q', 'E', 'F', 'P', '*' not DNA" in stream.bad_files[str(protein)]
     # The truncated file yields its readable prefix in the first pass; then only the good file remains.
     good_windows = stream_windows(SpeciesStream("sp", [good], 8, 0.5, 10_000), 23)
     assert set(map(tuple, windows[-23:])) == set(map(tuple, good_windows))

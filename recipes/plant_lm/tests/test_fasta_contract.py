@@ -1,0 +1,46 @@
+"""Every case of the shared FASTA contract (tests/data/fasta_contract.json) through this recipe's DNA reader."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from fasta import PlantDataError, read_fasta
+
+CONTRACT = json.loads((Path(__file__).parent / "data" / "fasta_contract.json").read_text())
+CASES = [case for case in CONTRACT["cases"] if case["dna"]["verdict"] != "not_applicable"]
+
+
+def read_records(path: Path, chunk_size: int = 3) -> list[tuple[str, str, str]]:
+    """(id, header, sequence) per record, re-joined from chunks (a small chunk size exercises the cutting)."""
+    records: list[tuple[str, str, str]] = []
+    for record_id, header, chunk in read_fasta(path, chunk_size):
+        if records and records[-1][:2] == (record_id, header):
+            records[-1] = (record_id, header, records[-1][2] + chunk.decode())
+        else:
+            records.append((record_id, header, chunk.decode()))
+    return records
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["plain", "gz"])
+@pytest.mark.parametrize("case", CASES, ids=[case["name"] for case in CASES])
+def test_fasta_contract(case, compressed, tmp_path):
+    path = tmp_path / ("case.fa.gz" if compressed else "case.fa")
+    data = case["text"].encode("utf-8")
+    path.write_bytes(gzip.compress(data) if compressed else data)
+    expected = case["dna"]
+    if expected["verdict"] == "ok":
+        records = read_records(path)
+        assert [[rid, seq] for rid, _, seq in records] == expected["records"]
+        if "description" in expected:
+            assert records[0][1] == expected["description"]
+        return
+    with pytest.raises(PlantDataError) as caught:
+        read_records(path)
+    message = str(caught.value)
+    assert "\n" not in message and str(path) in message
+    for mention in expected["error_mentions"]:
+        assert mention in message
