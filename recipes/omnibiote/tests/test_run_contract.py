@@ -64,7 +64,7 @@ def assert_same_weights(a, b, atol=0.0):
 
 def training_records(run_dir):
     """metrics.jsonl without the wall-clock fields (throughput differs between any two runs)."""
-    timing = {"samples_per_s", "tokens_per_s", "peak_memory_gb", "peak_mem_gb"}
+    timing = {"samples_per_s", "tokens_per_s", "cpu_rss_gib", "cpu_peak_rss_gib", "cuda_peak_gib"}
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [{k: v for k, v in json.loads(line).items() if k not in timing} for line in lines]
 
