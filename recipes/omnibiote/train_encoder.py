@@ -308,7 +308,8 @@ def train(config: TrainConfig, dist_ctx) -> Path | None:
     log = get_logger("omnibiote", dist_ctx)
     plan = make_plan(config)
     if done := finished_run(config.layout, target_step=last_step(config, plan)):
-        print(finished_message(config.layout, done), flush=True)
+        if dist_ctx.is_main:  # one line, not one per rank
+            print(finished_message(config.layout, done), flush=True)
         return config.layout.final_model
     if config.wandb_project_name and importlib.util.find_spec("wandb") is None:
         raise ConfigError("--wandb_project_name needs the wandb package: pip install wandb")

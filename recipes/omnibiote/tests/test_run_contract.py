@@ -103,6 +103,17 @@ def test_finished_run_rerun_is_a_no_op(tmp_path, sample_base_dir, capsys):
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == checkpoints
 
 
+def test_resume_none_refuses_existing_checkpoints_and_a_path_resumes_exactly_there(tmp_path, sample_base_dir, capsys):
+    assert cli(run_args(sample_base_dir, tmp_path, "run", "--max_steps", "2", "--save_freq", "100")) == 0
+    capsys.readouterr()
+    assert cli(run_args(sample_base_dir, tmp_path, "run", "--max_steps", "3", "--resume", "none")) == 1
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and "already holds checkpoints and resume is 'none'" in err[0], err
+    first = sorted((tmp_path / "run" / "checkpoints").iterdir())[0]
+    assert cli(run_args(sample_base_dir, tmp_path, "run", "--max_steps", "3", "--resume", str(first))) == 0
+    assert f"resumed from {first} at step 1" in capsys.readouterr().err
+
+
 def test_a_checkpoint_write_error_is_one_line_and_the_next_run_resumes(tmp_path, sample_base_dir, capsys, monkeypatch):
     args = run_args(sample_base_dir, tmp_path, "run", "--save_freq", "1000", "--max_steps", "6")
     real_save = torch.save
