@@ -133,9 +133,12 @@ def disk_full(work: Path) -> str:
         leftovers = sorted(p.name for p in out.rglob(".tmp-*"))
         second = run_command(python(out, "--n_embd", "128", "--n_head", "4"), cwd=HERE, check=False)
         again = (second.stderr.strip().splitlines() or ["(none)"])[-1]
+        subprocess.run(["mount", "-o", "remount,size=64M", str(mount)], check=True)  # the user frees space
+        third = run_command(python(out, "--n_embd", "128", "--n_head", "4"), cwd=HERE, check=False)
         return (
             f"exit {first.returncode}: `{message}`; temp files left: {leftovers or 'none'}; "
-            f"next run: exit {second.returncode}: `{again}`"
+            f"next run on the same full disk: exit {second.returncode}: `{again}`; "
+            f"after freeing space: exit {third.returncode}, finished: {(out / 'run_finished.json').is_file()}"
         )
     finally:
         subprocess.run(["umount", str(mount)], check=False)
