@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from biorecipes_shared.files import WriteError, atomic_dir, describe_write_error
+from biorecipes_shared.files import atomic_dir
 
 
 def export_final_model(model, tokenizer_file: Path | None, out_dir: Path, provenance: dict | None = None) -> Path:
@@ -17,12 +17,7 @@ def export_final_model(model, tokenizer_file: Path | None, out_dir: Path, proven
     """
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, replace=True) as tmp:
-        try:
-            model.save_pretrained(tmp)
-        except OSError:
-            raise
-        except Exception as err:  # safetensors reports a full disk as its own error type, not OSError
-            raise WriteError(describe_write_error(err, out_dir)) from err
+        model.save_pretrained(tmp)
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / "tokenizer.model")
         if provenance is not None:
