@@ -10,14 +10,16 @@ original OmniBioTE. No biases, rotary position embeddings, untied embedding and 
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from mup import MuReadout, set_base_shapes
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
+
+from biorecipes_shared.files import atomic_write
 
 try:  # optional fast path on CUDA; not installable on CPU machines
     from flash_attn import flash_attn_varlen_func
@@ -227,14 +229,17 @@ class OmniBioTA(nn.Module):
         return hidden * valid
 
     def save_pretrained(self, out_dir: str | Path) -> None:
-        """Write config.json and model.safetensors (temp names first, then renamed)."""
+        """Write config.json and model.safetensors, each under a temporary name first, then renamed.
+
+        Raises biorecipes_shared.files.WriteError (one line: path and cause) on a full disk or missing permission;
+        the temporary file is removed. For a whole folder that appears at once, see export.export_final_model.
+        """
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
-        save_file(state, out_dir / "model.safetensors.tmp", metadata={"format": "pt"})
-        (out_dir / "config.json.tmp").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        os.replace(out_dir / "model.safetensors.tmp", out_dir / "model.safetensors")
-        os.replace(out_dir / "config.json.tmp", out_dir / "config.json")
+        with atomic_write(out_dir / "model.safetensors", "wb") as handle:
+            handle.write(safetensors_bytes(state, metadata={"format": "pt"}))
+        with atomic_write(out_dir / "config.json") as handle:
+            handle.write(json.dumps(self.config.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **overrides) -> "OmniBioTA":

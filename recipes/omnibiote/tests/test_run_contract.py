@@ -1,0 +1,233 @@
+"""The run contract (issue 11) for train_encoder.py: kill -9 and SIGTERM resumes equal the uninterrupted run, a finished
+run stays finished, another world size continues from the global data position, write errors are one line."""
+
+import errno
+import json
+import logging
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from biorecipes_shared import checkpoint as checkpoint_module
+from biorecipes_shared.checkpoint import latest_checkpoint, verify_checkpoint
+from biorecipes_shared.run import run_cli
+from biorecipes_shared.testing import child_env, kill_around_saves, run_command, torchrun_command
+from errors import OmniBioteError
+from model import OmniBioTA, OmniBioTAConfig
+from run_state import micro_batches
+from train_encoder import main
+
+TINY = "--n_layer 1 --n_head 2 --n_embd 32 --ctx_len 64 --mini_batch_size 2 --batch_size 8 --force_lr --lr 0.03"
+TINY += " --val_batches 2 --log_freq 1 --source_weights genbank=0.5,uniprot=0.5 --ramp_fraction 0.3 --dropout 0.1"
+BUDGET = 8 * 64 * 10  # 11 steps: a ramp of 1..4 mini-batches of 2, then 4
+
+
+@pytest.fixture(autouse=True)
+def fresh_logger():
+    """The trainer's log handler holds the stderr of the test that made it: give each test its own."""
+    logger = logging.getLogger("omnibiote")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    yield
+
+
+def run_args(base_dir, out_dir, name, *extra, budget=BUDGET):
+    paths = ["--base_dir", str(base_dir), "--out_dir", str(out_dir), "--save_name", name]
+    return [*paths, "--token_budget", str(budget), *TINY.split(), *extra]
+
+
+def cli(argv) -> int:
+    return run_cli(lambda: main(argv), user_errors=(OmniBioteError,))
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr without the trainer's INFO/WARNING log lines: what a user sees of a failure."""
+    return [line for line in stderr.strip().splitlines() if " INFO " not in line and " WARNING " not in line]
+
+
+def weights(run_dir):
+    return load_file(run_dir / "final_model" / "model.safetensors")
+
+
+def assert_same_weights(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for key in a:
+        if atol == 0.0:
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+
+
+def training_records(run_dir):
+    """metrics.jsonl without the wall-clock fields (throughput differs between any two runs)."""
+    timing = {"samples_per_s", "tokens_per_s", "cpu_rss_gib", "cpu_peak_rss_gib", "cuda_peak_gib"}
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in timing} for line in lines]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, sample_base_dir, recipe_dir):
+    """The reference: the same command run once, to the end, in a fresh process."""
+    out = tmp_path_factory.mktemp("reference")
+    run_command([sys.executable, "train_encoder.py", *run_args(sample_base_dir, out, "run")], cwd=recipe_dir)
+    return out / "run"
+
+
+def test_micro_batches_cover_each_step_once_whatever_the_world_size():
+    for units in (1, 3, 4, 8):
+        for world in (1, 2, 3, 4):
+            plans = [micro_batches(units, world, rank, first_unit=100) for rank in range(world)]
+            assert len({len(plan) for plan in plans}) == 1  # every rank joins every all-reduce
+            real = sorted(unit for plan in plans for unit, weight in plan if weight > 0)
+            assert real == list(range(100, 100 + units))
+            # DDP averages over ranks: the weights of the real micro-batches add up to world_size
+            assert sum(weight for plan in plans for _, weight in plan) == pytest.approx(world)
+
+
+def test_finished_run_rerun_is_a_no_op(tmp_path, sample_base_dir, capsys):
+    args = run_args(sample_base_dir, tmp_path, "run", "--max_steps", "2")
+    assert cli(args) == 0
+    final = tmp_path / "run" / "final_model"
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in final.iterdir()}
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    capsys.readouterr()
+    assert cli(args) == 0
+    out = capsys.readouterr()
+    lines = [line for line in (out.out + out.err).splitlines() if line.strip()]
+    assert len(lines) == 1 and "already finished at step 2" in lines[0], lines
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in final.iterdir()} == before
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == checkpoints
+
+
+def test_resume_none_refuses_existing_checkpoints_and_a_path_resumes_exactly_there(tmp_path, sample_base_dir, capsys):
+    assert cli(run_args(sample_base_dir, tmp_path, "run", "--max_steps", "2", "--save_freq", "100")) == 0
+    capsys.readouterr()
+    assert cli(run_args(sample_base_dir, tmp_path, "run", "--max_steps", "3", "--resume", "none")) == 1
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and "already holds checkpoints and resume is 'none'" in err[0], err
+    first = sorted((tmp_path / "run" / "checkpoints").iterdir())[0]
+    assert cli(run_args(sample_base_dir, tmp_path, "run", "--max_steps", "3", "--resume", str(first))) == 0
+    assert f"resumed from {first} at step 1" in capsys.readouterr().err
+
+
+def test_a_checkpoint_write_error_is_one_line_and_the_next_run_resumes(tmp_path, sample_base_dir, capsys, monkeypatch):
+    args = run_args(sample_base_dir, tmp_path, "run", "--save_freq", "1000", "--max_steps", "6")
+    real_save = torch.save
+    calls = []
+
+    def disk_fills_up(obj, path, *a, **k):
+        calls.append(path)
+        if len(calls) > 2:  # the first checkpoint (rank file + training state) fits, the second does not
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", disk_fills_up)
+    assert cli(args) == 1
+    monkeypatch.undo()
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith("error: ") and "no space left on device" in err[0], err
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    (kept,) = ckpt_dir.iterdir()  # the earlier checkpoint, and no temp folder
+    assert kept.name.startswith("step_") and verify_checkpoint(kept, check_hashes=True)
+    assert cli(args) == 0  # the next run resumes from the earlier checkpoint and finishes
+    assert latest_checkpoint(ckpt_dir).name == "step_00000006"
+    assert (tmp_path / "run" / "final_model" / "model.safetensors").is_file()
+
+
+def test_a_final_model_write_error_leaves_no_temp_folder(tmp_path, sample_base_dir, capsys, monkeypatch):
+    args = run_args(sample_base_dir, tmp_path, "run", "--max_steps", "1")
+
+    def unwritable(self, out_dir):
+        raise PermissionError(errno.EACCES, "Permission denied", str(out_dir / "model.safetensors"))
+
+    monkeypatch.setattr(OmniBioTA, "save_pretrained", unwritable)
+    assert cli(args) == 1
+    monkeypatch.undo()
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and "Permission denied" in err[0] and "model.safetensors" in err[0], err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")) == []
+    assert not (tmp_path / "run" / "run_finished.json").exists()
+    assert cli(args) == 0 and (tmp_path / "run" / "run_finished.json").is_file()
+
+
+def test_bad_settings_leave_no_output_folder(tmp_path, sample_base_dir, capsys):
+    for bad in (["--lr", "-1"], ["--lr", "nan"], ["--ramp_fraction", "2"], ["--dropout", "1"]):
+        assert cli(run_args(sample_base_dir, tmp_path, "bad", *bad)) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {bad[0]}="), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_init_from_with_lr_0_exports_the_same_weights(tmp_path, sample_base_dir, sample_tokenizer):
+    source = tmp_path / "source"
+    torch.manual_seed(3)
+    config = OmniBioTAConfig(vocab_size=sample_tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=32, ctx_len=64)
+    OmniBioTA(config).save_pretrained(source)
+    args = run_args(sample_base_dir, tmp_path, "cont", "--init_from", str(source), "--lr", "0", "--dropout", "0")
+    assert cli([*args, "--max_steps", "1"]) == 0
+    assert_same_weights(load_file(source / "model.safetensors"), weights(tmp_path / "cont"))
+    wrong = run_args(sample_base_dir, tmp_path, "wrong", "--init_from", str(source), "--n_embd", "64")
+    assert cli(wrong) == 1
+
+
+@pytest.mark.slow
+def test_kill_9_around_saves_then_rerun_equals_the_uninterrupted_run(
+    tmp_path, sample_base_dir, recipe_dir, uninterrupted
+):
+    command = [sys.executable, "train_encoder.py", *run_args(sample_base_dir, tmp_path, "run", "--save_freq", "300")]
+    report = kill_around_saves(command, tmp_path / "run" / "checkpoints", kills=3, cwd=recipe_dir)
+    assert report.kills == 3 and not report.failures, report
+    assert_same_weights(weights(uninterrupted), weights(tmp_path / "run"))
+    assert training_records(tmp_path / "run") == training_records(uninterrupted)
+    assert (tmp_path / "run" / "log_file.txt").read_text() == (uninterrupted / "log_file.txt").read_text()
+
+
+@pytest.mark.slow
+def test_sigterm_exits_0_and_the_rerun_equals_the_uninterrupted_run(
+    tmp_path, sample_base_dir, recipe_dir, uninterrupted
+):
+    command = [sys.executable, "train_encoder.py", *run_args(sample_base_dir, tmp_path, "run")]
+    process = subprocess.Popen(command, cwd=recipe_dir, stderr=subprocess.PIPE, text=True, env=child_env())
+    for line in process.stderr:
+        if "step 3/" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    _, rest = process.communicate()
+    assert process.returncode == 0, rest[-2000:]
+    assert "rerun the same command to continue" in rest
+    assert not (tmp_path / "run" / "final_model").exists()
+    run_command(command, cwd=recipe_dir)
+    assert_same_weights(weights(uninterrupted), weights(tmp_path / "run"))
+    assert training_records(tmp_path / "run") == training_records(uninterrupted)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first, second", [(2, 1), (1, 2)])
+def test_another_world_size_continues_from_the_global_position(
+    tmp_path, sample_base_dir, recipe_dir, uninterrupted, first, second
+):
+    def launch(nproc, *extra):
+        args = run_args(sample_base_dir, tmp_path, "run", "--dropout", "0", *extra)
+        if nproc == 1:
+            return run_command([sys.executable, "train_encoder.py", *args], cwd=recipe_dir)
+        return run_command(torchrun_command("train_encoder.py", args, nproc=nproc), cwd=recipe_dir)
+
+    launch(first, "--max_steps", "4")
+    result = launch(second)
+    assert f"saved by {first} process(es), resumed by {second}" in result.stderr
+    reference_dir = tmp_path / "reference"
+    run_command(
+        [sys.executable, "train_encoder.py", *run_args(sample_base_dir, reference_dir, "run", "--dropout", "0")],
+        cwd=recipe_dir,
+    )
+    # the same mini-batches in every step: only the order of the gradient sums differs (DDP all-reduce)
+    assert_same_weights(weights(reference_dir / "run"), weights(tmp_path / "run"), atol=2e-4)
+    ours, reference = training_records(tmp_path / "run"), training_records(reference_dir / "run")
+    assert [(r["step"], r.get("tokens")) for r in ours] == [(r["step"], r.get("tokens")) for r in reference]
+    for mine, theirs in zip(ours, reference):
+        if "loss" in mine:
+            assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-3)
