@@ -118,7 +118,6 @@ def train(ctx: Context) -> tuple[str, dict]:
         full=command,
         resume=lambda run_dir: command(run_dir, resume=True),
         weights=lambda run_dir: run_dir / "final_model" / "model.safetensors",
-        steps=steps,
         prune=lambda run_dir: keep_first_checkpoint(run_dir, "checkpoint-*", run_dir / "final_model"),
     )
     return train_and_resume(ctx, spec, timeout=ctx.sizes["budget_s"])

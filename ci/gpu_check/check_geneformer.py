@@ -100,7 +100,6 @@ def train(ctx: Context) -> tuple[str, dict]:
         full=command,
         resume=command,  # resuming from the newest checkpoint is the default
         weights=lambda run_dir: run_dir / "checkpoints" / "final_model" / "model.safetensors",
-        steps=steps,
         prune=lambda run_dir: keep_first_checkpoint(
             run_dir / "checkpoints", "step_*", run_dir / "checkpoints" / "final_model"
         ),

@@ -271,13 +271,12 @@ class TrainSpec:
     """How to train a recipe from its command line, interrupt it halfway and resume it.
 
     full(run_dir): argv of the whole run, which also saves a checkpoint halfway; weights(run_dir): path of its
-    final weights. Interruption: either `prune(copy)` removes everything after the halfway checkpoint from a copy
+    final weights (steps are read from its metrics.jsonl). Interruption: either `prune(copy)` removes everything after the halfway checkpoint from a copy
     of the finished run, or `stop(run_dir)` is an argv that stops halfway; then `resume(run_dir)` finishes it."""
 
     full: Callable[[Path], list[str]]
     resume: Callable[[Path], list[str]]
     weights: Callable[[Path], Path]
-    steps: int
     prune: Callable[[Path], None] | None = None
     stop: Callable[[Path], list[str]] | None = None
 
@@ -298,7 +297,8 @@ def train_and_resume(ctx: Context, spec: TrainSpec, timeout: float) -> tuple[str
         shutil.rmtree(path, ignore_errors=True)
     deadline = time.perf_counter() + timeout
     run_cli(spec.full(full_dir), ctx.out_dir / "train_full.log", timeout)
-    losses = [loss for _, loss in read_losses(full_dir)]
+    records = read_losses(full_dir)
+    losses, steps = [loss for _, loss in records], records[-1][0] if records else 0
     if len(losses) < 2:
         raise CheckFailed(f"fewer than 2 losses logged in {full_dir}")
     head, tail = losses[: max(1, len(losses) // 4)], losses[-max(1, len(losses) // 4) :]
@@ -313,8 +313,8 @@ def train_and_resume(ctx: Context, spec: TrainSpec, timeout: float) -> tuple[str
     run_cli(spec.resume(resumed_dir), ctx.out_dir / "train_resume.log", max(1.0, deadline - time.perf_counter()))
     diff = weights_difference(load_weights(spec.weights(full_dir)), load_weights(spec.weights(resumed_dir)))
     tolerance = RESUME_TOLERANCE[ctx.device.type]
-    metrics = {"loss_first": first, "loss_last": last, "steps": spec.steps, "resume_rel_diff": diff, "tol": tolerance}
-    summary = f"loss {first:.3f} -> {last:.3f} in {spec.steps} steps; resumed weights rel diff {diff:.1e}"
+    metrics = {"loss_first": first, "loss_last": last, "steps": steps, "resume_rel_diff": diff, "tol": tolerance}
+    summary = f"loss {first:.3f} -> {last:.3f} in {steps} steps; resumed weights rel diff {diff:.1e}"
     if not diff <= tolerance:
         raise CheckFailed(f"{summary} > tol {tolerance:.0e}")
     return f"{summary} (tol {tolerance:.0e})", metrics

@@ -37,7 +37,7 @@ SIZES = {
             "budget_s": 90,
             "parity": {"d_model": 256, "n_layers": 2, "batch": 4, "length": 512},
             "throughput": {"d_model": 1536, "n_layers": 8, "batch": 8, "length": 512},
-            "train": {"steps": 60},
+            "train": {"steps": 60, "overrides": []},
         },
         "omnibiote": {
             "budget_s": 70,
@@ -80,13 +80,16 @@ SIZES = {
             "budget_s": 240,
             "parity": {"d_model": 32, "n_layers": 1, "batch": 2, "length": 64},
             "throughput": {"d_model": 32, "n_layers": 1, "batch": 2, "length": 64},
-            "train": {"steps": 8},
+            "train": {
+                "steps": 8,
+                "overrides": ["val.fragments_per_genome=2", "data.val_tokens=128"],
+            },
         },
         "omnibiote": {
             "budget_s": 180,
             "parity": {"n_layer": 1, "n_head": 4, "n_embd": 64, "vocab": 512, "batch": 2, "length": 64},
             "throughput": {"n_layer": 1, "n_head": 4, "n_embd": 64, "vocab": 512, "batch": 2, "length": 64},
-            "train": {"token_budget": 40000, "stop_step": 4},
+            "train": {"token_budget": 20000, "stop_step": 3},
         },
         "plant_lm": {
             "budget_s": 180,
