@@ -26,12 +26,14 @@ from config import ConfigError
 
 FP8_BACKENDS = ("auto", "te", "torchao")
 MIN_CAPABILITY = (8, 9)
-# FP8 GEMMs (cuBLASLt / torch._scaled_mm) need both matrix dimensions divisible by 16.
+# FP8 GEMMs (torch._scaled_mm) need every matrix dimension divisible by 16; token counts are padded to it by the
+# collator (data.pad_to_multiple_of), weight dims are checked here.
 FP8_DIM_MULTIPLE = 16
 # BertLayer runs query/key/value as one F.linear over their concatenated weights, so swapped modules there would
-# never run; the LM decoder has the vocabulary as its width (25,426 for Geneformer V1, not a multiple of 16) and
-# gives the logits, which torchtitan also keeps in high precision.
-SKIPPED_PARTS = ("attention.self.", "predictions.decoder")
+# never run. The MLM head runs on the masked tokens only (`masked_logits_only`), a row count that is rarely a multiple
+# of 16 as torch._scaled_mm needs, and its decoder's width is the vocabulary (25,426 for Geneformer V1); torchtitan
+# keeps the output layer in high precision too.
+SKIPPED_PARTS = ("attention.self.", "cls.predictions.")
 
 
 def torchao_converter() -> Callable | None:
@@ -86,6 +88,11 @@ def fp8_backend(cfg: DictConfig, check_device: bool = True) -> str | None:
         return backend
     if use_te_layers:
         raise ConfigError("training.fp8_backend=torchao converts the plain layers: set model.use_te_layers=false")
+    if cfg.data.pad_to_multiple_of % FP8_DIM_MULTIPLE:
+        raise ConfigError(
+            f"data.pad_to_multiple_of={cfg.data.pad_to_multiple_of}: FP8 matmuls need token counts that are "
+            f"multiples of {FP8_DIM_MULTIPLE}; use data.pad_to_multiple_of=16"
+        )
     if torchao_converter() is None:
         raise ConfigError(
             f"training.fp8_backend={requested} needs torchao (pip install torchao==0.18.0; see requirements-gpu.txt)"
