@@ -34,7 +34,7 @@ from gpu_check.common import (
 from model import BertForMaskedLM, geneformer_config
 
 V1_VOCAB = 25426  # Geneformer V1 gene vocabulary (the bundled sample has a 767-gene one)
-FP8_LOSS_TOLERANCE = 0.05  # relative difference of the final FP8 loss from the BF16 one after the same steps
+FP8_LOSS_TOLERANCE = 0.05  # relative gap of FP8 from BF16 in the mean of the last 3 logged losses (same batches)
 
 
 def build(config_name: str, layers: int | None, device: torch.device) -> BertForMaskedLM:
@@ -122,8 +122,8 @@ def fp8_vs_bf16(ctx: Context, spec: dict) -> tuple[str, dict]:
         argv += [f"training.log_every_n_steps={max(1, spec['steps'] // 10)}", f"data.micro_batch_size={spec['batch']}"]
         argv += [f"training.save_every_n_steps={spec['steps']}", f"training.output_dir={run_dir}", *extra]
         run_cli(argv, ctx.out_dir / f"{run_dir.name}.log", timeout=ctx.sizes["budget_s"])
-        losses = read_losses(run_dir)
-        results[label] = {"loss": losses[-1][1], "tokens_per_s": median_metric(run_dir, "tokens_per_s")}
+        tail = [loss for _, loss in read_losses(run_dir)][-3:]  # the last 3 logged losses: one batch is noisy
+        results[label] = {"loss": sum(tail) / len(tail), "tokens_per_s": median_metric(run_dir, "tokens_per_s")}
     bf16, fp8 = results["bf16"], results["fp8"]
     speedup = fp8["tokens_per_s"] / bf16["tokens_per_s"]
     gap = abs(fp8["loss"] - bf16["loss"]) / abs(bf16["loss"])

@@ -6,19 +6,20 @@ The cuda column is budgeted for one H200 (~790 bf16 TFLOP/s measured, 139 GiB): 
 
 from __future__ import annotations
 
-TOTAL_BUDGET_S = {"cuda": 480, "cpu": 900}
+# On CPU the budgets only stop a hang: CI machines are shared and slow, and the dry run has no time target.
+TOTAL_BUDGET_S = {"cuda": 480, "cpu": 3000}
 
 SIZES = {
     "cuda": {
         "peak": {"n": 8192, "repeats": 10},
         "esm2_fa": {
-            "budget_s": 100,
+            "budget_s": 90,
             "parity": {"model": "esm2_t12_35M", "batch": 4, "length": 512},
             "throughput": {"model": "esm2_t33_650M", "batch": 8, "length": 1024},
             "train": {"steps": 60, "bf16": True},
         },
         "geneformer": {
-            "budget_s": 130,
+            "budget_s": 140,
             "parity": {"config": "106m", "layers": 4, "batch": 4, "length": 2048},
             "throughput": {"config": "106m", "layers": None, "batch": 8, "length": 2048},
             "train": {"steps": 60, "bf16": True},
@@ -34,7 +35,7 @@ SIZES = {
             ],
         },
         "gtdb_mamba": {
-            "budget_s": 90,
+            "budget_s": 80,
             "parity": {"d_model": 256, "n_layers": 2, "batch": 4, "length": 512},
             "throughput": {"d_model": 1536, "n_layers": 8, "batch": 8, "length": 512},
             "train": {"steps": 60, "overrides": []},
@@ -55,13 +56,13 @@ SIZES = {
     "cpu": {
         "peak": {"n": 512, "repeats": 5},
         "esm2_fa": {
-            "budget_s": 240,
+            "budget_s": 600,
             "parity": {"model": "esm2_tiny", "batch": 2, "length": 64},
             "throughput": {"model": "esm2_tiny", "batch": 2, "length": 64},
             "train": {"steps": 8, "bf16": False},
         },
         "geneformer": {
-            "budget_s": 180,
+            "budget_s": 600,
             "parity": {"config": "l0_sanity", "layers": 2, "batch": 2, "length": 64},
             "throughput": {"config": "l0_sanity", "layers": 2, "batch": 2, "length": 64},
             "train": {"steps": 8, "bf16": False},
@@ -77,7 +78,7 @@ SIZES = {
             ],
         },
         "gtdb_mamba": {
-            "budget_s": 240,
+            "budget_s": 600,
             "parity": {"d_model": 32, "n_layers": 1, "batch": 2, "length": 64},
             "throughput": {"d_model": 32, "n_layers": 1, "batch": 2, "length": 64},
             "train": {
@@ -86,13 +87,13 @@ SIZES = {
             },
         },
         "omnibiote": {
-            "budget_s": 180,
+            "budget_s": 600,
             "parity": {"n_layer": 1, "n_head": 4, "n_embd": 64, "vocab": 512, "batch": 2, "length": 64},
             "throughput": {"n_layer": 1, "n_head": 4, "n_embd": 64, "vocab": 512, "batch": 2, "length": 64},
             "train": {"token_budget": 20000, "stop_step": 3},
         },
         "plant_lm": {
-            "budget_s": 180,
+            "budget_s": 600,
             "parity": {"d_model": 64, "n_heads": 4, "n_layers": 1, "batch": 2, "length": 96, "window": 32},
             "throughput": {"d_model": 64, "n_heads": 4, "n_layers": 1, "batch": 2, "length": 64, "window": 32},
             "train": {"steps_per_epoch": 4},
