@@ -188,9 +188,10 @@ def measure_throughput(ctx: Context, step: Callable[[], None], tokens_per_step: 
     }
     if not math.isfinite(metrics["tokens_per_s"]) or flops <= 0:
         raise CheckFailed(f"no usable timing (flops {flops}, step {seconds:.3g} s)")
+    memory = f"peak mem {metrics['peak_mem_gib']:.1f} GiB" if ctx.is_cuda else "peak mem n/a on CPU"
     summary = (
         f"{metrics['tokens_per_s']:,.0f} tok/s, {tflops:.3g} TFLOP/s, MFU {metrics['mfu']:.1%}, "
-        f"peak mem {metrics['peak_mem_gib']:.1f} GiB ({params / 1e6:.3g}M params, {tokens_per_step} tok/step)"
+        f"{memory} ({params / 1e6:.3g}M params, {tokens_per_step} tok/step)"
     )
     return summary, metrics
 

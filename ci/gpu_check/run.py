@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 CI_DIR = Path(__file__).resolve().parents[1]
@@ -45,13 +46,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def install_wheels(wheels: Path, site: Path) -> str:
-    """pip install --no-index --no-deps --target site wheels/*.whl; returns a one-line account."""
+    """pip install --no-index --no-deps --target site wheels/*.whl; returns a one-line account.
+
+    Without pip on the machine, the wheels are unpacked into `site` instead (a wheel is a zip of the installed tree)."""
     files = sorted(wheels.glob("*.whl"))
     if not files:
         return f"no wheels in {wheels} (run make gpu-wheels on a networked machine): using the image's packages only"
     command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--upgrade"]
-    subprocess.run([*command, "--target", str(site), *map(str, files)], check=True)
-    return f"installed {len(files)} wheels from {wheels} into {site}"
+    result = subprocess.run([*command, "--target", str(site), *map(str, files)], capture_output=True, text=True)
+    if result.returncode == 0:
+        return f"installed {len(files)} wheels from {wheels} into {site}"
+    if "No module named pip" not in result.stderr:
+        raise SystemExit(f"error: pip install of {wheels}/*.whl failed: {result.stderr.strip().splitlines()[-1]}")
+    for wheel in files:
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(site)
+    return f"unpacked {len(files)} wheels from {wheels} into {site} (no pip here)"
 
 
 def child_env(device: str, site: Path | None) -> dict[str, str]:
