@@ -110,3 +110,18 @@ def test_wheel_list_is_pinned_and_says_who_needs_each():
         names.add(requirement.split("==")[0].lower())
     assert {"torchao", "mambapy", "mup", "faesm", "transformers", "tokenizers"} <= names
     assert "torch" not in names  # the image's torch is used as is
+
+
+def test_carried_wheels_come_first_and_the_dry_run_hides_gpus(tmp_path, monkeypatch):
+    from gpu_check import run
+
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    env = run.child_env("cpu", tmp_path / "site")
+    paths = env["PYTHONPATH"].split(":")
+    assert paths == [str(tmp_path / "site"), str(ROOT / "ci"), str(ROOT / "shared"), "/elsewhere"]
+    assert env["CUDA_VISIBLE_DEVICES"] == ""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert "CUDA_VISIBLE_DEVICES" not in run.child_env("cuda", None)
+    assert "no wheels in" in run.install_wheels(tmp_path / "empty", tmp_path / "site")
+    with pytest.raises(SystemExit):
+        run.parse_args(["--only", "esm2_fa,nope"])
