@@ -11,7 +11,7 @@ STAMP := $(VENV)/.setup-done-torch$(TORCH_VERSION)
 REQUIREMENTS := $(wildcard recipes/*/requirements.txt recipes/*/requirements-nodeps.txt) shared/pyproject.toml ci/setup_venv.sh
 RUN_IN_RECIPE = cd recipes/$(recipe) && PATH="$(BIN):$$PATH" VIRTUAL_ENV="$(VENV)"
 
-.PHONY: help setup train test lint bench docker-build export clean check-recipe
+.PHONY: help setup train test lint bench docker-build export clean check-recipe gpu-wheels gpu-check
 
 help: ## List the targets
 	@echo "usage: make TARGET [recipe=NAME] (recipes: $(RECIPES))"
@@ -52,6 +52,17 @@ docker-build: check-recipe ## docker build recipe=NAME as biorecipes/NAME:latest
 export: check-recipe ## Copy recipe=NAME with a vendored shared/ into dest=DIR, standalone
 	@if [ -z "$(dest)" ]; then echo "error: name a destination: make export recipe=$(recipe) dest=DIR" >&2; exit 2; fi
 	bash ci/export_recipe.sh "$(recipe)" "$(dest)"
+
+# GPU check: the device machine has python3 3.12 + torch 2.11 and no network; .whl/ travels with the working tree.
+DEVICE ?= cuda
+OUT ?= gpu_check_out
+CHECK_PYTHON = $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+
+gpu-wheels: ## Download the wheels the GPU check needs (ci/gpu_wheels.txt, Python 3.12 manylinux) into .whl/
+	PYTHON="$(CHECK_PYTHON)" bash ci/gpu_wheels.sh .whl
+
+gpu-check: ## Parity, throughput/MFU, training + resume, FP8 on a GPU (OUT=dir; DEVICE=cpu: tiny CPU dry run)
+	$(CHECK_PYTHON) ci/gpu_check/run.py --device $(DEVICE) --out $(OUT)
 
 clean: ## Remove the virtual environment and caches (keeps your outputs and data)
 	rm -rf $(VENV)

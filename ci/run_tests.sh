@@ -44,6 +44,9 @@ for name in "${recipes[@]}"; do
   rm -rf "$(dirname "$dest")"
 done
 
+# The GPU check's CPU dry run (tiny sizes, same code paths): one junit testcase per check row.
+[ -z "$only" ] && { "$bin/python" ci/gpu_check/run.py --device cpu --out "$reports/gpu_check" --junit "$reports/gpu-check.xml" || failed_suites+=(gpu-check-dry-run); }
+
 "$bin/python" - "$reports" <<'PY'
 import sys
 import xml.etree.ElementTree as ET

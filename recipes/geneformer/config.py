@@ -63,6 +63,7 @@ class TrainingConfig:
     seed: int = MISSING
     bf16: bool = MISSING
     use_fp8: bool = MISSING
+    fp8_backend: str = "auto"  # fp8.FP8_BACKENDS: auto (te if it imports, else torchao), te, torchao
     use_fsdp: bool = MISSING
     fsdp_impl: str = MISSING  # torch (FSDP2 fully_shard) or megatron (megatron-fsdp, CUDA only)
     log_every_n_steps: int = MISSING

@@ -35,7 +35,8 @@ from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_
 from biorecipes_shared.preemption import PreemptionHandler
 from config import ConfigError, config_from_argv
 from data import CellDataset, MaskingCollator, check_fills_a_batch, iterate_batches
-from model import BertForMaskedLM, check_te_config, geneformer_config, te, te_to_hf_state_dict
+from fp8 import convert_for_fp8, fp8_autocast, fp8_backend
+from model import BertForMaskedLM, check_te_config, geneformer_config, te_to_hf_state_dict
 from preprocess import DataError, read_vocab
 
 RECIPE_DIR = Path(__file__).resolve().parent
@@ -89,14 +90,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"training.fsdp_impl={training.fsdp_impl!r}: use torch or megatron")
     if training.fsdp_impl == "megatron" and not training.use_fsdp:
         raise ConfigError("training.fsdp_impl=megatron needs training.use_fsdp=true")
-    if training.use_fp8:
-        if not torch.cuda.is_available():
-            raise ConfigError("training.use_fp8=true needs a CUDA GPU with compute capability >= 8.9 (running on CPU)")
-        capability = torch.cuda.get_device_capability()
-        if capability < (8, 9):
-            raise ConfigError(f"training.use_fp8=true needs compute capability >= 8.9 (this GPU has {capability})")
-        if not model.use_te_layers:
-            raise ConfigError("training.use_fp8=true needs model.use_te_layers=true (FP8 runs in Transformer Engine)")
+    fp8_backend(cfg)  # te or torchao; ConfigError when FP8 cannot run here
     if model.use_te_layers:
         try:
             check_te_config(geneformer_config(2, use_te_layers=True, hidden_act=model.hidden_act))
@@ -150,19 +144,11 @@ def make_optimizer(model: torch.nn.Module, cfg: DictConfig):
 
 
 def precision_context(cfg: DictConfig, device: torch.device):
-    """bf16 autocast (if asked), and around it TE's FP8 autocast (if asked; validated by check_config)."""
+    """bf16 autocast (if asked), and inside it the FP8 context of the backend (fp8.py; validated by check_config)."""
     stack = contextlib.ExitStack()
     if cfg.training.bf16:
         stack.enter_context(torch.autocast(device_type=device.type, dtype=torch.bfloat16))
-    if cfg.training.use_fp8:
-        from transformer_engine.common.recipe import DelayedScaling
-
-        fp8 = (
-            te.autocast(recipe=DelayedScaling())
-            if hasattr(te, "autocast")
-            else te.fp8_autocast(enabled=True, fp8_recipe=DelayedScaling())
-        )
-        stack.enter_context(fp8)
+    stack.enter_context(fp8_autocast(cfg))
     return stack
 
 
@@ -223,6 +209,8 @@ def train(cfg: DictConfig) -> list[float]:
     seed_everything(training.seed)  # identical initial weights on every rank, without a broadcast
     model = BertForMaskedLM(geneformer_config(vocab_size, **model_kwargs)).to(dist_ctx.device)
     seed_everything(training.seed + dist_ctx.rank)  # then different dropout per rank
+    if converted := convert_for_fp8(model, cfg):  # torchao: Linear -> Float8Linear, before sharding
+        log.info(f"fp8 (torchao): {len(converted)} Linear layers converted")
     log.info(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(dataset)} cells")
 
     sharded = training.use_fsdp

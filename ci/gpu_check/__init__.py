@@ -1,0 +1,1 @@
+"""GPU-readiness checks of every recipe (make gpu-check); see run.py."""

@@ -1,0 +1,152 @@
+"""geneformer: bf16 SDPA vs fp32, `106m` throughput at 2,048 genes, a CLI training run, FP8 (torchao or TE) vs BF16.
+
+Run with recipes/geneformer as cwd."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from config import load_config
+from gpu_check.common import (
+    BF16_TOLERANCE,
+    CheckFailed,
+    CheckSkipped,
+    Context,
+    Recorder,
+    TrainSpec,
+    bf16_autocast,
+    fwd_bwd_step,
+    keep_first_checkpoint,
+    measure_throughput,
+    median_metric,
+    parity_result,
+    parse_context,
+    read_losses,
+    relative_error,
+    run_cli,
+    train_and_resume,
+)
+from model import BertForMaskedLM, geneformer_config
+
+V1_VOCAB = 25426  # Geneformer V1 gene vocabulary (the bundled sample has a 767-gene one)
+FP8_LOSS_TOLERANCE = 0.05  # relative gap of FP8 from BF16 in the mean of the last 3 logged losses (same batches)
+
+
+def build(config_name: str, layers: int | None, device: torch.device) -> BertForMaskedLM:
+    """The named config's architecture (optionally fewer layers) with the V1 vocabulary, on `device`."""
+    model_cfg = dict(load_config(config_name).model)
+    model_cfg.pop("vocab_size")
+    if layers is not None:
+        model_cfg["num_hidden_layers"] = layers
+    return BertForMaskedLM(geneformer_config(V1_VOCAB, **model_cfg)).to(device)
+
+
+def cell_batch(batch: int, length: int, device: torch.device, pad_last: bool = True) -> dict[str, torch.Tensor]:
+    ids = torch.randint(2, V1_VOCAB, (batch, length))
+    mask = torch.ones_like(ids)
+    if pad_last and batch > 1:
+        ids[-1, length // 2 :] = 0  # <pad>
+        mask[-1, length // 2 :] = 0
+    chosen = (torch.rand(ids.shape) < 0.15) & mask.bool()
+    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+    ids = torch.where(chosen, torch.ones_like(ids), ids)  # <mask> = 1
+    return {k: v.to(device) for k, v in {"input_ids": ids, "attention_mask": mask, "labels": labels}.items()}
+
+
+def parity(ctx: Context) -> tuple[str, dict]:
+    size = ctx.sizes["parity"]
+    model = build(size["config"], size["layers"], ctx.device).eval()
+    batch = cell_batch(size["batch"], size["length"], ctx.device)
+    valid = batch["attention_mask"].bool()
+    with torch.no_grad():
+        with bf16_autocast(ctx.device):
+            fast = model(batch["input_ids"], batch["attention_mask"]).logits.float()
+        ref = model(batch["input_ids"], batch["attention_mask"]).logits.float()
+    what = f"bf16 SDPA vs fp32, {size['config']} x {size['layers']} layers, padded {size['batch']}x{size['length']}"
+    return parity_result({"bf16": relative_error(fast[valid], ref[valid])}, {"bf16": BF16_TOLERANCE}, what)
+
+
+def throughput(ctx: Context) -> tuple[str, dict]:
+    size = ctx.sizes["throughput"]
+    model = build(size["config"], size["layers"], ctx.device).train()
+    batch = cell_batch(size["batch"], size["length"], ctx.device, pad_last=False)
+    step = fwd_bwd_step(model, lambda: model(**batch, masked_logits_only=True).loss, ctx.device)
+    tokens, params = size["batch"] * size["length"], sum(p.numel() for p in model.parameters())
+    summary, metrics = measure_throughput(ctx, step, tokens, params)
+    return f"{size['config']} at {size['length']}: {summary}", metrics
+
+
+def train(ctx: Context) -> tuple[str, dict]:
+    steps, bf16 = ctx.sizes["train"]["steps"], ctx.sizes["train"]["bf16"]
+
+    def command(run_dir: Path) -> list[str]:
+        return [
+            "train.py",
+            "--config-name",
+            "l0_sanity",
+            f"training.num_train_steps={steps}",
+            f"training.log_every_n_steps={max(1, steps // 10)}",
+            f"training.save_every_n_steps={steps // 2}",
+            f"training.bf16={str(bf16).lower()}",
+            f"training.output_dir={run_dir}",
+        ]
+
+    spec = TrainSpec(
+        full=command,
+        resume=command,  # resuming from the newest checkpoint is the default
+        weights=lambda run_dir: run_dir / "checkpoints" / "final_model" / "model.safetensors",
+        prune=lambda run_dir: keep_first_checkpoint(
+            run_dir / "checkpoints", "step_*", run_dir / "checkpoints" / "final_model"
+        ),
+    )
+    return train_and_resume(ctx, spec, timeout=ctx.sizes["budget_s"])
+
+
+def fp8_vs_bf16(ctx: Context, spec: dict) -> tuple[str, dict]:
+    """The same CLI run twice on the bundled sample, BF16 and FP8 (backend auto: TE if it imports, else torchao)."""
+    if not ctx.is_cuda:
+        raise CheckSkipped("FP8 needs a CUDA GPU of compute capability >= 8.9 (CPU dry run)")
+    if torch.cuda.get_device_capability() < (8, 9):
+        raise CheckSkipped(f"FP8 needs compute capability >= 8.9, this GPU has {torch.cuda.get_device_capability()}")
+    results = {}
+    for label, extra in (("bf16", []), ("fp8", ["training.use_fp8=true"])):
+        run_dir = ctx.out_dir / f"{spec['name'].replace(' ', '_')}_{label}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        argv = ["train.py", "--config-name", spec["config"], *spec["overrides"], "training.use_fsdp=false"]
+        argv += [f"training.num_train_steps={spec['steps']}", "training.warmup_steps=10", "training.bf16=true"]
+        argv += [f"training.log_every_n_steps={max(1, spec['steps'] // 10)}", f"data.micro_batch_size={spec['batch']}"]
+        argv += [f"training.save_every_n_steps={spec['steps']}", f"training.output_dir={run_dir}", *extra]
+        run_cli(argv, ctx.out_dir / f"{run_dir.name}.log", timeout=ctx.sizes["budget_s"])
+        tail = [loss for _, loss in read_losses(run_dir)][-3:]  # the last 3 logged losses: one batch is noisy
+        results[label] = {"loss": sum(tail) / len(tail), "tokens_per_s": median_metric(run_dir, "tokens_per_s")}
+    bf16, fp8 = results["bf16"], results["fp8"]
+    speedup = fp8["tokens_per_s"] / bf16["tokens_per_s"]
+    gap = abs(fp8["loss"] - bf16["loss"]) / abs(bf16["loss"])
+    summary = (
+        f"{spec['steps']} steps: loss fp8 {fp8['loss']:.3f} vs bf16 {bf16['loss']:.3f}; "
+        f"{fp8['tokens_per_s']:,.0f} vs {bf16['tokens_per_s']:,.0f} tok/s (x{speedup:.2f})"
+    )
+    metrics = {**{f"{k}_{m}": v for k, r in results.items() for m, v in r.items()}, "speedup": speedup, "gap": gap}
+    if not (math.isfinite(fp8["loss"]) and gap <= FP8_LOSS_TOLERANCE):
+        raise CheckFailed(f"{summary}: final losses differ by {gap:.1%} > {FP8_LOSS_TOLERANCE:.0%}")
+    return summary, metrics
+
+
+def main() -> int:
+    ctx = parse_context("geneformer")
+    recorder = Recorder("geneformer", ctx.out_dir)
+    recorder.run("parity", lambda: parity(ctx))
+    recorder.run("throughput", lambda: throughput(ctx))
+    recorder.run("train+resume", lambda: train(ctx))
+    for spec in ctx.sizes["fp8"]:
+        recorder.run(spec["name"], lambda spec=spec: fp8_vs_bf16(ctx, spec))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

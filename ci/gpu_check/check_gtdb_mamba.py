@@ -1,0 +1,118 @@
+"""gtdb_mamba: mambapy on CUDA vs its CPU fp32 path, 8 x 1536 throughput on 512-token fragments, a CLI training run.
+
+Run with recipes/gtdb_mamba as cwd. The image has no mamba-ssm, so `backend=auto` is mambapy there too."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gpu_check.common import (
+    BF16_TOLERANCE,
+    FP32_TOLERANCE,
+    Context,
+    Recorder,
+    TrainSpec,
+    bf16_autocast,
+    fwd_bwd_step,
+    keep_first_checkpoint,
+    measure_throughput,
+    parity_result,
+    parse_context,
+    run_cli,
+    train_and_resume,
+)
+from model import CurricularFace, EmbedderConfig, GenomeFragmentEmbedder, mamba_ssm_available
+
+N_CLASSES = 1000  # genomes in the CurricularFace head of the throughput model
+
+
+def embedder(size: dict) -> GenomeFragmentEmbedder:
+    config = EmbedderConfig(d_model=size["d_model"], n_layers=size["n_layers"], backend="auto")
+    return GenomeFragmentEmbedder(config)
+
+
+def fragments(size: dict, pad_token: int, pad_last: bool = True) -> torch.Tensor:
+    tokens = torch.randint(0, 1024, (size["batch"], size["length"]))
+    if pad_last and size["batch"] > 1:
+        tokens[-1, size["length"] // 2 :] = pad_token  # exercises the per-sequence reversal of padded rows
+    return tokens
+
+
+def parity(ctx: Context) -> tuple[str, dict]:
+    size = ctx.sizes["parity"]
+    reference = embedder(size).eval()  # CPU, fp32: the path the recipe's CPU tests check
+    tokens = fragments(size, reference.config.pad_token)
+    fast = copy.deepcopy(reference).to(ctx.device)
+    with torch.no_grad():
+        ref = reference(tokens)
+        fp32 = fast(tokens.to(ctx.device))
+        with bf16_autocast(ctx.device):
+            bf16 = fast(tokens.to(ctx.device))
+    errors = {
+        f"{ctx.device.type} fp32": float((fp32.double().cpu() - ref.double()).norm() / ref.double().norm()),
+        f"{ctx.device.type} bf16": float((bf16.double().cpu() - ref.double()).norm() / ref.double().norm()),
+    }
+    limits = dict(zip(errors, (FP32_TOLERANCE, BF16_TOLERANCE)))
+    backend = "mamba_ssm" if mamba_ssm_available() else "mambapy"
+    what = f"{backend} on {ctx.device.type} vs CPU fp32, pooled embeddings, {size['d_model']} x {size['n_layers']}"
+    return parity_result(errors, limits, what)
+
+
+def throughput(ctx: Context) -> tuple[str, dict]:
+    size = ctx.sizes["throughput"]
+    model = embedder(size).to(ctx.device).train()
+    head = CurricularFace(size["d_model"], N_CLASSES, scale=30.0).to(ctx.device)
+    tokens = fragments(size, model.config.pad_token, pad_last=False).to(ctx.device)
+    labels = torch.randint(0, N_CLASSES, (size["batch"],), device=ctx.device)
+    both = torch.nn.ModuleList([model, head])
+    step = fwd_bwd_step(both, lambda: F.cross_entropy(head(model(tokens), labels), labels), ctx.device)
+    params = sum(p.numel() for p in both.parameters())
+    summary, metrics = measure_throughput(ctx, step, size["batch"] * size["length"], params)
+    backend = "mamba_ssm" if mamba_ssm_available() else "mambapy"
+    return f"{size['d_model']} x {size['n_layers']} {backend}, {size['length']} tokens: {summary}", metrics
+
+
+def train(ctx: Context) -> tuple[str, dict]:
+    steps = ctx.sizes["train"]["steps"]
+    run_cli(["make_fixture.py", "--out", "fixture"], ctx.out_dir / "make_fixture.log", 120)
+
+    def command(run_dir: Path) -> list[str]:
+        return [
+            "train.py",
+            "--config-name",
+            "sample",
+            f"run_dir={run_dir}",
+            f"train.max_steps={steps}",
+            f"train.steps_per_epoch={steps // 2}",
+            f"train.checkpoint_every={steps // 2}",
+            f"train.log_every={max(1, steps // 10)}",
+            f"train.warmup_steps={max(1, steps // 10)}",
+            "val.at_start=false",
+            *ctx.sizes["train"]["overrides"],
+        ]
+
+    spec = TrainSpec(
+        full=command,
+        resume=command,  # train.resume=true is the default
+        weights=lambda run_dir: run_dir / "export" / "model.safetensors",
+        prune=lambda run_dir: keep_first_checkpoint(run_dir / "checkpoints", "step_*", run_dir / "export"),
+    )
+    return train_and_resume(ctx, spec, timeout=ctx.sizes["budget_s"])
+
+
+def main() -> int:
+    ctx = parse_context("gtdb_mamba")
+    recorder = Recorder("gtdb_mamba", ctx.out_dir)
+    recorder.run("parity", lambda: parity(ctx))
+    recorder.run("throughput", lambda: throughput(ctx))
+    recorder.run("train+resume", lambda: train(ctx))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""omnibiote: SDPA (bf16) vs math attention (fp32) on packed records, the 12 x 768 model at 1,024 tokens, a CLI run.
+
+Run with recipes/omnibiote as cwd. Without flash-attn (not on the image) `attn_impl=auto` is SDPA on CUDA too."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from gpu_check.common import (
+    BF16_TOLERANCE,
+    FP32_TOLERANCE,
+    Context,
+    Recorder,
+    TrainSpec,
+    bf16_autocast,
+    fwd_bwd_step,
+    measure_throughput,
+    parity_result,
+    parse_context,
+    relative_error,
+    train_and_resume,
+)
+from model import OmniBioTA, OmniBioTAConfig
+
+
+def build(size: dict, attn_impl: str) -> OmniBioTA:
+    config = OmniBioTAConfig(
+        vocab_size=size["vocab"],
+        n_layer=size["n_layer"],
+        n_head=size["n_head"],
+        n_embd=size["n_embd"],
+        ctx_len=size["length"],
+        attn_impl=attn_impl,
+    )
+    return OmniBioTA(config)
+
+
+def packed_batch(size: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and doc ids of rows packed with records of random lengths; the last row ends in padding (-1)."""
+    batch, length = size["batch"], size["length"]
+    ids = torch.randint(4, size["vocab"], (batch, length))
+    doc_ids = torch.empty(batch, length, dtype=torch.long)
+    for row in range(batch):
+        cuts = torch.sort(torch.randint(1, length, (3,))).values.tolist()
+        bounds = [0, *cuts, length]
+        for doc, (start, end) in enumerate(zip(bounds, bounds[1:])):
+            doc_ids[row, start:end] = doc
+    ids[-1, length - length // 4 :] = 0  # pad_id
+    doc_ids[-1, length - length // 4 :] = -1
+    return ids.to(device), doc_ids.to(device)
+
+
+def parity(ctx: Context) -> tuple[str, dict]:
+    size = ctx.sizes["parity"]
+    fast = build(size, "sdpa").to(ctx.device).eval()
+    reference = build(size, "math").to(ctx.device).eval()
+    reference.load_state_dict(fast.state_dict())
+    ids, doc_ids = packed_batch(size, ctx.device)
+    valid = doc_ids >= 0
+    # The MuReadout head starts at zero (all logits 0), so the hidden states are what can differ.
+    with torch.no_grad():
+        with bf16_autocast(ctx.device):
+            bf16 = fast.hidden_states(ids, doc_ids).float()
+        fp32 = fast.hidden_states(ids, doc_ids).float()
+        ref = reference.hidden_states(ids, doc_ids).float()
+    errors = {
+        "bf16 sdpa": relative_error(bf16[valid], ref[valid]),
+        "fp32 sdpa": relative_error(fp32[valid], ref[valid]),
+    }
+    what = f"SDPA vs math attention, hidden states, packed records + padding, {size['n_layer']} x {size['n_embd']}"
+    return parity_result(errors, {"bf16 sdpa": BF16_TOLERANCE, "fp32 sdpa": FP32_TOLERANCE}, what)
+
+
+def throughput(ctx: Context) -> tuple[str, dict]:
+    size = ctx.sizes["throughput"]
+    model = build(size, "auto").to(ctx.device).train()
+    ids, doc_ids = packed_batch(size, ctx.device)
+    labels = torch.where(torch.rand(ids.shape, device=ctx.device) < 0.15, ids, torch.full_like(ids, -100))
+    labels[doc_ids < 0] = -100
+    step = fwd_bwd_step(model, lambda: model(ids, doc_ids, labels), ctx.device)
+    summary, metrics = measure_throughput(ctx, step, ids.numel(), model.num_parameters())
+    return f"{size['n_layer']} x {size['n_embd']} at {size['length']}: {summary}", metrics
+
+
+def train(ctx: Context) -> tuple[str, dict]:
+    size = ctx.sizes["train"]
+
+    def command(run_dir: Path, stop: bool = False) -> list[str]:
+        argv = ["train_encoder.py", "--base_dir", "sample_data/encoded", "--out_dir", str(run_dir.parent)]
+        argv += ["--save_name", run_dir.name, "--n_layer", "2", "--n_head", "4", "--n_embd", "128", "--ctx_len", "256"]
+        argv += [
+            "--mini_batch_size",
+            "8",
+            "--batch_size",
+            "16",
+            "--lr",
+            "0.08",
+            "--token_budget",
+            str(size["token_budget"]),
+        ]
+        argv += [
+            "--test_freq",
+            "0",
+            "--save_freq",
+            "0",
+            "--log_freq",
+            "1",
+            "--source_weights",
+            "genbank=0.5,uniprot=0.5",
+        ]
+        return argv + (["--max_steps", str(size["stop_step"])] if stop else [])
+
+    spec = TrainSpec(
+        full=command,
+        resume=command,  # the newest checkpoint in <run>/checkpoints is resumed automatically
+        weights=lambda run_dir: run_dir / "final" / "model.safetensors",
+        stop=lambda run_dir: command(run_dir, stop=True),
+    )
+    return train_and_resume(ctx, spec, timeout=ctx.sizes["budget_s"])
+
+
+def main() -> int:
+    ctx = parse_context("omnibiote")
+    recorder = Recorder("omnibiote", ctx.out_dir)
+    recorder.run("parity", lambda: parity(ctx))
+    recorder.run("throughput", lambda: throughput(ctx))
+    recorder.run("train+resume", lambda: train(ctx))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""plant_lm: blocked local attention vs its dense reference and the whole model (bucket memory filled) in bf16 vs fp32,
+the default model's throughput, a CLI run on the bundled Arabidopsis sample.
+
+Run with recipes/plant_lm as cwd."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from gpu_check.common import (
+    BF16_TOLERANCE,
+    Context,
+    Recorder,
+    TrainSpec,
+    bf16_autocast,
+    fwd_bwd_step,
+    keep_first_checkpoint,
+    measure_throughput,
+    parity_result,
+    parse_context,
+    relative_error,
+    train_and_resume,
+)
+from model import VOCAB_SIZE, PlantLM, blocked_local_attention, dense_local_attention
+
+N_SPECIES = 3
+
+
+def build(size: dict, device: torch.device, dropout: float) -> PlantLM:
+    return PlantLM(
+        N_SPECIES,
+        d_model=size["d_model"],
+        n_heads=size["n_heads"],
+        n_layers=size["n_layers"],
+        dropout=dropout,
+        local_attn_window=size["window"],
+        max_positions=size["length"],
+    ).to(device)
+
+
+def windows(size: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, VOCAB_SIZE, (size["batch"], size["length"] + 1), device=device)
+    species = torch.randint(0, N_SPECIES, (size["batch"],), device=device)
+    return ids[:, :-1], ids[:, 1:], species
+
+
+def parity(ctx: Context) -> tuple[str, dict]:
+    size = ctx.sizes["parity"]
+    batch, heads, length = size["batch"], size["n_heads"], size["length"]
+    q, k, v = (torch.randn(batch, heads, length, size["d_model"] // heads, device=ctx.device) for _ in range(3))
+    with torch.no_grad():
+        ref_local = dense_local_attention(q, k, v, size["window"])
+        with bf16_autocast(ctx.device):
+            bf16_local = blocked_local_attention(q, k, v, size["window"]).float()
+        fp32_local = blocked_local_attention(q, k, v, size["window"])
+        model = build(size, ctx.device, dropout=0.0).eval()
+        ids, _, species = windows(size, ctx.device)
+        model(ids, species, memory_write_len=length // 2)  # fill the bucket memory, as training does
+        model.memory.commit(global_context=20_000, normalize_every=1)
+        ref_model = model(ids, species)["logits"].float()
+        with bf16_autocast(ctx.device):
+            bf16_model = model(ids, species)["logits"].float()
+    errors = {
+        "fp32 blocked local": relative_error(fp32_local, ref_local),
+        "bf16 blocked local": relative_error(bf16_local, ref_local),
+        "bf16 model (local + bucket)": relative_error(bf16_model, ref_model),
+    }
+    limits = dict(zip(errors, (1e-5, BF16_TOLERANCE, BF16_TOLERANCE)))
+    nonempty = int((model.memory.counts > 0).sum())
+    what = f"vs dense band mask / fp32 model, seq {length}, window {size['window']}, {nonempty} memory buckets"
+    return parity_result(errors, limits, what)
+
+
+def throughput(ctx: Context) -> tuple[str, dict]:
+    size = ctx.sizes["throughput"]
+    model = build(size, ctx.device, dropout=0.1).train()
+    ids, targets, species = windows(size, ctx.device)
+    step = fwd_bwd_step(model, lambda: model(ids, species, targets)["loss"], ctx.device)
+    params = sum(p.numel() for p in model.parameters())
+    summary, metrics = measure_throughput(ctx, step, ids.numel(), params)
+    return (
+        f"d{size['d_model']} x {size['n_layers']}, context {size['length']}, batch {size['batch']}: {summary}",
+        metrics,
+    )
+
+
+def train(ctx: Context) -> tuple[str, dict]:
+    per_epoch = ctx.sizes["train"]["steps_per_epoch"]
+
+    def command(run_dir: Path, resume: str = "none") -> list[str]:
+        argv = ["train.py", "--data_dir", "sample_data", "--output_dir", str(run_dir), "--resume", resume]
+        argv += ["--species_distribution", "arabidopsis_thaliana=1.0,arabidopsis_lyrata=0.8,arabidopsis_arenosa=0.6"]
+        argv += ["--d_model", "128", "--n_heads", "4", "--n_layers", "2", "--dropout", "0.0", "--batch_size", "16"]
+        argv += ["--accumulation_steps", "1", "--context_size", "64", "--learning_rate", "2e-3", "--n_epochs", "2"]
+        argv += ["--warmup_steps", str(max(1, per_epoch // 3)), "--steps_per_epoch", str(per_epoch)]
+        return argv + ["--global_context", "20000", "--memory_normalize_every", "50"]
+
+    spec = TrainSpec(
+        full=command,
+        resume=lambda run_dir: command(run_dir, resume="auto"),
+        weights=lambda run_dir: run_dir / "dna_model" / "model_epoch_2.pt",
+        prune=lambda run_dir: keep_first_checkpoint(run_dir / "dna_model", "model_epoch_*.pt"),
+    )
+    return train_and_resume(ctx, spec, timeout=ctx.sizes["budget_s"])
+
+
+def main() -> int:
+    ctx = parse_context("plant_lm")
+    recorder = Recorder("plant_lm", ctx.out_dir)
+    recorder.run("parity", lambda: parity(ctx))
+    recorder.run("throughput", lambda: throughput(ctx))
+    recorder.run("train+resume", lambda: train(ctx))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Sizes, step counts and time budgets of every check, keyed by device: the CPU dry run runs the same code at tiny sizes.
+
+The cuda column is budgeted for one H200 (~790 bf16 TFLOP/s measured, 139 GiB): all recipes together within the
+`TOTAL_BUDGET_S` (8 minutes), each recipe's process killed at its own `budget_s`.
+"""
+
+from __future__ import annotations
+
+# On CPU the budgets only stop a hang: CI machines are shared and slow, and the dry run has no time target.
+TOTAL_BUDGET_S = {"cuda": 480, "cpu": 3000}
+
+SIZES = {
+    "cuda": {
+        "peak": {"n": 8192, "repeats": 10},
+        "esm2_fa": {
+            "budget_s": 90,
+            "parity": {"model": "esm2_t12_35M", "batch": 4, "length": 512},
+            "throughput": {"model": "esm2_t33_650M", "batch": 8, "length": 1024},
+            "train": {"steps": 60, "bf16": True},
+        },
+        "geneformer": {
+            "budget_s": 140,
+            "parity": {"config": "106m", "layers": 4, "batch": 4, "length": 2048},
+            "throughput": {"config": "106m", "layers": None, "batch": 8, "length": 2048},
+            "train": {"steps": 60, "bf16": True},
+            "fp8": [
+                {"name": "fp8 106m", "config": "106m", "overrides": [], "steps": 100, "batch": 32},
+                {
+                    "name": "fp8 4b width",
+                    "config": "4b",
+                    "overrides": ["model.num_hidden_layers=2"],
+                    "steps": 40,
+                    "batch": 32,
+                },
+            ],
+        },
+        "gtdb_mamba": {
+            "budget_s": 80,
+            "parity": {"d_model": 256, "n_layers": 2, "batch": 4, "length": 512},
+            "throughput": {"d_model": 1536, "n_layers": 8, "batch": 8, "length": 512},
+            "train": {"steps": 60, "overrides": []},
+        },
+        "omnibiote": {
+            "budget_s": 70,
+            "parity": {"n_layer": 2, "n_head": 8, "n_embd": 256, "vocab": 512, "batch": 4, "length": 512},
+            "throughput": {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab": 65536, "batch": 16, "length": 1024},
+            "train": {"token_budget": 240000, "stop_step": 20},
+        },
+        "plant_lm": {
+            "budget_s": 60,
+            "parity": {"d_model": 256, "n_heads": 4, "n_layers": 2, "batch": 4, "length": 256, "window": 32},
+            "throughput": {"d_model": 512, "n_heads": 8, "n_layers": 6, "batch": 16, "length": 64, "window": 32},
+            "train": {"steps_per_epoch": 30},
+        },
+    },
+    "cpu": {
+        "peak": {"n": 512, "repeats": 5},
+        "esm2_fa": {
+            "budget_s": 600,
+            "parity": {"model": "esm2_tiny", "batch": 2, "length": 64},
+            "throughput": {"model": "esm2_tiny", "batch": 2, "length": 64},
+            "train": {"steps": 8, "bf16": False},
+        },
+        "geneformer": {
+            "budget_s": 600,
+            "parity": {"config": "l0_sanity", "layers": 2, "batch": 2, "length": 64},
+            "throughput": {"config": "l0_sanity", "layers": 2, "batch": 2, "length": 64},
+            "train": {"steps": 8, "bf16": False},
+            "fp8": [
+                {"name": "fp8 106m", "config": "106m", "overrides": [], "steps": 100, "batch": 32},
+                {
+                    "name": "fp8 4b width",
+                    "config": "4b",
+                    "overrides": ["model.num_hidden_layers=2"],
+                    "steps": 40,
+                    "batch": 32,
+                },
+            ],
+        },
+        "gtdb_mamba": {
+            "budget_s": 600,
+            "parity": {"d_model": 32, "n_layers": 1, "batch": 2, "length": 64},
+            "throughput": {"d_model": 32, "n_layers": 1, "batch": 2, "length": 64},
+            "train": {
+                "steps": 8,
+                "overrides": ["val.fragments_per_genome=2", "data.val_tokens=128"],
+            },
+        },
+        "omnibiote": {
+            "budget_s": 600,
+            "parity": {"n_layer": 1, "n_head": 4, "n_embd": 64, "vocab": 512, "batch": 2, "length": 64},
+            "throughput": {"n_layer": 1, "n_head": 4, "n_embd": 64, "vocab": 512, "batch": 2, "length": 64},
+            "train": {"token_budget": 20000, "stop_step": 3},
+        },
+        "plant_lm": {
+            "budget_s": 600,
+            "parity": {"d_model": 64, "n_heads": 4, "n_layers": 1, "batch": 2, "length": 96, "window": 32},
+            "throughput": {"d_model": 64, "n_heads": 4, "n_layers": 1, "batch": 2, "length": 64, "window": 32},
+            "train": {"steps_per_epoch": 4},
+        },
+    },
+}
+# Timing repeats for the throughput rows (median of `repeats` after `warmup`).
+TIMING = {"cuda": {"warmup": 3, "repeats": 7}, "cpu": {"warmup": 1, "repeats": 3}}
+RECIPES = ("esm2_fa", "geneformer", "gtdb_mamba", "omnibiote", "plant_lm")
+CHECKS = {recipe: ("parity", "throughput", "train+resume") for recipe in RECIPES}
+CHECKS["geneformer"] += tuple(spec["name"] for spec in SIZES["cuda"]["geneformer"]["fp8"])
+
+
+def sizes_for(device: str, recipe: str) -> dict:
+    """The size table of one recipe on one device, with the timing repeats merged in."""
+    return {**SIZES[device][recipe], **TIMING[device]}

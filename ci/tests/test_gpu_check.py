@@ -1,0 +1,127 @@
+"""The GPU check's harness: size table, one failing check not stopping the others, reports, resume helpers, wheel list.
+
+The CPU dry run itself runs as its own suite in ci/run_tests.sh (one junit testcase per check row)."""
+
+import json
+import math
+import re
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "ci"))
+
+from gpu_check import common, report, sizes  # noqa: E402
+
+
+def test_cpu_sizes_exercise_the_same_checks_as_cuda():
+    assert set(sizes.SIZES["cpu"]) == set(sizes.SIZES["cuda"])
+    for recipe in sizes.RECIPES:
+        cuda, cpu = sizes.SIZES["cuda"][recipe], sizes.SIZES["cpu"][recipe]
+        assert set(cuda) == set(cpu), recipe
+        for key, value in cuda.items():
+            if isinstance(value, dict):
+                assert set(value) == set(cpu[key]), f"{recipe}.{key}"
+        assert (ROOT / "ci" / "gpu_check" / f"check_{recipe}.py").is_file()
+        assert (ROOT / "recipes" / recipe).is_dir()
+    assert sum(sizes.SIZES["cuda"][r]["budget_s"] for r in sizes.RECIPES) <= sizes.TOTAL_BUDGET_S["cuda"]
+
+
+def test_a_failing_check_is_a_row_and_the_next_check_runs(tmp_path):
+    recorder = common.Recorder("demo", tmp_path)
+
+    def broken():
+        raise RuntimeError("CUDA error: an illegal memory access\nwas encountered")
+
+    def skipped():
+        raise common.CheckSkipped("needs a GPU")
+
+    recorder.run("first", broken)
+    recorder.run("second", lambda: ("ok", {"x": 1.0}))
+    recorder.run("third", skipped)
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(r["check"], r["status"]) for r in rows] == [("first", "FAIL"), ("second", "PASS"), ("third", "SKIP")]
+    assert rows[0]["summary"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert "Traceback" in (tmp_path / "first.traceback.txt").read_text()
+    assert rows[1]["metrics"] == {"x": 1.0}
+
+
+def test_parity_fails_on_nan_and_on_large_errors():
+    summary, metrics = common.parity_result({"bf16": 4e-3}, {"bf16": 3e-2}, "what")
+    assert summary == "what: bf16 4.0e-03" and metrics["rel_err"] == {"bf16": 4e-3}
+    with pytest.raises(common.CheckFailed, match="bf16 nan"):
+        common.parity_result({"bf16": float("nan")}, {"bf16": 3e-2}, "what")
+    with pytest.raises(common.CheckFailed, match=r"bf16 5.00e-02 > 3e-02"):
+        common.parity_result({"bf16": 5e-2}, {"bf16": 3e-2}, "what")
+    ref = torch.ones(10)
+    assert common.relative_error(ref * 1.01, ref) == pytest.approx(0.01)
+    assert math.isnan(common.relative_error(torch.full((10,), float("nan")), ref))
+
+
+def test_reports_count_rows_in_junit_and_markdown(tmp_path):
+    rows = [
+        {"recipe": "a", "check": "parity", "status": "PASS", "summary": "fine", "seconds": 1.0},
+        {"recipe": "a", "check": "fp8", "status": "SKIP", "summary": "needs a GPU"},
+        {"recipe": "b", "check": "train", "status": "FAIL", "summary": "loss did not fall | x"},
+    ]
+    meta = {"device": "cpu", "device_name": "cpu", "peak_tflops_bf16": 1.0}
+    table = report.write_reports(tmp_path, rows, meta, tmp_path / "junit.xml")
+    assert len(table.splitlines()) == 4 and "loss did not fall" in table
+    suite = ET.parse(tmp_path / "junit.xml").getroot()
+    assert (suite.get("tests"), suite.get("failures"), suite.get("skipped")) == ("3", "1", "1")
+    failure = suite.find("testcase[@name='train']/failure")
+    assert failure.get("message") == "loss did not fall | x"
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == rows
+    assert "| b | train | FAIL | loss did not fall \\| x |" in (tmp_path / "results.md").read_text()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_resume_helpers(tmp_path):
+    for step in (5, 10, 40):
+        (tmp_path / f"step_{step:08d}").mkdir()
+    (tmp_path / "final_model").mkdir()
+    common.keep_first_checkpoint(tmp_path, "step_*", tmp_path / "final_model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000005"]
+    with pytest.raises(common.CheckFailed, match="expected >= 2 checkpoints"):
+        common.keep_first_checkpoint(tmp_path, "step_*")
+    a = {"w": torch.ones(4), "n": torch.tensor(3)}
+    assert common.weights_difference(a, {"w": torch.ones(4), "n": torch.tensor(4)}) == 0.0
+    assert common.weights_difference(a, {"w": torch.full((4,), 1.1), "n": torch.tensor(3)}) == pytest.approx(0.1)
+    with pytest.raises(common.CheckFailed, match="differ in keys"):
+        common.weights_difference(a, {"w": torch.ones(4)})
+    run = tmp_path / "run" / "logs"
+    run.mkdir(parents=True)
+    lines = [{"step": 2, "loss": 2.0}, {"step": 1, "loss": 3.0}, {"step": 2, "val_loss": 9.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert common.read_losses(tmp_path / "run") == [(1, 3.0), (2, 2.0)]
+
+
+def test_wheel_list_is_pinned_and_says_who_needs_each():
+    lines = [line for line in (ROOT / "ci" / "gpu_wheels.txt").read_text().splitlines() if line and line[0] != "#"]
+    names = set()
+    for line in lines:
+        requirement, _, comment = line.partition("#")
+        assert re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][A-Za-z0-9.]*", requirement.strip()), line
+        assert any(recipe in comment for recipe in sizes.RECIPES), line
+        names.add(requirement.split("==")[0].lower())
+    assert {"torchao", "mambapy", "mup", "faesm", "transformers", "tokenizers"} <= names
+    assert "torch" not in names  # the image's torch is used as is
+
+
+def test_carried_wheels_come_first_and_the_dry_run_hides_gpus(tmp_path, monkeypatch):
+    from gpu_check import run
+
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    env = run.child_env("cpu", tmp_path / "site")
+    paths = env["PYTHONPATH"].split(":")
+    assert paths == [str(tmp_path / "site"), str(ROOT / "ci"), str(ROOT / "shared"), "/elsewhere"]
+    assert env["CUDA_VISIBLE_DEVICES"] == ""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert "CUDA_VISIBLE_DEVICES" not in run.child_env("cuda", None)
+    assert "no wheels in" in run.install_wheels(tmp_path / "empty", tmp_path / "site")
+    with pytest.raises(SystemExit):
+        run.parse_args(["--only", "esm2_fa,nope"])
