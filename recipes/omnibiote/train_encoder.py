@@ -24,7 +24,7 @@ from biorecipes_shared.checkpoint import latest_checkpoint, load_checkpoint, sav
 from biorecipes_shared.distributed import all_reduce_mean, seed_everything, setup_distributed, teardown_distributed
 from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, peak_memory, plot_loss_curve
 from biorecipes_shared.preemption import PreemptionHandler
-from data import PackedMLMBatcher, load_split, parse_source_weights
+from data import PackedMLMBatcher, check_fingerprint, load_split, parse_source_weights
 from errors import ConfigError, run_cli
 from model import OmniBioTA, OmniBioTAConfig, mup_lr
 from schedule import lr_multiplier, plan_training
@@ -165,6 +165,7 @@ def train(args: argparse.Namespace, dist_ctx) -> Path | None:
         raise ConfigError(f"--base_dir {base_dir}: no such folder")
     tokenizer = OmniTokenizer(args.tokenizer or base_dir / "tokenizer.model")
     train_sources, val_sources = load_split(base_dir, "train"), load_split(base_dir, "val")
+    check_fingerprint([*train_sources.values(), *val_sources.values()], tokenizer)
     for source in [*train_sources.values(), *val_sources.values()]:
         if source.meta["vocab_size"] != tokenizer.vocab_size:
             raise ConfigError(

@@ -37,7 +37,7 @@ def open_binary(path: str | Path):
 
 def record_blocks(path: str | Path, record_start: bytes, block_bytes: int | None = None) -> Iterator[tuple[int, bytes]]:
     """(records before the block, block) for blocks of whole records of about block_bytes; a record begins where
-    `record_start` starts a line. Text before the first record stays at the head of the first block (the parser
+    `record_start` starts a line (b"": blocks of whole lines, counted in lines). Text before the first record stays at the head of the first block (the parser
     judges it). Memory: one block plus one read. A cut or corrupt gzip is a PreprocessError naming the file.
     """
     separator = b"\n" + record_start
@@ -55,7 +55,7 @@ def record_blocks(path: str | Path, record_start: bytes, block_bytes: int | None
                         break  # the next record start is not read yet
                     block, buf = (buf[: cut + 1], buf[cut + 1 :]) if cut >= 0 else (buf, b"")
                     yield done, block
-                    done += block.count(separator) + block.startswith(record_start)
+                    done += block.count(separator) + (bool(record_start) and block.startswith(record_start))
                 if not data:
                     return
     except (EOFError, OSError, zlib.error):
