@@ -183,18 +183,7 @@ def preprocess_fasta(
                 bar.update(window.n_records)
         writer.flush()
         # Inside tmp_dir, so it appears with the shards in the one rename; the loader checks it against its model.
-        packing = dict(
-            token_budget=token_budget,
-            max_aa_length=max_aa_length,
-            max_position_embeddings=max_position_embeddings,
-            format_version=FORMAT_VERSION,
-            vocab_sha256=vocab_sha256(),
-            vocab_size=len(ESM_VOCAB),
-            special_ids=SPECIAL_IDS,
-            input_fasta=input_fasta.name,
-            sequences=writer.n_rows,
-            batches=writer.n_batches,
-        )
+        packing = packing_record(token_budget, max_aa_length, max_position_embeddings, input_fasta, writer)
         (tmp_dir / PACKING_FILE).write_text(json.dumps(packing, indent=2) + "\n")
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         if output_dir.exists():  # an empty dir the user created: replace it
@@ -213,6 +202,22 @@ def preprocess_fasta(
         "padding_efficiency": writer.real_tokens / max(writer.padded_tokens, 1),
         "refined_fasta": str(refined_path),
     }
+
+
+def packing_record(token_budget, max_aa_length, max_position_embeddings, input_fasta: Path, writer) -> dict:
+    """packing.json: what a consumer of the shards depends on (checked by dataset.check_data_fingerprints)."""
+    return dict(
+        token_budget=token_budget,
+        max_aa_length=max_aa_length,
+        max_position_embeddings=max_position_embeddings,
+        format_version=FORMAT_VERSION,
+        vocab_sha256=vocab_sha256(),
+        vocab_size=len(ESM_VOCAB),
+        special_ids=SPECIAL_IDS,
+        input_fasta=input_fasta.name,
+        sequences=writer.n_rows,
+        batches=writer.n_batches,
+    )
 
 
 def _check_settings(output_dir, chunk_size, shard_size, max_aa_length, token_budget, positions, num_proc) -> None:
