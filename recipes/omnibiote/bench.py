@@ -19,7 +19,7 @@ import torch
 from mup import MuAdamW
 
 import bench_scale
-from data import PackedMLMBatcher, load_split
+from data import PackedMLMBatcher, check_fingerprint, load_split
 from model import OmniBioTA, OmniBioTAConfig
 from preprocessing.encode_shards import encode_shards
 from preprocessing.preprocess_genbank import preprocess_genbank
@@ -91,6 +91,7 @@ def main() -> None:
 
     ctx_len, mini_batch = 1024, 2  # the original's context length, where attention matters
     sources = load_split(SAMPLE / "encoded", "train")
+    check_fingerprint(sources.values(), tokenizer)
     batcher = PackedMLMBatcher(
         sources, {"genbank": 0.5, "uniprot": 0.5}, ctx_len, mini_batch, tokenizer, torch.Generator().manual_seed(0)
     )
