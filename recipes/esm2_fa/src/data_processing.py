@@ -173,6 +173,7 @@ def preprocess_fasta(
     tmp_dir = output_dir.with_name(f".{output_dir.name}.partial-{os.getpid()}")
     tmp_refined = refined_path.with_name(f".{refined_path.name}.partial-{os.getpid()}")
     work = partial(build_window, max_aa_length=max_aa_length, token_budget=token_budget, seed=seed)
+    made = [p for p in output_dir.parents if not p.exists()]  # removed again if the run fails
     try:
         tmp_dir.mkdir(parents=True)
         writer = ShardWriter(tmp_dir, shard_size)
@@ -190,6 +191,13 @@ def preprocess_fasta(
             output_dir.rmdir()
         tmp_dir.rename(output_dir)
         tmp_refined.replace(refined_path)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        for folder in made:  # deepest first; stops at one that is not empty
+            if not folder.exists() or any(folder.iterdir()):
+                break
+            folder.rmdir()
+        raise
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         tmp_refined.unlink(missing_ok=True)

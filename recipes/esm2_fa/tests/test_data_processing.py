@@ -133,6 +133,14 @@ def test_bad_fasta_raises_one_clear_error_and_leaves_nothing(tmp_path, content, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.fasta"]  # no shards, no partial dirs, no refined
 
 
+def test_failed_run_leaves_no_folder_it_created(tmp_path):
+    bad = tmp_path / "bad.fasta"
+    bad.write_text(">a\nMK9\n")
+    with pytest.raises(FastaError, match="invalid residue '9'"):
+        preprocess_fasta(bad, tmp_path / "new" / "deeper" / "out", progress=False, **OPTS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.fasta"]
+
+
 def test_truncated_gzip_is_an_error_without_partial_output(tmp_path):
     data = gzip.compress(head_fasta(SAMPLE_TRAIN, tmp_path / "src.fasta", 200).read_bytes())
     path = tmp_path / "cut.fasta.gz"
