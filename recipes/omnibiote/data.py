@@ -5,9 +5,12 @@ only attend to themselves (block-diagonal attention from per-token record ids). 
 record gets that record's modality token as its first token, so every stretch of sequence is labelled DNA, RNA or
 protein. 15% of ordinary tokens are replaced by <mask> and predicted (the original always uses the mask token).
 Sampling draws only from the batcher's own torch.Generator, which the checkpoint saves, so a resume is exact.
+check_fingerprint compares each split's meta.json with the tokenizer given to training before anything is trained.
 """
 
 import json
+import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,8 @@ import torch
 from errors import DataError
 
 IGNORE_INDEX = -100
+FORMAT_VERSION = 2  # the newest encoded-data format this reader knows (preprocessing.encode_shards writes it)
+log = logging.getLogger("omnibiote")
 
 
 class TokenSource:
@@ -56,6 +61,42 @@ def load_split(base_dir: str | Path, split: str) -> dict[str, TokenSource]:
     if len({s.meta["tokenizer_sha256"] for s in sources.values()}) > 1:
         raise DataError(f"{folder}: sources were encoded with different tokenizers")
     return sources
+
+
+def check_fingerprint(sources: Iterable["TokenSource"], tokenizer) -> None:
+    """Refuse encoded data made with another tokenizer than the one training uses (one DataError line naming the
+    source's meta.json and the tokenizer file): tokenizer sha256, vocab size, special ids, a newer format, a dtype
+    that cannot hold every id. Data written before these were recorded only gets a warning.
+    """
+    for source in sources:
+        meta, path = source.meta, source.folder / "meta.json"
+        version = meta.get("format_version", 1)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise DataError(
+                f"{path}: format_version {version} is newer than this reader ({FORMAT_VERSION}) and"
+                f" {tokenizer.model_file}; update the recipe"
+            )
+        recorded = meta.get("tokenizer_sha256")
+        if recorded is None:
+            log.warning("%s: records no tokenizer; cannot check it against %s", path, tokenizer.model_file)
+        elif recorded != tokenizer.sha256:
+            raise DataError(
+                f"{path}: encoded with tokenizer sha256 {recorded[:12]}…, but {tokenizer.model_file} has"
+                f" {tokenizer.sha256[:12]}…; train with the tokenizer.model it was encoded with or re-encode"
+            )
+        if meta.get("vocab_size", tokenizer.vocab_size) != tokenizer.vocab_size:
+            raise DataError(
+                f"{path}: encoded with {meta['vocab_size']} pieces, {tokenizer.model_file} has {tokenizer.vocab_size}"
+            )
+        if np.iinfo(np.dtype(meta["dtype"])).max < tokenizer.vocab_size - 1:
+            raise DataError(f"{path}: dtype {meta['dtype']} cannot hold the ids of {tokenizer.model_file}")
+        if version < 2:
+            log.warning("%s: written before special ids were recorded (format 1); not checked", path)
+        elif meta.get("special_ids") != tokenizer.special_id_map():
+            raise DataError(
+                f"{path}: special ids {meta.get('special_ids')} differ from {tokenizer.model_file}'s"
+                f" {tokenizer.special_id_map()}; re-encode with preprocessing.encode_shards"
+            )
 
 
 def parse_source_weights(text: str | None, sources: dict[str, TokenSource]) -> dict[str, float]:

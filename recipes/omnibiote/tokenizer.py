@@ -4,6 +4,7 @@ The modality token keeps the three alphabets apart (protein and DNA share the le
 piece id can mean different things only after different prefixes, as in the original OmniBioTE.
 """
 
+import hashlib
 from pathlib import Path
 
 import sentencepiece as spm
@@ -47,6 +48,11 @@ class OmniTokenizer:
         self.modality_ids = {name: self.sp.piece_to_id(piece) for name, piece in MODALITY_TOKENS.items()}
         # ids that are never masked or predicted during MLM
         self.special_ids = sorted({self.pad_id, self.eos_id, self.unk_id, self.mask_id, *self.modality_ids.values()})
+        self.sha256 = hashlib.sha256(model_file.read_bytes()).hexdigest()  # what encoded data records and checks
+
+    def special_id_map(self) -> dict[str, int]:
+        """{name: id} of every special piece, as recorded in an encoded split's meta.json."""
+        return {"pad": self.pad_id, "unk": self.unk_id, "eos": self.eos_id, "mask": self.mask_id, **self.modality_ids}
 
     def encode(self, modality: str, sequences: list[str], num_threads: int = 1, chunk_length: int = 100_000):
         """Token ids `[<modality>] + pieces + [</s>]` for each sequence; very long sequences are encoded in

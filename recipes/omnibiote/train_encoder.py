@@ -27,7 +27,7 @@ from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_
 from biorecipes_shared.preemption import PreemptionHandler
 from biorecipes_shared.run import ConfigError, finished_message, finished_run, mark_finished, resolve_resume, run_cli
 from config import TrainConfig, check_world_size, parse_config
-from data import PackedMLMBatcher, load_split, parse_source_weights
+from data import PackedMLMBatcher, check_fingerprint, load_split, parse_source_weights
 from errors import OmniBioteError
 from export import export_final_model
 from model import OmniBioTA, OmniBioTAConfig, mup_lr
@@ -56,12 +56,7 @@ def last_step(config: TrainConfig, plan: TrainingPlan) -> int:
 def open_data(config: TrainConfig, tokenizer: OmniTokenizer) -> tuple[dict, dict, dict, dict]:
     """Train/val sources and their sampling weights; ConfigError/DataError for data that cannot train this model."""
     train_sources, val_sources = load_split(config.base_dir, "train"), load_split(config.base_dir, "val")
-    for source in [*train_sources.values(), *val_sources.values()]:
-        if source.meta["vocab_size"] != tokenizer.vocab_size:
-            raise ConfigError(
-                f"{source.folder}: encoded with {source.meta['vocab_size']} pieces, tokenizer has"
-                f" {tokenizer.vocab_size}"
-            )
+    check_fingerprint([*train_sources.values(), *val_sources.values()], tokenizer)
     train_weights = parse_source_weights(config.source_weights, train_sources)
     val_weights = {name: weight for name, weight in train_weights.items() if name in val_sources}
     if not any(val_weights.values()):

@@ -4,46 +4,49 @@
         --chunk_size 10000 --shard_size 50000 --max_aa_length 1022
 
 Steps: stream the FASTA (plain or gzip) -> validate and normalise each record -> split long sequences into
-balanced chunks -> tokenize -> sort a window of `chunk_size` sequences by length -> pack greedily so that
-rows x longest-row never exceeds the token budget -> write the batches' rows contiguously (batch-major) so the
-training loader can rebuild each batch from one slice of a memory-mapped shard. `packing.json` beside the shards
-records the token budget and lengths used, which train.py checks against its config.
+balanced chunks -> tokenize -> sort a window of `chunk_size` proteins (their pieces) by length -> pack greedily so
+that rows x longest-row never exceeds the token budget -> write the batches' rows contiguously (batch-major) so the
+training loader can rebuild each batch from one slice of a memory-mapped shard. Windows are processed by
+`--num_proc` worker processes and written in input order: the output does not depend on the process count.
+`packing.json` beside the shards records what a consumer depends on (token budget, lengths, vocabulary sha256,
+special ids, format version); dataset.check_data_fingerprints compares it with the model before training.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
+import hashlib
 import itertools
 import json
-import math
+import multiprocessing
 import os
-import random
 import shutil
 import sys
-import zlib
+from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from Bio.SeqIO.FastaIO import SimpleFastaParser
 from datasets import Dataset, DatasetInfo, Features, Sequence, Value
 from datasets.table import InMemoryTable
 from datasets.utils.logging import disable_progress_bar
 from tqdm import tqdm
 
-from model import CLS_ID, EOS_ID, ESM_VOCAB, PAD_ID
+from fasta_reader import VALID_RESIDUES, FastaError, read_fasta, record_blocks
+from model import CLS_ID, EOS_ID, ESM_VOCAB, MASK_ID, PAD_ID, UNK_ID
+from packing import Chunk, Window, build_window, chunk_protein, pack_batches, tokenize
 
-# Residue letters accepted in input (upper-cased first). Gap symbols '.' and '-' are not protein residues.
-VALID_RESIDUES = "LAGVSERTIDPKQNFYMHWCXBUZO"
-_RESIDUE_TO_ID = np.full(256, -1, dtype=np.int8)
-for _letter in VALID_RESIDUES:
-    _RESIDUE_TO_ID[ord(_letter)] = ESM_VOCAB.index(_letter)
+__all__ = ["VALID_RESIDUES", "Chunk", "FastaError", "chunk_protein", "pack_batches", "read_fasta", "tokenize"]
+
 IGNORE_INDEX = -100
-PACKING_FILE = "packing.json"  # next to the shard dirs: the token budget and lengths they were packed with
+PACKING_FILE = "packing.json"  # next to the shard dirs: what the shards were made with (the consumer checks it)
 PACKING_KEYS = ("token_budget", "max_aa_length", "max_position_embeddings")
+# 2: packing.json also records the vocabulary sha256, special ids and this version (1: token budget and lengths).
+FORMAT_VERSION = 2
+SPECIAL_IDS = {"cls": CLS_ID, "pad": PAD_ID, "eos": EOS_ID, "unk": UNK_ID, "mask": MASK_ID}
 
 SHARD_FEATURES = Features(
     {
@@ -57,152 +60,86 @@ SHARD_FEATURES = Features(
 )
 
 
-class FastaError(ValueError):
-    """The input FASTA cannot be used; the message names the file, the record and the problem."""
+def vocab_sha256(vocab: list[str] = ESM_VOCAB) -> str:
+    """sha256 of the vocabulary as `vocab.txt` (one token per line, id order), the file save_tokenizer writes."""
+    return hashlib.sha256(("\n".join(vocab) + "\n").encode("utf-8")).hexdigest()
 
 
-@dataclass
-class Chunk:
-    """One refined sequence: a whole protein or one piece of a long one."""
-
-    id: str  # FASTA header incl. '>' and, for pieces, a '/start-end' residue range (1-based, inclusive)
-    residues: str
-    bos: bool  # only the first piece of a protein starts with <cls>
-    eos: bool  # only the last piece ends with <eos>
-
-
-def open_text(path: Path):
-    """Open a plain or gzip-compressed text file (detected by its magic bytes, not its name)."""
-    with open(path, "rb") as raw:
-        magic = raw.read(2)
-    if magic == b"\x1f\x8b":
-        return gzip.open(path, "rt", encoding="ascii", errors="replace")
-    return open(path, encoding="ascii", errors="replace")
-
-
-def read_fasta(path: str | Path) -> Iterator[tuple[str, str]]:
-    """Yield (header incl. '>', upper-case residues) per record, streaming; raise FastaError on bad input.
-
-    Normalisation (documented): lower case -> upper case, CRLF line ends accepted, one trailing '*' (stop codon)
-    stripped. Errors: empty file, text before the first '>', a record without residues, any other character.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FastaError(f"{path}: no such file")
-    n_records = 0
-    try:
-        with open_text(path) as handle:
-            first = next((line for line in handle if line.strip()), None)
-            if first is None:
-                raise FastaError(f"{path}: empty file, no FASTA records")
-            if not first.startswith(">"):
-                raise FastaError(f"{path}: line 1 does not start with '>' (not a FASTA file?)")
-            for title, seq in SimpleFastaParser(itertools.chain([first], handle)):
-                n_records += 1
-                header = ">" + title
-                yield header, _normalise(path, n_records, header, seq)
-    except (EOFError, OSError, zlib.error) as err:
-        raise FastaError(f"{path}: truncated or corrupt gzip after record {n_records} ({err})") from err
-
-
-def _normalise(path: Path, record_no: int, header: str, seq: str) -> str:
-    where = f"{path}: record {record_no} ({header[:60]})"
-    seq = seq.upper()
-    if seq.endswith("*"):
-        seq = seq[:-1]
-    if not seq:
-        raise FastaError(f"{where}: no sequence")
-    codes = _RESIDUE_TO_ID[np.frombuffer(seq.encode("ascii", errors="replace"), dtype=np.uint8)]
-    bad = np.flatnonzero(codes < 0)
-    if bad.size:
-        pos = int(bad[0])
-        what = "stop codon '*' inside the sequence" if seq[pos] == "*" else f"invalid residue {seq[pos]!r}"
-        raise FastaError(f"{where}: {what} at position {pos + 1}")
-    return seq
-
-
-def chunk_protein(header: str, residues: str, max_aa_length: int) -> list[Chunk]:
-    """Split a protein longer than max_aa_length into balanced pieces (lengths differ by at most one)."""
-    n_pieces = math.ceil(len(residues) / max_aa_length)
-    if n_pieces == 1:
-        return [Chunk(header, residues, bos=True, eos=True)]
-    name, _, description = header.partition(" ")
-    base, extra = divmod(len(residues), n_pieces)
-    chunks, start = [], 0
-    for i in range(n_pieces):
-        end = start + base + (1 if i < extra else 0)
-        piece_id = f"{name}/{start + 1}-{end}" + (f" {description}" if description else "")
-        chunks.append(Chunk(piece_id, residues[start:end], bos=i == 0, eos=i == n_pieces - 1))
-        start = end
-    return chunks
-
-
-def tokenize(chunk: Chunk) -> np.ndarray:
-    """Token ids (int8) of a chunk: one table look-up over the residue bytes instead of a per-character loop."""
-    ids = _RESIDUE_TO_ID[np.frombuffer(chunk.residues.encode("ascii"), dtype=np.uint8)]
-    parts = ([np.array([CLS_ID], np.int8)] if chunk.bos else []) + [ids]
-    parts += [np.array([EOS_ID], np.int8)] if chunk.eos else []
-    return np.concatenate(parts)
-
-
-def pack_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
-    """Greedy packing of length-sorted sequences so that len(batch) * longest <= token_budget; returns indices."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    batches, current = [], []
-    for idx in order:
-        if current and (len(current) + 1) * lengths[idx] > token_budget:
-            batches.append(current)
-            current = []
-        current.append(idx)
-    if current:
-        batches.append(current)
-    return batches
+def default_num_proc() -> int:
+    """The cores this process may run on (respects taskset/cgroup CPU sets, unlike os.cpu_count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class ShardWriter:
-    """Accumulates whole batches and writes `shard-XXXXX/` datasets of at most ~shard_size rows."""
+    """Takes windows in order and writes `shard-XXXXX/` datasets of at most ~shard_size rows (batches never split).
+
+    Holds at most one shard's rows (references into the windows it came from), so memory is bounded by
+    shard_size and the windows in flight, not by the input.
+    """
 
     def __init__(self, out_dir: Path, shard_size: int):
         self.out_dir, self.shard_size = out_dir, shard_size
-        self.rows: list[tuple[np.ndarray, int, int, str]] = []  # (tokens, padded width, batch id, sequence id)
+        self.pending: list[tuple[Window, int, int]] = []  # (window, first batch, end batch) of the open shard
+        self.pending_rows = 0
         self.n_shards = self.n_batches = self.n_rows = self.real_tokens = self.padded_tokens = 0
+        self._batches_written = 0  # batch id of the open shard's first batch
 
-    def add_batch(self, token_arrays: list[np.ndarray], ids: list[str]) -> None:
-        width = max(len(t) for t in token_arrays)
-        if self.rows and len(self.rows) + len(ids) > self.shard_size:
-            self.flush()
-        self.rows += [(tokens, width, self.n_batches, seq_id) for tokens, seq_id in zip(token_arrays, ids)]
-        self.real_tokens += sum(len(t) for t in token_arrays)
-        self.padded_tokens += width * len(ids)
-        self.n_batches += 1
-        self.n_rows += len(ids)
+    def add_window(self, window: Window) -> None:
+        """Append a window's batches, closing a shard before a batch that would push it past shard_size."""
+        first = 0
+        for b, n in enumerate(window.batch_rows.tolist()):
+            if self.pending_rows and self.pending_rows + n > self.shard_size:
+                if b > first:
+                    self.pending.append((window, first, b))
+                self.flush()
+                first = b
+            self.pending_rows += n
+        self.pending.append((window, first, len(window.batch_rows)))
+        self.n_batches += len(window.batch_rows)
+        self.n_rows += len(window.ids)
+        self.real_tokens += int(window.lengths.sum())
+        self.padded_tokens += int(window.widths.sum())
 
     def flush(self) -> None:
-        if not self.rows:
+        """Write the open shard (if it has rows)."""
+        if not self.pending_rows:
             return
+        parts = []
+        for window, b0, b1 in self.pending:
+            r0, r1 = int(window.row_offsets[b0]), int(window.row_offsets[b1])
+            t0, t1 = int(window.token_offsets[r0]), int(window.token_offsets[r1])
+            parts.append((window.input_ids[t0:t1], window.widths[r0:r1], window.lengths[r0:r1]))
+            parts[-1] += (window.batch_rows[b0:b1], window.ids[r0:r1])
+        input_ids, widths, lengths, batch_rows = (np.concatenate([p[i] for p in parts]) for i in range(4))
+        ids = [seq_id for p in parts for seq_id in p[4]]
+        batch_id = np.repeat(np.arange(self._batches_written, self._batches_written + len(batch_rows)), batch_rows)
+        self._write(input_ids, widths, lengths, batch_id, ids)
+        self._batches_written += len(batch_rows)
+        self.pending, self.pending_rows = [], 0
+
+    def _write(self, input_ids, widths, lengths, batch_id, ids) -> None:
         # Columns are built as Arrow arrays from one flat numpy buffer each: Dataset.from_dict would encode
         # every row in Python, which made it ~5x slower than everything else in preprocessing together.
-        widths = np.array([w for _, w, _, _ in self.rows])
-        lengths = np.array([len(t) for t, _, _, _ in self.rows])
         offsets = pa.array(np.concatenate([[0], np.cumsum(widths)]).astype(np.int32))
-        real = np.arange(widths.sum()) - np.repeat(offsets.to_numpy()[:-1], widths) < np.repeat(lengths, widths)
-        input_ids = np.full(widths.sum(), PAD_ID, np.int8)
-        input_ids[real] = np.concatenate([t for t, _, _, _ in self.rows])
-        labels = np.where(real, input_ids, IGNORE_INDEX).astype(np.int8)
+        real = input_ids != PAD_ID  # no real token is <pad>: residues, <cls> and <eos> only
+        labels = np.where(real, input_ids, np.int8(IGNORE_INDEX))  # stays int8: no temporary int64 copy
         table = pa.table(
             {
                 "input_ids": pa.ListArray.from_arrays(offsets, pa.array(input_ids)),
-                "attention_mask": pa.ListArray.from_arrays(offsets, pa.array(real.astype(np.int8))),
+                "attention_mask": pa.ListArray.from_arrays(offsets, pa.array(real.view(np.int8))),
                 "labels": pa.ListArray.from_arrays(offsets, pa.array(labels)),
                 "sequence_length": pa.array(lengths.astype(np.int32)),
-                "batch_id": pa.array(np.array([b for _, _, b, _ in self.rows], np.int64)),
-                "id": pa.array([i for _, _, _, i in self.rows]),
+                "batch_id": pa.array(batch_id.astype(np.int64)),
+                "id": pa.array(ids, pa.string()),
             }
         ).cast(SHARD_FEATURES.arrow_schema)
-        shard = Dataset(InMemoryTable(table), info=DatasetInfo(features=SHARD_FEATURES))
+        # A hash of the ids and row widths as the fingerprint: datasets would otherwise hash the whole pickled
+        # table, and a random one would make state.json differ between identical runs.
+        digest = hashlib.blake2b(widths.tobytes(), digest_size=8)
+        digest.update("\n".join(ids).encode("utf-8"))
+        shard = Dataset(InMemoryTable(table), info=DatasetInfo(features=SHARD_FEATURES), fingerprint=digest.hexdigest())
         shard.save_to_disk(str(self.out_dir / f"shard-{self.n_shards:05d}"))
         self.n_shards += 1
-        self.rows = []
 
 
 def refined_fasta_path(input_fasta: Path) -> Path:
@@ -223,52 +160,44 @@ def preprocess_fasta(
     max_position_embeddings: int,
     seed: int = 0,
     progress: bool = True,
+    num_proc: int = 1,
 ) -> dict:
-    """Run the whole preprocessing; on any error nothing is left at output_dir and no refined FASTA is written."""
+    """Run the whole preprocessing with num_proc processes; the output is byte-identical for any num_proc.
+
+    On any error (FastaError) nothing is left at output_dir and no refined FASTA is written.
+    """
     input_fasta, output_dir = Path(input_fasta), Path(output_dir)
-    if max_aa_length + 2 > max_position_embeddings:
-        raise FastaError(
-            f"--max_aa_length {max_aa_length} + 2 special tokens exceeds the model's "
-            f"max_position_embeddings ({max_position_embeddings})"
-        )
-    if token_budget < max_aa_length + 2:
-        raise FastaError(f"token budget {token_budget} is smaller than one full-length sequence ({max_aa_length + 2})")
-    if min(chunk_size, shard_size, max_aa_length) < 1:
-        raise FastaError("--chunk_size, --shard_size and --max_aa_length must be positive")
-    existing = next((p for p in (output_dir, *output_dir.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise FastaError(f"{output_dir}: {existing} exists and is not a directory; choose another --output_dir")
-    if output_dir.exists() and any(output_dir.iterdir()):
-        raise FastaError(f"{output_dir}: output directory exists and is not empty; choose a new one")
+    _check_settings(output_dir, chunk_size, shard_size, max_aa_length, token_budget, max_position_embeddings, num_proc)
     disable_progress_bar()  # one tqdm bar for the whole run instead of one per shard
     refined_path = refined_fasta_path(input_fasta)
     tmp_dir = output_dir.with_name(f".{output_dir.name}.partial-{os.getpid()}")
     tmp_refined = refined_path.with_name(f".{refined_path.name}.partial-{os.getpid()}")
-    rng = random.Random(seed)
+    work = partial(build_window, max_aa_length=max_aa_length, token_budget=token_budget, seed=seed)
+    made = [p for p in output_dir.parents if not p.exists()]  # removed again if the run fails
     try:
         tmp_dir.mkdir(parents=True)
         writer = ShardWriter(tmp_dir, shard_size)
-        with open(tmp_refined, "w") as refined:
-            window: list[Chunk] = []
-            for header, residues in tqdm(read_fasta(input_fasta), desc="proteins", unit=" seq", disable=not progress):
-                for chunk in chunk_protein(header, residues, max_aa_length):
-                    refined.write(f"{chunk.id}\n{chunk.residues}\n")
-                    window.append(chunk)
-                if len(window) >= chunk_size:
-                    _write_window(window, writer, token_budget, rng)
-                    window = []
-            _write_window(window, writer, token_budget, rng)
+        with open(tmp_refined, "wb") as refined, tqdm(desc="proteins", unit=" seq", disable=not progress) as bar:
+            for window in map_windows(input_fasta, chunk_size, work, num_proc):
+                refined.write(window.refined)
+                writer.add_window(window)
+                bar.update(window.n_records)
         writer.flush()
-        # Inside tmp_dir, so it appears with the shards in the one rename; train.py checks it against its config.
-        packing = dict(
-            token_budget=token_budget, max_aa_length=max_aa_length, max_position_embeddings=max_position_embeddings
-        )
+        # Inside tmp_dir, so it appears with the shards in the one rename; the loader checks it against its model.
+        packing = packing_record(token_budget, max_aa_length, max_position_embeddings, input_fasta, writer)
         (tmp_dir / PACKING_FILE).write_text(json.dumps(packing, indent=2) + "\n")
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         if output_dir.exists():  # an empty dir the user created: replace it
             output_dir.rmdir()
         tmp_dir.rename(output_dir)
         tmp_refined.replace(refined_path)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        for folder in made:  # deepest first; stops at one that is not empty
+            if not folder.exists() or any(folder.iterdir()):
+                break
+            folder.rmdir()
+        raise
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         tmp_refined.unlink(missing_ok=True)
@@ -281,6 +210,74 @@ def preprocess_fasta(
         "padding_efficiency": writer.real_tokens / max(writer.padded_tokens, 1),
         "refined_fasta": str(refined_path),
     }
+
+
+def packing_record(token_budget, max_aa_length, max_position_embeddings, input_fasta: Path, writer) -> dict:
+    """packing.json: what a consumer of the shards depends on (checked by dataset.check_data_fingerprints)."""
+    return dict(
+        token_budget=token_budget,
+        max_aa_length=max_aa_length,
+        max_position_embeddings=max_position_embeddings,
+        format_version=FORMAT_VERSION,
+        vocab_sha256=vocab_sha256(),
+        vocab_size=len(ESM_VOCAB),
+        special_ids=SPECIAL_IDS,
+        input_fasta=input_fasta.name,
+        sequences=writer.n_rows,
+        batches=writer.n_batches,
+    )
+
+
+def _check_settings(output_dir, chunk_size, shard_size, max_aa_length, token_budget, positions, num_proc) -> None:
+    if max_aa_length + 2 > positions:
+        raise FastaError(
+            f"--max_aa_length {max_aa_length} + 2 special tokens exceeds the model's max_position_embeddings ({positions})"
+        )
+    if token_budget < max_aa_length + 2:
+        raise FastaError(f"token budget {token_budget} is smaller than one full-length sequence ({max_aa_length + 2})")
+    if min(chunk_size, shard_size, max_aa_length, num_proc) < 1:
+        raise FastaError("--chunk_size, --shard_size, --max_aa_length and --num_proc must be positive")
+    existing = next((p for p in (output_dir, *output_dir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise FastaError(f"{output_dir}: {existing} exists and is not a directory; choose another --output_dir")
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise FastaError(f"{output_dir}: output directory exists and is not empty; choose a new one")
+
+
+def map_windows(input_fasta: Path, chunk_size: int, work, num_proc: int) -> Iterator[Window]:
+    """work(path, index, first_record, block) over blocks of chunk_size records, results in input order.
+
+    With num_proc > 1 the blocks go to a process pool; at most num_proc + 1 are in flight, so memory is bounded by
+    chunk_size. Errors surface in input order: a reader error (e.g. a cut gzip) found while reading ahead waits
+    until the windows before it are done, so the first bad record in the file is the one reported, as in 1 process.
+    """
+    blocks = record_blocks(input_fasta, chunk_size)
+    if num_proc == 1:
+        for index, (first_record, block) in enumerate(blocks):
+            yield work(input_fasta, index, first_record, block)
+        return
+    # fork: workers inherit the imported modules (a spawned worker would import torch again, seconds each).
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    with ProcessPoolExecutor(num_proc, mp_context=context) as pool:
+        pending, blocks = deque(), iter(blocks)
+        try:
+            for index in itertools.count():
+                try:
+                    first_record, block = next(blocks)
+                except StopIteration:
+                    break
+                except FastaError:  # a reader error comes after every window already read
+                    while pending:
+                        yield pending.popleft().result()
+                    raise
+                pending.append(pool.submit(work, input_fasta, index, first_record, block))
+                if len(pending) > num_proc:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def read_packing(data_dir: str | Path) -> dict | None:
@@ -297,15 +294,6 @@ def read_packing(data_dir: str | Path) -> dict | None:
     return packing
 
 
-def _write_window(window: list[Chunk], writer: ShardWriter, token_budget: int, rng: random.Random) -> None:
-    tokens = [tokenize(chunk) for chunk in window]
-    batches = pack_batches([len(t) for t in tokens], token_budget)
-    # Length-sorted packing would feed short batches first and long ones last; shuffle the batch order instead.
-    rng.shuffle(batches)
-    for batch in batches:
-        writer.add_batch([tokens[i] for i in batch], [window[i].id for i in batch])
-
-
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: prints a one-line error and returns 1 on bad input."""
     from config import ConfigError, load_config
@@ -313,12 +301,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input_fasta", required=True, type=Path, help="protein FASTA, plain or .gz")
     parser.add_argument("--output_dir", required=True, type=Path, help="new dir for shard-XXXXX/ datasets")
-    parser.add_argument("--chunk_size", type=int, default=10_000, help="sequences sorted by length together")
+    parser.add_argument(
+        "--chunk_size", type=int, default=10_000, help="proteins per window (sorted by length together)"
+    )
     parser.add_argument("--shard_size", type=int, default=50_000, help="max rows per shard (batches never split)")
     parser.add_argument("--max_aa_length", type=int, default=1022, help="longer proteins are split into pieces")
     parser.add_argument("--token_budget", type=int, default=None, help="default: model.max_batch_size of the config")
     parser.add_argument("--config", type=Path, default=Path(__file__).with_name("config.yaml"))
     parser.add_argument("--seed", type=int, default=0, help="seed of the batch-order shuffle")
+    parser.add_argument(
+        "--num_proc", type=int, default=default_num_proc(), help="worker processes (default: all usable cores)"
+    )
     args = parser.parse_args(argv)
     try:
         model_cfg = load_config(args.config).model
@@ -332,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             args.token_budget or model_cfg.max_batch_size,
             positions,
             args.seed,
+            num_proc=args.num_proc,
         )
     except (FastaError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)

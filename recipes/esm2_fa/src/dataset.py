@@ -5,10 +5,13 @@ twice per cycle. A slot visits its shards in a new random order every cycle, for
 A shard is memory-mapped (never loaded into RAM) and each batch is one contiguous slice of rows.
 Masks are drawn from a generator seeded by (seed, rank, batch number), so a resumed run masks exactly as an
 uninterrupted one would.
+check_data_fingerprints() compares the `packing.json` the shards were written with against the model that will read
+them (vocabulary, special ids, token budget, positions) and refuses a mismatch before training starts.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,8 +20,11 @@ import torch
 from datasets import load_from_disk
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_processing import IGNORE_INDEX
-from model import CLS_ID, EOS_ID, MASK_ID, PAD_ID, STANDARD_AA_IDS
+import data_processing
+from data_processing import FORMAT_VERSION, IGNORE_INDEX, PACKING_FILE, read_packing, vocab_sha256
+from model import CLS_ID, EOS_ID, ESM_VOCAB, MASK_ID, PAD_ID, STANDARD_AA_IDS
+
+log = logging.getLogger("esm2_fa")  # the logger train.py configures (rank-0 output)
 
 SPECIAL_IDS = (CLS_ID, PAD_ID, EOS_ID)
 TENSOR_COLUMNS = ["input_ids", "attention_mask", "labels"]
@@ -55,6 +61,66 @@ def check_shards(data_dir: str | Path, what: str = "data") -> list[Path]:
         if missing:
             raise DataDirError(f"{what} shard {path} lacks columns {missing}; was it written by data_processing.py?")
     return shards
+
+
+def model_vocabulary(model_cfg) -> tuple[list[str], str]:
+    """(tokens in id order, where they come from): a local model dir's vocab.txt, else the ESM-2 vocabulary."""
+    vocab_file = Path(str(model_cfg.model_name)) / "vocab.txt"
+    if vocab_file.is_file():
+        return vocab_file.read_text(encoding="utf-8").splitlines(), str(vocab_file)
+    return list(ESM_VOCAB), f"the ESM-2 vocabulary of {model_cfg.model_name} (src/model.py)"
+
+
+def check_data_fingerprints(data_dirs: dict[str, str | Path], model_cfg, vocab: list[str] | None = None) -> None:
+    """Check every {what: shard dir}'s packing.json against the model section (and vocabulary) it will train.
+
+    Refused with one DataDirError line naming packing.json and the model side: another vocabulary (sha256 of
+    vocab.txt) or special ids, a newer format, a token budget above model.max_batch_size, rows longer than
+    model.max_position_embeddings. Shards without packing.json, or written before the vocabulary was recorded
+    (format 1), only get a warning: there is nothing to compare.
+    """
+    vocab, vocab_source = (vocab, "the given vocabulary") if vocab is not None else model_vocabulary(model_cfg)
+    for what, data_dir in data_dirs.items():
+        _check_fingerprint(Path(data_dir), what, model_cfg, vocab, vocab_source)
+
+
+def _check_fingerprint(data_dir: Path, what: str, model_cfg, vocab: list[str], vocab_source: str) -> None:
+    path = data_dir / PACKING_FILE
+    try:
+        packing = read_packing(data_dir)
+    except ValueError as err:
+        raise DataDirError(str(err)) from err
+    if packing is None:
+        log.warning(
+            "%s dir %s has no %s (older shards): cannot check them against the model", what, data_dir, PACKING_FILE
+        )
+        return
+    version = packing.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise DataDirError(f"{path}: format_version {version} is newer than this loader ({FORMAT_VERSION}); update it")
+    if version < 2:
+        log.warning("%s: written before vocabularies were recorded; cannot check it against %s", path, vocab_source)
+    elif packing.get("vocab_sha256") != vocab_sha256(vocab):
+        raise DataDirError(
+            f"{path}: {what} shards were tokenized with vocabulary sha256 {str(packing.get('vocab_sha256'))[:12]}…, "
+            f"but {vocab_source} has {vocab_sha256(vocab)[:12]}…; re-run data_processing.py for this model"
+        )
+    elif packing.get("special_ids") != data_processing.SPECIAL_IDS:
+        raise DataDirError(
+            f"{path}: {what} shards use special ids {packing.get('special_ids')}, but the model expects {data_processing.SPECIAL_IDS}"
+        )
+    budget, longest = packing["token_budget"], packing["max_aa_length"] + 2
+    if budget > model_cfg.max_batch_size:
+        raise DataDirError(
+            f"{path}: {what} shards were packed with a token budget of {budget} but the config's model.max_batch_size "
+            f"is {model_cfg.max_batch_size}; re-run data_processing.py with --token_budget {model_cfg.max_batch_size} "
+            "(or the same --config) or raise model.max_batch_size"
+        )
+    if longest > model_cfg.max_position_embeddings:
+        raise DataDirError(
+            f"{path}: {what} shards hold rows of up to {longest} tokens but the config's model.max_position_embeddings "
+            f"is {model_cfg.max_position_embeddings}; re-run data_processing.py with a smaller --max_aa_length"
+        )
 
 
 def batch_bounds(shard) -> list[tuple[int, int]]:

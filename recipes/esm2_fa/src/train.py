@@ -30,7 +30,7 @@ from biorecipes_shared.distributed import all_reduce_mean, read_launch_env, tear
 from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, plot_loss_curve
 from config import ConfigError, ModelConfig, RecipeConfig, load_config
 from data_processing import IGNORE_INDEX, PACKING_FILE, read_packing
-from dataset import DataDirError, ShardStream, check_shards, eval_batches, make_train_loader
+from dataset import DataDirError, ShardStream, check_data_fingerprints, check_shards, eval_batches, make_train_loader
 from model import (
     ModelConfigError,
     build_model,
@@ -321,6 +321,7 @@ def run(cfg: RecipeConfig, resume: str | None = None) -> Path:
     )
     check_packing(cfg.data.train_dir, "train", m)
     check_packing(cfg.data.val_dir, "val", m)
+    check_data_fingerprints({"train": cfg.data.train_dir, "val": cfg.data.val_dir}, m)
     config = esm2_config(m.model_name, m.max_position_embeddings, m.hidden_dropout_prob, m.attention_probs_dropout_prob)
     backend = resolve_attention(m.attention)
     check_attention_dropout(config, backend, m.attention)

@@ -1,6 +1,7 @@
 """Preprocessing: chunking, BOS/EOS rules, token budget, batch-major rows, refined FASTA, bad input."""
 
 import gzip
+import hashlib
 import json
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 from conftest import SAMPLE_TRAIN, TINY_CONFIG, head_fasta, shared_data_dir, write_fasta
 from datasets import load_from_disk
 
+import fasta_reader
 from data_processing import (
     PACKING_FILE,
     FastaError,
@@ -110,11 +112,13 @@ def test_lowercase_crlf_and_trailing_stop_are_normalised(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        (b"", "empty file"),
-        (b"\n\n", "empty file"),
-        (b"MKV\n>p\nMK\n", "does not start with '>'"),
-        (b">only_header\n", "record 1 (>only_header): no sequence"),
-        (b">a\nMK\n>b\n>c\nMK\n", "record 2 (>b): no sequence"),
+        (b"", "no records (empty file)"),
+        (b"\n\n", "no records (empty file)"),
+        (b"MKV\n>p\nMK\n", "text before the first '>'"),
+        (b">only_header\n", "record 1 (>only_header): empty record"),
+        (b">a\nMK\n>b\n>c\nMK\n", "record 2 (>b): empty record"),
+        (b">a\nMK\n>b\nMK\xc3\x9fV\n", "record 2 (>b): invalid residue '\u00df' at position 3"),
+        (b">a\nMK\n>b\xff\nMK\n", "not UTF-8"),
         (b">a\nMK\n>b\nMK1V\n", "record 2 (>b): invalid residue '1' at position 3"),
         (b">a\nMK*V\n", "record 1 (>a): stop codon '*' inside the sequence at position 3"),
         (b">a\nMK-V\n", "invalid residue '-'"),
@@ -127,6 +131,14 @@ def test_bad_fasta_raises_one_clear_error_and_leaves_nothing(tmp_path, content, 
         preprocess_fasta(path, tmp_path / "out", progress=False, **OPTS)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.fasta"]  # no shards, no partial dirs, no refined
+
+
+def test_failed_run_leaves_no_folder_it_created(tmp_path):
+    bad = tmp_path / "bad.fasta"
+    bad.write_text(">a\nMK9\n")
+    with pytest.raises(FastaError, match="invalid residue '9'"):
+        preprocess_fasta(bad, tmp_path / "new" / "deeper" / "out", progress=False, **OPTS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.fasta"]
 
 
 def test_truncated_gzip_is_an_error_without_partial_output(tmp_path):
@@ -177,7 +189,10 @@ def test_shards_record_their_packing_next_to_them(tmp_path):
     fasta = head_fasta(SAMPLE_TRAIN, tmp_path / "in.fasta", 20)
     preprocess_fasta(fasta, tmp_path / "out", progress=False, **OPTS)
     packing = json.loads((tmp_path / "out" / PACKING_FILE).read_text())
-    assert packing == {"token_budget": 512, "max_aa_length": 100, "max_position_embeddings": 1026}
+    expected = {"token_budget": 512, "max_aa_length": 100, "max_position_embeddings": 1026, "format_version": 2}
+    assert {k: packing[k] for k in expected} == expected
+    assert packing["vocab_sha256"] == hashlib.sha256(("\n".join(ESM_VOCAB) + "\n").encode()).hexdigest()
+    assert packing["special_ids"] == {"cls": CLS_ID, "pad": PAD_ID, "eos": EOS_ID, "unk": 3, "mask": 32}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.fasta", "in_refined.fasta", "out"]  # no temp left
 
 
@@ -198,3 +213,40 @@ def test_real_uniref_lengths_pack_at_least_97_percent_full():
             real += sum(window[i] for i in batch)
             padded += len(batch) * max(window[i] for i in batch)
     assert real / padded >= 0.97
+
+
+def test_utf8_headers_reach_the_shards_and_the_refined_fasta(tmp_path):
+    fasta = tmp_path / "u.fasta"
+    fasta.write_bytes(">p1 Ångström µ-7\nMKV\n>p2\nMKLV\n".encode())
+    preprocess_fasta(fasta, tmp_path / "out", progress=False, **OPTS)
+    rows, _ = load_rows(tmp_path / "out")
+    assert ">p1 Ångström µ-7" in {r["id"] for r in rows}
+    assert (tmp_path / "u_refined.fasta").read_text(encoding="utf-8") == ">p1 Ångström µ-7\nMKV\n>p2\nMKLV\n"
+
+
+def tree_bytes(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_two_processes_write_byte_identical_output(tmp_path):
+    fasta = head_fasta(SAMPLE_TRAIN, tmp_path / "in.fasta", 400)
+    opts = {**OPTS, "chunk_size": 37, "shard_size": 90}  # many windows, shards that span windows
+    outputs = {}
+    for num_proc in (1, 2):
+        preprocess_fasta(fasta, tmp_path / f"out{num_proc}", progress=False, num_proc=num_proc, **opts)
+        outputs[num_proc] = (tree_bytes(tmp_path / f"out{num_proc}"), (tmp_path / "in_refined.fasta").read_bytes())
+    assert outputs[1] == outputs[2] and len(outputs[1][0]) > 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_first_bad_record_is_reported_at_any_process_count(tmp_path, num_proc, monkeypatch):
+    monkeypatch.setattr(fasta_reader, "_READ_SIZE", 4096)  # read in small steps, so the cut is found late
+    good = head_fasta(SAMPLE_TRAIN, tmp_path / "g.fasta", 200).read_bytes()
+    path = tmp_path / "bad.fasta.gz"
+    # a bad record in the 3rd window, then the gzip stream is cut: the record is reported, as in one process
+    path.write_bytes(gzip.compress(good + b">bad1\nMK7\n" + good)[:-300])
+    with pytest.raises(FastaError, match=r"record 201 \(>bad1\): invalid residue '7'"):
+        preprocess_fasta(path, tmp_path / "out", progress=False, num_proc=num_proc, **{**OPTS, "chunk_size": 90})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.fasta.gz", "g.fasta"]

@@ -7,8 +7,16 @@ import torch
 from datasets import load_from_disk
 
 import dataset
-from dataset import DataDirError, ShardStream, batch_bounds, make_train_loader, mask_tokens, read_batch
-from model import CLS_ID, EOS_ID, MASK_ID, PAD_ID
+from dataset import (
+    DataDirError,
+    ShardStream,
+    batch_bounds,
+    check_data_fingerprints,
+    make_train_loader,
+    mask_tokens,
+    read_batch,
+)
+from model import CLS_ID, EOS_ID, ESM_VOCAB, MASK_ID, PAD_ID
 
 
 def all_batches(train_dir):
@@ -87,3 +95,61 @@ def test_masking_spares_special_tokens_and_labels_only_masked_positions():
 
 def _take(iterator, n):
     return [item for _, item in zip(range(n), iterator)]
+
+
+def _model_cfg(**overrides):
+    return SimpleNamespace(
+        **{"model_name": "esm2_tiny", "max_batch_size": 4096, "max_position_embeddings": 1026, **overrides}
+    )
+
+
+def _copy_packing(tiny_shards, tmp_path, **changes):
+    """A dir holding only packing.json: the train shards' own, with `changes` applied (None deletes a key)."""
+    import json
+
+    packing = json.loads((tiny_shards[0] / "packing.json").read_text())
+    for key, value in changes.items():
+        packing.pop(key) if value is None else packing.__setitem__(key, value)
+    (tmp_path / "packing.json").write_text(json.dumps(packing))
+    return tmp_path
+
+
+def test_fingerprint_matches_the_model_it_was_written_for(tiny_shards):
+    check_data_fingerprints({"train": tiny_shards[0], "val": tiny_shards[1]}, _model_cfg())
+
+
+@pytest.mark.parametrize(
+    "changes, cfg, message",
+    [
+        ({"vocab_sha256": "0" * 64}, {}, "vocabulary sha256 000000000000"),
+        ({"special_ids": {"cls": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 31}}, {}, "special ids"),
+        ({"format_version": 99}, {}, "format_version 99 is newer"),
+        ({}, {"max_batch_size": 512}, "token budget of 1024 but the config's model.max_batch_size is 512"),
+        ({}, {"max_position_embeddings": 100}, "rows of up to 128 tokens"),
+    ],
+)
+def test_fingerprint_mismatch_is_one_line_naming_both_sides(tiny_shards, tmp_path, changes, cfg, message):
+    data_dir = _copy_packing(tiny_shards, tmp_path, **changes)
+    with pytest.raises(DataDirError, match=message) as err:
+        check_data_fingerprints({"train": data_dir}, _model_cfg(**cfg))
+    assert str(data_dir / "packing.json") in str(err.value) and "\n" not in str(err.value)
+
+
+def test_fingerprint_against_a_local_model_vocab_txt(tiny_shards, tmp_path):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "vocab.txt").write_text("\n".join(ESM_VOCAB[::-1]) + "\n")
+    with pytest.raises(DataDirError, match="vocab.txt has"):
+        check_data_fingerprints({"train": tiny_shards[0]}, _model_cfg(model_name=str(model_dir)))
+
+
+def test_older_shards_without_fingerprint_only_warn(tiny_shards, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(dataset.log, "propagate", True)  # train.py's handler set-up turns it off; caplog needs it
+    data_dir = _copy_packing(tiny_shards, tmp_path, format_version=None, vocab_sha256=None, special_ids=None)
+    with caplog.at_level("WARNING", logger="esm2_fa"):
+        check_data_fingerprints({"train": data_dir}, _model_cfg())
+    assert "before vocabularies were recorded" in caplog.text
+    (data_dir / "packing.json").unlink()
+    with caplog.at_level("WARNING", logger="esm2_fa"):
+        check_data_fingerprints({"train": data_dir}, _model_cfg())
+    assert "no packing.json" in caplog.text

@@ -6,13 +6,17 @@ Each record is streamed with Biopython, labelled DNA or RNA from its source feat
 type as fallback), upper-cased, written with T for DNA and U for RNA, and cut at long runs of ambiguous bases
 (assembly gaps such as NNNN... carry no signal). A truncated record, a record without sequence (no ORIGIN),
 a non-nucleotide character or an empty file stops the run with the file and record named; no shard is left behind.
+The input is cut into blocks of whole records (at `LOCUS` lines) that `--num_proc` workers parse, normalise and
+compress; blocks are written in input order, so the shards are byte-identical for any process count.
 """
 
 import argparse
+import io
 import re
 import sys
 import warnings
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 from Bio import BiopythonParserWarning, SeqIO
@@ -20,7 +24,8 @@ from Bio.Seq import UndefinedSequenceError
 from tqdm import tqdm
 
 from errors import PreprocessError, run_cli
-from preprocessing.shards import ShardWriter, open_text
+from preprocessing.parallel import default_num_proc, ordered_map, record_blocks
+from preprocessing.shards import ShardWriter, encode_member
 
 IUPAC_NUCLEOTIDES = frozenset("ACGTURYSWKMBDHVN")
 UNAMBIGUOUS = {"dna": "ACGT", "rna": "ACGU"}
@@ -61,11 +66,10 @@ def split_at_ambiguous_runs(
     return pieces
 
 
-def iter_genbank_file(path: str | Path) -> Iterator[tuple[str, str, str]]:
-    """Yield (modality, record_id, raw_sequence) for each record of one GenBank file, raising on malformed ones."""
-    n_records = 0
-    last_id = "the start of the file"
-    with open_text(path) as handle, warnings.catch_warnings(record=True) as caught:
+def iter_genbank_records(handle, path, first_record: int = 0) -> Iterator[tuple[str, str, str]]:
+    """Yield (modality, record_id, raw_sequence) for each record read from handle, raising on malformed ones."""
+    last_id = f"record {first_record}" if first_record else "the start of the file"
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", BiopythonParserWarning)
         records = SeqIO.parse(handle, "genbank")
         while True:
@@ -85,11 +89,27 @@ def iter_genbank_file(path: str | Path) -> Iterator[tuple[str, str, str]]:
                 raise PreprocessError(f"{path}: record {record.id}: no sequence (missing ORIGIN section)") from None
             if not sequence:
                 raise PreprocessError(f"{path}: record {record.id}: empty sequence")
-            n_records += 1
             last_id = f"record {record.id}"
             yield molecule_modality(record), record.id, sequence
-    if n_records == 0:
-        raise PreprocessError(f"{path}: no GenBank records found (expected LOCUS ... // entries)")
+
+
+def encode_genbank_block(path, first_record: int, block: bytes, settings: dict) -> tuple[str, bytes, int, int, int]:
+    """(path, gzip member of shard lines, pieces, bases, input records) of one block of whole GenBank records."""
+    # errors="replace": free-text annotations may hold stray Latin-1 bytes; ids and sequence are ASCII
+    handle = io.StringIO(block.decode("utf-8", errors="replace"))
+    pieces, n_input = [], 0
+    for modality, record_id, raw in iter_genbank_records(handle, path, first_record):
+        n_input += 1
+        sequence = normalise_nucleotides(raw, modality, f"{path}: record {record_id}")
+        split = split_at_ambiguous_runs(sequence, modality, **settings)
+        pieces += [(modality, record_id if len(split) == 1 else f"{record_id}/{i}", p) for i, p in enumerate(split)]
+    member, _, n_chars = encode_member(pieces)
+    return str(path), member, len(pieces), n_chars, n_input
+
+
+def _units(inputs):
+    for path in inputs:
+        yield from ((path, first_record, block) for first_record, block in record_blocks(path, b"LOCUS"))
 
 
 def preprocess_genbank(
@@ -99,15 +119,21 @@ def preprocess_genbank(
     min_length: int = 32,
     split_length: int = 0,
     shard_chars: int = 100_000_000,
+    num_proc: int = 1,
 ) -> ShardWriter:
     """Parse every GenBank input into `genbank_NNNNN.tsv.gz` record shards under out_dir; returns the writer."""
-    with ShardWriter(out_dir, "genbank", max_chars=shard_chars) as writer:
-        for path in tqdm(inputs, desc="genbank files", unit="file", disable=len(inputs) < 2):
-            for modality, record_id, raw in iter_genbank_file(path):
-                sequence = normalise_nucleotides(raw, modality, f"{path}: record {record_id}")
-                pieces = split_at_ambiguous_runs(sequence, modality, max_ambiguous_run, min_length, split_length)
-                for index, piece in enumerate(pieces):
-                    writer.add(modality, record_id if len(pieces) == 1 else f"{record_id}/{index}", piece)
+    settings = dict(max_run=max_ambiguous_run, min_length=min_length, split_length=split_length)
+    work = partial(encode_genbank_block, settings=settings)
+    per_file = dict.fromkeys(map(str, inputs), 0)
+    bar = tqdm(desc="genbank blocks", unit=" block", disable=None)
+    with ShardWriter(out_dir, "genbank", max_chars=shard_chars) as writer, bar:
+        for path, member, n_pieces, n_chars, n_input in ordered_map(work, _units(inputs), num_proc):
+            writer.add_member(member, n_pieces, n_chars)
+            per_file[path] += n_input
+            bar.update()
+        empty = [path for path, count in per_file.items() if count == 0]
+        if empty:
+            raise PreprocessError(f"{empty[0]}: no GenBank records found (expected LOCUS ... // entries)")
     return writer
 
 
@@ -118,10 +144,17 @@ def main(argv=None) -> None:
     parser.add_argument("--max_ambiguous_run", type=int, default=10, help="cut at runs of this many ambiguous bases")
     parser.add_argument("--min_length", type=int, default=32, help="drop pieces shorter than this")
     parser.add_argument("--split_length", type=int, default=0, help="cut pieces into windows this long (0: off)")
-    parser.add_argument("--shard_chars", type=int, default=100_000_000, help="residues per shard")
+    parser.add_argument("--shard_chars", type=int, default=100_000_000, help="bases per shard (about)")
+    parser.add_argument("--num_proc", type=int, default=default_num_proc(), help="worker processes (default: all)")
     args = parser.parse_args(argv)
     writer = preprocess_genbank(
-        args.inputs, args.out_dir, args.max_ambiguous_run, args.min_length, args.split_length, args.shard_chars
+        args.inputs,
+        args.out_dir,
+        args.max_ambiguous_run,
+        args.min_length,
+        args.split_length,
+        args.shard_chars,
+        args.num_proc,
     )
     print(f"wrote {writer.n_records} records ({writer.n_chars:,} bases) into {len(writer.shard_paths)} shard(s)")
 

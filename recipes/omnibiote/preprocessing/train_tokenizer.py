@@ -11,6 +11,7 @@ import argparse
 import io
 import os
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import sentencepiece as spm
 from errors import PreprocessError, run_cli
 from preprocessing.preprocess_genbank import IUPAC_NUCLEOTIDES
 from preprocessing.preprocess_uniprot import AMINO_ACIDS
-from preprocessing.shards import iter_shard_records
+from preprocessing.shards import iter_shard_records, remove_empty_dirs
 from tokenizer import TRAINER_SPECIALS, OmniTokenizer
 
 
@@ -63,8 +64,9 @@ def train_tokenizer(
     model_file = Path(model_file)
     if model_file.exists():
         raise PreprocessError(f"{model_file}: already exists; choose another --model_file")
+    if model_file.parent.exists() and not model_file.parent.is_dir():
+        raise PreprocessError(f"{model_file.parent}: exists and is not a folder; choose another --model_file")
     sentences = sample_training_text(shard_paths, chunk_length, sentences_per_modality, seed)
-    model_file.parent.mkdir(parents=True, exist_ok=True)
     model_bytes = io.BytesIO()  # rather than model_prefix, which would write the temp path into the model
     spm.set_random_generator_seed(seed)
     try:
@@ -83,16 +85,44 @@ def train_tokenizer(
             **TRAINER_SPECIALS,
         )
     except RuntimeError as exc:  # e.g. a vocab_size the sample cannot fill
-        raise PreprocessError(f"sentencepiece training failed: {exc}") from None
+        raise PreprocessError(explain_sentencepiece_error(str(exc), vocab_size, model_type, chunk_length)) from None
+    made = [p for p in (model_file.parent, *model_file.parent.parents) if not p.exists()]
+    model_file.parent.mkdir(parents=True, exist_ok=True)
     processor = spm.SentencePieceProcessor(model_proto=model_bytes.getvalue())
     vocab = "".join(
         f"{processor.id_to_piece(i)}\t{processor.get_score(i)}\n" for i in range(processor.get_piece_size())
     )
-    for path, content in ((model_file.with_suffix(".vocab"), vocab.encode()), (model_file, model_bytes.getvalue())):
-        tmp = path.with_name(f".tmp-{path.name}")
-        tmp.write_bytes(content)
-        os.replace(tmp, path)
+    try:
+        for path, content in ((model_file.with_suffix(".vocab"), vocab.encode()), (model_file, model_bytes.getvalue())):
+            tmp = path.with_name(f".tmp-{path.name}")
+            tmp.write_bytes(content)
+            os.replace(tmp, path)
+    except BaseException:
+        for path in (model_file.with_suffix(".vocab"), model_file):
+            path.with_name(f".tmp-{path.name}").unlink(missing_ok=True)
+        remove_empty_dirs(made)
+        raise
     return OmniTokenizer(model_file)
+
+
+def explain_sentencepiece_error(message: str, vocab_size: int, model_type: str, chunk_length: int) -> str:
+    """One line that says what to change, for sentencepiece's multi-line INTERNAL check failures."""
+    too_high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message)
+    if too_high:
+        return (
+            f"--vocab_size {vocab_size} is more than this sample of sequences can fill (at most {too_high[2]}"
+            " pieces); lower --vocab_size or train on more records"
+        )
+    too_low = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
+    if too_low:
+        return f"--vocab_size {vocab_size} is below the {too_low[2]} letters and special pieces; raise --vocab_size"
+    if "isfinite(score)" in message:
+        return (
+            f"sentencepiece {model_type} training failed on long sentences (std::isfinite(score));"
+            f" use a shorter --chunk_length than {chunk_length} (e.g. 1024) or --model_type bpe"
+        )
+    first_line = (message.strip().splitlines() or ["(no message)"])[0]
+    return f"sentencepiece training failed: {first_line}"
 
 
 def main(argv=None) -> None:

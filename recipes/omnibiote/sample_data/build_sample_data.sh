@@ -30,6 +30,6 @@ python -m preprocessing.train_tokenizer "$work"/records/*.tsv.gz --model_file "$
     --vocab_size 512 --model_type bpe --num_threads 2
 for source in genbank uniprot; do
     python -m preprocessing.encode_shards "$work/records/${source}"_*.tsv.gz --source "$source" \
-        --tokenizer "$work/tokenizer.model" --base_dir sample_data/encoded --val_fraction 0.1 --num_threads 2
+        --tokenizer "$work/tokenizer.model" --base_dir sample_data/encoded --val_fraction 0.1 --num_proc 2
 done
 du -sh sample_data/raw sample_data/encoded

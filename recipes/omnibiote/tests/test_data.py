@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from data import IGNORE_INDEX, PackedMLMBatcher, TokenSource, load_split, parse_source_weights
+import data
+from data import IGNORE_INDEX, PackedMLMBatcher, TokenSource, check_fingerprint, load_split, parse_source_weights
 from errors import DataError
 
 
@@ -93,3 +94,45 @@ def test_missing_split_and_broken_data_are_data_errors(tmp_path, sample_base_dir
     meta_path.write_text(json.dumps(dict(meta, tokenizer_sha256="0" * 64)))
     with pytest.raises(DataError, match="different tokenizers"):
         load_split(copy, "train")
+
+
+def _copy_source(sample_base_dir, tmp_path, **changes):
+    """The sample's val/uniprot source copied to tmp_path, with meta.json `changes` (None deletes a key)."""
+    folder = tmp_path / "val" / "uniprot"
+    shutil.copytree(sample_base_dir / "val" / "uniprot", folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    for key, value in changes.items():
+        meta.pop(key) if value is None else meta.__setitem__(key, value)
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return TokenSource(folder)
+
+
+def test_bundled_data_matches_its_tokenizer(sample_base_dir, sample_tokenizer):
+    check_fingerprint([*load_split(sample_base_dir, "train").values()], sample_tokenizer)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"tokenizer_sha256": "ab" * 32}, "encoded with tokenizer sha256 abababababab…, but "),
+        ({"vocab_size": 1024}, "encoded with 1024 pieces"),
+        ({"special_ids": {"pad": 0, "unk": 1, "eos": 2, "mask": 9}}, "special ids"),
+        ({"format_version": 7}, "format_version 7 is newer"),
+    ],
+)
+def test_fingerprint_mismatch_is_one_line_naming_both_files(
+    sample_base_dir, sample_tokenizer, tmp_path, changes, message
+):
+    source = _copy_source(sample_base_dir, tmp_path, **changes)
+    with pytest.raises(DataError, match=message) as err:
+        check_fingerprint([source], sample_tokenizer)
+    text = str(err.value)
+    assert str(source.folder / "meta.json") in text and str(sample_tokenizer.model_file) in text and "\n" not in text
+
+
+def test_older_data_without_fingerprint_only_warns(sample_base_dir, sample_tokenizer, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(data.log, "propagate", True)  # the trainer's logger set-up turns it off; caplog needs it
+    source = _copy_source(sample_base_dir, tmp_path, format_version=None, special_ids=None, tokenizer_sha256=None)
+    with caplog.at_level("WARNING", logger="omnibiote"):
+        check_fingerprint([source], sample_tokenizer)
+    assert "records no tokenizer" in caplog.text and "format 1" in caplog.text

@@ -3,6 +3,7 @@
 import gzip
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from Bio.SeqRecord import SeqRecord
 
 from data import TokenSource
 from errors import PreprocessError
+from preprocessing import parallel
 from preprocessing.encode_shards import encode_shards, is_val_record
 from preprocessing.preprocess_genbank import preprocess_genbank, split_at_ambiguous_runs
 from preprocessing.preprocess_uniprot import preprocess_uniprot
@@ -110,7 +112,7 @@ def test_bad_genbank_fails_cleanly_without_shards(tmp_path, sample_genbank, make
     with pytest.raises(PreprocessError, match=message) as info:
         preprocess_genbank([sample_genbank, bad], out_dir)  # a good file first: its shard must not survive
     assert str(bad) in str(info.value)
-    assert list(out_dir.iterdir()) == []
+    assert not out_dir.exists()  # not even an empty folder
 
 
 @pytest.mark.parametrize(
@@ -118,9 +120,9 @@ def test_bad_genbank_fails_cleanly_without_shards(tmp_path, sample_genbank, make
     [
         (">p1 ok\nMKVLA\n>p2 bad\nMKV1LA*\n", "record p2: invalid amino-acid character"),
         (">p1\nMKV*LA\n", "invalid amino-acid"),
-        (">p1\n\n>p2\nMKV\n", "record p1: empty sequence"),
-        ("MKVLA\n>p1\nMKV\n", "not FASTA"),
-        ("", "not FASTA"),
+        (">p1\n\n>p2\nMKV\n", "record p1: empty record"),
+        ("MKVLA\n>p1\nMKV\n", "text before the first"),
+        ("", "no records"),
     ],
     ids=["digit", "inner-stop", "empty-record", "text-before-header", "empty-file"],
 )
@@ -129,7 +131,7 @@ def test_bad_fasta_fails_cleanly_without_shards(tmp_path, text, message):
     bad.write_text(text)
     with pytest.raises(PreprocessError, match=message):
         preprocess_uniprot([bad], tmp_path / "out")
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()
 
 
 def test_skip_invalid_counts_bad_proteins(tmp_path):
@@ -159,7 +161,7 @@ def test_cli_prints_one_error_line_and_exits_1(tmp_path, recipe_dir):
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"error: {bad}: record x1: invalid amino-acid character(s) '9'"]
-    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()
 
 
 def cut_gzip(source, dest, keep=0.5):
@@ -203,7 +205,7 @@ def test_gzip_with_a_bad_checksum_is_an_error(tmp_path, sample_genbank):
     bad.write_bytes(bytes(data))
     with pytest.raises(PreprocessError, match="bad-crc.gbk.gz: truncated or corrupt gzip"):
         preprocess_genbank([bad], tmp_path / "out")
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()
 
 
 def test_gzip_is_detected_by_content(tmp_path, sample_genbank):
@@ -228,3 +230,44 @@ def test_ten_thousand_real_uniref_proteins_pass_and_round_trip(tmp_path, uniref_
     for _, _, sequence in records[::500]:
         (ids,) = sample_tokenizer.encode("protein", [sequence])
         assert sample_tokenizer.decode(ids) == "<protein>" + sequence
+
+
+def test_utf8_headers_are_kept_in_the_shards_and_the_cli_leaves_no_folder_on_error(tmp_path, recipe_dir):
+    fasta = tmp_path / "u.faa"
+    fasta.write_bytes(">sp|P1|Ångström µ-7 protein\nMKV\n".encode())
+    writer, _ = preprocess_uniprot([fasta], tmp_path / "records")
+    assert list(iter_shard_records(writer.shard_paths)) == [("protein", "sp|P1|Ångström", "MKV")]
+    bad = tmp_path / "bad.faa"
+    bad.write_bytes(">p1 Ångström\nMKV\n>p2 ü\nMK7\n".encode())
+    result = subprocess.run(
+        [sys.executable, "-m", "preprocessing.preprocess_uniprot", str(bad), "--out_dir", str(tmp_path / "out")],
+        cwd=recipe_dir,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"error: {bad}: record p2: invalid amino-acid character(s) '7'"
+    assert not (tmp_path / "out").exists()
+
+
+def shard_bytes(paths):
+    return [Path(p).read_bytes() for p in paths]
+
+
+@pytest.mark.slow
+def test_two_processes_write_identical_shards(tmp_path, sample_genbank, sample_fasta, monkeypatch):
+    monkeypatch.setattr(parallel, "BLOCK_BYTES", 20_000)  # many blocks from the small sample files
+    out = {}
+    for num_proc in (1, 2):
+        genbank = preprocess_genbank(
+            [sample_genbank, sample_genbank],
+            tmp_path / f"g{num_proc}",
+            split_length=2000,
+            shard_chars=30_000,
+            num_proc=num_proc,
+        )
+        uniprot, _ = preprocess_uniprot(
+            [sample_fasta], tmp_path / f"u{num_proc}", shard_chars=50_000, num_proc=num_proc
+        )
+        out[num_proc] = shard_bytes(genbank.shard_paths), shard_bytes(uniprot.shard_paths)
+    assert out[1] == out[2] and len(out[1][0]) > 1 and len(out[1][1]) > 1

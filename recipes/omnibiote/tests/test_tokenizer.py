@@ -6,7 +6,7 @@ import pytest
 
 from errors import PreprocessError
 from preprocessing.shards import ShardWriter
-from preprocessing.train_tokenizer import train_tokenizer
+from preprocessing.train_tokenizer import explain_sentencepiece_error, train_tokenizer
 from tokenizer import OmniTokenizer
 
 
@@ -81,3 +81,36 @@ def test_foreign_sentencepiece_model_is_rejected(tmp_path):
     )
     with pytest.raises(Exception, match="not an omnibiote tokenizer"):
         OmniTokenizer(tmp_path / "x.model")
+
+
+@pytest.mark.parametrize(
+    "vocab_size, model_type, message",
+    [
+        (20, "bpe", "--vocab_size 20 is below the 33 letters and special pieces; raise --vocab_size"),
+        (5000, "unigram", r"--vocab_size 5000 is more than this sample of sequences can fill \(at most \d+ pieces\)"),
+    ],
+)
+def test_sentencepiece_failure_is_one_line_and_leaves_no_folder(
+    tmp_path, sample_fasta, vocab_size, model_type, message
+):
+    with ShardWriter(tmp_path / "records", "p") as writer:
+        writer.add("protein", "p0", real_sequences(sample_fasta.parent / "BGC0001090.gbk.gz", sample_fasta)["protein"])
+    model_file = tmp_path / "new" / "deeper" / "tok.model"
+    with pytest.raises(PreprocessError, match=message) as err:
+        train_tokenizer(writer.shard_paths, model_file, vocab_size=vocab_size, model_type=model_type, chunk_length=64)
+    assert "\n" not in str(err.value) and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        (
+            "INTERNAL: src/unigram_model_trainer.cc(581) [std::isfinite(score)]\nmore",
+            "use a shorter --chunk_length than 2048 (e.g. 1024) or --model_type bpe",
+        ),
+        ("INTERNAL: something new\nsecond line", "sentencepiece training failed: INTERNAL: something new"),
+    ],
+)
+def test_other_sentencepiece_errors_become_one_line(raw, expected):
+    message = explain_sentencepiece_error(raw, 512, "unigram", 2048)
+    assert expected in message and "\n" not in message
