@@ -67,7 +67,9 @@ class Config:
 
 def parse_config(argv: list[str] | None = None) -> Config:
     """Build a Config from `--field value` flags (dict fields as name=weight,name=weight)."""
-    parser = argparse.ArgumentParser(description="Train the plant DNA language model (python train.py --help lists every flag).")
+    parser = argparse.ArgumentParser(
+        description="Train the plant DNA language model (python train.py --help lists every flag)."
+    )
     for f in dataclasses.fields(Config):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if isinstance(default, bool):
