@@ -28,13 +28,27 @@ class ExportError(RunError):
 
 
 def export_config(model_config: EmbedderConfig, kmer: int) -> dict:
-    """What `config.json` holds: the EmbedderConfig fields, `kmer` and `recipe`."""
+    """What `config.json` must match: the EmbedderConfig fields, `kmer` and `recipe`."""
     return {**dataclasses.asdict(model_config), "kmer": kmer, "recipe": RECIPE}
 
 
-def write_export(embedder: GenomeFragmentEmbedder, model_config: EmbedderConfig, kmer: int, out_dir: Path) -> Path:
-    """`model.safetensors` (the embedder only) + `config.json`, atomically (rank 0 only)."""
-    return export_safetensors(embedder, export_config(model_config, kmer), out_dir)
+def fragment_record(cfg) -> dict:
+    """The run's fragment rules, recorded so that `embed.py` cuts the same fragments as validation by default."""
+    return {
+        "fragment_bp": int(cfg.data.fragment_bp),
+        "tokens": int(cfg.data.val_tokens),
+        "max_n_fraction": float(cfg.data.max_n_fraction),
+        "reverse_complement": bool(cfg.data.reverse_complement),
+        "fragments_per_genome": int(cfg.val.fragments_per_genome),
+        "seed": int(cfg.seed),
+    }
+
+
+def write_export(
+    embedder: GenomeFragmentEmbedder, model_config: EmbedderConfig, kmer: int, out_dir: Path, fragments: dict
+) -> Path:
+    """`model.safetensors` (the embedder only) + `config.json` (+ the fragment rules), atomically (rank 0 only)."""
+    return export_safetensors(embedder, {**export_config(model_config, kmer), "fragments": fragments}, out_dir)
 
 
 def read_export_config(path: str | Path) -> dict:
@@ -80,8 +94,10 @@ def init_from(path: str | Path, embedder: GenomeFragmentEmbedder, model_config: 
     load_weights(path, embedder)
 
 
-def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[GenomeFragmentEmbedder, KmerTokenizer]:
-    """The exported embedder (eval mode, on `device`) and its tokenizer."""
+def load_export(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[GenomeFragmentEmbedder, KmerTokenizer, dict]:
+    """The exported embedder (eval mode, on `device`), its tokenizer and the export's record."""
     path = Path(path)
     config = read_export_config(path)
     fields = {f.name for f in dataclasses.fields(EmbedderConfig)}
@@ -91,4 +107,4 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[G
         raise ExportError(f"{path}: vocab_size/pad_token do not match kmer={tokenizer.k}")
     embedder = GenomeFragmentEmbedder(model_config)
     load_weights(path, embedder)
-    return embedder.to(device).eval(), tokenizer
+    return embedder.to(device).eval(), tokenizer, config

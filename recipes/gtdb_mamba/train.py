@@ -40,7 +40,7 @@ from biorecipes_shared.run import (
 )
 from components import EmbedderWithHead, autocast, build_model, validate
 from data import FragmentSampler, KmerTokenizer, TrainBatches, train_loader, validation_fragments
-from exports import init_from, write_export
+from exports import fragment_record, init_from, write_export
 from model import EmbedderConfig, mamba_ssm_available
 from preprocess import GtdbDataError, build_or_load_index, cached_family_split, shard_for_rank
 from settings import check_config
@@ -353,7 +353,10 @@ def finish(setup: Setup, state: RunState) -> None:
     layout, log = setup.layout, setup.log
     if state.step >= setup.cfg.train.max_steps and not state.preempted:
         if setup.dist_ctx.is_main:
-            write_export(setup.model.embedder, setup.model_config, setup.cfg.data.kmer, layout.final_model)
+            write_export(
+                setup.model.embedder, setup.model_config, setup.cfg.data.kmer, layout.final_model,
+                fragment_record(setup.cfg),
+            )  # fmt: skip
             if layout.metrics.is_file() and any(layout.metrics.read_text().split()):
                 plot_loss_curve(layout.metrics, layout.loss_curve)
         barrier()
