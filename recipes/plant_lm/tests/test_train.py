@@ -265,7 +265,9 @@ def test_cli_reports_bad_inputs_without_traceback(tmp_path, capsys, data_dir):
     assert_startup_error(
         capsys, tmp_path / "o3", all_species + ["--resume", str(bad)], f"resume checkpoint {bad} does not exist"
     )
-    assert_startup_error(capsys, tmp_path / "o4", all_species + ["--context_size", "0"], "--context_size=0 must be an integer >= 1")
+    assert_startup_error(
+        capsys, tmp_path / "o4", all_species + ["--context_size", "0"], "--context_size=0 must be an integer >= 1"
+    )
     assert_startup_error(capsys, tmp_path / "o5", all_species + ["--chunk_size", "100"], "no chunk can hold a window")
     assert_startup_error(
         capsys, tmp_path / "o6", all_species + ["--amp", "fp8"], "--amp must be auto, bf16, fp16 or off"
