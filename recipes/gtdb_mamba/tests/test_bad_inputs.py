@@ -180,6 +180,9 @@ def _cli(overrides: list[str]) -> subprocess.CompletedProcess:
         ("val.batch_size=0", "val.batch_size must be an integer >= 1, got 0"),
         ("data.kmer=0", "data.kmer must be an integer >= 1, got 0"),
         ("data.val_tokens=1000", "data.val_tokens=1000 tokens needs fragments of >= 1004 bp, data.fragment_bp is 150"),
+        ("train.lr=-1", "train.lr=-1 must be >= 0"),
+        ("train.lr=nan", "train.lr=nan must be a finite number"),
+        ("data.max_n_fraction=2", "data.max_n_fraction=2 must be in [0, 1]"),
     ],
 )
 def test_bad_counts_fail_before_anything_is_written(gtdb_fixture, tmp_path, override, message):
