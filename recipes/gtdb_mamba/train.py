@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from biorecipes_shared.checkpoint import CheckpointError, PreemptionHandler, load_checkpoint, save_checkpoint
 from biorecipes_shared.distributed import all_reduce_mean, barrier, setup_distributed, teardown_distributed
+from biorecipes_shared.files import WriteError, describe_write_error
 from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, peak_memory, plot_loss_curve
 from biorecipes_shared.run import (
     RunLayout,
@@ -357,8 +358,8 @@ def finish(setup: Setup, state: RunState) -> None:
                 setup.model.embedder, setup.model_config, setup.cfg.data.kmer, layout.final_model,
                 fragment_record(setup.cfg),
             )  # fmt: skip
-            if layout.metrics.is_file() and any(layout.metrics.read_text().split()):
-                plot_loss_curve(layout.metrics, layout.loss_curve)
+            if layout.metrics.is_file():
+                plot_curve(layout)
         barrier()
         mark_finished(layout, state.step, "max steps reached")
         log.info("finished at step %d; outputs in %s (final model: %s)", state.step, layout.output_dir,
@@ -366,6 +367,17 @@ def finish(setup: Setup, state: RunState) -> None:
     else:
         log.info("stopped at step %d; checkpoints in %s (run the same command to continue)", state.step,
                  layout.checkpoints)  # fmt: skip
+
+
+def plot_curve(layout: RunLayout) -> None:
+    """loss_curve.png from metrics.jsonl; a failed write is one WriteError line and leaves no temporary file."""
+    try:
+        plot_loss_curve(layout.metrics, layout.loss_curve)
+    except ValueError:  # no numeric loss logged (nothing was left to train)
+        pass
+    except OSError as err:  # the shared plotter writes .tmp-loss_curve.png first
+        layout.loss_curve.with_name(f".tmp-{layout.loss_curve.name}").unlink(missing_ok=True)
+        raise WriteError(describe_write_error(err, layout.loss_curve)) from None
 
 
 def resume_error(path: Path, err: Exception) -> CheckpointError:

@@ -23,6 +23,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from biorecipes_shared.distributed import all_reduce_mean, barrier, setup_distributed, teardown_distributed
+from biorecipes_shared.files import WriteError, describe_write_error
 from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, peak_memory, plot_loss_curve
 from biorecipes_shared.preemption import PreemptionHandler
 from biorecipes_shared.run import (
@@ -266,8 +267,7 @@ def finish(cfg: Config, ctx, log: logging.Logger, run: Run) -> dict:
     if done:
         if ctx.is_main:
             write_export(run.model, cfg, run.mixture.species, layout.final_model)
-            with contextlib.suppress(ValueError):  # no numeric loss logged (e.g. nothing left to train)
-                plot_loss_curve(layout.metrics, layout.loss_curve)
+            plot_curve(layout)
         barrier()
         mark_finished(layout, run.step, "max steps reached")
         log.info(
@@ -281,6 +281,17 @@ def finish(cfg: Config, ctx, log: logging.Logger, run: Run) -> dict:
         log.warning("%d bad file(s) were skipped: %s", len(bad_files), "; ".join(bad_files.values()))
     return {"losses": run.losses, "checkpoint": layout.final_model if done else None, "bad_files": bad_files,
             "species": run.mixture.species, "finished": done, "step": run.step}  # fmt: skip
+
+
+def plot_curve(layout: RunLayout) -> None:
+    """loss_curve.png from metrics.jsonl; a failed write is one WriteError line and leaves no temporary file."""
+    try:
+        plot_loss_curve(layout.metrics, layout.loss_curve)
+    except ValueError:  # no numeric loss logged (nothing was left to train)
+        pass
+    except OSError as err:  # the shared plotter writes .tmp-loss_curve.png first
+        layout.loss_curve.with_name(f".tmp-{layout.loss_curve.name}").unlink(missing_ok=True)
+        raise WriteError(describe_write_error(err, layout.loss_curve)) from None
 
 
 def train_step(cfg, ctx, model, ddp, optimizer, scheduler, scaler, batches, dtype) -> tuple[float, float]:
