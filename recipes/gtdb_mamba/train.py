@@ -27,10 +27,15 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from biorecipes_shared.checkpoint import CheckpointError, PreemptionHandler, load_checkpoint, save_checkpoint
+from biorecipes_shared.checkpoint import (
+    CheckpointError,
+    CheckpointWriteError,
+    PreemptionHandler,
+    load_checkpoint,
+    save_checkpoint,
+)
 from biorecipes_shared.distributed import all_reduce_mean, barrier, setup_distributed, teardown_distributed
-from biorecipes_shared.files import WriteError, describe_write_error
-from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, peak_memory, plot_loss_curve
+from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, peak_memory
 from biorecipes_shared.run import (
     RunLayout,
     finished_message,
@@ -39,7 +44,7 @@ from biorecipes_shared.run import (
     resolve_resume,
     run_cli,
 )
-from components import EmbedderWithHead, autocast, build_model, validate
+from components import EmbedderWithHead, autocast, build_model, plot_curve, safetensors_write_errors, validate
 from data import FragmentSampler, KmerTokenizer, TrainBatches, train_loader, validation_fragments
 from exports import fragment_record, init_from, write_export
 from model import EmbedderConfig, mamba_ssm_available
@@ -337,16 +342,18 @@ def validate_and_log(setup: Setup, state: RunState, metrics: MetricsWriter) -> N
 
 
 def save(setup: Setup, state: RunState) -> None:
-    save_checkpoint(
-        setup.layout.checkpoints,
-        state.step,
-        setup.model,
-        setup.optimizer,
-        setup.scheduler,
-        data_state={"step": state.step},
-        extra=state.control(),
-        keep_last_k=setup.cfg.train.keep_last_k,
-    )
+    folder, name = setup.layout.checkpoints, f"step_{state.step:08d}"
+    with safetensors_write_errors(folder / name, folder / f".tmp-{name}", CheckpointWriteError):
+        save_checkpoint(
+            folder,
+            state.step,
+            setup.model,
+            setup.optimizer,
+            setup.scheduler,
+            data_state={"step": state.step},
+            extra=state.control(),
+            keep_last_k=setup.cfg.train.keep_last_k,
+        )
 
 
 def finish(setup: Setup, state: RunState) -> None:
@@ -367,17 +374,6 @@ def finish(setup: Setup, state: RunState) -> None:
     else:
         log.info("stopped at step %d; checkpoints in %s (run the same command to continue)", state.step,
                  layout.checkpoints)  # fmt: skip
-
-
-def plot_curve(layout: RunLayout) -> None:
-    """loss_curve.png from metrics.jsonl; a failed write is one WriteError line and leaves no temporary file."""
-    try:
-        plot_loss_curve(layout.metrics, layout.loss_curve)
-    except ValueError:  # no numeric loss logged (nothing was left to train)
-        pass
-    except OSError as err:  # the shared plotter writes .tmp-loss_curve.png first
-        layout.loss_curve.with_name(f".tmp-{layout.loss_curve.name}").unlink(missing_ok=True)
-        raise WriteError(describe_write_error(err, layout.loss_curve)) from None
 
 
 def resume_error(path: Path, err: Exception) -> CheckpointError:

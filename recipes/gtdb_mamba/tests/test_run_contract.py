@@ -3,7 +3,6 @@ weights and metrics, a finished run is a no-op, another world size is refused, a
 
 from __future__ import annotations
 
-import errno
 import json
 import shutil
 import signal
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import RECIPE_DIR, compose_config, tiny_overrides
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from biorecipes_shared.checkpoint import verify_checkpoint
@@ -115,7 +115,7 @@ def test_write_error_is_one_line_keeps_earlier_checkpoints_and_the_rerun_finishe
 
     def disk_full_at_step_6(tensors, path, metadata=None):
         if "step_00000006" in str(path):
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return real_save(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(shared_checkpoint, "save_file", disk_full_at_step_6)
@@ -123,7 +123,7 @@ def test_write_error_is_one_line_keeps_earlier_checkpoints_and_the_rerun_finishe
     assert run_cli(lambda: train.run(cfg)) == 1
     err = capsys.readouterr().err.strip().splitlines()
     checkpoints = tmp_path / "run" / "checkpoints"
-    assert err[-1].startswith(f"error: checkpoint {checkpoints / 'step_00000006'}: cannot write ")
+    assert err[-1].startswith(f"error: cannot write {checkpoints / 'step_00000006'}: ")
     assert err[-1].endswith("no space left on device (free some space or choose another output directory)")
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000002", "step_00000004"]
     verify_checkpoint(checkpoints / "step_00000004")
