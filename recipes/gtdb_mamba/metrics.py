@@ -7,12 +7,12 @@ Python loop over pairs and no sort of all 8M values. It equals sklearn's roc_auc
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from biorecipes_shared.files import atomic_write
 
 
 def rank_auc(scores: torch.Tensor, is_positive: torch.Tensor) -> float:
@@ -74,7 +74,8 @@ def write_distance_histogram(path: str | Path, distances: torch.Tensor, same: to
     ax.set_title(f"step {step}: same-genome ROC AUC = {auc:.4f}")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_write(path, "wb") as handle:  # a full disk: one WriteError line, no temporary file left
+            fig.savefig(handle, format="png", dpi=100)
+    finally:
+        plt.close(fig)

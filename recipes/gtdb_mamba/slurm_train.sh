@@ -2,14 +2,18 @@
 # Multi-node training under SLURM: one task per GPU, `srun` starts them, biorecipes_shared reads SLURM_PROCID /
 # SLURM_NTASKS / SLURM_JOB_NODELIST for the rendezvous. Submit from the recipe folder:
 #   GTDB=/data/gtdb/release220 RELEASE=r220 sbatch slurm_train.sh [hydra overrides]
-# Requeued or pre-empted jobs resume from the newest checkpoint in run_dir (SIGUSR1 arrives 5 min before the end).
+# Preemption: SLURM sends SIGUSR1 to every task 120 s before the time limit (`--signal=USR1@120`, no `B:` so the
+# training processes get it, not only this script); each saves a checkpoint and exits 0, so the job ends with exit 0.
+# `sbatch` the same script again (or let --requeue do it): it resumes from the newest valid checkpoint in run_dir,
+# and a finished run exits 0 at once without training. No torchrun here: a torchrun launcher that receives the
+# signal exits 1 even when every worker saved cleanly.
 #SBATCH --job-name=gtdb_mamba
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=4
 #SBATCH --gpus-per-node=4
 #SBATCH --cpus-per-task=8
 #SBATCH --time=48:00:00
-#SBATCH --signal=USR1@300
+#SBATCH --signal=USR1@120
 #SBATCH --requeue
 #SBATCH --output=slurm-%x-%j.out
 set -euo pipefail

@@ -1,64 +1,67 @@
 """Train the bidirectional Mamba genome-fragment embedder on GTDB with a CurricularFace head.
 
     torchrun --nproc_per_node=4 train.py data.genomes_root=... 'data.metadata_files=[...]'
+    srun python train.py ...                        # under SLURM (slurm_train.sh)
     python train.py --config-name sample            # the bundled fixture (see train_sample.sh)
 
 Each training genome is a class; every `train.steps_per_epoch` optimizer steps the model embeds a fixed set of
 fragments from held-out families and reports the same-genome ROC AUC (AUC_log.tsv, pairwise_distances_histogram.png).
+The run follows the biorecipes run contract: the same command starts, resumes (newest valid checkpoint) and, once
+the run is finished, does nothing; SIGTERM/SIGUSR1 save a checkpoint and exit 0.
+Outputs: `<run_dir>/{checkpoints/step_N,final_model,metrics.jsonl,loss_curve.png,run_finished.json}` + the seed's files.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import json
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from biorecipes_shared.checkpoint import (
     CheckpointError,
+    CheckpointWriteError,
     PreemptionHandler,
-    export_safetensors,
-    latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
 from biorecipes_shared.distributed import all_reduce_mean, barrier, setup_distributed, teardown_distributed
-from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, peak_memory, plot_loss_curve
+from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, peak_memory
+from biorecipes_shared.run import (
+    RunLayout,
+    finished_message,
+    finished_run,
+    mark_finished,
+    resolve_resume,
+    run_cli,
+)
+from components import EmbedderWithHead, autocast, build_model, plot_curve, safetensors_write_errors, validate
 from data import (
     FragmentSampler,
     KmerTokenizer,
     TrainBatches,
     assign_classes,
-    check_crop,
     check_data_fingerprint,
     train_loader,
     validation_fragments,
 )
-from metrics import same_genome_auc, write_distance_histogram
-from model import CurricularFace, EmbedderConfig, GenomeFragmentEmbedder, mamba_ssm_available
+from exports import fragment_record, init_from, write_export
+from model import EmbedderConfig, mamba_ssm_available
 from preprocess import GtdbDataError, build_or_load_index, cached_family_split, shard_for_rank
+from settings import check_config
+
+__all__ = ["check_config", "prepare_data", "run"]
 
 TSV_FILES = {"log_file.txt": ["loss", "step"], "AUC_log.tsv": ["auc", "step"]}
-
-
-class EmbedderWithHead(nn.Module):
-    """The trained unit: embedder + CurricularFace head, so DDP and checkpoints see one module."""
-
-    def __init__(self, embedder: GenomeFragmentEmbedder, head: CurricularFace):
-        super().__init__()
-        self.embedder, self.head = embedder, head
-
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embedder(tokens), labels)
 
 
 def prepare_data(cfg: DictConfig, dist_ctx, log):
@@ -114,189 +117,275 @@ def prepare_data(cfg: DictConfig, dist_ctx, log):
     return split, train_sampler, val_sampler
 
 
-def lr_lambda(step: int, warmup: int, max_steps: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to `min_ratio` at max_steps."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+@dataclass
+class Setup:
+    """What start-up builds, once per process, before the first step."""
+
+    cfg: DictConfig
+    dist_ctx: object
+    log: object
+    layout: RunLayout
+    model: EmbedderWithHead
+    trained: nn.Module  # the DDP wrapper, or the model itself in one process
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    model_config: EmbedderConfig
+    dataset: TrainBatches
+    val_tokens: torch.Tensor
+    val_labels: torch.Tensor
+    stop_step: int
 
 
-def build_model(cfg: DictConfig, model_config: EmbedderConfig, n_classes: int, device: torch.device):
-    """Embedder + CurricularFace head (identical on every rank), AdamW, warmup-cosine schedule."""
-    torch.manual_seed(cfg.seed)
-    embedder = GenomeFragmentEmbedder(model_config)
-    head = CurricularFace(model_config.d_model, n_classes, cfg.head.scale, cfg.head.margin, cfg.head.t_momentum)
-    model = EmbedderWithHead(embedder, head).to(device)
-    optimizer = make_optimizer(model, cfg)
-    min_ratio = cfg.train.min_lr / cfg.train.lr
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, cfg.train.warmup_steps, cfg.train.max_steps, min_ratio)
-    )
-    return model, optimizer, scheduler
+@dataclass
+class RunState:
+    """Where the run is. `control()` goes into every checkpoint so that a resumed run logs what the uninterrupted
+    one would (the loss window spans checkpoints); CurricularFace's running `t` is a model buffer, saved with it."""
 
+    step: int = 0
+    start_step: int = 0
+    window_loss: float = 0.0  # summed step losses since the last log line
+    window_steps: int = 0
+    losses: list = field(default_factory=list)
+    aucs: list = field(default_factory=list)
+    time_to_first_step_s: float | None = None
+    preempted: bool = False
 
-def make_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norm weights and Mamba's A_log / D (as in mamba-ssm)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        skip = param.ndim < 2 or getattr(param, "_no_weight_decay", False) or name.endswith(("A_log", ".D"))
-        (no_decay if skip else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr)
+    def control(self) -> dict:
+        return {"window_loss": self.window_loss, "window_steps": self.window_steps}
 
-
-def autocast(cfg: DictConfig, dist_ctx):
-    """bf16 autocast on CUDA when train.bf16; a no-op context on CPU."""
-    enabled = bool(cfg.train.bf16) and dist_ctx.device.type == "cuda"
-    return torch.autocast(dist_ctx.device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
-@torch.no_grad()
-def validate(embedder, val_tokens, val_labels, cfg, dist_ctx, run_dir: Path, step: int, metrics) -> float:
-    """Embed the validation fragments, AUC over all pairs (averaged over ranks), write the histogram on rank 0."""
-    embedder.eval()
-    embeddings = []
-    for start in range(0, len(val_tokens), cfg.val.batch_size):
-        with autocast(cfg, dist_ctx):
-            embeddings.append(
-                embedder(val_tokens[start : start + cfg.val.batch_size].to(dist_ctx.device)).float().cpu()
-            )
-    embedder.train()
-    auc, distances, same = same_genome_auc(torch.cat(embeddings), val_labels)
-    auc = float(all_reduce_mean(auc))
-    if dist_ctx.is_main:
-        write_distance_histogram(run_dir / "pairwise_distances_histogram.png", distances, same, auc, step)
-    metrics.log(step, auc=auc)
-    return auc
+    def summary(self) -> dict:
+        return {
+            "aucs": self.aucs,
+            "losses": self.losses,
+            "time_to_first_step_s": self.time_to_first_step_s,
+            "start_step": self.start_step,
+            "step": self.step,
+        }
 
 
 def run(cfg: DictConfig) -> dict:
-    """The whole training run; returns a summary (time to first step, final loss, AUCs)."""
+    """The whole training run (first start, resume, or a no-op when finished); returns a summary of this call."""
     t_start = time.perf_counter()
+    check_config(cfg)
+    layout = RunLayout(Path(cfg.run_dir))
     dist_ctx = setup_distributed(cfg.seed)
     log = get_logger("gtdb_mamba", dist_ctx)
     for name in ("preprocess", "data"):
         get_logger(name, dist_ctx)
-    run_dir = Path(cfg.run_dir)
-    ckpt_dir = run_dir / "checkpoints"
     try:
-        split, train_sampler, val_sampler = prepare_data(cfg, dist_ctx, log)
-        tokenizer = KmerTokenizer(cfg.data.kmer)
-        val_tokens, val_labels = validation_fragments(
-            val_sampler,
-            tokenizer,
-            cfg.val.fragments_per_genome,
-            cfg.data.val_tokens,
-            cfg.seed,
-            dist_ctx.rank,
-            cfg.data.reverse_complement,
-        )
-        model_config = EmbedderConfig(vocab_size=tokenizer.vocab_size, pad_token=tokenizer.pad_token, **cfg.model)
-        model, optimizer, scheduler = build_model(cfg, model_config, train_sampler.n_classes, dist_ctx.device)
-        embedder = model.embedder
-        step = 0
-        resume_from = latest_checkpoint(ckpt_dir) if cfg.train.resume else None
+        if done := finished_run(layout, target_step=cfg.train.max_steps):
+            if dist_ctx.is_main:
+                print(finished_message(layout, done), flush=True)
+            return {"finished": True, "step": int(done["step"]), "start_step": int(done["step"])}
+        resume_from = resolve_resume(cfg.train.resume, layout.checkpoints)
         if resume_from is not None:
-            try:
-                step = load_checkpoint(resume_from, model, optimizer, scheduler).step
-            except RuntimeError as err:  # CheckpointError, or load_state_dict's multi-line size mismatch
-                raise resume_error(resume_from, err) from None
-            log.info("resumed from %s (step %d)", resume_from, step)
-        check_data_fingerprint(run_dir, cfg.data, split, train_sampler, resuming=resume_from is not None)
-        backend = "mamba_ssm" if cfg.model.backend == "auto" and mamba_ssm_available() else "pure PyTorch (mambapy)"
-        log.info(
-            "model: %.2fM parameters, Mamba backend %s, device %s, world size %d",
-            sum(p.numel() for p in model.parameters()) / 1e6,
-            backend,
-            dist_ctx.device,
-            dist_ctx.world_size,
-        )
-        trained = DistributedDataParallel(model) if dist_ctx.is_distributed else model
-        accumulation = cfg.train.grad_accumulation
-        dataset = TrainBatches(
-            train_sampler,
-            tokenizer,
-            cfg.train.batch_size,
-            cfg.data.train_tokens,
-            cfg.seed,
-            dist_ctx.rank,
-            cfg.data.reverse_complement,
-        )
-        stop_step = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
-        # Batch b of this rank is a pure function of (seed, rank, b): resuming at `step` needs no loader state.
-        loader = train_loader(dataset, step * accumulation, (stop_step - step) * accumulation, cfg.data.num_workers)
-        summary = {"aucs": [], "losses": [], "time_to_first_step_s": None, "start_step": step}
-        with MetricsWriter(run_dir, dist_ctx, tsv_files=TSV_FILES) as metrics, PreemptionHandler() as preempt:
-            if cfg.val.at_start and step == 0:
-                auc = validate(embedder, val_tokens, val_labels, cfg, dist_ctx, run_dir, step, metrics)
-                summary["aucs"].append((step, auc))
-                log.info("step %d: validation AUC %.4f", step, auc)
-            meter, micro, loss_sum, window_loss, window_steps = ThroughputMeter(), 0, 0.0, 0.0, 0
-            for batch in loader:
-                tokens, labels = batch["tokens"].to(dist_ctx.device), batch["labels"].to(dist_ctx.device)
-                sync = (micro + 1) % accumulation == 0
-                # DDP all-reduces gradients only on the last micro-batch of an accumulation group.
-                with trained.no_sync() if dist_ctx.is_distributed and not sync else nullcontext():
-                    with autocast(cfg, dist_ctx):
-                        loss = F.cross_entropy(trained(tokens, labels), labels) / accumulation
-                    loss.backward()
-                loss_sum += loss.item()
-                meter.update(samples=tokens.shape[0], tokens=tokens.numel())
-                micro += 1
-                if not sync:
-                    continue
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                window_loss, window_steps, loss_sum = window_loss + loss_sum, window_steps + 1, 0.0
-                if summary["time_to_first_step_s"] is None:
-                    summary["time_to_first_step_s"] = time.perf_counter() - t_start
-                    log.info("time to first step: %.2f s", summary["time_to_first_step_s"])
-                if step % cfg.train.log_every == 0 or step == stop_step:
-                    mean_loss = float(all_reduce_mean(window_loss / window_steps))  # mean since the last log line
-                    window_loss, window_steps = 0.0, 0
-                    summary["losses"].append((step, mean_loss))
-                    metrics.log(
-                        step,
-                        loss=mean_loss,
-                        lr=scheduler.get_last_lr()[0],
-                        grad_norm=float(grad_norm),
-                        curricular_t=float(model.head.t),
-                        **meter.rates(),
-                        **peak_memory(),
-                    )
-                    log.info("step %d: loss %.4f", step, mean_loss)
-                end_of_epoch = step % cfg.train.steps_per_epoch == 0
-                if end_of_epoch:
-                    auc = validate(embedder, val_tokens, val_labels, cfg, dist_ctx, run_dir, step, metrics)
-                    summary["aucs"].append((step, auc))
-                    log.info("step %d: validation AUC %.4f", step, auc)
-                stopping = step == stop_step or preempt.should_stop()
-                if end_of_epoch or stopping or step % cfg.train.checkpoint_every == 0:
-                    save_checkpoint(
-                        ckpt_dir,
-                        step,
-                        model,
-                        optimizer,
-                        scheduler,
-                        data_state={"step": step},
-                        keep_last_k=cfg.train.keep_last_k,
-                    )
-                if stopping:
-                    break
-        if step >= cfg.train.max_steps and dist_ctx.is_main:
-            export_safetensors(
-                embedder, {**dataclasses.asdict(model_config), "kmer": cfg.data.kmer}, run_dir / "export"
-            )
-            if (run_dir / "metrics.jsonl").is_file() and summary["losses"]:
-                plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
-        summary["step"] = step
-        return summary
+            refuse_other_world_size(resume_from, dist_ctx.world_size)
+        setup = set_up(cfg, dist_ctx, log, layout, fresh=resume_from is None)
+        state = restore(setup, resume_from)
+        with (
+            MetricsWriter(layout.output_dir, dist_ctx, tsv_files=TSV_FILES, resume_step=state.step) as metrics,
+            PreemptionHandler() as preempt,
+        ):
+            train_loop(setup, state, metrics, preempt, t_start)
+        finish(setup, state)
+        return state.summary()
     finally:
         teardown_distributed()
+
+
+def refuse_other_world_size(path: Path, world_size: int) -> None:
+    """Each rank trains its own genome shard with its own batch stream: another world size cannot continue them."""
+    saved = int(json.loads((path / "manifest.json").read_text()).get("world_size", 1))
+    if saved != world_size:
+        raise CheckpointError(
+            f"{path} was saved by {saved} process(es) and this run has {world_size}: relaunch with {saved} "
+            "process(es) (training genomes and batches are sharded per process), or start a new run_dir"
+        )
+
+
+def set_up(cfg: DictConfig, dist_ctx, log, layout: RunLayout, fresh: bool) -> Setup:
+    """Data, validation fragments, model, optimizer (and `train.init_from` weights on a fresh start)."""
+    tokenizer = KmerTokenizer(cfg.data.kmer)
+    model_config = EmbedderConfig(vocab_size=tokenizer.vocab_size, pad_token=tokenizer.pad_token, **cfg.model)
+    init_path = cfg.train.get("init_from") if fresh else None
+    if init_path:  # check the record before the (slow) index build; load the weights after the model exists
+        from exports import check_fits, read_export_config
+
+        check_fits(read_export_config(init_path), model_config, cfg.data.kmer, Path(init_path))
+    split, train_sampler, val_sampler = prepare_data(cfg, dist_ctx, log)
+    val_tokens, val_labels = validation_fragments(
+        val_sampler,
+        tokenizer,
+        cfg.val.fragments_per_genome,
+        cfg.data.val_tokens,
+        cfg.seed,
+        dist_ctx.rank,
+        cfg.data.reverse_complement,
+    )
+    check_data_fingerprint(layout.output_dir, cfg.data, split, train_sampler, resuming=not fresh)
+    n_classes = train_sampler.n_classes
+    model, optimizer, scheduler = build_model(cfg, model_config, n_classes, dist_ctx.device)
+    if init_path:
+        init_from(init_path, model.embedder, model_config, cfg.data.kmer)
+        log.info("embedder initialised from %s (new CurricularFace head for %d classes)", init_path, n_classes)
+    dataset = TrainBatches(
+        train_sampler,
+        tokenizer,
+        cfg.train.batch_size,
+        cfg.data.train_tokens,
+        cfg.seed,
+        dist_ctx.rank,
+        cfg.data.reverse_complement,
+    )
+    trained = DistributedDataParallel(model) if dist_ctx.is_distributed else model
+    stop_step = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
+    return Setup(
+        cfg, dist_ctx, log, layout, model, trained, optimizer, scheduler, model_config, dataset, val_tokens, val_labels,
+        stop_step,
+    )  # fmt: skip
+
+
+def restore(setup: Setup, resume_from: Path | None) -> RunState:
+    """A fresh RunState, or the one saved in `resume_from` (weights incl. CurricularFace t, optimizer, RNG)."""
+    state = RunState()
+    if resume_from is not None:
+        try:
+            saved = load_checkpoint(resume_from, setup.model, setup.optimizer, setup.scheduler)
+        except RuntimeError as err:  # CheckpointError, or load_state_dict's multi-line size mismatch
+            raise resume_error(resume_from, err) from None
+        state.step = state.start_step = saved.step
+        state.window_loss = float(saved.extra.get("window_loss", 0.0))
+        state.window_steps = int(saved.extra.get("window_steps", 0))
+        setup.log.info("resumed from %s (step %d)", resume_from, saved.step)
+    backend = "mamba_ssm" if setup.cfg.model.backend == "auto" and mamba_ssm_available() else "pure PyTorch (mambapy)"
+    setup.log.info(
+        "model: %.2fM parameters, Mamba backend %s, device %s, world size %d",
+        sum(p.numel() for p in setup.model.parameters()) / 1e6,
+        backend,
+        setup.dist_ctx.device,
+        setup.dist_ctx.world_size,
+    )
+    return state
+
+
+def train_loop(setup: Setup, state: RunState, metrics: MetricsWriter, preempt, t_start: float) -> None:
+    """Steps until `stop_step` or a preemption signal; validation each epoch, checkpoints as configured."""
+    cfg, accumulation = setup.cfg, setup.cfg.train.grad_accumulation
+    if cfg.val.at_start and state.step == 0:
+        validate_and_log(setup, state, metrics)
+    # Batch b of this rank is a pure function of (seed, rank, b): resuming at `step` needs no loader state.
+    loader = train_loader(
+        setup.dataset, state.step * accumulation, (setup.stop_step - state.step) * accumulation, cfg.data.num_workers
+    )
+    batches, meter = iter(loader), ThroughputMeter()
+    while state.step < setup.stop_step:
+        loss, grad_norm = train_step(setup, batches, meter)
+        state.step += 1
+        state.window_loss, state.window_steps = state.window_loss + loss, state.window_steps + 1
+        if state.time_to_first_step_s is None:
+            state.time_to_first_step_s = time.perf_counter() - t_start
+            setup.log.info("time to first step: %.2f s", state.time_to_first_step_s)
+        if state.step % cfg.train.log_every == 0 or state.step == setup.stop_step:
+            log_step(setup, state, metrics, grad_norm, meter)
+        end_of_epoch = state.step % cfg.train.steps_per_epoch == 0
+        if end_of_epoch:
+            validate_and_log(setup, state, metrics)
+        preempted = preempt.should_stop()
+        if end_of_epoch or preempted or state.step == setup.stop_step or state.step % cfg.train.checkpoint_every == 0:
+            save(setup, state)
+        if preempted:
+            setup.log.warning("stopped on a preemption signal at step %d; run the same command to resume", state.step)
+            state.preempted = True
+            return
+
+
+def train_step(setup: Setup, batches, meter: ThroughputMeter) -> tuple[float, float]:
+    """One optimizer step over `grad_accumulation` micro-batches; returns (this rank's loss, grad norm)."""
+    accumulation, dist_ctx = setup.cfg.train.grad_accumulation, setup.dist_ctx
+    loss_sum = 0.0
+    for micro in range(accumulation):
+        batch = next(batches)
+        tokens, labels = batch["tokens"].to(dist_ctx.device), batch["labels"].to(dist_ctx.device)
+        sync = micro == accumulation - 1
+        # DDP all-reduces gradients only on the last micro-batch of an accumulation group.
+        with setup.trained.no_sync() if dist_ctx.is_distributed and not sync else nullcontext():
+            with autocast(setup.cfg, dist_ctx):
+                loss = F.cross_entropy(setup.trained(tokens, labels), labels) / accumulation
+            loss.backward()
+        loss_sum += loss.item()
+        meter.update(samples=tokens.shape[0], tokens=tokens.numel())
+    grad_norm = torch.nn.utils.clip_grad_norm_(setup.model.parameters(), setup.cfg.train.grad_clip)
+    setup.optimizer.step()
+    setup.scheduler.step()
+    setup.optimizer.zero_grad(set_to_none=True)
+    return loss_sum, float(grad_norm)
+
+
+def log_step(setup: Setup, state: RunState, metrics: MetricsWriter, grad_norm: float, meter) -> None:
+    """Mean loss since the last log line (all ranks), to metrics.jsonl, log_file.txt and the console."""
+    mean_loss = float(all_reduce_mean(state.window_loss / state.window_steps))
+    state.window_loss, state.window_steps = 0.0, 0
+    state.losses.append((state.step, mean_loss))
+    metrics.log(
+        state.step,
+        loss=mean_loss,
+        lr=setup.scheduler.get_last_lr()[0],
+        grad_norm=grad_norm,
+        curricular_t=float(setup.model.head.t),
+        **meter.rates(),
+        **peak_memory(),
+    )
+    setup.log.info("step %d: loss %.4f", state.step, mean_loss)
+
+
+def validate_and_log(setup: Setup, state: RunState, metrics: MetricsWriter) -> None:
+    auc = validate(
+        setup.model.embedder,
+        setup.val_tokens,
+        setup.val_labels,
+        setup.cfg,
+        setup.dist_ctx,
+        setup.layout.output_dir,
+        state.step,
+        metrics,
+    )
+    state.aucs.append((state.step, auc))
+    setup.log.info("step %d: validation AUC %.4f", state.step, auc)
+
+
+def save(setup: Setup, state: RunState) -> None:
+    folder, name = setup.layout.checkpoints, f"step_{state.step:08d}"
+    with safetensors_write_errors(folder / name, folder / f".tmp-{name}", CheckpointWriteError):
+        save_checkpoint(
+            folder,
+            state.step,
+            setup.model,
+            setup.optimizer,
+            setup.scheduler,
+            data_state={"step": state.step},
+            extra=state.control(),
+            keep_last_k=setup.cfg.train.keep_last_k,
+        )
+
+
+def finish(setup: Setup, state: RunState) -> None:
+    """At max_steps: export the embedder, plot the loss, mark the run finished; say where the outputs are."""
+    layout, log = setup.layout, setup.log
+    if state.step >= setup.cfg.train.max_steps and not state.preempted:
+        if setup.dist_ctx.is_main:
+            write_export(
+                setup.model.embedder, setup.model_config, setup.cfg.data.kmer, layout.final_model,
+                fragment_record(setup.cfg),
+            )  # fmt: skip
+            if layout.metrics.is_file():
+                plot_curve(layout)
+        barrier()
+        mark_finished(layout, state.step, "max steps reached")
+        log.info("finished at step %d; outputs in %s (final model: %s)", state.step, layout.output_dir,
+                 layout.final_model)  # fmt: skip
+    else:
+        log.info("stopped at step %d; checkpoints in %s (run the same command to continue)", state.step,
+                 layout.checkpoints)  # fmt: skip
 
 
 def resume_error(path: Path, err: Exception) -> CheckpointError:
@@ -305,88 +394,13 @@ def resume_error(path: Path, err: Exception) -> CheckpointError:
     if len(detail) > 300:  # torch lists every mismatched tensor: a changed d_model touches all of them
         detail = detail[:300] + " ..."
     return CheckpointError(
-        f"{path}: cannot resume: the checkpoint does not fit this model/config ({detail}); "
-        "use train.resume=false or a new run_dir"
+        f"{path}: cannot resume: the checkpoint does not fit this model/config ({detail}); use a new run_dir"
     )
-
-
-# Minimum of each integer setting: below it the run would divide by zero, loop zero times or build an empty tensor,
-# mostly long after the index build. The AUC needs 2 genomes with 2 fragments each.
-MIN_COUNTS = {
-    "data.kmer": 1,
-    "data.fragment_bp": 1,
-    "data.train_tokens": 1,
-    "data.val_tokens": 1,
-    "data.val_species_target": 1,
-    "data.family_count_cap": 1,
-    "data.n_val_genomes": 2,
-    "data.val_per_genus": 1,
-    "data.train_per_genus": 1,
-    "data.num_workers": 0,
-    "model.d_model": 1,
-    "model.n_layers": 1,
-    "model.d_state": 1,
-    "model.d_conv": 1,
-    "model.expand": 1,
-    "train.batch_size": 1,
-    "train.grad_accumulation": 1,
-    "train.max_steps": 1,
-    "train.steps_per_epoch": 1,
-    "train.warmup_steps": 0,
-    "train.log_every": 1,
-    "train.checkpoint_every": 1,
-    "val.fragments_per_genome": 2,
-    "val.batch_size": 1,
-}
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_config(cfg: DictConfig) -> None:
-    """Fail fast, in one line, on settings that would otherwise fail deep inside the run."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise GtdbDataError(f"required setting(s) not given: {', '.join(missing)} (pass them as key=value)")
-    choices = {
-        "model.norm": ("layernorm", "rmsnorm"),
-        "model.pooling": ("sum", "mean"),
-        "model.backend": ("auto", "pure"),
-    }
-    for key, allowed in choices.items():
-        if OmegaConf.select(cfg, key) not in allowed:
-            raise GtdbDataError(f"{key}={OmegaConf.select(cfg, key)!r}: must be one of {', '.join(allowed)}")
-    for key, minimum in MIN_COUNTS.items():
-        value = OmegaConf.select(cfg, key)
-        if not _is_int(value) or value < minimum:
-            raise GtdbDataError(f"{key} must be an integer >= {minimum}, got {value!r}")
-    stop = cfg.train.stop_at_step
-    if stop is not None and (not _is_int(stop) or stop < 1):
-        raise GtdbDataError(f"train.stop_at_step must be null or an integer >= 1, got {stop!r}")
-    lr, min_lr = cfg.train.lr, cfg.train.min_lr
-    if not _is_number(lr) or lr <= 0:  # the schedule divides by it
-        raise GtdbDataError(f"train.lr must be a number > 0, got {lr!r}")
-    if not _is_number(min_lr) or min_lr < 0:
-        raise GtdbDataError(f"train.min_lr must be a number >= 0, got {min_lr!r}")
-    # Checked here too (not only by the data classes) so that it fails before the split and index are built.
-    tokenizer = KmerTokenizer(cfg.data.kmer)
-    check_crop(cfg.data.train_tokens, cfg.data.fragment_bp, tokenizer, "data.train_tokens")
-    check_crop(cfg.data.val_tokens, cfg.data.fragment_bp, tokenizer, "data.val_tokens")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    try:
-        check_config(cfg)
-        run(cfg)
-    except (GtdbDataError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(run_cli(lambda: run(cfg), user_errors=(GtdbDataError,)))
 
 
 if __name__ == "__main__":

@@ -218,14 +218,12 @@ class PlantLM(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        species_ids: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        memory_write_len: int = 0,
-    ) -> dict[str, torch.Tensor]:
-        """Logits (batch, seq, 4096), loss when `targets` is given; stages `memory_write_len` positions per window."""
+    def hidden_states(self, input_ids: torch.Tensor, species_ids: torch.Tensor) -> torch.Tensor:
+        """Last-block hidden states (batch, seq, d_model), before the final norm; reads but never writes the memory.
+
+        Causal: position p depends only on tokens <= p (local attention is causal, the memory is fixed during a
+        forward pass), so right padding never changes the states of the real tokens before it.
+        """
         seq = input_ids.shape[1]
         if seq > self.max_positions:
             raise ValueError(f"sequence of {seq} tokens is longer than max_positions {self.max_positions}")
@@ -239,6 +237,24 @@ class PlantLM(nn.Module):
         memory, nonempty = self.memory.read()
         for block in self.blocks:
             x = block(x, memory, nonempty)
+        return x
+
+    def pooled_embedding(self, input_ids: torch.Tensor, species_ids: torch.Tensor, lengths: torch.Tensor):
+        """(batch, d_model) mean of the final-norm hidden states over the first `lengths[i]` tokens of each row;
+        positions past a row's length (padding) are never pooled."""
+        hidden = self.final_norm(self.hidden_states(input_ids, species_ids)).float()
+        valid = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] < lengths[:, None]
+        return (hidden * valid[..., None]).sum(1) / lengths.clamp(min=1)[:, None].to(hidden.dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        species_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        memory_write_len: int = 0,
+    ) -> dict[str, torch.Tensor]:
+        """Logits (batch, seq, 4096), loss when `targets` is given; stages `memory_write_len` positions per window."""
+        x = self.hidden_states(input_ids, species_ids)
         if memory_write_len > 0:
             self.memory.stage(input_ids, x.detach(), memory_write_len)
         logits = self.lm_head(self.final_norm(x))

@@ -1,15 +1,16 @@
-"""Train the plant DNA language model: `python train.py --data_dir data --batch_size 16` or under torchrun.
+"""Train the plant DNA language model: `python train.py --data_dir data --batch_size 16` or under torchrun / srun.
 
-Every field of `Config` is a command-line flag of the same name. Per epoch the run writes
-`<output_dir>/dna_model/model_epoch_N.pt` (atomically) and logs every step to `<output_dir>/logs/training_*.log`.
+Every field of `Config` is a command-line flag of the same name. The run follows the biorecipes run contract: the
+same command starts, resumes (newest valid `<output_dir>/checkpoints/step_N/`) and, once finished, does nothing;
+SIGTERM/SIGUSR1 save a checkpoint and exit 0. Outputs in `<output_dir>`: `checkpoints/`, `final_model/`,
+`metrics.jsonl`, `loss_curve.png`, `run_finished.json`, and the seed's `dna_model/model_epoch_N.pt` (per epoch) and
+`logs/training_*.log` (every step).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import importlib.util
 import logging
 import logging.handlers
 import math
@@ -21,90 +22,29 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from biorecipes_shared.distributed import all_reduce_mean, setup_distributed, teardown_distributed
+from biorecipes_shared.distributed import all_reduce_mean, barrier, setup_distributed, teardown_distributed
+from biorecipes_shared.files import WriteError, describe_write_error
 from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, peak_memory, plot_loss_curve
 from biorecipes_shared.preemption import PreemptionHandler
+from biorecipes_shared.run import (
+    RunLayout,
+    finished_message,
+    finished_run,
+    mark_finished,
+    resolve_resume,
+    run_cli,
+)
 from checkpointing import (
-    CheckpointError,
     check_compatible,
-    find_resume_checkpoint,
-    restore_rng_state,
+    load_training_state,
+    peek_training_state,
     save_training_state,
+    write_epoch_file,
 )
-from data import (
-    PlantDataError,
-    SpeciesMixture,
-    build_mixture,
-    check_data_fingerprint,
-    parse_distribution,
-    window_stride,
-)
+from data import PlantDataError, SpeciesMixture, build_mixture, check_data_fingerprint, window_stride
+from exports import check_fits, load_weights, read_export, write_export
 from model import PlantLM
-
-
-class TrainingSetupError(RuntimeError):
-    """A setting that cannot work on this machine (message names the flag)."""
-
-
-@dataclass
-class Config:
-    # data
-    data_dir: str = "data"
-    species_distribution: dict[str, float] = field(
-        default_factory=lambda: {
-            "glycine_max": 1.0,
-            "arabidopsis": 0.8,
-            "oryza_sativa": 0.7,
-            "zea_mays": 0.6,
-            "vitis_vinifera": 0.5,
-        }
-    )
-    default_species_weight: float = 0.5  # for species on disk that species_distribution does not name
-    context_size: int = 64  # tokens (6-mers) per training window
-    overlap_ratio: float = 0.5
-    chunk_size: int = 1_200_000  # bp per streamed chunk of a chromosome
-    # model
-    d_model: int = 512
-    n_heads: int = 8
-    n_layers: int = 6
-    dropout: float = 0.1
-    local_attn_window: int = 32
-    global_context: int = 200_000  # forgetting horizon of the bucket memory, in written tokens
-    memory_normalize_every: int = 1000  # optimizer steps
-    # optimisation
-    batch_size: int = 16  # per rank and micro-step
-    accumulation_steps: int = 4
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    grad_clip: float = 1.0
-    n_epochs: int = 10
-    steps_per_epoch: int = 1000  # optimizer steps; streams are endless, so an epoch is a fixed step count
-    amp: str = "auto"  # auto (bf16 on a GPU that has it, else fp16; off on CPU) | bf16 | fp16 | off
-    seed: int = 42
-    # outputs
-    output_dir: str = "."
-    resume: str = "auto"  # auto (newest valid dna_model/model_epoch_N.pt) | none | a checkpoint path
-    keep_checkpoints: int = 3  # newest N checkpoints kept; 0 keeps all
-    save_every_steps: int = 0  # also save mid-epoch every N steps (0: at epoch ends and on SIGTERM/SIGUSR1 only)
-    wandb: bool = False
-    wandb_project: str = "plant_lm"
-    num_threads: int = 0  # torch CPU threads; 0 = torch default
-
-
-def parse_config(argv: list[str] | None = None) -> Config:
-    """Build a Config from `--field value` flags (dict fields as name=weight,name=weight)."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    for f in dataclasses.fields(Config):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if isinstance(default, bool):
-            kind = lambda text: text.lower() in ("1", "true", "yes", "on")  # noqa: E731
-        elif isinstance(default, dict):
-            kind = parse_distribution
-        else:
-            kind = type(default)
-        parser.add_argument(f"--{f.name}", type=kind, default=default, metavar=type(default).__name__.upper())
-    return Config(**vars(parser.parse_args(argv)))
+from settings import Config, amp_dtype, check_config, parse_config
 
 
 def lr_lambda(cfg: Config, total_steps: int):
@@ -119,23 +59,25 @@ def lr_lambda(cfg: Config, total_steps: int):
     return factor
 
 
-def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `setting` on `device` (None: full fp32)."""
-    if setting not in ("auto", "bf16", "fp16", "off"):
-        raise TrainingSetupError(f"--amp must be auto, bf16, fp16 or off, not {setting!r}")
-    if device.type != "cuda" or setting == "off":
-        return None
-    if setting == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if setting == "bf16" else torch.float16
+class RunLogFile(logging.FileHandler):
+    """logs/training_*.log; a write failure (full disk) is reported once in one line, not as a traceback per record."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            err = sys.exc_info()[1]
+            print(f"warning: {self.baseFilename}: cannot write the run log ({err}); logging to the console only",
+                  file=sys.stderr, flush=True)  # fmt: skip
 
 
 def open_run_log(log: logging.Logger, log_dir: Path, is_main: bool) -> logging.Handler | None:
-    """Attach logs/training_TIMESTAMP.log to the logger on rank 0."""
+    """Attach logs/training_TIMESTAMP.log to the logger on rank 0 (append-only)."""
     if not is_main:
         return None
     log_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(log_dir / f"training_{time.strftime('%Y%m%d_%H%M%S')}.log")
+    handler = RunLogFile(log_dir / f"training_{time.strftime('%Y%m%d_%H%M%S')}.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     return handler
@@ -151,13 +93,34 @@ def gpu_status(device: torch.device) -> dict[str, float]:
     return status
 
 
+@dataclass
+class Run:
+    """What set-up builds, and where the loop is (step, epoch, losses of this call)."""
+
+    mixture: SpeciesMixture
+    model: PlantLM
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    dtype: torch.dtype | None
+    layout: RunLayout
+    ddp: DistributedDataParallel | None = None
+    step: int = 0
+    start_epoch: int = 0
+    skip_steps: int = 0  # optimizer steps of `start_epoch` done before a mid-epoch resume
+    rng_restored: bool = False  # this rank's dropout stream came from the checkpoint
+    resumed_from: Path | None = None
+    losses: list[float] = field(default_factory=list)
+    stopped: bool = False  # by a preemption signal
+
+
 def train(cfg: Config) -> dict:
-    """Run (or resume) training; returns the per-step losses and the last checkpoint path."""
+    """Run, resume or (when finished) skip training; returns the per-step losses of this call and the outputs."""
+    check_config(cfg)
+    layout = RunLayout(Path(cfg.output_dir))
     ctx = setup_distributed(cfg.seed)
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
-    out_dir = Path(cfg.output_dir)
-    checkpoint_dir = out_dir / "dna_model"
     log = get_logger("plant_lm", ctx)
     # Startup lines wait in memory until every input has been checked, so a bad input leaves no log file
     # (nor output_dir) behind; once the run is set up they go to the top of the run log.
@@ -165,12 +128,22 @@ def train(cfg: Config) -> dict:
     log.addHandler(startup_lines)
     file_handler = None
     try:
-        run = _set_up(cfg, ctx, log, checkpoint_dir)
-        file_handler = open_run_log(log, out_dir / "logs", ctx.is_main)
+        if done := finished_run(layout, target_step=cfg.n_epochs * cfg.steps_per_epoch):
+            if ctx.is_main:
+                print(finished_message(layout, done), flush=True)
+            return {"losses": [], "finished": True, "checkpoint": None, "bad_files": {}, "species": []}
+        run = set_up(cfg, ctx, log, layout, resolve_resume(cfg.resume, layout.checkpoints))
+        file_handler = open_run_log(log, layout.output_dir / "logs", ctx.is_main)
         startup_lines.setTarget(file_handler)
         startup_lines.flush()
         log.removeHandler(startup_lines)
-        return _train(cfg, ctx, log, run, checkpoint_dir, out_dir)
+        wandb_args = {"project": cfg.wandb_project, "config": dataclasses.asdict(cfg)} if cfg.wandb else None
+        with (
+            MetricsWriter(layout.output_dir, ctx, wandb_init_args=wandb_args, resume_step=run.step) as metrics,
+            PreemptionHandler() as preemption,
+        ):
+            train_epochs(cfg, ctx, log, run, metrics, preemption)
+        return finish(cfg, ctx, log, run)
     finally:
         log.removeHandler(startup_lines)
         startup_lines.close()
@@ -180,60 +153,9 @@ def train(cfg: Config) -> dict:
         teardown_distributed()
 
 
-@dataclass
-class Run:
-    """What startup builds and checks before the run writes its first file."""
-
-    mixture: SpeciesMixture
-    model: PlantLM
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler
-    dtype: torch.dtype | None
-    resumed: dict | None
-    start_epoch: int = 0
-    step: int = 0
-    skip_steps: int = 0
-
-
-# Counts that must be at least 1: 0 divides by zero or trains nothing.
-POSITIVE_SETTINGS = (
-    "d_model",
-    "n_heads",
-    "n_layers",
-    "local_attn_window",
-    "global_context",
-    "memory_normalize_every",
-    "batch_size",
-    "accumulation_steps",
-    "n_epochs",
-    "steps_per_epoch",
-)
-
-
-def check_settings(cfg: Config) -> None:
-    """Reject impossible model and optimisation settings before anything is read or built."""
-    for name in POSITIVE_SETTINGS:
-        if getattr(cfg, name) < 1:
-            raise TrainingSetupError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.d_model % cfg.n_heads:
-        raise TrainingSetupError(f"--d_model {cfg.d_model} must be divisible by --n_heads {cfg.n_heads}")
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise TrainingSetupError(f"--dropout must be in [0, 1), got {cfg.dropout}")
-    if not cfg.learning_rate > 0:
-        raise TrainingSetupError(f"--learning_rate must be positive, got {cfg.learning_rate}")
-    for name in ("warmup_steps", "grad_clip", "weight_decay", "keep_checkpoints", "save_every_steps"):
-        if not getattr(cfg, name) >= 0:
-            raise TrainingSetupError(f"--{name} must be 0 or more, got {getattr(cfg, name)}")
-
-
-def _set_up(cfg: Config, ctx, log: logging.Logger, checkpoint_dir: Path) -> Run:
-    """Check settings, data and checkpoint, build model and optimizer; reads files but creates none."""
-    check_settings(cfg)
-    if cfg.wandb and importlib.util.find_spec("wandb") is None:
-        raise TrainingSetupError("--wandb true needs the wandb package: pip install wandb")
-    dtype = amp_dtype(cfg.amp, ctx.device)
-    resumed = find_resume_checkpoint(cfg, checkpoint_dir, log)
+def set_up(cfg: Config, ctx, log: logging.Logger, layout: RunLayout, resume_from: Path | None) -> Run:
+    """Check data and checkpoint, build model and optimizer, restore or initialise; reads files but creates none."""
+    saved = peek_training_state(resume_from) if resume_from is not None else None
     mixture = build_mixture(
         cfg.data_dir,
         cfg.species_distribution,
@@ -244,13 +166,15 @@ def _set_up(cfg: Config, ctx, log: logging.Logger, checkpoint_dir: Path) -> Run:
         cfg.seed,
         ctx.rank,
         ctx.world_size,
-        positions=resumed["data_positions"] if resumed else None,
+        positions=saved["data_state"]["positions"] if saved else None,
     )
     species = mixture.species
     log.info("species (sampling weight): %s", ", ".join(f"{s} ({p:.3f})" for s, p in zip(species, mixture.probs)))
-    if resumed:
-        check_compatible(resumed, cfg, species)
-    check_data_fingerprint(checkpoint_dir.parent, mixture, resuming=resumed is not None)
+    if saved:
+        check_compatible(resume_from, saved["extra"], cfg, species)
+    check_data_fingerprint(layout.output_dir, mixture, resuming=saved is not None)
+    if not saved and cfg.init_from:
+        check_fits(read_export(cfg.init_from), cfg, species, cfg.init_from)
     model = PlantLM(
         len(species),
         cfg.d_model,
@@ -263,79 +187,112 @@ def _set_up(cfg: Config, ctx, log: logging.Logger, checkpoint_dir: Path) -> Run:
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
     )
-    total_steps = cfg.n_epochs * cfg.steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, cfg.n_epochs * cfg.steps_per_epoch))
+    dtype = amp_dtype(cfg.amp, ctx.device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    run = Run(mixture, model, optimizer, scheduler, scaler, dtype, resumed)
-    if resumed:
-        model.load_state_dict(resumed["model_state_dict"])
-        optimizer.load_state_dict(resumed["optimizer_state_dict"])
-        scheduler.load_state_dict(resumed["scheduler_state_dict"])
-        if "scaler_state_dict" in resumed:
-            scaler.load_state_dict(resumed["scaler_state_dict"])
-        run.start_epoch, run.step, run.skip_steps = resumed["epoch"], resumed["step"], resumed.get("step_in_epoch", 0)
-        log.info("resumed at step %d (epoch %d, step %d of it)", run.step, run.start_epoch + 1, run.skip_steps)
+    run = Run(mixture, model, optimizer, scheduler, scaler, dtype, layout, resumed_from=resume_from)
+    if resume_from is not None:
+        data_state = load_training_state(run, resume_from)
+        run.step, run.start_epoch, run.skip_steps = data_state["step"], data_state["epoch"], data_state["step_in_epoch"]
+        run.rng_restored = data_state["rng_restored"]
+        log.info("resumed from %s at step %d (epoch %d, step %d of it)", resume_from, run.step, run.start_epoch + 1,
+                 run.skip_steps)  # fmt: skip
+    elif cfg.init_from:
+        load_weights(cfg.init_from, model)
+        log.info("initialised from %s (weights and bucket memory)", cfg.init_from)
+    # Buffers are not broadcast: every rank applies the same all-reduced bucket update itself.
+    run.ddp = DistributedDataParallel(model, broadcast_buffers=False) if ctx.is_distributed else None
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters, %d ranks, device %s, amp %s", n_params / 1e6, ctx.world_size, ctx.device, dtype)
     return run
 
 
-def _train(cfg: Config, ctx, log: logging.Logger, run: Run, checkpoint_dir: Path, out_dir: Path) -> dict:
-    mixture, model, optimizer, scheduler, scaler = run.mixture, run.model, run.optimizer, run.scheduler, run.scaler
-    resumed, step, species = run.resumed, run.step, run.mixture.species
-    # Buffers are not broadcast: every rank applies the same all-reduced bucket update itself.
-    ddp = DistributedDataParallel(model, broadcast_buffers=False) if ctx.is_distributed else None
-    wandb_args = {"project": cfg.wandb_project, "config": dataclasses.asdict(cfg)} if cfg.wandb else None
-    metrics = MetricsWriter(out_dir / "logs", ctx, wandb_init_args=wandb_args)
+def train_epochs(cfg: Config, ctx, log: logging.Logger, run: Run, metrics: MetricsWriter, preemption) -> None:
+    """Epochs from where the run is until n_epochs, or until a preemption signal (then `run.stopped`)."""
+    for epoch in range(run.start_epoch, cfg.n_epochs):
+        first_step = run.skip_steps if epoch == run.start_epoch else 0
+        if not (first_step and run.rng_restored):  # mid-epoch with the saved stream: keep it
+            torch.manual_seed(cfg.seed + ctx.rank + 1000 * epoch)  # dropout depends only on (seed, rank, epoch)
+        run.model.train()
+        micro_steps = cfg.steps_per_epoch * cfg.accumulation_steps
+        batches = run.mixture.batches(cfg.batch_size, micro_steps, epoch, skip=first_step * cfg.accumulation_steps)
+        run_epoch(cfg, ctx, log, run, metrics, preemption, epoch, first_step, batches)
+        if run.stopped:
+            log.warning("stopped on a preemption signal after step %d; run the same command again to resume", run.step)
+            return
+
+
+def run_epoch(cfg: Config, ctx, log, run: Run, metrics, preemption, epoch: int, first_step: int, batches) -> None:
+    """Optimizer steps `first_step + 1 .. steps_per_epoch` of `epoch`: step, log, checkpoint."""
+    meter = ThroughputMeter()
     tokens_per_step = cfg.batch_size * cfg.accumulation_steps * cfg.context_size * ctx.world_size
-    losses, last_checkpoint = [], None
-    with PreemptionHandler() as preemption:
-        for epoch in range(run.start_epoch, cfg.n_epochs):
-            first_step = run.skip_steps if epoch == run.start_epoch else 0
-            if first_step and len(resumed.get("rng_states") or []) == ctx.world_size:
-                restore_rng_state(resumed["rng_states"][ctx.rank])  # continue the dropout stream mid-epoch
-            else:
-                torch.manual_seed(cfg.seed + ctx.rank + 1000 * epoch)  # dropout depends only on (seed, rank, epoch)
-            model.train()
-            micro_steps = cfg.steps_per_epoch * cfg.accumulation_steps
-            batches = mixture.batches(cfg.batch_size, micro_steps, epoch, skip=first_step * cfg.accumulation_steps)
-            meter = ThroughputMeter()
-            stopped = False
-            for step_in_epoch in range(first_step + 1, cfg.steps_per_epoch + 1):
-                loss, grad_norm = train_step(cfg, ctx, model, ddp, optimizer, scheduler, scaler, batches, run.dtype)
-                step += 1
-                meter.update(samples=cfg.batch_size * cfg.accumulation_steps * ctx.world_size, tokens=tokens_per_step)
-                losses.append(loss)
-                log_step(log, metrics, ctx, epoch, step, loss, scheduler.get_last_lr()[0], grad_norm, meter)
-                stopped = preemption.should_stop()
-                epoch_done = step_in_epoch == cfg.steps_per_epoch
-                if epoch_done:
-                    epoch_losses = losses[-(cfg.steps_per_epoch - first_step) :]
-                    log.info(
-                        "epoch %d mean loss %.4f (a uniform guess over 4096 6-mers scores %.4f)",
-                        epoch + 1,
-                        sum(epoch_losses) / len(epoch_losses),
-                        math.log(4096),
-                    )
-                if epoch_done or stopped or (cfg.save_every_steps > 0 and step % cfg.save_every_steps == 0):
-                    last_checkpoint = save_training_state(
-                        cfg, ctx, model, optimizer, scheduler, scaler, epoch=epoch + epoch_done, step=step,
-                        step_in_epoch=0 if epoch_done else step_in_epoch, species=species,
-                        positions=mixture.positions, checkpoint_dir=checkpoint_dir, log=log,
-                    )  # fmt: skip
-                if stopped:
-                    break
-            if stopped:
-                log.warning("stopped on a preemption signal after step %d; run the same command again to resume", step)
-                break
-    metrics.close()
-    if ctx.is_main and losses:
-        with contextlib.suppress(ValueError):
-            plot_loss_curve(out_dir / "logs" / "metrics.jsonl", out_dir / "logs" / "loss_curve.png")
-    bad_files = {path: why for stream in mixture.streams.values() for path, why in stream.bad_files.items()}
+    for step_in_epoch in range(first_step + 1, cfg.steps_per_epoch + 1):
+        loss, grad_norm = train_step(cfg, ctx, run.model, run.ddp, run.optimizer, run.scheduler, run.scaler, batches,
+                                     run.dtype)  # fmt: skip
+        run.step += 1
+        meter.update(samples=cfg.batch_size * cfg.accumulation_steps * ctx.world_size, tokens=tokens_per_step)
+        run.losses.append(loss)
+        log_step(log, metrics, ctx, epoch, run.step, loss, run.scheduler.get_last_lr()[0], grad_norm, meter)
+        run.stopped = preemption.should_stop()
+        epoch_done = step_in_epoch == cfg.steps_per_epoch
+        if epoch_done:
+            end_epoch(cfg, ctx, log, run, epoch, first_step)
+        if epoch_done or run.stopped or (cfg.save_every_steps > 0 and run.step % cfg.save_every_steps == 0):
+            path = save_training_state(run, cfg, run.layout.checkpoints, run.mixture.positions,
+                                       epoch=epoch + epoch_done, step_in_epoch=0 if epoch_done else step_in_epoch)  # fmt: skip
+            log.info("saved %s", path)
+        if run.stopped:
+            return
+
+
+def end_epoch(cfg: Config, ctx, log: logging.Logger, run: Run, epoch: int, first_step: int) -> None:
+    """Log the epoch's mean loss and write the seed's dna_model/model_epoch_N.pt (before the resume checkpoint, so
+    a kill between the two retrains the epoch and rewrites the same file)."""
+    epoch_losses = run.losses[-(cfg.steps_per_epoch - first_step) :]
+    log.info("epoch %d mean loss %.4f (a uniform guess over 4096 6-mers scores %.4f)", epoch + 1,
+             sum(epoch_losses) / len(epoch_losses), math.log(4096))  # fmt: skip
+    if ctx.is_main:
+        epoch_dir = run.layout.output_dir / "dna_model"
+        write_epoch_file(run, cfg, epoch_dir / f"model_epoch_{epoch + 1}.pt", epoch + 1, run.mixture.positions)
+        if cfg.keep_checkpoints > 0:
+            files = sorted(epoch_dir.glob("model_epoch_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+            for old in files[: -cfg.keep_checkpoints]:
+                old.unlink(missing_ok=True)
+    barrier()
+
+
+def finish(cfg: Config, ctx, log: logging.Logger, run: Run) -> dict:
+    """At the last step: export final_model/, plot the loss curve, mark the run finished; say where outputs are."""
+    layout = run.layout
+    done = run.step >= cfg.n_epochs * cfg.steps_per_epoch and not run.stopped
+    if done:
+        if ctx.is_main:
+            write_export(run.model, cfg, run.mixture.species, layout.final_model)
+            plot_curve(layout)
+        barrier()
+        mark_finished(layout, run.step, "max steps reached")
+        log.info(
+            "finished at step %d; outputs in %s (final model: %s)", run.step, layout.output_dir, layout.final_model
+        )
+    else:
+        log.info("stopped at step %d; checkpoints in %s (run the same command to continue)", run.step,
+                 layout.checkpoints)  # fmt: skip
+    bad_files = {path: why for stream in run.mixture.streams.values() for path, why in stream.bad_files.items()}
     if bad_files:
         log.warning("%d bad file(s) were skipped: %s", len(bad_files), "; ".join(bad_files.values()))
-    return {"losses": losses, "checkpoint": last_checkpoint, "bad_files": bad_files, "species": species}
+    return {"losses": run.losses, "checkpoint": layout.final_model if done else None, "bad_files": bad_files,
+            "species": run.mixture.species, "finished": done, "step": run.step}  # fmt: skip
+
+
+def plot_curve(layout: RunLayout) -> None:
+    """loss_curve.png from metrics.jsonl; a failed write is one WriteError line and leaves no temporary file."""
+    try:
+        plot_loss_curve(layout.metrics, layout.loss_curve)
+    except ValueError:  # no numeric loss logged (nothing was left to train)
+        pass
+    except OSError as err:  # the shared plotter writes .tmp-loss_curve.png first
+        layout.loss_curve.with_name(f".tmp-{layout.loss_curve.name}").unlink(missing_ok=True)
+        raise WriteError(describe_write_error(err, layout.loss_curve)) from None
 
 
 def train_step(cfg, ctx, model, ddp, optimizer, scheduler, scaler, batches, dtype) -> tuple[float, float]:
@@ -389,19 +346,17 @@ def log_step(log, metrics, ctx, epoch, step, loss, lr, grad_norm, meter) -> None
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(argv)
-    try:
-        result = train(cfg)
-    except (PlantDataError, CheckpointError, TrainingSetupError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+def report(result: dict) -> None:
     losses = result["losses"]
     if losses:
         n = min(10, len(losses))  # single steps are noisy: compare the means of the first and last n steps
         first, last = sum(losses[:n]) / n, sum(losses[-n:]) / n
-        print(f"done: loss (mean of {n} steps) {first:.4f} -> {last:.4f}; checkpoint {result['checkpoint']}")
-    return 0
+        print(f"done: loss (mean of {n} steps) {first:.4f} -> {last:.4f}; step {result['step']}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(argv)
+    return run_cli(lambda: report(train(cfg)), user_errors=(PlantDataError,))
 
 
 if __name__ == "__main__":

@@ -290,7 +290,7 @@ def _finish_save(
         try:
             _write_manifest(tmp_dir, step, world_size, sharded)
             _publish(tmp_dir, final_dir)
-        except OSError as err:
+        except Exception as err:  # every rank must learn of it, or the others wait in the next collective
             error = err
     _raise_if_any_rank_failed(error, tmp_dir, rank)
     if rank == 0:
@@ -339,7 +339,7 @@ def save_checkpoint(
             write_sharded_parts(tmp_dir, rank, model, optimizer, scheduler, scaler, step, extra)
         else:
             _write_dense_parts(tmp_dir, rank, model, optimizer, scheduler, scaler, step, extra)
-    except (OSError, RuntimeError) as err:  # torch's writer raises RuntimeError on a full disk
+    except Exception as err:  # full disk: OSError, torch's RuntimeError, safetensors' own SafetensorError
         error = err
     _raise_if_any_rank_failed(error, tmp_dir, rank)
     return _finish_save(tmp_dir, final_dir, step, world_size, rank, keep_last_k, sharded=sharded)
@@ -495,7 +495,7 @@ def export_safetensors(
         for name in ("model.safetensors", "config.json"):
             _fsync_file(tmp_dir / name)
         _publish(tmp_dir, out_dir)
-    except (OSError, RuntimeError) as err:  # safetensors raises its own errors on a full disk, not only OSError
+    except Exception as err:  # safetensors raises its own SafetensorError on a full disk, not an OSError
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise WriteError(describe_write_error(err, out_dir)) from err
     return out_dir

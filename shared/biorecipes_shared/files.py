@@ -61,7 +61,7 @@ def describe_write_error(err: BaseException, path: str | Path) -> str:
             cause = "no space left on device (free some space or choose another output directory)"
         return f"cannot write {err.filename or path}: {cause}"
     message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if any(phrase in str(err) for phrase in _TORCH_WRITE_FAILURES):
+    if any(phrase in str(err) for phrase in _TORCH_WRITE_FAILURES) or type(err).__name__ == "SafetensorError":
         free = _free_bytes(path)
         if free is not None and free < 64 * 2**20:
             return f"cannot write {path}: no space left on device ({free // 2**20} MiB free)"

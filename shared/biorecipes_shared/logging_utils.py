@@ -16,7 +16,7 @@ import psutil
 import torch
 
 from .distributed import is_main_process
-from .files import atomic_write
+from .files import WriteError, atomic_write, describe_write_error
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -196,7 +196,12 @@ def plot_loss_curve(jsonl_path: str | Path, out_png: str | Path, key: str = "los
     fig.tight_layout()
     out_png = Path(out_png)
     tmp = out_png.with_name(f".tmp-{out_png.name}")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    tmp.replace(out_png)
+    try:
+        fig.savefig(tmp, format="png")
+        tmp.replace(out_png)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(describe_write_error(err, out_png)) from err
+    finally:
+        plt.close(fig)
     return out_png

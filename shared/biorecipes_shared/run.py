@@ -103,8 +103,10 @@ def resolve_resume(resume: Any, checkpoint_dir: str | Path) -> Path | None:
     checkpoint_dir = Path(checkpoint_dir)
     if choice not in RESUME_CHOICES:
         path = Path(choice)
-        if not path.is_dir():
+        if not path.exists():
             raise CheckpointError(f"resume checkpoint {path} does not exist")
+        if not path.is_dir():
+            raise CheckpointError(f"resume checkpoint {path} is a file; give a checkpoint folder (step_N/)")
         verify_checkpoint(path, check_hashes=True)
         return path
     if is_main_process() and checkpoint_dir.is_dir():

@@ -98,6 +98,23 @@ def test_checkpoint_write_failure_is_one_line_and_keeps_earlier_checkpoints(tmp_
     assert latest_checkpoint(tmp_path).name == "step_00000001"
 
 
+def test_a_safetensors_error_on_a_full_disk_is_one_line_too(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    model, optimizer = small_model()
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(checkpoint_module, "save_file", full)
+    monkeypatch.setattr(files_module, "_free_bytes", lambda path: 0)
+    with pytest.raises(CheckpointWriteError, match="no space left on device"):
+        save_checkpoint(tmp_path, 1, model, optimizer)
+    with pytest.raises(WriteError, match="no space left on device"):
+        checkpoint_module.export_safetensors(model, {}, tmp_path / "final_model")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_rotation_leftovers_are_removed_and_the_newest_valid_one_is_resumed(tmp_path):
     model, optimizer = small_model()
     for step in (5, 10):

@@ -184,6 +184,9 @@ def _cli(overrides: list[str]) -> subprocess.CompletedProcess:
         ("val.batch_size=0", "val.batch_size must be an integer >= 1, got 0"),
         ("data.kmer=0", "data.kmer must be an integer >= 1, got 0"),
         ("data.val_tokens=1000", "data.val_tokens=1000 tokens needs fragments of >= 1004 bp, data.fragment_bp is 150"),
+        ("train.lr=-1", "train.lr=-1 must be >= 0"),
+        ("train.lr=nan", "train.lr=nan must be a finite number"),
+        ("data.max_n_fraction=2", "data.max_n_fraction=2 must be in [0, 1]"),
     ],
 )
 def test_bad_counts_fail_before_anything_is_written(gtdb_fixture, tmp_path, override, message):
@@ -203,14 +206,18 @@ def test_bad_counts_fail_before_anything_is_written(gtdb_fixture, tmp_path, over
         ("model.d_model=0", "model.d_model must be an integer >= 1, got 0"),
         ("train.log_every=2.5", "train.log_every must be an integer >= 1, got 2.5"),
         ("train.stop_at_step=0", "train.stop_at_step must be null or an integer >= 1, got 0"),
-        ("train.lr=0", "train.lr must be a number > 0, got 0"),
+        ("train.lr=-1", "train.lr=-1 must be >= 0"),
+        ("train.lr=nan", "train.lr=nan must be a finite number"),
+        ("data.max_n_fraction=2", "data.max_n_fraction=2 must be in [0, 1]"),
+        ("head.t_momentum=1.5", "head.t_momentum=1.5 must be in [0, 1]"),
         ("data.train_tokens=200", "data.train_tokens=200 tokens needs fragments of >= 204 bp"),
     ],
 )
 def test_check_config_rejects_bad_values(gtdb_fixture, tmp_path, override, message):
+    from biorecipes_shared.run import ConfigError
     from train import check_config
 
-    with pytest.raises(GtdbDataError, match=re.escape(message)):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         check_config(compose_config([*tiny_overrides(gtdb_fixture, tmp_path), override]))
 
 
@@ -228,7 +235,7 @@ def test_resume_with_another_model_is_one_line(gtdb_fixture, tmp_path, change):
     assert result.returncode == 1 and "Traceback" not in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {checkpoint}: cannot resume: the checkpoint does not fit this model/config (")
-    assert last.endswith("); use train.resume=false or a new run_dir")
+    assert last.endswith("); use a new run_dir")
 
 
 def test_resume_error_from_load_state_dict_is_one_line(gtdb_fixture, tmp_path, monkeypatch):

@@ -1,22 +1,12 @@
 """Training runs: exact resume, and a 2-process torchrun run whose validation AUC rises well above chance."""
 
-import os
-import socket
-import subprocess
-import sys
-
 import pytest
 import torch
 from conftest import RECIPE_DIR, compose_config, tiny_overrides
 from safetensors.torch import load_file
 
+from biorecipes_shared.testing import run_command, torchrun_command
 from train import run
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _read_tsv(path):
@@ -45,7 +35,8 @@ def test_resume_reproduces_the_uninterrupted_run(gtdb_fixture, tmp_path):
         assert torch.equal(expected[name], got[name]), name
     assert straight["losses"][-2:] == second["losses"][-2:]
     assert _read_tsv(tmp_path / "resumed" / "AUC_log.tsv") == _read_tsv(tmp_path / "straight" / "AUC_log.tsv")
-    assert (tmp_path / "resumed" / "export" / "model.safetensors").is_file()
+    assert (tmp_path / "resumed" / "final_model" / "model.safetensors").is_file()
+    assert torch.equal(expected["head.t"], got["head.t"]) and float(got["head.t"]) != 0.0  # CurricularFace t
 
 
 @pytest.mark.slow
@@ -65,19 +56,9 @@ def test_torchrun_two_processes_learns_same_genome_embeddings(gtdb_fixture, tmp_
         "val.at_start=true",
         "val.fragments_per_genome=6",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
-        "train.py",
-        "--config-name",
-        "sample",
-        *overrides,
-    ]
-    result = subprocess.run(command, cwd=RECIPE_DIR, env=env, capture_output=True, text=True)
+    result = run_command(
+        torchrun_command("train.py", ["--config-name", "sample", *overrides], nproc=2), cwd=RECIPE_DIR, check=False
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "run"
     aucs = _read_tsv(run_dir / "AUC_log.tsv")

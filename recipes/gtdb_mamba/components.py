@@ -1,0 +1,111 @@
+"""The trained unit (embedder + CurricularFace head), its optimizer and schedule, and validation."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from safetensors import SafetensorError
+from torch import nn
+
+from biorecipes_shared.distributed import all_reduce_mean
+from biorecipes_shared.files import WriteError, describe_write_error
+from biorecipes_shared.logging_utils import plot_loss_curve
+from metrics import same_genome_auc, write_distance_histogram
+from model import CurricularFace, EmbedderConfig, GenomeFragmentEmbedder
+
+
+class EmbedderWithHead(nn.Module):
+    """The trained unit: embedder + CurricularFace head, so DDP and checkpoints see one module."""
+
+    def __init__(self, embedder: GenomeFragmentEmbedder, head: CurricularFace):
+        super().__init__()
+        self.embedder, self.head = embedder, head
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embedder(tokens), labels)
+
+
+def lr_lambda(step: int, warmup: int, max_steps: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to `min_ratio` at max_steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_model(cfg: DictConfig, model_config: EmbedderConfig, n_classes: int, device: torch.device):
+    """Embedder + CurricularFace head (identical on every rank), AdamW, warmup-cosine schedule."""
+    torch.manual_seed(cfg.seed)
+    embedder = GenomeFragmentEmbedder(model_config)
+    head = CurricularFace(model_config.d_model, n_classes, cfg.head.scale, cfg.head.margin, cfg.head.t_momentum)
+    model = EmbedderWithHead(embedder, head).to(device)
+    optimizer = make_optimizer(model, cfg)
+    min_ratio = cfg.train.min_lr / cfg.train.lr if cfg.train.lr > 0 else 1.0  # lr=0: a frozen run
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, cfg.train.warmup_steps, cfg.train.max_steps, min_ratio)
+    )
+    return model, optimizer, scheduler
+
+
+def make_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norm weights and Mamba's A_log / D (as in mamba-ssm)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        skip = param.ndim < 2 or getattr(param, "_no_weight_decay", False) or name.endswith(("A_log", ".D"))
+        (no_decay if skip else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr)
+
+
+def autocast(cfg: DictConfig, dist_ctx):
+    """bf16 autocast on CUDA when train.bf16; a no-op context on CPU."""
+    enabled = bool(cfg.train.bf16) and dist_ctx.device.type == "cuda"
+    return torch.autocast(dist_ctx.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+@torch.no_grad()
+def validate(embedder, val_tokens, val_labels, cfg, dist_ctx, run_dir: Path, step: int, metrics) -> float:
+    """Embed the validation fragments, AUC over all pairs (averaged over ranks), write the histogram on rank 0."""
+    embedder.eval()
+    embeddings = []
+    for start in range(0, len(val_tokens), cfg.val.batch_size):
+        with autocast(cfg, dist_ctx):
+            embeddings.append(
+                embedder(val_tokens[start : start + cfg.val.batch_size].to(dist_ctx.device)).float().cpu()
+            )
+    embedder.train()
+    auc, distances, same = same_genome_auc(torch.cat(embeddings), val_labels)
+    auc = float(all_reduce_mean(auc))
+    if dist_ctx.is_main:
+        write_distance_histogram(run_dir / "pairwise_distances_histogram.png", distances, same, auc, step)
+    metrics.log(step, auc=auc)
+    return auc
+
+
+@contextlib.contextmanager
+def safetensors_write_errors(path: Path, tmp_dir: Path, error_type: type[Exception]):
+    """Turn safetensors' own error type (raised on a full disk, and not an OSError/RuntimeError, so the shared
+    writers let it through as a traceback) into one line naming `path`; the temporary folder is removed."""
+    try:
+        yield
+    except SafetensorError as err:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        text = " ".join(str(err).split())
+        cause = "no space left on device (free some space or choose another output directory)"
+        raise error_type(f"cannot write {path}: {cause if 'os error 28' in text else text}") from None
+
+
+def plot_curve(layout) -> None:
+    """loss_curve.png from metrics.jsonl; a failed write is one WriteError line and leaves no temporary file."""
+    try:
+        plot_loss_curve(layout.metrics, layout.loss_curve)
+    except ValueError:  # no numeric loss logged (nothing was left to train)
+        pass
+    except OSError as err:  # the shared plotter writes .tmp-loss_curve.png first
+        layout.loss_curve.with_name(f".tmp-{layout.loss_curve.name}").unlink(missing_ok=True)
+        raise WriteError(describe_write_error(err, layout.loss_curve)) from None
