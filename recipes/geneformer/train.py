@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from biorecipes_shared.checkpoint import export_safetensors, save_checkpoint, unwrap_model
 from biorecipes_shared.distributed import all_reduce_mean, read_launch_env, teardown_distributed
-from biorecipes_shared.files import WriteError, describe_write_error
+from biorecipes_shared.files import WriteError, atomic_write, describe_write_error
 from biorecipes_shared.fsdp_checkpoint import gather_full_state_dict
 from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, peak_memory, plot_loss_curve
 from biorecipes_shared.preemption import PreemptionHandler
@@ -136,7 +136,7 @@ def train_loop(run: Run, state: RunState, metrics: MetricsWriter) -> None:
 
 
 def export_final_model(model: BertForMaskedLM, state_dict: dict, out_dir) -> None:
-    """final_model/: model.safetensors + config.json in the Hugging Face BERT layout (atomic)."""
+    """final_model/: model.safetensors + config.json in the Hugging Face BERT layout (atomic); vocab.txt follows."""
     if getattr(model.config, "use_te_layers", False):
         state_dict = te_to_hf_state_dict(state_dict)
     config = model.config.to_dict()
@@ -159,6 +159,8 @@ def finish(run: Run, state: RunState) -> None:
     full_state = gather_full_state_dict(run.wrapped) if sharded else unwrap_model(run.wrapped).state_dict()
     if run.dist_ctx.is_main:
         export_final_model(run.model, full_state, run.layout.final_model)
+        with atomic_write(run.layout.final_model / "vocab.txt") as handle:  # lets embed.py / init_from check tokens
+            handle.write("\n".join(run.vocab) + "\n")
         if run.layout.metrics.is_file():
             _plot(run.layout)
         mark_finished(run.layout, state.step, "max steps reached")

@@ -131,7 +131,7 @@ def test_the_run_folder_has_one_shape(tmp_path):
     assert train.main(tiny_overrides(tmp_path, steps=2)) == 0
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["checkpoints", "final_model", "loss.tsv", "loss_curve.png", "metrics.jsonl", "run_finished.json"]
-    assert sorted(p.name for p in (tmp_path / "final_model").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "final_model").iterdir()) == ["config.json", "model.safetensors", "vocab.txt"]
     assert data_position(tmp_path, 2) == {"epoch": 0, "cells_done": 8}
 
 
