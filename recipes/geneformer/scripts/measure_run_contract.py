@@ -101,7 +101,7 @@ def finished(root: Path) -> str:
 def disk_full(root: Path) -> str:
     mount = root / "tiny_disk"
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
     try:
         first = run_command(command(mount / "run", 6, 2), cwd=root, check=False)
         left = (

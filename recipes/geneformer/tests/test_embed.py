@@ -101,3 +101,23 @@ def test_bad_inputs_are_one_line(model_dir, tmp_path, capsys):
         "error: --pool cls needs a V2 vocabulary (--vocab with <cls>) and every cell to start with it",
     ]
     assert not list(tmp_path.glob("e*")) and not list(tmp_path.glob(".tmp*"))
+
+
+def test_parquet_folders_and_datasets_folders_read_like_one_parquet(tmp_path):
+    table = pq.read_table(SAMPLE_DIR / "cells.parquet").slice(0, 10)
+    (tmp_path / "parts").mkdir()
+    pq.write_table(table.slice(0, 4), tmp_path / "parts" / "a.parquet")
+    pq.write_table(table.slice(4), tmp_path / "parts" / "b.parquet")
+    saved = tmp_path / "cells.dataset"  # the layout of datasets' save_to_disk: Arrow stream files + state.json
+    saved.mkdir()
+    with (
+        pa.OSFile(str(saved / "data-00000-of-00001.arrow"), "wb") as sink,
+        pa.ipc.new_stream(sink, table.schema) as out,
+    ):
+        out.write_table(table)
+    (saved / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    expected = embed.read_tokenized(SAMPLE_DIR / "cells.parquet", len(VOCAB))
+    for path in (tmp_path / "parts", saved):
+        cells = embed.read_tokenized(path, len(VOCAB))
+        assert cells.ids == expected.ids[:10]
+        assert all(np.array_equal(a, b) for a, b in zip(cells.tokens, expected.tokens[:10]))
