@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import sys
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError
 
-from biorecipes_shared.checkpoint import export_safetensors, save_checkpoint, unwrap_model
+from biorecipes_shared.checkpoint import CheckpointWriteError, export_safetensors, save_checkpoint, unwrap_model
 from biorecipes_shared.distributed import all_reduce_mean, read_launch_env, teardown_distributed
 from biorecipes_shared.files import WriteError, atomic_write, describe_write_error
 from biorecipes_shared.fsdp_checkpoint import gather_full_state_dict
@@ -90,18 +93,31 @@ def log_step(run: Run, state: RunState, loss: torch.Tensor, grad_norm, meter, me
 
 def save(run: Run, state: RunState) -> None:
     """A complete checkpoint of `state` (every rank calls it); the data position is global, the same on all ranks."""
-    save_checkpoint(
-        run.layout.checkpoints,
-        state.step,
-        run.wrapped,
-        run.optimizer,
-        run.scheduler,
-        data_state=state.position,
-        generators=run.generators,
-        extra={"data_position": dict(state.position), "world_size": run.dist_ctx.world_size},
-        keep_last_k=run.cfg.training.keep_last_k,
-        sharded=run.cfg.training.use_fsdp,
-    )
+    with safetensors_write_errors(run.layout.checkpoints / f".tmp-step_{state.step:08d}"):
+        save_checkpoint(
+            run.layout.checkpoints,
+            state.step,
+            run.wrapped,
+            run.optimizer,
+            run.scheduler,
+            data_state=state.position,
+            generators=run.generators,
+            extra={"data_position": dict(state.position), "world_size": run.dist_ctx.world_size},
+            keep_last_k=run.cfg.training.keep_last_k,
+            sharded=run.cfg.training.use_fsdp,
+        )
+
+
+@contextlib.contextmanager
+def safetensors_write_errors(tmp_dir: Path):
+    """safetensors reports a full disk as SafetensorError (not an OSError), which the shared writers let through with
+    their temporary folder left behind: remove it and raise the one-line CheckpointWriteError they would have."""
+    try:
+        yield
+    except SafetensorError as error:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        final = tmp_dir.with_name(tmp_dir.name.removeprefix(".tmp-"))
+        raise CheckpointWriteError(describe_write_error(error, final)) from None
 
 
 def train_loop(run: Run, state: RunState, metrics: MetricsWriter) -> None:
@@ -141,7 +157,9 @@ def export_final_model(model: BertForMaskedLM, state_dict: dict, out_dir) -> Non
         state_dict = te_to_hf_state_dict(state_dict)
     config = model.config.to_dict()
     config["architectures"] = ["BertForMaskedLM"]
-    export_safetensors(None, config, out_dir, state_dict=state_dict)
+    out_dir = Path(out_dir)
+    with safetensors_write_errors(out_dir.with_name(f".tmp-{out_dir.name}")):
+        export_safetensors(None, config, out_dir, state_dict=state_dict)
 
 
 def _plot(layout: RunLayout) -> None:

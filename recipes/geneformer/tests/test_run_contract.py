@@ -11,9 +11,11 @@ import sys
 import pytest
 import torch
 from conftest import RECIPE_DIR, tiny_overrides
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import train
+from biorecipes_shared import checkpoint as checkpoint_module
 from biorecipes_shared.checkpoint import verify_checkpoint
 from biorecipes_shared.logging_utils import read_metrics
 from biorecipes_shared.testing import child_env, kill_around_saves, run_command, torchrun_command
@@ -96,22 +98,32 @@ def test_a_finished_run_is_left_alone_and_says_so_in_one_line(tmp_path, capsys):
     assert json.loads((tmp_path / "run_finished.json").read_text())["step"] == 2
 
 
-def test_a_full_disk_is_one_line_and_the_next_run_resumes_cleanly(tmp_path, capsys, monkeypatch):
-    assert train.main(tiny_overrides(tmp_path, steps=2)) == 0
-    real_save = torch.save
-
+def torch_full_disk(monkeypatch):
     def full_disk(obj, path, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(torch, "save", full_disk)
+
+
+def safetensors_full_disk(monkeypatch):
+    def full_disk(*args, **kwargs):  # what safetensors raises on ENOSPC: not an OSError
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint_module, "save_file", full_disk)
+
+
+@pytest.mark.parametrize("fill_disk", [torch_full_disk, safetensors_full_disk])
+def test_a_full_disk_is_one_line_and_the_next_run_resumes_cleanly(tmp_path, capsys, monkeypatch, fill_disk):
+    assert train.main(tiny_overrides(tmp_path, steps=2)) == 0
+    fill_disk(monkeypatch)
     capsys.readouterr()
     assert train.main(tiny_overrides(tmp_path, steps=4)) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: checkpoint {tmp_path / 'checkpoints' / 'step_00000004'}: ")
-    assert "no space left on device" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: ") and "step_00000004" in err[0], err
+    assert "no space left on device" in err[0].lower()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002"]
     verify_checkpoint(tmp_path / "checkpoints" / "step_00000002")
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.undo()
     assert train.main(tiny_overrides(tmp_path, steps=4)) == 0
     assert [step for step, _ in losses(tmp_path)] == [1, 2, 3, 4]
     assert json.loads((tmp_path / "run_finished.json").read_text())["step"] == 4
@@ -131,7 +143,11 @@ def test_the_run_folder_has_one_shape(tmp_path):
     assert train.main(tiny_overrides(tmp_path, steps=2)) == 0
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["checkpoints", "final_model", "loss.tsv", "loss_curve.png", "metrics.jsonl", "run_finished.json"]
-    assert sorted(p.name for p in (tmp_path / "final_model").iterdir()) == ["config.json", "model.safetensors", "vocab.txt"]
+    assert sorted(p.name for p in (tmp_path / "final_model").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "vocab.txt",
+    ]
     assert data_position(tmp_path, 2) == {"epoch": 0, "cells_done": 8}
 
 
