@@ -121,3 +121,21 @@ def test_parquet_folders_and_datasets_folders_read_like_one_parquet(tmp_path):
         cells = embed.read_tokenized(path, len(VOCAB))
         assert cells.ids == expected.ids[:10]
         assert all(np.array_equal(a, b) for a, b in zip(cells.tokens, expected.tokens[:10]))
+
+
+def test_cls_pooling_of_v2_cells_takes_the_first_state_and_ignores_padding(model_dir, tmp_path, capsys):
+    vocab = ["<pad>", "<mask>", "<cls>", "<eos>", *VOCAB[4:]]  # a V2 vocabulary of the model's size
+    (tmp_path / "v2_vocab.txt").write_text("\n".join(vocab) + "\n")
+    cells = sample_cells(6)
+    v2 = [np.concatenate([[2], cell[: 40 + 10 * i], [3]]) for i, cell in enumerate(cells.tokens)]
+    pq.write_table(
+        pa.table({"input_ids": pa.array(v2, type=pa.list_(pa.int32())), "cell_id": cells.ids}), tmp_path / "v2.parquet"
+    )
+    args = [str(model_dir), str(tmp_path / "v2.parquet"), "--vocab", str(tmp_path / "v2_vocab.txt"), "--pool", "cls"]
+    assert embed.main([*args, "--out", str(tmp_path / "cls.npy")]) == 0
+    together = np.load(tmp_path / "cls.npy")
+    model = embed.load_model(model_dir)
+    alone = embed.embed_cells(model, embed.Cells(v2[:1], ["a"], "one"), pool="cls", progress=False)
+    np.testing.assert_allclose(together[0], alone[0], rtol=1e-5, atol=1e-6)
+    mean = embed.embed_cells(model, embed.Cells(v2, cells.ids, "v2"), special_ids=[0, 1, 2, 3], progress=False)
+    assert not np.allclose(mean, together)
