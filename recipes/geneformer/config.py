@@ -5,6 +5,7 @@ The values live in the YAML files; the dataclasses below only say which keys exi
 
 from __future__ import annotations
 
+import importlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +17,31 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from transformers.activations import ACT2FN
 
-CONFIG_DIR = Path(__file__).resolve().parent / "hydra_config"
+from biorecipes_shared.run import ConfigError, check_settings
+from model import check_te_config, geneformer_config
+from pretrained import merge_folder_config, read_folder_config
+
+RECIPE_DIR = Path(__file__).resolve().parent
+CONFIG_DIR = RECIPE_DIR / "hydra_config"
 DEFAULT_CONFIG = "l0_sanity"
 
 
-class ConfigError(ValueError):
-    """An unusable configuration (unknown name or key, wrong type, incompatible choices)."""
+# The shared ConfigError (a RunError), so `run_cli` prints it as one line like every other recipe's setting errors.
+__all__ = ["ConfigError", "check_config", "config_from_argv", "load_config", "LR_SCHEDULES"]
+
+# The transformers schedules that work as train.make_optimizer builds and steps them (warmup + total steps, step()
+# without a metric); reduce_lr_on_plateau, cosine_with_min_lr and warmup_stable_decay need arguments never passed.
+LR_SCHEDULES = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
 
 
 @dataclass
@@ -39,6 +58,9 @@ class ModelConfig:
     initializer_range: float = MISSING
     vocab_size: int | None = None  # None: the number of lines of data.vocab_path
     use_te_layers: bool = MISSING
+    # A Hugging Face BertForMaskedLM folder (config.json + weights) to start from; its config.json sets the
+    # architecture, so the model.* sizes above must agree with it or stay at their defaults.
+    init_from: str | None = None
 
 
 @dataclass
@@ -69,9 +91,11 @@ class TrainingConfig:
     log_every_n_steps: int = MISSING
     save_every_n_steps: int = MISSING
     keep_last_k: int = MISSING
-    output_dir: str = MISSING
-    checkpoint_dir: str = MISSING
-    resume_from_checkpoint: bool = MISSING
+    output_dir: str = MISSING  # checkpoints/, final_model/, metrics.jsonl, loss.tsv, loss_curve.png, run_finished.json
+    checkpoint_dir: str | None = None  # removed: always output_dir/checkpoints (a set value is a one-line error)
+    # true/auto: newest valid checkpoint in output_dir/checkpoints, else a fresh start; false/none: fresh start (a
+    # folder that already holds checkpoints is refused); a path: exactly that checkpoint.
+    resume_from_checkpoint: Any = True
     wandb_init_args: dict[str, Any] = field(default_factory=dict)  # empty: no wandb
 
 
@@ -152,7 +176,25 @@ def load_config(config_name: str = DEFAULT_CONFIG, overrides: list[str] | None =
         raise ConfigError(_one_line(error)) from None
     if missing:
         raise ConfigError(f"config {config_name!r} leaves {sorted(missing)} unset")
+    if cfg.model.init_from:
+        folder = recipe_path(cfg.model.init_from)
+        merge_folder_config(cfg.model, read_folder_config(folder), _explicit_model_keys(overrides or []), folder)
     return cfg
+
+
+def recipe_path(path: str | Path) -> Path:
+    """Relative paths in the config are relative to the recipe folder, wherever train.py is launched from."""
+    return Path(path) if Path(path).is_absolute() else RECIPE_DIR / path
+
+
+def _explicit_model_keys(overrides: list[str]) -> set[str]:
+    """model.* keys set on the command line (`model.hidden_size=64`, `+model.x=…`, `++model.x=…`)."""
+    keys = set()
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith("model."):
+            keys.add(key.removeprefix("model."))
+    return keys
 
 
 def config_from_argv(argv: list[str] | None = None) -> DictConfig | None:
@@ -165,3 +207,87 @@ def config_from_argv(argv: list[str] | None = None) -> DictConfig | None:
         print(OmegaConf.to_yaml(cfg), end="")
         return None
     return cfg
+
+
+def _setting_checks(cfg: DictConfig) -> list[tuple[str, Any, str]]:
+    model, data, training = cfg.model, cfg.data, cfg.training
+    checks = [(f"training.{key}", training[key], "count") for key in _COUNTS]
+    checks += [
+        (f"data.{key}", data[key], "count") for key in ("micro_batch_size", "pad_to_multiple_of", "max_seq_length")
+    ]
+    checks += [
+        ("training.learning_rate", training.learning_rate, "non_negative"),  # 0: a frozen run (e.g. export a start)
+        ("training.weight_decay", training.weight_decay, "non_negative"),
+        ("training.grad_clip_norm", training.grad_clip_norm, "positive"),
+        ("training.warmup_steps", training.warmup_steps, "count0"),
+        ("data.mlm_probability", data.mlm_probability, "open_fraction"),
+        ("model.hidden_dropout_prob", model.hidden_dropout_prob, "unit_interval_right_open"),
+        ("model.attention_probs_dropout_prob", model.attention_probs_dropout_prob, "unit_interval_right_open"),
+        ("model.layer_norm_eps", model.layer_norm_eps, "positive"),
+        ("model.initializer_range", model.initializer_range, "positive"),
+    ]
+    checks += [(f"model.{key}", model[key], "count") for key in _MODEL_COUNTS]
+    checks += [
+        (f"training.adam_betas[{i}]", beta, "unit_interval_right_open") for i, beta in enumerate(training.adam_betas)
+    ]
+    return checks
+
+
+_COUNTS = ("num_train_steps", "log_every_n_steps", "save_every_n_steps", "keep_last_k")
+_MODEL_COUNTS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Every setting check, in one place, before any output exists; raises ConfigError (one line).
+
+    Ranges go through `biorecipes_shared.run.check_settings`; combinations that cannot run as asked follow."""
+    model, data, training = cfg.model, cfg.data, cfg.training
+    if training.checkpoint_dir is not None:
+        raise ConfigError(
+            f"training.checkpoint_dir={training.checkpoint_dir!r} is no longer used: checkpoints always go to "
+            "training.output_dir/checkpoints; set training.output_dir instead"
+        )
+    if len(training.adam_betas) != 2:
+        raise ConfigError(f"training.adam_betas={list(training.adam_betas)} must be two values in [0, 1)")
+    check_settings(_setting_checks(cfg))
+    if model.hidden_size % model.num_attention_heads:
+        raise ConfigError(f"model.hidden_size={model.hidden_size} is not divisible by num_attention_heads")
+    if data.max_seq_length > model.max_position_embeddings:
+        raise ConfigError(f"data.max_seq_length={data.max_seq_length} > model.max_position_embeddings")
+    if model.hidden_act not in ACT2FN:
+        raise ConfigError(f"model.hidden_act={model.hidden_act!r} is unknown (e.g. relu, gelu, gelu_new)")
+    _check_schedule(training)
+    _check_parallelism(model, training)
+    from fp8 import fp8_backend  # fp8.py imports this module (ConfigError): import it here, not at the top
+
+    fp8_backend(cfg)  # te or torchao; ConfigError when FP8 cannot run here
+
+
+def _check_schedule(training: DictConfig) -> None:
+    if training.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"training.lr_schedule={training.lr_schedule!r}: use one of {', '.join(LR_SCHEDULES)}")
+    if training.lr_schedule == "constant" and training.warmup_steps:
+        raise ConfigError("training.lr_schedule=constant ignores warmup_steps; use constant_with_warmup")
+    if training.wandb_init_args:
+        try:  # MetricsWriter imports wandb only after it has created output_dir: check first
+            importlib.import_module("wandb")
+        except ImportError as error:
+            raise ConfigError(f"training.wandb_init_args is set but wandb does not import ({error})") from None
+
+
+def _check_parallelism(model: DictConfig, training: DictConfig) -> None:
+    if training.fsdp_impl not in ("torch", "megatron"):
+        raise ConfigError(f"training.fsdp_impl={training.fsdp_impl!r}: use torch or megatron")
+    if training.fsdp_impl == "megatron" and not training.use_fsdp:
+        raise ConfigError("training.fsdp_impl=megatron needs training.use_fsdp=true")
+    if model.use_te_layers:
+        try:
+            check_te_config(geneformer_config(2, use_te_layers=True, hidden_act=model.hidden_act))
+        except ValueError as error:
+            raise ConfigError(str(error)) from None

@@ -154,22 +154,33 @@ def iterate_batches(
     seed: int,
     rank: int,
     world_size: int,
-    start_epoch: int = 0,
-    start_batch: int = 0,
+    position: dict | None = None,
 ):
-    """An iterator of (epoch, batch_index, batch), forever, starting at (start_epoch, start_batch).
+    """An iterator of (position, batch), forever; `position` is where the data stands *after* that batch.
 
+    The cells form one global stream, the same for every world size: the seeded permutation of epoch 0, then of
+    epoch 1, and so on. Each global step takes the next `world_size × micro_batch_size` cells of the stream and rank r
+    gets the r-th block of `micro_batch_size`, so a position `{"epoch": e, "cells_done": n}` (identical on every rank)
+    lets a resumed run continue under any world size with no cell replayed or skipped. A step may span two epochs.
     Checks the corpus now, not at the first next() (a generator body would only run then)."""
     check_fills_a_batch(dataset, micro_batch_size, world_size)
-    return _batches(dataset, collator, micro_batch_size, seed, rank, world_size, start_epoch, start_batch)
+    position = dict(position or {"epoch": 0, "cells_done": 0})
+    if "cells_done" not in position:  # written by the per-rank (epoch, batch) version of this recipe
+        raise DataError(f"data position {position} predates the global one: start a new training.output_dir")
+    return _batches(dataset, collator, micro_batch_size, seed, rank, world_size, position)
 
 
-def _batches(dataset, collator, micro_batch_size, seed, rank, world_size, epoch, batch_index):
-    per_epoch = batches_per_epoch(len(dataset), micro_batch_size, world_size)
+def _batches(dataset, collator, micro_batch_size, seed, rank, world_size, position):
+    epoch, done, num_cells = int(position["epoch"]), int(position["cells_done"]), len(dataset)
+    order = epoch_order(num_cells, epoch, seed, 0, 1)  # the whole permutation; ranks take blocks of each step
     while True:
-        order = epoch_order(len(dataset), epoch, seed, rank, world_size)
-        while batch_index < per_epoch:
-            indices = order[batch_index * micro_batch_size : (batch_index + 1) * micro_batch_size]
-            yield epoch, batch_index, collator([dataset[int(i)] for i in indices])
-            batch_index += 1
-        epoch, batch_index = epoch + 1, 0
+        step_cells = []
+        while len(step_cells) < world_size * micro_batch_size:
+            take = order[done : done + world_size * micro_batch_size - len(step_cells)]
+            step_cells.extend(int(i) for i in take)
+            done += len(take)
+            if done == num_cells:
+                epoch, done = epoch + 1, 0
+                order = epoch_order(num_cells, epoch, seed, 0, 1)
+        mine = step_cells[rank * micro_batch_size : (rank + 1) * micro_batch_size]
+        yield {"epoch": epoch, "cells_done": done}, collator([dataset[i] for i in mine])

@@ -3,144 +3,46 @@
     python train.py                                         # l0_sanity on the bundled sample, CPU friendly
     torchrun --nproc_per_node=8 train.py --config-name 106m data.train_path=... data.vocab_path=...
     python train.py --config-name 4b --cfg job              # print the composed config
+    python train.py model.init_from=/models/Geneformer-V1-10M data.vocab_path=...   # start from published weights
 
-DDP by default, FSDP2 with training.use_fsdp=true; checkpoints every save_every_n_steps into
-training.checkpoint_dir/step_XXXXXXXX/, resumed automatically; the final weights go to checkpoint_dir/final_model/.
+One command for the first run and every requeue: the same command resumes from the newest valid checkpoint, a
+finished run exits 0 without training, SIGTERM/SIGUSR1 save and exit 0. Outputs, all under training.output_dir:
+checkpoints/step_N/, final_model/ (safetensors + config.json, Hugging Face BERT layout), metrics.jsonl, loss.tsv,
+loss_curve.png, run_finished.json. DDP by default, FSDP2 with training.use_fsdp=true.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import math
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import get_scheduler
-from transformers.activations import ACT2FN
+from safetensors import SafetensorError
 
-from biorecipes_shared.checkpoint import (
-    CheckpointError,
-    export_safetensors,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    unwrap_model,
-)
-from biorecipes_shared.distributed import all_reduce_mean, seed_everything, setup_distributed, teardown_distributed
+from biorecipes_shared.checkpoint import CheckpointWriteError, export_safetensors, save_checkpoint, unwrap_model
+from biorecipes_shared.distributed import all_reduce_mean, read_launch_env, teardown_distributed
+from biorecipes_shared.files import WriteError, atomic_write, describe_write_error
 from biorecipes_shared.fsdp_checkpoint import gather_full_state_dict
 from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, peak_memory, plot_loss_curve
 from biorecipes_shared.preemption import PreemptionHandler
-from config import ConfigError, config_from_argv
-from data import CellDataset, MaskingCollator, check_fills_a_batch, iterate_batches
-from fp8 import convert_for_fp8, fp8_autocast, fp8_backend
-from model import BertForMaskedLM, check_te_config, geneformer_config, te_to_hf_state_dict
-from preprocess import DataError, read_vocab
+from biorecipes_shared.run import RunLayout, finished_message, finished_run, mark_finished, run_cli
+from config import LR_SCHEDULES, check_config, config_from_argv, recipe_path
+from data import iterate_batches
+from fp8 import fp8_autocast
+from model import BertForMaskedLM, te_to_hf_state_dict
+from preprocess import DataError
+from run_state import Run, RunState, make_optimizer, restore, set_up, shard_model
 
-RECIPE_DIR = Path(__file__).resolve().parent
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
-# The transformers schedules that work as make_optimizer builds and steps them (warmup + total steps, step() without
-# a metric); reduce_lr_on_plateau, cosine_with_min_lr and warmup_stable_decay need arguments this recipe never passes.
-LR_SCHEDULES = (
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "constant",
-    "constant_with_warmup",
-    "inverse_sqrt",
-)
+__all__ = ["LR_SCHEDULES", "check_config", "main", "make_optimizer", "shard_model", "train"]
 
-
-def recipe_path(path: str) -> Path:
-    """Relative paths in the config are relative to the recipe folder, wherever train.py is launched from."""
-    return Path(path) if Path(path).is_absolute() else RECIPE_DIR / path
-
-
-def check_config(cfg: DictConfig) -> None:
-    """Refuse combinations that cannot run as asked, before any expensive work (no silent fallbacks)."""
-    model, data, training = cfg.model, cfg.data, cfg.training
-    for key in ("num_train_steps", "log_every_n_steps", "save_every_n_steps", "keep_last_k"):
-        if training[key] < 1:
-            raise ConfigError(f"training.{key}={training[key]} must be at least 1")
-    if data.micro_batch_size < 1 or data.pad_to_multiple_of < 1:
-        raise ConfigError("data.micro_batch_size and data.pad_to_multiple_of must be at least 1")
-    if model.hidden_size % model.num_attention_heads:
-        raise ConfigError(f"model.hidden_size={model.hidden_size} is not divisible by num_attention_heads")
-    if data.max_seq_length > model.max_position_embeddings:
-        raise ConfigError(f"data.max_seq_length={data.max_seq_length} > model.max_position_embeddings")
-    if not 0 < data.mlm_probability < 1:
-        raise ConfigError(f"data.mlm_probability={data.mlm_probability} must be in (0, 1)")
-    if model.hidden_act not in ACT2FN:
-        raise ConfigError(f"model.hidden_act={model.hidden_act!r} is unknown (e.g. relu, gelu, gelu_new)")
-    if training.lr_schedule not in LR_SCHEDULES:
-        raise ConfigError(f"training.lr_schedule={training.lr_schedule!r}: use one of {', '.join(LR_SCHEDULES)}")
-    if training.lr_schedule == "constant" and training.warmup_steps:
-        raise ConfigError("training.lr_schedule=constant ignores warmup_steps; use constant_with_warmup")
-    if len(training.adam_betas) != 2 or not all(0 <= beta < 1 for beta in training.adam_betas):
-        raise ConfigError(f"training.adam_betas={list(training.adam_betas)} must be two values in [0, 1)")
-    if training.wandb_init_args:
-        try:  # MetricsWriter imports wandb only after it has created output_dir: check first
-            importlib.import_module("wandb")
-        except ImportError as error:
-            raise ConfigError(f"training.wandb_init_args is set but wandb does not import ({error})") from None
-    if training.fsdp_impl not in ("torch", "megatron"):
-        raise ConfigError(f"training.fsdp_impl={training.fsdp_impl!r}: use torch or megatron")
-    if training.fsdp_impl == "megatron" and not training.use_fsdp:
-        raise ConfigError("training.fsdp_impl=megatron needs training.use_fsdp=true")
-    fp8_backend(cfg)  # te or torchao; ConfigError when FP8 cannot run here
-    if model.use_te_layers:
-        try:
-            check_te_config(geneformer_config(2, use_te_layers=True, hidden_act=model.hidden_act))
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-
-
-def shard_model(model: BertForMaskedLM, cfg: DictConfig, dist_ctx):
-    """Wrap for data parallelism: FSDP2 per layer + root, megatron-fsdp, DDP, or nothing on one process."""
-    if cfg.training.use_fsdp and cfg.training.fsdp_impl == "megatron":
-        try:
-            from megatron_fsdp import fully_shard_model
-        except Exception as error:
-            raise ConfigError(f"training.fsdp_impl=megatron: megatron_fsdp does not import ({error})") from None
-        layer_type = type(model.bert.encoder["layer"][0])
-        return fully_shard_model(module=model, fsdp_unit_modules=[layer_type])
-    if cfg.training.use_fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in model.bert.encoder["layer"]:
-            fully_shard(layer)
-        return fully_shard(model)
-    if dist_ctx.is_distributed:
-        device_ids = [dist_ctx.device.index] if dist_ctx.device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    return model
-
-
-def make_optimizer(model: torch.nn.Module, cfg: DictConfig):
-    """AdamW without weight decay on biases and LayerNorms (BERT practice), with warmup + decay."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (no_decay if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
-    training = cfg.training
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": training.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=training.learning_rate,
-        betas=tuple(training.adam_betas),
-    )
-    if training.fsdp_impl == "megatron" and training.use_fsdp:
-        from megatron_fsdp import fully_shard_optimizer
-
-        optimizer = fully_shard_optimizer(optimizer=optimizer)
-    scheduler = get_scheduler(
-        training.lr_schedule,
-        optimizer,
-        num_warmup_steps=training.warmup_steps,
-        num_training_steps=training.num_train_steps,
-    )
-    return optimizer, scheduler
+USER_ERRORS = (
+    DataError,
+    FloatingPointError,
+)  # ConfigError, CheckpointError and write errors are caught by run_cli itself
 
 
 def precision_context(cfg: DictConfig, device: torch.device):
@@ -152,180 +54,167 @@ def precision_context(cfg: DictConfig, device: torch.device):
     return stack
 
 
-def resume_point(checkpoint_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from; existing but unusable checkpoints are an error, never a restart at step 0."""
-    existing = sorted(checkpoint_dir.glob("step_*"))
-    if not existing:
-        return None
-    if not resume:
-        raise ConfigError(
-            f"{checkpoint_dir} already holds checkpoints and training.resume_from_checkpoint=false; "
-            "choose another training.output_dir (nothing is overwritten)"
+def train_step(run: Run, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on this rank's micro-batch; returns (loss, grad norm) before the update, detached."""
+    batch = {key: value.to(run.dist_ctx.device, non_blocking=True) for key, value in batch.items()}
+    with precision_context(run.cfg, run.dist_ctx.device):
+        loss = run.wrapped(**batch, masked_logits_only=True).loss
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.wrapped.parameters(), run.cfg.training.grad_clip_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), grad_norm
+
+
+def log_step(run: Run, state: RunState, loss: torch.Tensor, grad_norm, meter, metrics: MetricsWriter) -> None:
+    """Mean loss over ranks into metrics.jsonl / loss.tsv and the console; a non-finite loss stops the run."""
+    mean_loss = all_reduce_mean(loss.float()).item()
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+        grad_norm = grad_norm.full_tensor()
+    state.losses.append(mean_loss)
+    rates, lr = meter.rates(), run.scheduler.get_last_lr()[0]
+    epoch = state.position["epoch"]
+    metrics.log(state.step, loss=mean_loss, lr=lr, grad_norm=float(grad_norm), epoch=epoch, **rates, **peak_memory())
+    run.log.info(
+        f"step {state.step}/{run.cfg.training.num_train_steps}  loss {mean_loss:.4f}  lr {lr:.2e}  "
+        f"{rates['tokens_per_s']:.0f} tokens/s"
+    )
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(f"loss became {mean_loss} at step {state.step}")
+
+
+def save(run: Run, state: RunState) -> None:
+    """A complete checkpoint of `state` (every rank calls it); the data position is global, the same on all ranks."""
+    with safetensors_write_errors(run.layout.checkpoints / f".tmp-step_{state.step:08d}"):
+        save_checkpoint(
+            run.layout.checkpoints,
+            state.step,
+            run.wrapped,
+            run.optimizer,
+            run.scheduler,
+            data_state=state.position,
+            generators=run.generators,
+            extra={"data_position": dict(state.position), "world_size": run.dist_ctx.world_size},
+            keep_last_k=run.cfg.training.keep_last_k,
+            sharded=run.cfg.training.use_fsdp,
         )
-    latest = latest_checkpoint(checkpoint_dir)
-    if latest is None:
-        raise CheckpointError(f"{checkpoint_dir}: has {[p.name for p in existing]} but none is a complete checkpoint")
-    return latest
 
 
-def export_final_model(model: BertForMaskedLM, state_dict: dict, out_dir: Path) -> None:
-    """checkpoint_dir/final_model: model.safetensors + config.json in the Hugging Face BERT layout."""
+@contextlib.contextmanager
+def safetensors_write_errors(tmp_dir: Path):
+    """safetensors reports a full disk as SafetensorError (not an OSError), which the shared writers let through with
+    their temporary folder left behind: remove it and raise the one-line CheckpointWriteError they would have."""
+    try:
+        yield
+    except SafetensorError as error:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        final = tmp_dir.with_name(tmp_dir.name.removeprefix(".tmp-"))
+        raise CheckpointWriteError(describe_write_error(error, final)) from None
+
+
+def train_loop(run: Run, state: RunState, metrics: MetricsWriter) -> None:
+    """Step until num_train_steps or a preemption signal (then save and stop), checkpointing as configured."""
+    training = run.cfg.training
+    batches = iterate_batches(
+        run.dataset,
+        run.collator,
+        run.cfg.data.micro_batch_size,
+        training.seed,
+        run.dist_ctx.rank,
+        run.dist_ctx.world_size,
+        state.position,
+    )
+    meter = ThroughputMeter()
+    run.wrapped.train()
+    with PreemptionHandler() as preemption:
+        while state.step < training.num_train_steps:
+            state.position, batch = next(batches)
+            loss, grad_norm = train_step(run, batch)
+            state.step += 1
+            meter.update(samples=batch["input_ids"].shape[0], tokens=int(batch["attention_mask"].sum()))
+            last = state.step == training.num_train_steps
+            if state.step % training.log_every_n_steps == 0 or last:
+                log_step(run, state, loss, grad_norm, meter, metrics)
+            state.preempted = preemption.should_stop()
+            if state.step % training.save_every_n_steps == 0 or last or state.preempted:
+                save(run, state)
+            if state.preempted:
+                run.log.warning(f"preempted: saved step {state.step}; rerun the same command to resume")
+                return
+
+
+def export_final_model(model: BertForMaskedLM, state_dict: dict, out_dir) -> None:
+    """final_model/: model.safetensors + config.json in the Hugging Face BERT layout (atomic); vocab.txt follows."""
     if getattr(model.config, "use_te_layers", False):
         state_dict = te_to_hf_state_dict(state_dict)
     config = model.config.to_dict()
     config["architectures"] = ["BertForMaskedLM"]
-    export_safetensors(None, config, out_dir, state_dict=state_dict)
+    out_dir = Path(out_dir)
+    with safetensors_write_errors(out_dir.with_name(f".tmp-{out_dir.name}")):
+        export_safetensors(None, config, out_dir, state_dict=state_dict)
 
 
-def train(cfg: DictConfig) -> list[float]:
-    """Run (or resume) training as configured; returns the losses logged by this run."""
+def _plot(layout: RunLayout) -> None:
+    """loss_curve.png; the plotting helper writes `.tmp-loss_curve.png` first: on a write error remove it, one line."""
+    try:
+        plot_loss_curve(layout.metrics, layout.loss_curve)
+    except OSError as error:
+        layout.loss_curve.with_name(f".tmp-{layout.loss_curve.name}").unlink(missing_ok=True)
+        raise WriteError(describe_write_error(error, layout.loss_curve)) from error
+
+
+def finish(run: Run, state: RunState) -> None:
+    """Export final_model/, plot the loss curve, then mark the run finished (a rerun is a no-op from here on)."""
+    sharded = run.cfg.training.use_fsdp
+    full_state = gather_full_state_dict(run.wrapped) if sharded else unwrap_model(run.wrapped).state_dict()
+    if run.dist_ctx.is_main:
+        export_final_model(run.model, full_state, run.layout.final_model)
+        with atomic_write(run.layout.final_model / "vocab.txt") as handle:  # lets embed.py / init_from check tokens
+            handle.write("\n".join(run.vocab) + "\n")
+        if run.layout.metrics.is_file():
+            _plot(run.layout)
+        mark_finished(run.layout, state.step, "max steps reached")
+        run.log.info(
+            f"done: final model {run.layout.final_model}, metrics {run.layout.metrics}, loss curve "
+            f"{run.layout.loss_curve}, checkpoints {run.layout.checkpoints}"
+        )
+
+
+def train(cfg: DictConfig, logger_factory=get_logger) -> list[float]:
+    """Run, resume or (when already finished) skip training as configured; returns the losses this call logged.
+
+    Raises ConfigError / DataError / CheckpointError / WriteError (one line each) before any output for bad input."""
     check_config(cfg)
-    vocab = read_vocab(recipe_path(cfg.data.vocab_path))
-    vocab_size = cfg.model.vocab_size or len(vocab)
-    if vocab_size < len(vocab):
-        raise ConfigError(f"model.vocab_size={vocab_size} is smaller than {cfg.data.vocab_path} ({len(vocab)} tokens)")
-    dataset = CellDataset(recipe_path(cfg.data.train_path), vocab_size, cfg.data.max_seq_length)
-    training = cfg.training
-    output_dir, checkpoint_dir = recipe_path(training.output_dir), recipe_path(training.checkpoint_dir)
-    resume_from = resume_point(checkpoint_dir, training.resume_from_checkpoint)
-
-    dist_ctx = setup_distributed(seed=training.seed)
-    if training.use_fsdp and not dist_ctx.is_distributed:
-        raise ConfigError(
-            "training.use_fsdp=true shards over several processes: launch with torchrun --nproc_per_node>1"
-        )
-    check_fills_a_batch(dataset, cfg.data.micro_batch_size, dist_ctx.world_size)
-    log = get_logger("geneformer", dist_ctx)
-    if dataset.num_truncated and dist_ctx.is_main:
-        cut = f"only their first {cfg.data.max_seq_length} tokens are used"
-        if "<eos>" in vocab:
-            cut += " (so they lose their <eos>)"
-        log.warning(
-            f"{dataset.num_truncated} of {len(dataset)} cells in {dataset.path} are longer than "
-            f"data.max_seq_length={cfg.data.max_seq_length}: {cut}; raise data.max_seq_length and "
-            "model.max_position_embeddings to keep them"
-        )
-    model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k not in ("vocab_size",)}
-    seed_everything(training.seed)  # identical initial weights on every rank, without a broadcast
-    model = BertForMaskedLM(geneformer_config(vocab_size, **model_kwargs)).to(dist_ctx.device)
-    seed_everything(training.seed + dist_ctx.rank)  # then different dropout per rank
-    if converted := convert_for_fp8(model, cfg):  # torchao: Linear -> Float8Linear, before sharding
-        log.info(f"fp8 (torchao): {len(converted)} Linear layers converted")
-    log.info(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(dataset)} cells")
-
-    sharded = training.use_fsdp
-    wrapped = shard_model(model, cfg, dist_ctx)
-    optimizer, scheduler = make_optimizer(wrapped, cfg)
-    mask_generator = torch.Generator().manual_seed(training.seed + 1000 * (dist_ctx.rank + 1))
-    collator = MaskingCollator(vocab, cfg.data.mlm_probability, cfg.data.pad_to_multiple_of, mask_generator)
-
-    step, data_state = 0, {"epoch": 0, "batch": 0}
-    if resume_from is not None:
-        try:
-            state = load_checkpoint(resume_from, wrapped, optimizer, scheduler, generators={"masking": mask_generator})
-        except CheckpointError as error:
-            if "shape mismatch" not in str(error):
-                raise
-            # Usually the same output_dir rerun with other model.* values: say so, since resuming is the default.
-            raise CheckpointError(
-                f"{error}; the model config differs from the run that saved it: use a new training.output_dir"
-            ) from None
-        step, data_state = state.step, state.data_state
-        log.info(f"resumed from {resume_from} at step {step}; continuing with step {step + 1}")
-
-    def checkpoint(at_step: int, position: dict) -> None:
-        save_checkpoint(
-            checkpoint_dir,
-            at_step,
-            wrapped,
-            optimizer,
-            scheduler,
-            data_state=position,
-            generators={"masking": mask_generator},
-            keep_last_k=training.keep_last_k,
-            sharded=sharded,
-        )
-
-    batches = iterate_batches(
-        dataset,
-        collator,
-        cfg.data.micro_batch_size,
-        training.seed,
-        dist_ctx.rank,
-        dist_ctx.world_size,
-        data_state["epoch"],
-        data_state["batch"],
-    )
-    metrics = MetricsWriter(
-        output_dir,
-        dist_ctx,
-        tsv_files={"loss.tsv": ["step", "loss"]},
-        wandb_init_args=OmegaConf.to_container(training.wandb_init_args) if training.wandb_init_args else None,
-    )
-    meter, losses, preempted = ThroughputMeter(), [], False
-    wrapped.train()
-    with PreemptionHandler() as preemption, metrics:
-        while step < training.num_train_steps:
-            epoch, batch_index, batch = next(batches)
-            batch = {key: value.to(dist_ctx.device, non_blocking=True) for key, value in batch.items()}
-            with precision_context(cfg, dist_ctx.device):
-                loss = wrapped(**batch, masked_logits_only=True).loss
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), training.grad_clip_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            meter.update(samples=batch["input_ids"].shape[0], tokens=int(batch["attention_mask"].sum()))
-            position = {"epoch": epoch, "batch": batch_index + 1}
-            if step % training.log_every_n_steps == 0 or step == training.num_train_steps:
-                mean_loss = all_reduce_mean(loss.detach().float()).item()
-                if hasattr(grad_norm, "full_tensor"):
-                    grad_norm = grad_norm.full_tensor()
-                losses.append(mean_loss)
-                rates = meter.rates()
-                metrics.log(
-                    step,
-                    loss=mean_loss,
-                    lr=scheduler.get_last_lr()[0],
-                    grad_norm=float(grad_norm),
-                    epoch=epoch,
-                    **rates,
-                    **peak_memory(),
-                )
-                log.info(
-                    f"step {step}/{training.num_train_steps}  loss {mean_loss:.4f}  "
-                    f"lr {scheduler.get_last_lr()[0]:.2e}  {rates['tokens_per_s']:.0f} tokens/s"
-                )
-                if not math.isfinite(mean_loss):
-                    raise FloatingPointError(f"loss became {mean_loss} at step {step}")
-            preempted = preemption.should_stop()
-            if step % training.save_every_n_steps == 0 or step == training.num_train_steps or preempted:
-                checkpoint(step, position)
-            if preempted:
-                log.warning(f"preempted: saved step {step}; rerun the same command to resume")
-                break
-
-    if not preempted:
-        full_state = gather_full_state_dict(wrapped) if sharded else unwrap_model(wrapped).state_dict()
-        if dist_ctx.is_main:
-            export_final_model(model, full_state, checkpoint_dir / "final_model")
-            if (output_dir / "metrics.jsonl").is_file() and losses:
-                plot_loss_curve(output_dir / "metrics.jsonl", output_dir / "loss_curve.png")
-            log.info(f"exported {checkpoint_dir / 'final_model'}")
+    layout = RunLayout(recipe_path(cfg.training.output_dir))
+    record = finished_run(layout, cfg.training.num_train_steps)
+    if record is not None:
+        if read_launch_env()[0] == 0:
+            print(finished_message(layout, record), flush=True)
+        return []
+    run = set_up(cfg, layout, logger_factory)
+    state = restore(run)
+    wandb_args = OmegaConf.to_container(cfg.training.wandb_init_args) if cfg.training.wandb_init_args else None
+    tsv = {"loss.tsv": ["step", "loss"]}
+    with MetricsWriter(
+        layout.output_dir, run.dist_ctx, tsv_files=tsv, wandb_init_args=wandb_args, resume_step=state.step
+    ) as metrics:
+        train_loop(run, state, metrics)
+    if not state.preempted:
+        finish(run, state)
     teardown_distributed()
-    return losses
+    return state.losses
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    """The command line: one `error: …` line and exit 1 for bad input, settings or a failed write."""
+
+    def entry() -> None:
         cfg = config_from_argv(argv)
         if cfg is not None:
             train(cfg)
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_cli(entry, user_errors=USER_ERRORS)
 
 
 if __name__ == "__main__":

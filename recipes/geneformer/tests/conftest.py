@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,3 +49,17 @@ def tiny_overrides(output_dir: Path, steps: int = 6, **extra) -> list[str]:
         **extra,
     }
     return [f"{key}={value}" for key, value in values.items()]
+
+
+@pytest.fixture(autouse=True)
+def recipe_logger_to_real_stderr():
+    """In-process runs: the recipe's logger writes to the process's stderr, not to a capsys stream that a later test
+    has closed, so captured stderr holds only what `main` prints (its one `error:` line)."""
+    logger = logging.getLogger("geneformer")
+    saved = logger.handlers[:]
+    handler = logging.StreamHandler(sys.__stderr__)
+    handler._biorecipes = True  # get_logger keeps a handler marked like this instead of adding its own
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    yield
+    logger.handlers[:] = saved

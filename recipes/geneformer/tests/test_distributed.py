@@ -4,34 +4,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import subprocess
-import sys
 
 import pytest
 import transformers
 from conftest import RECIPE_DIR, tiny_overrides
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from biorecipes_shared.testing import run_command, torchrun_command
 
 
-def torchrun(overrides: list[str]) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        str(RECIPE_DIR / "train.py"),
-        *overrides,
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=RECIPE_DIR)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+def torchrun(overrides: list[str]):
+    return run_command(torchrun_command(RECIPE_DIR / "train.py", overrides, nproc=2), cwd=RECIPE_DIR)
 
 
 def losses_by_step(output_dir) -> dict[int, float]:
@@ -44,7 +26,7 @@ def test_ddp_two_processes(tmp_path):
     torchrun(tiny_overrides(tmp_path, steps=4))
     assert sorted(losses_by_step(tmp_path)) == [1, 2, 3, 4]
     assert (tmp_path / "checkpoints" / "step_00000004" / "rank_1.pt").is_file()
-    assert (tmp_path / "checkpoints" / "final_model" / "model.safetensors").is_file()
+    assert (tmp_path / "final_model" / "model.safetensors").is_file()
 
 
 @pytest.mark.slow
@@ -58,12 +40,11 @@ def test_fsdp2_two_processes_resume_exactly(tmp_path):
     first = losses_by_step(tmp_path)
     assert (tmp_path / "checkpoints" / "step_00000003" / "sharded" / ".metadata").is_file()
     shutil.rmtree(tmp_path / "checkpoints" / "step_00000006")  # as if killed between step 3 and step 6
-    shutil.rmtree(tmp_path / "checkpoints" / "final_model")
+    shutil.rmtree(tmp_path / "final_model")
+    (tmp_path / "run_finished.json").unlink()
     result = torchrun(overrides)
     assert "resumed from" in result.stderr and "continuing with step 4" in result.stderr
     again = losses_by_step(tmp_path)
     assert [again[s] for s in (4, 5, 6)] == [first[s] for s in (4, 5, 6)]
-    _, info = transformers.BertForMaskedLM.from_pretrained(
-        tmp_path / "checkpoints" / "final_model", output_loading_info=True
-    )
+    _, info = transformers.BertForMaskedLM.from_pretrained(tmp_path / "final_model", output_loading_info=True)
     assert not info["missing_keys"] and not info["mismatched_keys"], info

@@ -34,7 +34,7 @@ def test_l0_sanity_loss_falls_and_export_loads(tmp_path):
     assert len(losses) == 40
     # from ln(767) = 6.64 to below 6.45 (the gene frequencies alone, without context, give 6.24 on the top 64 genes)
     assert sum(losses[:5]) / 5 > 6.55 and sum(losses[-5:]) / 5 < 6.45
-    final = tmp_path / "checkpoints" / "final_model"
+    final = tmp_path / "final_model"
     assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()
     assert (tmp_path / "loss_curve.png").is_file()
     ours = BertForMaskedLM.from_pretrained(final).eval()
@@ -69,7 +69,7 @@ def test_trains_on_real_genecorpus_with_full_vocab(tmp_path, genecorpus_dir):
         f"data.vocab_path={genecorpus_dir / 'vocab.txt'}",
     ]
     losses = train.train(load_config("l0_sanity", overrides))
-    config = json.loads((tmp_path / "checkpoints" / "final_model" / "config.json").read_text())
+    config = json.loads((tmp_path / "final_model" / "config.json").read_text())
     assert config["vocab_size"] == 25426
     assert all(9.0 < loss < 11.0 for loss in losses)  # ~ln(25426) = 10.14 at the start
 
@@ -90,13 +90,22 @@ def run_main(capsys, args):
         (["data.vocab_path=/nonexistent/vocab.txt"], "error: /nonexistent/vocab.txt: no such vocabulary file"),
         (["model.use_te_layers=true"], "error: model.use_te_layers=true needs transformer_engine"),
         (["training.use_fsdp=true"], "error: training.use_fsdp=true shards over several processes"),
-        (["training.save_every_n_steps=0"], "error: training.save_every_n_steps=0 must be at least 1"),
+        (["training.save_every_n_steps=0"], "error: training.save_every_n_steps=0 must be an integer >= 1"),
+        (["training.learning_rate=-1"], "error: training.learning_rate=-1.0 must be >= 0"),
+        (["training.learning_rate=nan"], "error: training.learning_rate=nan must be a finite number"),
+        (["training.learning_rate=inf"], "error: training.learning_rate=inf must be a finite number"),
+        (["data.mlm_probability=1.5"], "error: data.mlm_probability=1.5 must be in (0, 1)"),
+        (["data.mlm_probability=0"], "error: data.mlm_probability=0.0 must be in (0, 1)"),
+        (["model.hidden_dropout_prob=1.0"], "error: model.hidden_dropout_prob=1.0 must be in [0, 1)"),
+        (["training.keep_last_k=-2"], "error: training.keep_last_k=-2 must be an integer >= 1"),
+        (["training.warmup_steps=-1"], "error: training.warmup_steps=-1 must be an integer >= 0"),
+        (["training.checkpoint_dir=/elsewhere"], "error: training.checkpoint_dir='/elsewhere' is no longer used"),
         (["model.hidden_act=foo"], "error: model.hidden_act='foo' is unknown"),
         (["training.lr_schedule=foo"], "error: training.lr_schedule='foo': use one of linear, cosine,"),
         (["training.lr_schedule=reduce_lr_on_plateau"], "error: training.lr_schedule='reduce_lr_on_plateau': use"),
         (["training.lr_schedule=constant"], "error: training.lr_schedule=constant ignores warmup_steps"),
         (["training.adam_betas=[0.9]"], "error: training.adam_betas=[0.9] must be two values in [0, 1)"),
-        (["training.adam_betas=[0.9,1.5]"], "error: training.adam_betas=[0.9, 1.5] must be two values"),
+        (["training.adam_betas=[0.9,1.5]"], "error: training.adam_betas[1]=1.5 must be in [0, 1)"),
         (["+training.wandb_init_args.project=x"], "error: training.wandb_init_args is set but wandb does not import"),
     ],
 )
@@ -149,11 +158,11 @@ def test_too_few_cells_is_an_error_before_any_output(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_cells_longer_than_max_seq_length_are_warned_once(tmp_path, monkeypatch, caplog):
+def test_cells_longer_than_max_seq_length_are_warned_once(tmp_path, caplog):
     logger = logging.getLogger("geneformer.test")  # propagates, unlike the recipe's logger, so caplog sees it
-    monkeypatch.setattr(train, "get_logger", lambda name, dist_ctx: logger)
     with caplog.at_level(logging.INFO, logger="geneformer.test"):
-        train.train(load_config("l0_sanity", tiny_overrides(tmp_path, steps=2)))  # sample cells: 183-409 tokens
+        cfg = load_config("l0_sanity", tiny_overrides(tmp_path, steps=2))  # sample cells: 183-409 tokens
+        train.train(cfg, logger_factory=lambda name, dist_ctx: logger)
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
     assert "500 of 500 cells in" in warnings[0] and "longer than data.max_seq_length=64" in warnings[0]
@@ -168,12 +177,14 @@ def test_checkpoint_of_another_model_size_is_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "checkpoints" / "step_00000004").exists()
 
 
-def test_existing_but_broken_checkpoints_are_errors(tmp_path, capsys):
-    (tmp_path / "checkpoints" / "step_00000004").mkdir(parents=True)  # a save that never finished
-    code, lines = run_main(capsys, tiny_overrides(tmp_path))
-    assert code == 1 and "none is a complete checkpoint" in lines[-1]
-    code, lines = run_main(capsys, tiny_overrides(tmp_path) + ["training.resume_from_checkpoint=false"])
-    assert code == 1 and "already holds checkpoints" in lines[-1]
+def test_leftover_of_a_killed_save_is_removed_and_resume_false_refuses_checkpoints(tmp_path, capsys):
+    (tmp_path / "checkpoints" / "step_00000004").mkdir(parents=True)  # a save that never finished: no manifest
+    (tmp_path / "checkpoints" / ".tmp-step_00000006").mkdir()
+    with pytest.warns(UserWarning, match="removed 2 incomplete checkpoint"):
+        assert train.main(tiny_overrides(tmp_path, steps=2)) == 0
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002"]
+    code, lines = run_main(capsys, tiny_overrides(tmp_path, steps=4) + ["training.resume_from_checkpoint=false"])
+    assert code == 1 and "already holds checkpoints and resume is 'none'" in lines[-1]
 
 
 @pytest.mark.slow

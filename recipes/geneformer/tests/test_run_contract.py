@@ -1,0 +1,169 @@
+"""The run contract (issue 11) for geneformer: kill -9, SIGTERM, finished reruns, world-size changes, write errors."""
+
+from __future__ import annotations
+
+import errno
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import RECIPE_DIR, tiny_overrides
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+import train
+from biorecipes_shared import checkpoint as checkpoint_module
+from biorecipes_shared.checkpoint import verify_checkpoint
+from biorecipes_shared.logging_utils import read_metrics
+from biorecipes_shared.testing import child_env, kill_around_saves, run_command, torchrun_command
+
+TRAIN = str(RECIPE_DIR / "train.py")
+
+
+def losses(run_dir) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl")]
+
+
+def same_weights(a, b) -> bool:
+    first, second = (
+        load_file(a / "final_model" / "model.safetensors"),
+        load_file(b / "final_model" / "model.safetensors"),
+    )
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def data_position(run_dir, step: int) -> dict:
+    state = torch.load(run_dir / "checkpoints" / f"step_{step:08d}" / "training_state.pt", weights_only=True)
+    return state["extra"]["data_position"]
+
+
+DROPOUT = {"model.hidden_dropout_prob": 0.1, "model.attention_probs_dropout_prob": 0.1}
+
+
+@pytest.mark.slow
+def test_kill_9_around_saves_then_the_same_command_equals_an_uninterrupted_run(tmp_path):
+    def command(run_dir):
+        extra = {"training.save_every_n_steps": 2, "training.keep_last_k": 2, **DROPOUT}
+        return [sys.executable, TRAIN, *tiny_overrides(run_dir, steps=12, **extra)]
+
+    run_command(command(tmp_path / "straight"), cwd=tmp_path)
+    report = kill_around_saves(command(tmp_path / "killed"), tmp_path / "killed" / "checkpoints", kills=3, seed=2)
+    assert report.kills == 3 and report.failures == [], report
+    assert same_weights(tmp_path / "straight", tmp_path / "killed")
+    assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+    leftovers = [p.name for p in (tmp_path / "killed" / "checkpoints").iterdir() if not p.name.startswith("step_")]
+    assert leftovers == []
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_0_and_the_rerun_equals_an_uninterrupted_run(tmp_path):
+    def command(run_dir):
+        return [
+            sys.executable,
+            TRAIN,
+            *tiny_overrides(run_dir, steps=40, **{"training.save_every_n_steps": 100, **DROPOUT}),
+        ]
+
+    run_command(command(tmp_path / "straight"), cwd=tmp_path)
+    proc = subprocess.Popen(command(tmp_path / "cut"), stderr=subprocess.PIPE, text=True, env=child_env(), cwd=tmp_path)
+    for line in proc.stderr:
+        if "step 3/40" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.communicate()
+    assert proc.returncode == 0
+    saved = [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()]
+    assert len(saved) == 1 and saved[0] != "step_00000040" and not (tmp_path / "cut" / "final_model").exists()
+    run_command(command(tmp_path / "cut"), cwd=tmp_path)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "straight")
+    assert same_weights(tmp_path / "straight", tmp_path / "cut")
+
+
+def test_a_finished_run_is_left_alone_and_says_so_in_one_line(tmp_path, capsys):
+    assert train.main(tiny_overrides(tmp_path, steps=2)) == 0
+    weights = tmp_path / "final_model" / "model.safetensors"
+    before = (weights.stat().st_mtime_ns, weights.read_bytes(), sorted(p.name for p in tmp_path.rglob("*")))
+    capsys.readouterr()
+    assert train.main(tiny_overrides(tmp_path, steps=2)) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [
+        f"run in {tmp_path} already finished at step 2 (max steps reached); final model: {tmp_path / 'final_model'}. "
+        "Nothing to do (use a new output directory or more steps to train further)"
+    ]
+    assert err == ""
+    assert (weights.stat().st_mtime_ns, weights.read_bytes(), sorted(p.name for p in tmp_path.rglob("*"))) == before
+    assert json.loads((tmp_path / "run_finished.json").read_text())["step"] == 2
+
+
+def torch_full_disk(monkeypatch):
+    def full_disk(obj, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+
+
+def safetensors_full_disk(monkeypatch):
+    def full_disk(*args, **kwargs):  # what safetensors raises on ENOSPC: not an OSError
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint_module, "save_file", full_disk)
+
+
+@pytest.mark.parametrize("fill_disk", [torch_full_disk, safetensors_full_disk])
+def test_a_full_disk_is_one_line_and_the_next_run_resumes_cleanly(tmp_path, capsys, monkeypatch, fill_disk):
+    assert train.main(tiny_overrides(tmp_path, steps=2)) == 0
+    fill_disk(monkeypatch)
+    capsys.readouterr()
+    assert train.main(tiny_overrides(tmp_path, steps=4)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "step_00000004" in err[0], err
+    assert "no space left on device" in err[0].lower()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002"]
+    verify_checkpoint(tmp_path / "checkpoints" / "step_00000002")
+    monkeypatch.undo()
+    assert train.main(tiny_overrides(tmp_path, steps=4)) == 0
+    assert [step for step, _ in losses(tmp_path)] == [1, 2, 3, 4]
+    assert json.loads((tmp_path / "run_finished.json").read_text())["step"] == 4
+
+
+def test_an_unwritable_output_dir_is_one_line(tmp_path, capsys, monkeypatch):
+    def no_permission(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(type(tmp_path), "mkdir", no_permission)
+    assert train.main(tiny_overrides(tmp_path / "run", steps=2)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {tmp_path / 'run'}: Permission denied"]
+
+
+def test_the_run_folder_has_one_shape(tmp_path):
+    assert train.main(tiny_overrides(tmp_path, steps=2)) == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["checkpoints", "final_model", "loss.tsv", "loss_curve.png", "metrics.jsonl", "run_finished.json"]
+    assert sorted(p.name for p in (tmp_path / "final_model").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "vocab.txt",
+    ]
+    assert data_position(tmp_path, 2) == {"epoch": 0, "cells_done": 8}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
+def test_another_world_size_continues_the_global_data_position(tmp_path, before, after):
+    """4 steps on `before` processes, then 4 more on `after`: the data position is the sum of both runs' cells."""
+
+    def launch(nproc: int, steps: int):
+        overrides = tiny_overrides(tmp_path, steps=steps, **{"training.save_every_n_steps": 4})
+        command = torchrun_command(TRAIN, overrides, nproc) if nproc > 1 else [sys.executable, TRAIN, *overrides]
+        return run_command(command, cwd=tmp_path)
+
+    launch(before, 4)
+    assert data_position(tmp_path, 4) == {"epoch": 0, "cells_done": 4 * 4 * before}
+    resumed = launch(after, 8)
+    assert f"saved by {before} process(es), resumed by {after}" in resumed.stderr
+    assert data_position(tmp_path, 8) == {"epoch": 0, "cells_done": 4 * 4 * (before + after)}
+    assert [step for step, _ in losses(tmp_path)] == list(range(1, 9))
