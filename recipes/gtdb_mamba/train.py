@@ -134,6 +134,8 @@ class Setup:
     val_tokens: torch.Tensor
     val_labels: torch.Tensor
     stop_step: int
+    split: object  # the family split, for the data fingerprint
+    train_sampler: FragmentSampler
 
 
 @dataclass
@@ -181,7 +183,8 @@ def run(cfg: DictConfig) -> dict:
         if resume_from is not None:
             refuse_other_world_size(resume_from, dist_ctx.world_size)
         setup = set_up(cfg, dist_ctx, log, layout, fresh=resume_from is None)
-        state = restore(setup, resume_from)
+        state = restore(setup, resume_from)  # a checkpoint of another shape gets its own error first
+        check_data_fingerprint(layout.output_dir, cfg.data, setup.split, setup.train_sampler, resume_from is not None)
         with (
             MetricsWriter(layout.output_dir, dist_ctx, tsv_files=TSV_FILES, resume_step=state.step) as metrics,
             PreemptionHandler() as preempt,
@@ -222,7 +225,6 @@ def set_up(cfg: DictConfig, dist_ctx, log, layout: RunLayout, fresh: bool) -> Se
         dist_ctx.rank,
         cfg.data.reverse_complement,
     )
-    check_data_fingerprint(layout.output_dir, cfg.data, split, train_sampler, resuming=not fresh)
     n_classes = train_sampler.n_classes
     model, optimizer, scheduler = build_model(cfg, model_config, n_classes, dist_ctx.device)
     if init_path:
@@ -241,7 +243,7 @@ def set_up(cfg: DictConfig, dist_ctx, log, layout: RunLayout, fresh: bool) -> Se
     stop_step = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
     return Setup(
         cfg, dist_ctx, log, layout, model, trained, optimizer, scheduler, model_config, dataset, val_tokens, val_labels,
-        stop_step,
+        stop_step, split, train_sampler,
     )  # fmt: skip
 
 

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from .distributed import all_reduce_max, barrier
-from .files import WriteError, describe_write_error, fsync_dir, swap_into_place
+from .files import WriteError, describe_write_error, fsync_dir, swap_into_place, write_failure_reason
 from .preemption import PreemptionHandler
 
 __all__ = [
@@ -268,7 +268,7 @@ def _raise_if_any_rank_failed(error: BaseException | None, tmp_dir: Path, rank: 
     where = tmp_dir.parent / tmp_dir.name.replace(TMP_PREFIX, STEP_PREFIX)
     if error is None:
         raise CheckpointWriteError(f"cannot write checkpoint {where}: another process failed to write its part")
-    raise CheckpointWriteError(f"checkpoint {where}: {describe_write_error(error, tmp_dir)}") from error
+    raise CheckpointWriteError(f"cannot write {where}: {write_failure_reason(error, tmp_dir)}") from error
 
 
 def _training_state(optimizer, scheduler, scaler, step: int, extra: dict | None) -> dict[str, Any]:

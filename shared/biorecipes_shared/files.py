@@ -17,12 +17,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["WriteError", "atomic_dir", "atomic_write", "atomic_write_json", "describe_write_error", "fsync_dir"]
+__all__ = [
+    "WriteError",
+    "atomic_dir",
+    "atomic_write",
+    "atomic_write_json",
+    "describe_write_error",
+    "fsync_dir",
+    "write_failure_reason",
+]
 
 TMP_PREFIX = ".tmp-"
 
 # Phrases torch's C++ writer (PytorchStreamWriter) uses when the disk fills up: it raises RuntimeError, not OSError.
 _TORCH_WRITE_FAILURES = ("file write failed", "unexpected pos", "iostream error", "PytorchStreamWriter failed")
+
+
+_NO_SPACE = "no space left on device (free some space or choose another output directory)"
 
 
 class WriteError(RuntimeError):
@@ -52,20 +63,26 @@ def _free_bytes(path: Path) -> int | None:
     return None
 
 
-def describe_write_error(err: BaseException, path: str | Path) -> str:
-    """One line saying why `path` could not be written: the OS's reason, or 'no space left on device'."""
-    path = Path(path)
+def write_failure_reason(err: BaseException, path: str | Path) -> str:
+    """Why `path` could not be written, without the path: the OS's reason, or 'no space left on device'."""
     if isinstance(err, OSError) and err.errno is not None:
-        cause = os.strerror(err.errno)
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            cause = "no space left on device (free some space or choose another output directory)"
-        return f"cannot write {err.filename or path}: {cause}"
+            return _NO_SPACE
+        return os.strerror(err.errno)
     message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "No space left on device" in str(err) or "os error 28" in str(err):  # safetensors' wording of ENOSPC
+        return _NO_SPACE
     if any(phrase in str(err) for phrase in _TORCH_WRITE_FAILURES) or type(err).__name__ == "SafetensorError":
-        free = _free_bytes(path)
+        free = _free_bytes(Path(path))
         if free is not None and free < 64 * 2**20:
-            return f"cannot write {path}: no space left on device ({free // 2**20} MiB free)"
-    return f"cannot write {path}: {message}"
+            return f"no space left on device ({free // 2**20} MiB free)"
+    return message
+
+
+def describe_write_error(err: BaseException, path: str | Path) -> str:
+    """One line: `cannot write <path>: <reason>` (the OS's reason, or 'no space left on device')."""
+    where = err.filename if isinstance(err, OSError) and err.filename else path
+    return f"cannot write {where}: {write_failure_reason(err, path)}"
 
 
 def _remove(path: Path) -> None:

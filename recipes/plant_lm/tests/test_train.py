@@ -263,7 +263,7 @@ def test_cli_reports_bad_inputs_without_traceback(tmp_path, capsys, data_dir):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"")
     assert_startup_error(
-        capsys, tmp_path / "o3", all_species + ["--resume", str(bad)], f"resume checkpoint {bad} does not exist"
+        capsys, tmp_path / "o3", all_species + ["--resume", str(bad)], f"resume checkpoint {bad} is a file"
     )
     assert_startup_error(
         capsys, tmp_path / "o4", all_species + ["--context_size", "0"], "--context_size=0 must be an integer >= 1"
