@@ -34,7 +34,7 @@ from biorecipes_shared.fsdp_checkpoint import gather_full_state_dict, load_shard
 from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, peak_memory, plot_loss_curve
 from biorecipes_shared.preemption import PreemptionHandler
 from config import ConfigError, config_from_argv
-from data import CellDataset, MaskingCollator, check_fills_a_batch, iterate_batches
+from data import CellDataset, MaskingCollator, check_corpus_fingerprint, check_fills_a_batch, iterate_batches
 from model import BertForMaskedLM, check_te_config, geneformer_config, te, te_to_hf_state_dict
 from preprocess import DataError, read_vocab
 
@@ -199,6 +199,7 @@ def train(cfg: DictConfig) -> list[float]:
     if vocab_size < len(vocab):
         raise ConfigError(f"model.vocab_size={vocab_size} is smaller than {cfg.data.vocab_path} ({len(vocab)} tokens)")
     dataset = CellDataset(recipe_path(cfg.data.train_path), vocab_size, cfg.data.max_seq_length)
+    check_corpus_fingerprint(recipe_path(cfg.data.train_path), recipe_path(cfg.data.vocab_path))
     training = cfg.training
     output_dir, checkpoint_dir = recipe_path(training.output_dir), recipe_path(training.checkpoint_dir)
     resume_from = resume_point(checkpoint_dir, training.resume_from_checkpoint)
