@@ -248,8 +248,9 @@ def check_corpus_fingerprint(train_path: str | Path, vocab_path: str | Path) -> 
         raise DataError(f"{vocab_path}: no such vocabulary file")
     digest = file_sha256(vocab_path)
     if digest != first["vocab_sha256"]:
+        written = shards[0].parent.parent / first["vocab_file"]  # out_dir/cells.parquet/part-*.parquet
         raise DataError(
-            f"{path} was tokenized with the vocabulary {first['vocab_file']} ({first['vocab_size']} tokens, sha256 "
+            f"{path} was tokenized with the vocabulary {written} ({first['vocab_size']} tokens, sha256 "
             f"{first['vocab_sha256'][:12]}), not {vocab_path} (sha256 {digest[:12]}); train with the vocabulary "
             "written beside the corpus"
         )

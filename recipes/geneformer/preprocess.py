@@ -15,6 +15,7 @@ inputs and settings: rebuilding, with any --num_proc, gives identical files.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -181,15 +182,13 @@ def load_dictionaries(vocab_path, medians_path, sources, columns, style, cells_p
     return vocab, medians
 
 
-def corpus_metadata(out_dir: Path, vocab_text: str, medians_text: str, vocab: list[str], style: str, **extra) -> dict:
+def corpus_metadata(vocab_text: str, medians_text: str, vocab: list[str], style: str, **extra) -> dict:
     """The fingerprint every shard and metadata.json carry (see corpus.py)."""
-    import hashlib
-
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "style": style,
-        "vocab_file": str(out_dir / "vocab.txt"),
+        "vocab_file": "vocab.txt",  # relative to out_dir, so a corpus can be moved
         "vocab_sha256": hashlib.sha256(vocab_text.encode()).hexdigest(),
         "vocab_size": len(vocab),
         "gene_medians_sha256": hashlib.sha256(medians_text.encode()).hexdigest(),
@@ -235,7 +234,7 @@ def preprocess(
     vocab_text = "\n".join(vocab) + "\n"
     medians_text = json.dumps(medians, indent=0, sort_keys=True) + "\n"
     out_dir = Path(out_dir)
-    metadata = corpus_metadata(out_dir, vocab_text, medians_text, vocab, style, max_length=max_length)
+    metadata = corpus_metadata(vocab_text, medians_text, vocab, style, max_length=max_length)
     metadata["keep_version"] = keep_version
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     try:
