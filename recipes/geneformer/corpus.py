@@ -26,6 +26,7 @@ FORMAT = "geneformer-rank-value"
 FORMAT_VERSION = 2
 METADATA_KEY = b"geneformer"
 CELL_ID_COLUMN = "cell_id"
+ROW_GROUP_CELLS = 2048
 # Fields two shards of one corpus share; a consumer compares these (per-shard counts differ).
 FINGERPRINT_FIELDS = (
     "format",
@@ -61,9 +62,12 @@ def shard_table(cells: list[np.ndarray], cell_ids: list[str], dtype: pa.DataType
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """Write to a temporary name and rename, so a crash never leaves a half-written parquet under the final name."""
+    """Write to a temporary name and rename, so a crash never leaves a half-written parquet under the final name.
+
+    Row groups of ROW_GROUP_CELLS: a reader decodes one group at a time, so this bounds its memory (~8 MB of
+    uint16 ids at 2,048 tokens per cell) whatever the shard size."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
+    pq.write_table(table, tmp, row_group_size=ROW_GROUP_CELLS)
     os.replace(tmp, path)
 
 

@@ -254,7 +254,11 @@ def check_corpus_fingerprint(train_path: str | Path, vocab_path: str | Path) -> 
             f"{first['vocab_sha256'][:12]}), not {vocab_path} (sha256 {digest[:12]}); train with the vocabulary "
             "written beside the corpus"
         )
-    return {**first, "cells": sum(r["cells"] for r in records), "tokens": sum(r["tokens"] for r in records)}
+    return {
+        **first,
+        "cells": sum(r.get("cells", 0) for r in records),
+        "tokens": sum(r.get("tokens", 0) for r in records),
+    }
 
 
 @dataclass

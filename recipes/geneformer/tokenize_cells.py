@@ -60,7 +60,9 @@ def normalise(counts: sp.csr_matrix, totals: np.ndarray | None, cell_ids: list[s
         bad = (sums > 0) & ~(totals > 0)
         if bad.any():
             row = int(np.argmax(bad))
-            raise DataError(f"{source}: cell {cell_ids[row]!r} has n_counts {float(totals[row])!r}; it must be positive")
+            raise DataError(
+                f"{source}: cell {cell_ids[row]!r} has n_counts {float(totals[row])!r}; it must be positive"
+            )
     scale = np.divide(TARGET_SUM, totals, out=np.zeros_like(sums), where=totals > 0)
     return sp.csr_matrix(sp.diags(scale) @ counts)
 
