@@ -52,7 +52,7 @@ class CellDataset(torch.utils.data.Dataset):
         if not path.exists():
             raise DataError(f"{path}: no such data file")
         if path.is_dir() and (path / "state.json").is_file():
-            table, summary = open_hf_dataset(path)
+            table, summary = open_hf_dataset(path, cache_dir)
         else:
             table, summary = open_parquet_cached(list_shards(path), cache_dir)
         if summary["cells"] == 0:
@@ -131,29 +131,34 @@ def check_chunk(path: Path, column: pa.Array, first_row: int) -> tuple[int, int]
     return high, row_of(pc.index(values, high).as_py())
 
 
-def open_hf_dataset(path: Path) -> tuple[pa.Table, dict]:
+def open_hf_dataset(path: Path, cache_dir: str | Path | None = None) -> tuple[pa.Table, dict]:
     """A `datasets.save_to_disk` folder, memory-mapped: its Arrow stream files are listed in state.json.
 
     Read with pyarrow rather than `datasets.load_from_disk`: the training image need not ship `datasets`, and this
-    is the same zero-copy mapping it does."""
+    is the same zero-copy mapping it does. The chunk-wise check runs once; its result is kept in the cache."""
     try:
         files = [path / entry["filename"] for entry in json.loads((path / "state.json").read_text())["_data_files"]]
         tables = [pa.ipc.open_stream(pa.memory_map(str(f), "r")).read_all() for f in files]
     except Exception as error:  # KeyError, JSONDecodeError, ArrowInvalid, FileNotFoundError, ...
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise DataError(f"{path}: not a readable datasets folder ({reason})") from None
-    summary = {"cells": 0, "max_token_id": -1, "max_at": (path, 0)}
     for file, table in zip(files, tables):
         check_token_column(file, table.schema)
-        first = 0
-        for chunk in table.column("input_ids").chunks:
-            top, row = check_chunk(file, chunk, first)
-            if top > summary["max_token_id"]:
-                summary["max_token_id"], summary["max_at"] = top, (file, row)
-            first += len(chunk)
-        summary["cells"] += table.num_rows
-    table = pa.concat_tables([t.select(["input_ids"]) for t in tables]) if tables else None
-    return table, summary
+
+    def scan(_target: Path) -> dict:
+        summary = {"cells": 0, "max_token_id": -1, "max_at": [str(path), 0]}
+        for file, table in zip(files, tables):
+            first = 0
+            for chunk in table.column("input_ids").chunks:
+                top, row = check_chunk(file, chunk, first)
+                if top > summary["max_token_id"]:
+                    summary["max_token_id"], summary["max_at"] = top, [str(file), row]
+                first += len(chunk)
+            summary["cells"] += table.num_rows
+        return summary
+
+    _, summary = cached(files, "datasets", cache_dir, scan, writes_file=False)
+    return pa.concat_tables([t.select(["input_ids"]) for t in tables]), summary
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -165,24 +170,34 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path.home() / ".cache" / "biorecipes" / "geneformer"
 
 
+def cached(files: list[Path], kind: str, cache_dir, build, writes_file: bool = True) -> tuple[Path, dict]:
+    """(cache file, summary) for these input files: `build(cache file) -> summary` runs once per input version
+    (paths, sizes, modification times); concurrent ranks wait on a lock and reuse the first one's result."""
+    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, kind, stats]).encode()).hexdigest()[:32]
+    root = cache_root(cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    target, done = root / f"{key}.arrow", root / f"{key}.json"
+
+    def ready() -> bool:  # a summary whose Arrow file was deleted is rebuilt
+        return done.is_file() and (target.is_file() or not writes_file)
+
+    if not ready():
+        with open(root / f"{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not ready():
+                write_text_atomic(json.dumps(build(target)), done)
+    return target, json.loads(done.read_text())
+
+
 def open_parquet_cached(shards: list[Path], cache_dir: str | Path | None = None) -> tuple[pa.Table, dict]:
     """Parquet shards as one memory-mapped Arrow table, converting them into the cache on first use."""
     types = [check_token_column(shard, _read_schema(shard)) for shard in shards]
     value_type = types[0] if all(t == types[0] for t in types) else pa.int64()
-    stats = [(str(s.resolve()), s.stat().st_size, s.stat().st_mtime_ns) for s in shards]
-    key = hashlib.sha256(json.dumps([CACHE_VERSION, str(value_type), stats]).encode()).hexdigest()[:32]
-    root = cache_root(cache_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    arrow, done = root / f"{key}.arrow", root / f"{key}.json"
-    if not done.is_file():
-        with open(root / f"{key}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # the first rank converts; the others wait and then map its file
-            if not done.is_file():
-                summary = convert_to_arrow(shards, value_type, arrow)
-                write_text_atomic(json.dumps(summary), done)
-    summary = json.loads(done.read_text())
-    table = pa.ipc.open_file(pa.memory_map(str(arrow), "r")).read_all()
-    return table, summary
+    arrow, summary = cached(
+        shards, str(value_type), cache_dir, lambda target: convert_to_arrow(shards, value_type, target)
+    )
+    return pa.ipc.open_file(pa.memory_map(str(arrow), "r")).read_all(), summary
 
 
 def _read_schema(path: Path) -> pa.Schema:
