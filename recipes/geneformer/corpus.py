@@ -79,11 +79,14 @@ def write_text_atomic(text: str, path: Path) -> None:
 
 
 def list_shards(path: Path) -> list[Path]:
-    """One parquet file, or the parquet files of a directory (sorted; names starting with '.' or '_' skipped)."""
+    """One parquet file, or the parquet files of a directory (sorted; names starting with '.' or '_' skipped);
+    preprocess.py's --out-dir stands for its cells.parquet/ directory."""
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise DataError(f"{path}: no such data file")
+    if (path / "cells.parquet").is_dir():
+        return list_shards(path / "cells.parquet")
     shards = sorted(p for p in path.glob("*.parquet") if p.is_file() and not p.name.startswith((".", "_")))
     if not shards:
         raise DataError(f"{path}: a directory without parquet shards (*.parquet) or a datasets state.json")

@@ -236,7 +236,7 @@ def preprocess(
     out_dir = Path(out_dir)
     metadata = corpus_metadata(vocab_text, medians_text, vocab, style, max_length=max_length)
     metadata["keep_version"] = keep_version
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    tmp = out_dir.absolute().with_name(f".{out_dir.absolute().name}.tmp-{os.getpid()}")
     try:
         (tmp / "cells.parquet").mkdir(parents=True)
         job = Job(

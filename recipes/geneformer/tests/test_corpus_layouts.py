@@ -96,6 +96,7 @@ def test_dataset_reads_a_shard_directory_and_caches_once(tmp_path):
         expected[i] for i in (0, 127, 128, 499)
     ]
     assert dataset[5].dtype == np.uint16
+    assert len(CellDataset(tmp_path / "out", 767, 4096)) == 500  # --out-dir stands for its cells.parquet/
     cached = sorted((tmp_path / "cache").glob("*.arrow"))
     assert len(cached) == 1
     before = cached[0].stat().st_mtime_ns
