@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import filecmp
+from pathlib import Path
 
 import anndata
 import h5py
@@ -99,6 +100,9 @@ def test_dataset_reads_a_shard_directory_and_caches_once(tmp_path):
     assert len(CellDataset(tmp_path / "out", 767, 4096)) == 500  # --out-dir stands for its cells.parquet/
     cached = sorted((tmp_path / "cache").glob("*.arrow"))
     assert len(cached) == 1
+    maps = Path("/proc/self/maps")
+    if maps.is_file():  # Linux: the token ids are pages of the cache file, not a copy in this process
+        assert str(cached[0].resolve()) in maps.read_text()
     before = cached[0].stat().st_mtime_ns
     assert CellDataset(out, 767, 100)[3].tolist() == expected[3][:100]
     assert cached[0].stat().st_mtime_ns == before, "a second open maps the cache, it does not rebuild it"
