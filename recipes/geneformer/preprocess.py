@@ -26,6 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from corpus import FORMAT, FORMAT_VERSION, id_type, shard_table, write_parquet_atomic
@@ -39,7 +40,7 @@ from dictionaries import (  # noqa: F401  (DataError and read_vocab are imported
     read_vocab,
 )
 from readers import expand_inputs, open_source
-from tokenize_cells import Encoder, GeneColumns, MedianAccumulator, normalise
+from tokenize_cells import Encoder, GeneColumns, MedianAccumulator, nonzero_values, normalise
 
 log = logging.getLogger("geneformer.preprocess")
 CELLS_PER_SHARD = 10_000  # one read block = one output shard: ~40 MB of uint16 tokens at 2,048 tokens per cell
@@ -51,11 +52,11 @@ class Job:
 
     sources: list
     columns: list[GeneColumns]
-    encoders: list[Encoder]
-    dtype_name: str
-    shard_dir: Path
     cells_per_shard: int
-    shard_metadata: dict
+    encoders: list[Encoder] | None = None  # None during the medians pass
+    dtype_name: str = "uint16"
+    shard_dir: Path | None = None
+    shard_metadata: dict | None = None
 
 
 def build_vocab(gene_medians: dict[str, float], style: str) -> list[str]:
@@ -72,14 +73,22 @@ def plan_blocks(sources: list, cells_per_shard: int) -> list[tuple[int, int, int
     ]
 
 
-def compute_medians(sources: list, columns: list[GeneColumns], cells_per_shard: int) -> dict[str, float]:
-    """Non-zero median of each gene's normalised expression over every input (a first pass over the corpus)."""
+def compute_medians(job: Job, num_proc: int) -> dict[str, float]:
+    """Non-zero median of each gene's normalised expression over every input (a first pass over the corpus; the
+    blocks are read on num_proc processes, the values gathered here)."""
     accumulator = MedianAccumulator()
-    for index, start, stop in plan_blocks(sources, cells_per_shard):
-        block = sources[index].read_block(start, stop)
-        merged = columns[index].apply(block.counts)
-        accumulator.add(normalise(merged, block.totals, block.cell_ids, str(sources[index].path)), columns[index])
+    units = plan_blocks(job.sources, job.cells_per_shard)
+    for (index, _, _), (column, values) in zip(units, run_blocks(job, median_block, units, num_proc)):
+        accumulator.add_values(job.columns[index], column, values)
     return accumulator.medians()
+
+
+def median_block(unit: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(gene column, normalised value) of every non-zero count of one block."""
+    index, start, stop = unit
+    block = _JOB.sources[index].read_block(start, stop)
+    merged = _JOB.columns[index].apply(block.counts)
+    return nonzero_values(normalise(merged, block.totals, block.cell_ids, str(_JOB.sources[index].path)))
 
 
 _JOB: Job | None = None
@@ -115,16 +124,17 @@ def tokenize_block(unit: tuple[int, int, int]) -> dict:
     return stats
 
 
-def run_blocks(job: Job, units: list[tuple[int, int, int]], num_proc: int) -> list[dict]:
-    """Every block, in order, on num_proc processes (spawned: h5py and pyarrow threads do not survive a fork)."""
+def run_blocks(job: Job, work, units: list[tuple[int, int, int]], num_proc: int) -> list:
+    """`work(unit)` for every block, results in order, on num_proc processes (spawned: h5py and pyarrow threads do
+    not survive a fork)."""
     if num_proc <= 1 or len(units) <= 1:
         _set_job(job)
-        return [tokenize_block(unit) for unit in units]
+        return [work(unit) for unit in units]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
         min(num_proc, len(units)), mp_context=context, initializer=_set_job, initargs=(job,)
     ) as pool:
-        return list(pool.map(tokenize_block, units))
+        return list(pool.map(work, units))
 
 
 def summarise(sources: list, encoders: list[Encoder], stats: list[dict], units: list, max_unmapped: float) -> list:
@@ -171,11 +181,9 @@ def check_settings(style: str, max_length: int, max_unmapped: float, num_proc: i
         raise DataError("--num_proc and --cells-per-shard must be at least 1")
 
 
-def load_dictionaries(vocab_path, medians_path, sources, columns, style, cells_per_shard):
-    """(vocabulary, gene medians, medians file or None): given files, else computed from the corpus."""
-    medians = read_gene_medians(medians_path) if medians_path is not None else None
-    if medians is None:
-        medians = compute_medians(sources, columns, cells_per_shard)
+def load_dictionaries(vocab_path, medians_path, job: Job, style: str, num_proc: int):
+    """(vocabulary, gene medians): the given files, else computed from the corpus."""
+    medians = read_gene_medians(medians_path) if medians_path is not None else compute_medians(job, num_proc)
     vocab = read_vocab(vocab_path) if vocab_path is not None else build_vocab(medians, style)
     if style == "v2" and (CLS not in vocab or EOS not in vocab):
         raise DataError(f"{vocab_path}: style v2 needs {CLS} and {EOS} in the vocabulary")
@@ -217,36 +225,26 @@ def preprocess(
 
     Raises DataError (bad input or settings; nothing is written) or OSError."""
     check_settings(style, max_length, max_unmapped_fraction, num_proc, cells_per_shard)
-    inputs = counts_path if isinstance(counts_path, (list, tuple)) else [counts_path]
-    sources = [open_source(path, gene_id_column) for path in expand_inputs(inputs)]
-    for source in sources:
-        if source.n_rows == 0 or not source.gene_ids:
-            raise DataError(f"{source.path}: no cells or no genes ({source.n_rows} x {len(source.gene_ids)})")
-    columns = [GeneColumns.of(source.gene_ids, keep_version) for source in sources]
-    for source, column in zip(sources, columns):
-        if column.n_repeated:
-            log.info(f"{source.path}: summed the counts of {column.n_repeated} repeated gene ids into one column each")
-    vocab, medians = load_dictionaries(vocab_path, gene_medians_path, sources, columns, style, cells_per_shard)
-    encoders = [Encoder.of(c.genes, vocab, medians, style, max_length, keep_version) for c in columns]
-    for source, encoder in zip(sources, encoders):
+    job = open_inputs(counts_path, gene_id_column, keep_version, cells_per_shard)
+    vocab, medians = load_dictionaries(vocab_path, gene_medians_path, job, style, num_proc)
+    job.encoders = [Encoder.of(c.genes, vocab, medians, style, max_length, keep_version) for c in job.columns]
+    for source, encoder in zip(job.sources, job.encoders):
         if encoder.n_unmapped == len(encoder.column_token):
             raise DataError(f"{source.path}: none of the genes is in the vocabulary / median dictionary")
     vocab_text = "\n".join(vocab) + "\n"
     medians_text = json.dumps(medians, indent=0, sort_keys=True) + "\n"
     out_dir = Path(out_dir)
-    metadata = corpus_metadata(vocab_text, medians_text, vocab, style, max_length=max_length)
-    metadata["keep_version"] = keep_version
+    metadata = corpus_metadata(vocab_text, medians_text, vocab, style, max_length=max_length, keep_version=keep_version)
     tmp = out_dir.absolute().with_name(f".{out_dir.absolute().name}.tmp-{os.getpid()}")
     try:
         (tmp / "cells.parquet").mkdir(parents=True)
-        job = Job(
-            sources, columns, encoders, str(id_type(len(vocab))), tmp / "cells.parquet", cells_per_shard, metadata
-        )
-        units = plan_blocks(sources, cells_per_shard)
-        reports = summarise(sources, encoders, run_blocks(job, units, num_proc), units, max_unmapped_fraction)
+        job.dtype_name, job.shard_dir, job.shard_metadata = str(id_type(len(vocab))), tmp / "cells.parquet", metadata
+        units = plan_blocks(job.sources, cells_per_shard)
+        stats = run_blocks(job, tokenize_block, units, num_proc)
+        reports = summarise(job.sources, job.encoders, stats, units, max_unmapped_fraction)
         totals = {key: sum(r[key] for r in reports) for key in ("cells", "tokens")}
         if totals["cells"] == 0:
-            raise DataError(f"{sources[0].path}: no cell expresses a gene of the vocabulary; nothing to write")
+            raise DataError(f"{job.sources[0].path}: no cell expresses a gene of the vocabulary; nothing to write")
         sources_info = {"inputs": reports, "gene_medians_source": str(gene_medians_path or "computed from the inputs")}
         summary = {**metadata, **totals, "vocab_source": str(vocab_path or "built from the inputs"), **sources_info}
         (tmp / "vocab.txt").write_text(vocab_text)
@@ -256,6 +254,20 @@ def preprocess(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir / "cells.parquet"
+
+
+def open_inputs(counts_path, gene_id_column: str | None, keep_version: bool, cells_per_shard: int) -> Job:
+    """Readers and gene columns of every input file (paths, directories or globs); DataError for unusable ones."""
+    inputs = counts_path if isinstance(counts_path, (list, tuple)) else [counts_path]
+    sources = [open_source(path, gene_id_column) for path in expand_inputs(inputs)]
+    for source in sources:
+        if source.n_rows == 0 or not source.gene_ids:
+            raise DataError(f"{source.path}: no cells or no genes ({source.n_rows} x {len(source.gene_ids)})")
+    columns = [GeneColumns.of(source.gene_ids, keep_version) for source in sources]
+    for source, column in zip(sources, columns):
+        if column.n_repeated:
+            log.info(f"{source.path}: summed the counts of {column.n_repeated} repeated gene ids into one column each")
+    return Job(sources, columns, cells_per_shard)
 
 
 def publish(tmp: Path, out_dir: Path) -> None:

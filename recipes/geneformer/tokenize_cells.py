@@ -67,6 +67,13 @@ def normalise(counts: sp.csr_matrix, totals: np.ndarray | None, cell_ids: list[s
     return sp.csr_matrix(sp.diags(scale) @ counts)
 
 
+def nonzero_values(normalised: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """(gene column, value) of every non-zero entry of a block."""
+    coo = normalised.tocoo()
+    keep = coo.data > 0
+    return coo.col[keep].astype(np.int32), coo.data[keep].astype(np.float64)
+
+
 @dataclass
 class MedianAccumulator:
     """Collects every gene's non-zero normalised values over the blocks seen, for exact medians.
@@ -80,15 +87,17 @@ class MedianAccumulator:
     values: list[np.ndarray] = field(default_factory=list)
 
     def add(self, normalised: sp.csr_matrix, columns: GeneColumns) -> None:
-        coo = normalised.tocoo()
-        keep = coo.data > 0
+        self.add_values(columns, *nonzero_values(normalised))
+
+    def add_values(self, columns: GeneColumns, column: np.ndarray, values: np.ndarray) -> None:
+        """Values of one block: `column` indexes `columns.genes`."""
         for gene, name in zip(columns.genes, columns.names):
             if gene not in self.index:
                 self.index[gene] = len(self.names)
                 self.names.append(name)
         column_index = np.array([self.index[g] for g in columns.genes], dtype=np.int32)
-        self.genes.append(column_index[coo.col[keep]])
-        self.values.append(coo.data[keep].astype(np.float64))
+        self.genes.append(column_index[column])
+        self.values.append(values)
 
     def medians(self) -> dict[str, float]:
         """{gene: median of its non-zero normalised values}; genes never expressed are left out."""
