@@ -152,10 +152,8 @@ class Encoder:
             if not keep.any():
                 continue
             tokens, scores = self.column_token[columns[keep]], values[keep] / self.column_median[columns[keep]]
-            # Sort by token id first, then stably by score: equal scores stay in vocabulary order.
-            by_token = np.argsort(tokens, kind="stable")
-            tokens, scores = tokens[by_token], scores[by_token]
-            ranked = tokens[np.argsort(-scores, kind="stable")][: self.n_genes]
+            # Highest score first; equal scores in vocabulary (token id) order. lexsort sorts by its last key first.
+            ranked = tokens[np.lexsort((tokens, -scores))][: self.n_genes]
             if self.wrap is not None:
                 ranked = np.concatenate([[self.wrap[0]], ranked, [self.wrap[1]]])
             cells.append(ranked)
