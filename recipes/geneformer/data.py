@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import json
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,12 +163,22 @@ def open_hf_dataset(path: Path, cache_dir: str | Path | None = None) -> tuple[pa
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """Where converted corpora are kept: cache_dir, else $GENEFORMER_CACHE_DIR, else ~/.cache/biorecipes/geneformer."""
+    """Where converted corpora are kept: cache_dir, else $GENEFORMER_CACHE_DIR, else ~/.cache/biorecipes/geneformer
+    (or the temp folder when the home is not writable)."""
     if cache_dir is not None:
         return Path(cache_dir)
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
-    return Path.home() / ".cache" / "biorecipes" / "geneformer"
+    default = Path.home() / ".cache" / "biorecipes" / "geneformer"
+    try:
+        default.mkdir(parents=True, exist_ok=True)
+        return default if os.access(default, os.W_OK) else _temp_cache()
+    except OSError:  # a read-only or missing home (containers, CI): the node's temp folder still serves all ranks
+        return _temp_cache()
+
+
+def _temp_cache() -> Path:
+    return Path(tempfile.gettempdir()) / f"biorecipes-geneformer-{os.getuid()}"
 
 
 def cached(files: list[Path], kind: str, cache_dir, build, writes_file: bool = True) -> tuple[Path, dict]:
