@@ -33,7 +33,7 @@ def test_every_length_setting_runs_the_model(tmp_path, monkeypatch, style):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     vocab = VOCAB[style] + GENES
     path = corpus(tmp_path, style, longest=70)
-    models = {}
+    models, datasets = {}, {}
     shortest = 3 if style == "v2" else 1
     for max_seq_length, pad_to, extra in itertools.product([shortest, 15, 20, 33, 64], [1, 7, 16, 64], [0, 1, 13]):
         max_positions = max_seq_length + extra
@@ -48,7 +48,9 @@ def test_every_length_setting_runs_the_model(tmp_path, monkeypatch, style):
                 max_position_embeddings=max_positions,
             )
             models[max_positions] = BertForMaskedLM(config).eval()
-        dataset = CellDataset(path, len(vocab), max_seq_length)
+        if max_seq_length not in datasets:
+            datasets[max_seq_length] = CellDataset(path, len(vocab), max_seq_length)
+        dataset = datasets[max_seq_length]
         collator = MaskingCollator(vocab, 0.15, pad_to, torch.Generator().manual_seed(0), max_length=max_positions)
         for rows in ([0], [len(dataset) - 1], list(range(0, len(dataset), 9))):
             batch = collator([dataset[i] for i in rows])
