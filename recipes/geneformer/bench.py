@@ -104,10 +104,10 @@ def main() -> None:
         compare("inference", infer(ours, **no_labels), infer(theirs, **no_labels), tokens),
     ]
 
-    source = open_source(RECIPE_DIR / "sample_data" / "pbmc500_counts.h5ad")
-    block = source.read_block(0, source.n_rows)
-    columns = GeneColumns.of(source.gene_ids, keep_version=False)
-    normalised = normalise(columns.apply(block.counts), block.totals, block.cell_ids, str(source.path))
+    counts = open_source(RECIPE_DIR / "sample_data" / "pbmc500_counts.h5ad")
+    block = counts.read_block(0, counts.n_rows)
+    columns = GeneColumns.of(counts.gene_ids, keep_version=False)
+    normalised = normalise(columns.apply(block.counts), block.totals, block.cell_ids, str(counts.path))
     medians = read_gene_medians(RECIPE_DIR / "sample_data" / "gene_medians.json")
     encoder = Encoder.of(columns.genes, ["<pad>", "<mask>", *sorted(medians)], medians, "v1", 2048, False)
     tokenize_seconds = statistics.median(timed(lambda: encoder.encode(normalised)) for _ in range(REPEATS))
