@@ -256,6 +256,33 @@ def preprocess(
     return out_dir / "cells.parquet"
 
 
+def tokenize_file(
+    path: str | Path,
+    vocab: list[str],
+    gene_medians: dict[str, float],
+    max_length: int,
+    style: str,
+    gene_id_column: str | None = None,
+    keep_version: bool = False,
+) -> tuple[list[np.ndarray], list[str]]:
+    """Rank-value encode one count file in memory, exactly as preprocess() would (for embedding a few cells).
+
+    Returns (token ids per kept cell, int64; their cell ids): cells failing filter_pass or without a vocabulary gene
+    are left out. Raises DataError like preprocess()."""
+    check_settings(style, max_length, 0.5, 1, CELLS_PER_SHARD)
+    source = open_source(Path(path), gene_id_column)
+    columns = GeneColumns.of(source.gene_ids, keep_version)
+    encoder = Encoder.of(columns.genes, vocab, gene_medians, style, max_length, keep_version)
+    cells, ids = [], []
+    for start in range(0, source.n_rows, CELLS_PER_SHARD):
+        block = source.read_block(start, min(start + CELLS_PER_SHARD, source.n_rows))
+        merged = columns.apply(block.counts)
+        tokens, kept = encoder.encode(normalise(merged, block.totals, block.cell_ids, str(source.path)))
+        cells += tokens
+        ids += [cell_id for cell_id, keep in zip(block.cell_ids, kept) if keep]
+    return cells, ids
+
+
 def open_inputs(counts_path, gene_id_column: str | None, keep_version: bool, cells_per_shard: int) -> Job:
     """Readers and gene columns of every input file (paths, directories or globs); DataError for unusable ones."""
     inputs = counts_path if isinstance(counts_path, (list, tuple)) else [counts_path]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import scipy.sparse as sp
 from conftest import RECIPE_DIR, SAMPLE_DIR
 
-from preprocess import DataError, preprocess
+from preprocess import DataError, preprocess, tokenize_file
 from preprocess import main as preprocess_main
 
 # 3 cells x 4 genes. Cells 1 and 2 total 10 counts, cell 3 totals 20, so after scaling to 10,000:
@@ -114,6 +115,14 @@ def test_bundled_sample_rebuilds_identically(tmp_path):
     assert (tmp_path / "vocab.txt").read_text() == (SAMPLE_DIR / "vocab.txt").read_text()
     assert token_rows(out) == token_rows(SAMPLE_DIR / "cells.parquet")
     assert len(token_rows(out)) == 500
+
+
+def test_tokenize_file_in_memory_equals_the_written_corpus():
+    vocab = (SAMPLE_DIR / "vocab.txt").read_text().split()
+    medians = json.loads((SAMPLE_DIR / "gene_medians.json").read_text())  # pandas would round the floats
+    cells, ids = tokenize_file(SAMPLE_DIR / "pbmc500_counts.h5ad", vocab, medians, 2048, "v1")
+    assert [c.tolist() for c in cells] == token_rows(SAMPLE_DIR / "cells.parquet")
+    assert ids == pq.read_table(SAMPLE_DIR / "cells.parquet").column("cell_id").to_pylist()
 
 
 def test_cli_error_is_one_line(tmp_path):
