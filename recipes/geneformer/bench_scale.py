@@ -2,6 +2,7 @@
 
     python bench_scale.py                     # ~5-10 minutes on 2 loaded cores; writes ~1 GB under a temp dir
     python bench_scale.py --repeats 3 --cells 2000
+    python bench_scale.py --only memory       # one section: memory, startup or preprocess
 
 Rows (synthetic corpora built here, never committed; median of --repeats, A/B interleaved):
   peak RSS          ru_maxrss of a 3-step train.py run (own process, cache cold: includes the parquet -> Arrow
@@ -192,11 +193,17 @@ def report_preprocess(seconds: dict[str, float], n_cells: int, megabytes: float)
     steady = {}
     for name in ("1 process", "2 processes"):
         rate = n_cells / seconds[name]
-        steady[name] = n_cells / max(seconds[name] - seconds[f"start-up, {name}"], 1e-9)
+        work = seconds[name] - seconds[f"start-up, {name}"]
         print(f"{f'preprocess, {name}':<34} {rate:>8.0f} cells/s {megabytes / seconds[name]:>6.1f} MB/s (wall)")
+        if work <= 0:
+            print(f"{'  without start-up':<34} n/a: the input is too small to tell its work from the start-up")
+            continue
+        steady[name] = n_cells / work
         print(
             f"{'  without start-up':<34} {steady[name]:>8.0f} cells/s (start-up {seconds[f'start-up, {name}']:.1f} s)"
         )
+    if len(steady) < 2:
+        return
     efficiency = min(steady["2 processes"] / (2 * steady["1 process"]), 1.0)
     ideal = GENECORPUS_CELLS / (steady["1 process"] * NODE_CORES) / 3600
     print(
@@ -211,23 +218,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--h5ad-files", type=int, default=4)
     parser.add_argument("--h5ad-cells", type=int, default=5_000, help="cells per synthetic h5ad file")
+    parser.add_argument("--only", choices=["memory", "startup", "preprocess"], help="run one section")
     args = parser.parse_args(argv)
+    run = {name: args.only in (None, name) for name in ("memory", "startup", "preprocess")}
+    print(f"Geneformer data at scale, {os.cpu_count()} CPU cores (shared with other jobs), median of {args.repeats}")
     with tempfile.TemporaryDirectory(prefix="geneformer_scale_") as tmp:
         root = Path(tmp)
-        rss = memory_rows(root, args.cells, args.repeats)
-        startup = startup_rows(root, args.repeats)
-        seconds, megabytes = preprocess_rows(root / "h5ad", args.h5ad_files, args.h5ad_cells, args.repeats)
-    n_cells = args.h5ad_files * args.h5ad_cells
-    print(f"Geneformer data at scale, {os.cpu_count()} CPU cores (shared with other jobs), median of {args.repeats}")
-    print(f"{'row':<34} {'value':>12}")
-    print(f"{f'peak RSS, 3 steps, {args.cells:,} cells':<34} {rss['1x']:>9.2f} GiB")
-    print(f"{f'peak RSS, 3 steps, {10 * args.cells:,} cells':<34} {rss['10x']:>9.2f} GiB")
-    print(f"{'open 1M cells, cold (convert)':<34} {startup['cold']:>10.2f} s")
-    print(f"{'open 1M cells, warm (map)':<34} {startup['warm']:>10.2f} s")
-    report_preprocess(seconds, n_cells, megabytes)
-    print(
-        f"headline: peak RSS {10 * args.cells:,} / {args.cells:,} cells = {rss['10x'] / rss['1x']:.2f}x (target <= 1.2x)"
-    )
+        if run["memory"]:
+            rss = memory_rows(root, args.cells, args.repeats)
+            print(f"{f'peak RSS, 3 steps, {args.cells:,} cells':<34} {rss['1x']:>9.2f} GiB")
+            print(f"{f'peak RSS, 3 steps, {10 * args.cells:,} cells':<34} {rss['10x']:>9.2f} GiB")
+        if run["startup"]:
+            startup = startup_rows(root, args.repeats)
+            print(f"{'open 1M cells, cold (convert)':<34} {startup['cold']:>10.2f} s")
+            print(f"{'open 1M cells, warm (map)':<34} {startup['warm']:>10.2f} s")
+        if run["preprocess"]:
+            seconds, megabytes = preprocess_rows(root / "h5ad", args.h5ad_files, args.h5ad_cells, args.repeats)
+            report_preprocess(seconds, args.h5ad_files * args.h5ad_cells, megabytes)
+    if run["memory"]:
+        ratio = rss["10x"] / rss["1x"]
+        print(f"headline: peak RSS {10 * args.cells:,} / {args.cells:,} cells = {ratio:.2f}x (target <= 1.2x)")
 
 
 if __name__ == "__main__":
