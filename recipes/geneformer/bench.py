@@ -1,6 +1,7 @@
 """CPU benchmark: this recipe's plain Geneformer against transformers' BertForMaskedLM of the same size and weights.
 
     python bench.py                 # ~1-3 minutes on 2 cores; uses real Genecorpus cells when ../shared/data has them
+    python bench.py --no-scale      # without the data-at-scale section (bench_scale.py, ~10 more minutes)
 
 Rows (median of REPEATS, interleaved A/B after a warm-up, same batches, same weights):
   train step     forward+backward as train.py runs it (loss on the masked tokens only) vs transformers (labels given)
@@ -24,8 +25,10 @@ RECIPE_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(RECIPE_DIR))
 
 from data import CellDataset, MaskingCollator  # noqa: E402
+from dictionaries import read_gene_medians, read_vocab  # noqa: E402
 from model import BertForMaskedLM, geneformer_config  # noqa: E402
-from preprocess import compute_gene_medians, normalise, read_counts, read_vocab, tokenize_cells  # noqa: E402
+from readers import open_source  # noqa: E402
+from tokenize_cells import Encoder, GeneColumns, normalise  # noqa: E402
 
 REPEATS = 5
 SEQ_LEN, BATCH = 256, 8
@@ -101,18 +104,13 @@ def main() -> None:
         compare("inference", infer(ours, **no_labels), infer(theirs, **no_labels), tokens),
     ]
 
-    counts = read_counts(RECIPE_DIR / "sample_data" / "pbmc500_counts.h5ad")
-    normalised = normalise(counts.counts, counts.source, counts.cell_ids)
-    medians = compute_gene_medians(normalised, counts.gene_ids)
-    token_vocab = ["<pad>", "<mask>", *sorted(medians)]
-    tokenize_seconds = statistics.median(
-        timed(
-            lambda: tokenize_cells(
-                normalised, counts.gene_ids, token_vocab, medians, 2048, "v1", counts.cell_ids, counts.source
-            )
-        )
-        for _ in range(REPEATS)
-    )
+    counts = open_source(RECIPE_DIR / "sample_data" / "pbmc500_counts.h5ad")
+    block = counts.read_block(0, counts.n_rows)
+    columns = GeneColumns.of(counts.gene_ids, keep_version=False)
+    normalised = normalise(columns.apply(block.counts), block.totals, block.cell_ids, str(counts.path))
+    medians = read_gene_medians(RECIPE_DIR / "sample_data" / "gene_medians.json")
+    encoder = Encoder.of(columns.genes, ["<pad>", "<mask>", *sorted(medians)], medians, "v1", 2048, False)
+    tokenize_seconds = statistics.median(timed(lambda: encoder.encode(normalised)) for _ in range(REPEATS))
 
     params = sum(p.numel() for p in ours.parameters()) / 1e6
     print(
@@ -122,7 +120,7 @@ def main() -> None:
     print(f"{'row':<12} {'recipe tok/s':>13} {'transformers tok/s':>19} {'ratio':>7}")
     for name, ours_rate, theirs_rate in rows:
         print(f"{name:<12} {ours_rate:>13.0f} {theirs_rate:>19.0f} {ours_rate / theirs_rate:>6.2f}x")
-    print(f"{'tokenizer':<12} {len(counts.cell_ids) / tokenize_seconds:>13.0f} cells/s (rank-value encoding, 500 PBMC)")
+    print(f"{'tokenizer':<12} {len(block.cell_ids) / tokenize_seconds:>13.0f} cells/s (rank-value encoding, 500 PBMC)")
     print(
         f"headline: train step {rows[0][1] / rows[0][2]:.2f}x transformers BertForMaskedLM "
         f"(same work {rows[1][1] / rows[1][2]:.2f}x, inference {rows[2][1] / rows[2][2]:.2f}x)"
@@ -131,3 +129,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    if "--no-scale" not in sys.argv[1:]:
+        import bench_scale
+
+        print()
+        bench_scale.main([])

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from biorecipes_shared.files import atomic_write
 from biorecipes_shared.run import ConfigError, run_cli
 from model import BertForMaskedLM, geneformer_config
-from preprocess import CLS, DataError, normalise, read_counts, read_gene_medians, read_vocab, tokenize_cells
+from preprocess import CLS, DataError, read_gene_medians, read_vocab, tokenize_file
 from pretrained import check_folder_vocab, load_folder_weights, read_folder_config
 
 CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act")
@@ -95,13 +95,8 @@ def read_tokenized(path: str | Path, vocab_size: int) -> Cells:
 
 def tokenize_h5ad(path: str | Path, vocab: list[str], gene_medians: dict[str, float], max_length: int) -> Cells:
     """Rank-value encode an h5ad of raw counts with the recipe's preprocessing (V2 style when the vocab has <cls>)."""
-    matrix = read_counts(path)
-    normalised = normalise(matrix.counts, matrix.source, matrix.cell_ids)
-    style = "v2" if CLS in vocab else "v1"
-    cells = tokenize_cells(
-        normalised, matrix.gene_ids, vocab, gene_medians, max_length, style, matrix.cell_ids, matrix.source
-    )
-    return Cells([c.astype(np.int64) for c in cells], list(matrix.cell_ids), matrix.source)
+    cells, ids = tokenize_file(path, vocab, gene_medians, max_length, "v2" if CLS in vocab else "v1")
+    return Cells([c.astype(np.int64) for c in cells], [str(i) for i in ids], str(path))
 
 
 def token_budget_batches(lengths: list[int], tokens_per_batch: int) -> list[list[int]]:

@@ -1,187 +1,62 @@
-"""Rank-value tokenizer: a cell x gene count matrix (.h5ad, .parquet or .csv) -> Geneformer token parquet.
+"""Rank-value tokenizer: cell x gene count files (.h5ad, .loom, .parquet, .csv) -> a sharded Geneformer corpus.
 
 Each cell's counts are divided by the cell's total counts (x 10,000) and by each gene's non-zero median across the
 corpus; the expressed genes are then ranked by that value, highest first, and truncated to the context length.
 
     python preprocess.py counts.h5ad --out-dir data/my_corpus              # builds vocab.txt + gene_medians.json
-    python preprocess.py more.h5ad --out-dir data/more --vocab data/my_corpus/vocab.txt \
-        --gene-medians data/my_corpus/gene_medians.json                    # reuse a corpus' vocabulary and medians
+    python preprocess.py 'raw/*.h5ad' --out-dir data/big --num_proc 16 \
+        --token-dictionary token_dictionary.pkl --gene-median-dictionary gene_median_dictionary.pkl
 
-Writes `cells.parquet` (`input_ids` list<int32>, `length` int32, `cell_id`), `vocab.txt` (special tokens first, one
-token per line) and `gene_medians.json`. The output is a pure function of the input: rebuilding gives identical files.
+Writes `cells.parquet/` (a directory of shards, see corpus.py), `vocab.txt`, `gene_medians.json` and `metadata.json`
+into --out-dir, all at once at the end (nothing is left there when it fails). The output is a pure function of the
+inputs and settings: rebuilding, with any --num_proc, gives identical files.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import hashlib
 import json
+import logging
+import multiprocessing
 import os
-import re
+import shutil
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-import scipy.sparse as sp
-from tqdm import tqdm
 
-PAD, MASK, CLS, EOS = "<pad>", "<mask>", "<cls>", "<eos>"
-SPECIAL_TOKENS = {"v1": [PAD, MASK], "v2": [PAD, MASK, CLS, EOS]}
-TARGET_SUM = 10_000  # counts per cell after normalisation, as in the original Geneformer tokenizer
-CELL_ID_COLUMN = "cell_id"
-# pandas' name for a column without a header, e.g. the index written by DataFrame.to_csv() without index=False.
-UNNAMED_COLUMN = re.compile(r"Unnamed: \d+")
+from corpus import FORMAT, FORMAT_VERSION, id_type, shard_table, write_parquet_atomic
+from dictionaries import (  # noqa: F401  (DataError and read_vocab are imported from here by train.py and data.py)
+    CLS,
+    EOS,
+    SPECIAL_TOKENS,
+    DataError,
+    file_sha256,
+    read_gene_medians,
+    read_vocab,
+)
+from readers import expand_inputs, open_source
+from tokenize_cells import Encoder, GeneColumns, MedianAccumulator, nonzero_values, normalise
 
-
-class DataError(ValueError):
-    """A problem with the user's data files (counts, vocabulary, tokens); the message names the file and record."""
+log = logging.getLogger("geneformer.preprocess")
+CELLS_PER_SHARD = 10_000  # one read block = one output shard: ~40 MB of uint16 tokens at 2,048 tokens per cell
 
 
 @dataclass
-class CountMatrix:
-    """Raw counts of one file: cells x genes (CSR, float64), with gene and cell identifiers."""
+class Job:
+    """Everything a worker needs to tokenize any block of any input file."""
 
-    counts: sp.csr_matrix
-    gene_ids: list[str]
-    cell_ids: list[str]
-    source: str
-
-
-def _is_raw_counts(matrix) -> bool:
-    """True when every stored value is a non-negative integer (what raw UMI / read counts look like)."""
-    values = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
-    if values.size == 0:
-        return True
-    return bool(np.all(values >= 0) and np.all(np.abs(values - np.round(values)) < 1e-6))
-
-
-def _unreadable(path: Path, kind: str, error: Exception) -> DataError:
-    """The reader's own message can span lines and omit the file name: keep its first line, name the file."""
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return DataError(f"{path}: not a readable {kind} file ({reason})")
-
-
-def read_h5ad(path: Path, gene_id_column: str | None = None) -> CountMatrix:
-    """Read raw counts from an h5ad: `layers['counts']`, else `raw.X`, else `X` — the first holding integer counts."""
-    import anndata
-
-    try:
-        adata = anndata.read_h5ad(path)
-    except Exception as error:  # h5py and anndata raise OSError, KeyError, TypeError... for damaged files
-        raise _unreadable(path, "h5ad", error) from None
-    candidates = []
-    if "counts" in adata.layers:
-        candidates.append(("layers['counts']", adata.layers["counts"], adata.var))
-    if adata.raw is not None:
-        candidates.append(("raw.X", adata.raw.X, adata.raw.var))
-    candidates.append(("X", adata.X, adata.var))
-    usable = [(matrix, var) for _, matrix, var in candidates if matrix is not None and _is_raw_counts(matrix)]
-    if not usable:
-        tried = ", ".join(where for where, _, _ in candidates)
-        raise DataError(
-            f"{path}: no raw counts found ({tried} hold non-integer or negative values, e.g. log-normalised data); "
-            "store integer counts in X or layers['counts']"
-        )
-    matrix, var = usable[0]
-    if gene_id_column is None:
-        gene_ids = [str(g) for g in var.index]
-    elif gene_id_column in var.columns:
-        gene_ids = [str(g) for g in var[gene_id_column]]
-    else:
-        raise DataError(f"{path}: gene id column {gene_id_column!r} not in var (has {list(var.columns)})")
-    counts = sp.csr_matrix(matrix, dtype=np.float64)
-    return CountMatrix(counts, gene_ids, [str(c) for c in adata.obs_names], str(path))
-
-
-def read_table(path: Path) -> CountMatrix:
-    """Read a dense table of counts (parquet or CSV): one row per cell, one column per gene, optional `cell_id`."""
-    import pandas as pd
-
-    kind = path.suffix.lstrip(".")
-    try:
-        frame = pd.read_parquet(path) if kind == "parquet" else pd.read_csv(path)
-    except Exception as error:  # EmptyDataError, ParserError, ArrowInvalid, UnicodeDecodeError, ...
-        raise _unreadable(path, kind, error) from None
-    if kind != "parquet":
-        # pandas renames a repeated header (A, A.1), which would hide a duplicated gene: read the raw header row.
-        with open(path, newline="") as handle:
-            header = next(csv.reader(handle), [])
-        repeated = sorted({name for name in header if header.count(name) > 1})
-        if repeated:
-            raise DataError(f"{path}: duplicate gene ids {repeated[:3]}; make them unique (e.g. use Ensembl ids)")
-    unnamed = [str(c) for c in frame.columns if UNNAMED_COLUMN.fullmatch(str(c))]
-    if unnamed:
-        # Refused, not dropped: it is usually a saved index, which may hold the cell ids the user wants to keep.
-        raise DataError(
-            f"{path}: column {unnamed[0]!r} has no header (a saved DataFrame index?); write the table with "
-            f"to_csv(index=False), or name the column {CELL_ID_COLUMN!r} if it holds cell ids"
-        )
-    if CELL_ID_COLUMN in frame.columns:
-        ids = frame.pop(CELL_ID_COLUMN)
-        if ids.isna().any():
-            raise DataError(f"{path}: row {int(np.argmax(ids.isna()))} has no {CELL_ID_COLUMN}")
-        cell_ids = ids.astype(str).tolist()
-    else:
-        cell_ids = [str(i) for i in range(len(frame))]
-    if frame.empty:  # checked before the dtypes: the columns of a header-only CSV read as text
-        raise DataError(f"{path}: no cells or no genes ({frame.shape[0]} x {frame.shape[1]})")
-    non_numeric = [c for c in frame.columns if not np.issubdtype(frame[c].dtype, np.number)]
-    if non_numeric:
-        raise DataError(f"{path}: column {non_numeric[0]!r} is not numeric; every column but cell_id is a gene")
-    values = frame.to_numpy(dtype=np.float64)
-    if np.isnan(values).any():
-        # A short CSV row or an empty field reads as NaN; guessing 0 could hide a truncated or misaligned file.
-        row, column = (int(i) for i in np.argwhere(np.isnan(values))[0])
-        raise DataError(
-            f"{path}: cell {cell_ids[row]!r}, gene {str(frame.columns[column])!r} has no value (empty field or "
-            "short row); write 0 for genes without counts"
-        )
-    if not _is_raw_counts(values):
-        row = int(np.argwhere((values < 0) | (np.abs(values - np.round(values)) > 1e-6))[0][0])
-        raise DataError(f"{path}: cell {cell_ids[row]!r} has non-integer or negative counts; raw counts needed")
-    return CountMatrix(sp.csr_matrix(values), [str(c) for c in frame.columns], cell_ids, str(path))
-
-
-def read_counts(path: str | Path, gene_id_column: str | None = None) -> CountMatrix:
-    """Read a count matrix from .h5ad, .parquet or .csv; raises DataError on anything unusable."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    if path.suffix == ".h5ad":
-        matrix = read_h5ad(path, gene_id_column)
-    elif path.suffix in (".parquet", ".csv"):
-        matrix = read_table(path)
-    else:
-        raise DataError(f"{path}: unknown format {path.suffix!r} (expected .h5ad, .parquet or .csv)")
-    if matrix.counts.shape[0] == 0 or matrix.counts.shape[1] == 0:
-        raise DataError(f"{path}: no cells or no genes ({matrix.counts.shape[0]} x {matrix.counts.shape[1]})")
-    if len(set(matrix.gene_ids)) != len(matrix.gene_ids):
-        raise DataError(f"{path}: duplicate gene ids; make them unique (e.g. use Ensembl ids)")
-    return matrix
-
-
-def normalise(counts: sp.csr_matrix, source: str, cell_ids: list[str]) -> sp.csr_matrix:
-    """Scale each cell to TARGET_SUM total counts; an all-zero cell is an error naming it."""
-    totals = np.asarray(counts.sum(axis=1)).ravel()
-    empty = np.flatnonzero(totals == 0)
-    if empty.size:
-        raise DataError(f"{source}: cell {cell_ids[empty[0]]!r} has no counts (empty cell); filter it out first")
-    return sp.csr_matrix(sp.diags(TARGET_SUM / totals) @ counts)
-
-
-def compute_gene_medians(normalised: sp.csr_matrix, gene_ids: list[str]) -> dict[str, float]:
-    """Median of each gene's normalised expression over the cells that express it (genes never seen are left out)."""
-    by_gene = normalised.tocsc()
-    medians = {}
-    for column, gene in enumerate(gene_ids):
-        values = by_gene.data[by_gene.indptr[column] : by_gene.indptr[column + 1]]
-        values = values[values > 0]
-        if values.size:
-            medians[gene] = float(np.median(values))
-    return medians
+    sources: list
+    columns: list[GeneColumns]
+    cells_per_shard: int
+    encoders: list[Encoder] | None = None  # None during the medians pass
+    dtype_name: str = "uint16"
+    shard_dir: Path | None = None
+    shard_metadata: dict | None = None
 
 
 def build_vocab(gene_medians: dict[str, float], style: str) -> list[str]:
@@ -189,134 +64,285 @@ def build_vocab(gene_medians: dict[str, float], style: str) -> list[str]:
     return SPECIAL_TOKENS[style] + sorted(gene_medians)
 
 
-def tokenize_cells(
-    normalised: sp.csr_matrix,
-    gene_ids: list[str],
-    vocab: list[str],
-    gene_medians: dict[str, float],
-    max_length: int,
-    style: str,
-    cell_ids: list[str],
-    source: str,
-) -> list[np.ndarray]:
-    """Rank-value encode every cell; ties keep vocabulary order so the result is deterministic."""
-    token_of = {token: i for i, token in enumerate(vocab)}
-    usable = [g in token_of and g in gene_medians for g in gene_ids]
-    column_token = np.array([token_of[g] if ok else -1 for g, ok in zip(gene_ids, usable)], dtype=np.int64)
-    column_median = np.array([gene_medians[g] if ok else 1.0 for g, ok in zip(gene_ids, usable)])
-    if not any(usable):
-        raise DataError(f"{source}: none of the genes is in the vocabulary / median dictionary")
-    n_genes = max_length - (2 if style == "v2" else 0)
-    cells = []
-    for row in tqdm(range(normalised.shape[0]), desc="tokenizing", unit="cell", mininterval=1.0):
-        start, end = normalised.indptr[row], normalised.indptr[row + 1]
-        columns, values = normalised.indices[start:end], normalised.data[start:end]
-        keep = (column_token[columns] >= 0) & (values > 0)
-        tokens, scores = column_token[columns[keep]], values[keep] / column_median[columns[keep]]
-        if tokens.size == 0:
-            raise DataError(f"{source}: cell {cell_ids[row]!r} expresses no gene of the vocabulary (empty cell)")
-        # Sort by token id first, then stably by score: equal scores stay in vocabulary order.
-        by_token = np.argsort(tokens, kind="stable")
-        tokens, scores = tokens[by_token], scores[by_token]
-        ranked = tokens[np.argsort(-scores, kind="stable")][:n_genes]
-        if style == "v2":
-            ranked = np.concatenate([[token_of[CLS]], ranked, [token_of[EOS]]])
-        cells.append(ranked.astype(np.int32))
-    return cells
+def plan_blocks(sources: list, cells_per_shard: int) -> list[tuple[int, int, int]]:
+    """(file index, first row, end row) of every block; fixed by the inputs alone, never by the number of workers."""
+    return [
+        (index, start, min(start + cells_per_shard, source.n_rows))
+        for index, source in enumerate(sources)
+        for start in range(0, source.n_rows, cells_per_shard)
+    ]
 
 
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """Write to a temporary name and rename, so a crash never leaves a half-written parquet under the final name."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+def compute_medians(job: Job, num_proc: int) -> dict[str, float]:
+    """Non-zero median of each gene's normalised expression over every input (a first pass over the corpus; the
+    blocks are read on num_proc processes, the values gathered here)."""
+    accumulator = MedianAccumulator()
+    units = plan_blocks(job.sources, job.cells_per_shard)
+    for (index, _, _), (column, values) in zip(units, run_blocks(job, median_block, units, num_proc)):
+        accumulator.add_values(job.columns[index], column, values)
+    return accumulator.medians()
 
 
-def write_text_atomic(text: str, path: Path) -> None:
-    """Same as write_parquet_atomic for small text files."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def median_block(unit: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(gene column, normalised value) of every non-zero count of one block."""
+    index, start, stop = unit
+    block = _JOB.sources[index].read_block(start, stop)
+    merged = _JOB.columns[index].apply(block.counts)
+    return nonzero_values(normalise(merged, block.totals, block.cell_ids, str(_JOB.sources[index].path)))
 
 
-def read_vocab(path: str | Path) -> list[str]:
-    """One token per line, special tokens first."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such vocabulary file")
-    tokens = path.read_text().splitlines()
-    if not tokens or tokens[0] != PAD or MASK not in tokens:
-        raise DataError(f"{path}: a vocabulary starts with {PAD} and contains {MASK}")
-    return tokens
+_JOB: Job | None = None
 
 
-def read_gene_medians(path: str | Path) -> dict[str, float]:
-    """A JSON object {gene id: non-zero median}, as written by `preprocess`."""
-    path = Path(path)
-    try:
-        medians = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise DataError(f"{path}: cannot read gene medians ({error})") from None
-    if not isinstance(medians, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in medians.values()):
-        raise DataError(f"{path}: expected a JSON object of gene id -> positive median")
-    return medians
+def _set_job(job: Job) -> None:
+    global _JOB
+    _JOB = job
+
+
+def tokenize_block(unit: tuple[int, int, int]) -> dict:
+    """Tokenize one block into its own shard (skipped when no cell survives); returns the block's counters."""
+    index, start, stop = unit
+    job, source = _JOB, _JOB.sources[unit[0]]
+    block = source.read_block(start, stop)
+    merged = job.columns[index].apply(block.counts)
+    unmapped, total = job.encoders[index].unmapped_counts(merged)
+    cells, kept = job.encoders[index].encode(normalise(merged, block.totals, block.cell_ids, str(source.path)))
+    stats = {
+        "cells_read": stop - start,
+        "cells_filtered": block.n_filtered,
+        "cells_dropped": int((~kept).sum()),
+        "cells": len(cells),
+        "tokens": int(sum(len(c) for c in cells)),
+        "unmapped_counts": unmapped,
+        "total_counts": total,
+    }
+    if cells:
+        ids = [cell_id for cell_id, keep in zip(block.cell_ids, kept) if keep]
+        metadata = {**job.shard_metadata, "cells": stats["cells"], "tokens": stats["tokens"]}
+        table = shard_table(cells, ids, pa.type_for_alias(job.dtype_name), metadata)
+        write_parquet_atomic(table, job.shard_dir / f"part-{index:05d}-{start // job.cells_per_shard:06d}.parquet")
+    return stats
+
+
+def run_blocks(job: Job, work, units: list[tuple[int, int, int]], num_proc: int) -> list:
+    """`work(unit)` for every block, results in order, on num_proc processes (spawned: h5py and pyarrow threads do
+    not survive a fork)."""
+    if num_proc <= 1 or len(units) <= 1:
+        _set_job(job)
+        return [work(unit) for unit in units]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        min(num_proc, len(units)), mp_context=context, initializer=_set_job, initargs=(job,)
+    ) as pool:
+        return list(pool.map(work, units))
+
+
+def summarise(sources: list, encoders: list[Encoder], stats: list[dict], units: list, max_unmapped: float) -> list:
+    """Per input file: its counters, logged; DataError when too much of it falls outside the vocabulary."""
+    reports = []
+    for index, source in enumerate(sources):
+        mine = [s for s, unit in zip(stats, units) if unit[0] == index]
+        report = {"path": str(source.path), **{k: sum(s[k] for s in mine) for k in mine[0]}}
+        report["genes"], report["unmapped_genes"] = len(encoders[index].column_token), encoders[index].n_unmapped
+        fraction = report["unmapped_counts"] / report["total_counts"] if report["total_counts"] else 0.0
+        report["unmapped_count_fraction"] = round(fraction, 6)
+        if report["unmapped_genes"]:
+            log.info(
+                f"{source.path}: {report['unmapped_genes']} of {report['genes']} genes ({fraction:.1%} of counts) "
+                "are not in the vocabulary / median dictionary and are left out"
+            )
+        if fraction > max_unmapped:
+            raise DataError(
+                f"{source.path}: {fraction:.1%} of counts are in genes outside the vocabulary ({report['unmapped_genes']}"
+                f" of {report['genes']} genes), above --max-unmapped-fraction {max_unmapped}; check the gene ids "
+                "(Ensembl ids, species, --gene-id-column) or raise the limit"
+            )
+        if report["cells_filtered"]:
+            log.info(f"{source.path}: kept the cells with filter_pass == 1, dropped {report['cells_filtered']}")
+        if report["cells_dropped"]:
+            log.warning(
+                f"{source.path}: dropped {report['cells_dropped']} of {report['cells_read']} cells that express no "
+                "gene of the vocabulary"
+            )
+        reports.append(report)
+    return reports
+
+
+def check_settings(style: str, max_length: int, max_unmapped: float, num_proc: int, cells_per_shard: int) -> None:
+    """DataError for settings no input can satisfy, before any file is read."""
+    if style not in SPECIAL_TOKENS:
+        raise DataError(f"unknown token style {style!r} (expected one of {sorted(SPECIAL_TOKENS)})")
+    shortest = {"v1": 1, "v2": 3}[style]  # v2 needs room for <cls>, one gene and <eos>
+    if max_length < shortest:
+        raise DataError(f"--max-length {max_length} is too small: style {style} needs at least {shortest} tokens")
+    if not 0 <= max_unmapped <= 1:
+        raise DataError(f"--max-unmapped-fraction {max_unmapped} must be between 0 and 1")
+    if num_proc < 1 or cells_per_shard < 1:
+        raise DataError("--num_proc and --cells-per-shard must be at least 1")
+
+
+def load_dictionaries(vocab_path, medians_path, job: Job, style: str, num_proc: int):
+    """(vocabulary, gene medians): the given files, else computed from the corpus."""
+    medians = read_gene_medians(medians_path) if medians_path is not None else compute_medians(job, num_proc)
+    vocab = read_vocab(vocab_path) if vocab_path is not None else build_vocab(medians, style)
+    if style == "v2" and (CLS not in vocab or EOS not in vocab):
+        raise DataError(f"{vocab_path}: style v2 needs {CLS} and {EOS} in the vocabulary")
+    return vocab, medians
+
+
+def corpus_metadata(vocab_text: str, medians_text: str, vocab: list[str], style: str, **extra) -> dict:
+    """The fingerprint every shard and metadata.json carry (see corpus.py)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "style": style,
+        "vocab_file": "vocab.txt",  # relative to out_dir, so a corpus can be moved
+        "vocab_sha256": hashlib.sha256(vocab_text.encode()).hexdigest(),
+        "vocab_size": len(vocab),
+        "gene_medians_sha256": hashlib.sha256(medians_text.encode()).hexdigest(),
+        "special_token_ids": {t: i for i, t in enumerate(vocab) if t.startswith("<") and t.endswith(">")},
+        "id_dtype": str(id_type(len(vocab))),
+        "max_token_id": len(vocab) - 1,
+        **extra,
+    }
 
 
 def preprocess(
-    counts_path: str | Path,
+    counts_path,
     out_dir: str | Path,
     vocab_path: str | Path | None = None,
     gene_medians_path: str | Path | None = None,
     max_length: int = 2048,
     style: str = "v1",
     gene_id_column: str | None = None,
+    *,
+    num_proc: int = 1,
+    keep_version: bool = False,
+    max_unmapped_fraction: float = 0.5,
+    cells_per_shard: int = CELLS_PER_SHARD,
 ) -> Path:
-    """Tokenize one count file into `out_dir`; returns the path of the written `cells.parquet`."""
-    if style not in SPECIAL_TOKENS:
-        raise DataError(f"unknown token style {style!r} (expected one of {sorted(SPECIAL_TOKENS)})")
-    shortest = {"v1": 1, "v2": 3}[style]  # v2 needs room for <cls>, one gene and <eos>
-    if max_length < shortest:
-        raise DataError(f"--max-length {max_length} is too small: style {style} needs at least {shortest} tokens")
-    matrix = read_counts(counts_path, gene_id_column)
-    normalised = normalise(matrix.counts, matrix.source, matrix.cell_ids)
-    if gene_medians_path is not None:
-        gene_medians = read_gene_medians(gene_medians_path)
-    else:
-        gene_medians = compute_gene_medians(normalised, matrix.gene_ids)
-    vocab = read_vocab(vocab_path) if vocab_path is not None else build_vocab(gene_medians, style)
-    if style == "v2" and (CLS not in vocab or EOS not in vocab):
-        raise DataError(f"{vocab_path}: style v2 needs {CLS} and {EOS} in the vocabulary")
-    cells = tokenize_cells(
-        normalised, matrix.gene_ids, vocab, gene_medians, max_length, style, matrix.cell_ids, matrix.source
-    )
+    """Tokenize count files (paths, directories or globs; one or a list) into `out_dir`; returns `out_dir/cells.parquet`.
+
+    Raises DataError (bad input or settings; nothing is written) or OSError."""
+    check_settings(style, max_length, max_unmapped_fraction, num_proc, cells_per_shard)
+    job = open_inputs(counts_path, gene_id_column, keep_version, cells_per_shard)
+    vocab, medians = load_dictionaries(vocab_path, gene_medians_path, job, style, num_proc)
+    job.encoders = [Encoder.of(c.genes, vocab, medians, style, max_length, keep_version) for c in job.columns]
+    for source, encoder in zip(job.sources, job.encoders):
+        if encoder.n_unmapped == len(encoder.column_token):
+            raise DataError(f"{source.path}: none of the genes is in the vocabulary / median dictionary")
+    vocab_text = "\n".join(vocab) + "\n"
+    medians_text = json.dumps(medians, indent=0, sort_keys=True) + "\n"
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table = pa.table(
-        {
-            "input_ids": pa.array(cells, type=pa.list_(pa.int32())),
-            "length": pa.array([len(c) for c in cells], type=pa.int32()),
-            CELL_ID_COLUMN: pa.array(matrix.cell_ids, type=pa.string()),
-        }
-    )
-    write_text_atomic("\n".join(vocab) + "\n", out_dir / "vocab.txt")
-    write_text_atomic(json.dumps(gene_medians, indent=0, sort_keys=True) + "\n", out_dir / "gene_medians.json")
-    write_parquet_atomic(table, out_dir / "cells.parquet")
+    metadata = corpus_metadata(vocab_text, medians_text, vocab, style, max_length=max_length, keep_version=keep_version)
+    tmp = out_dir.absolute().with_name(f".{out_dir.absolute().name}.tmp-{os.getpid()}")
+    try:
+        (tmp / "cells.parquet").mkdir(parents=True)
+        job.dtype_name, job.shard_dir, job.shard_metadata = str(id_type(len(vocab))), tmp / "cells.parquet", metadata
+        units = plan_blocks(job.sources, cells_per_shard)
+        stats = run_blocks(job, tokenize_block, units, num_proc)
+        reports = summarise(job.sources, job.encoders, stats, units, max_unmapped_fraction)
+        totals = {key: sum(r[key] for r in reports) for key in ("cells", "tokens")}
+        if totals["cells"] == 0:
+            raise DataError(f"{job.sources[0].path}: no cell expresses a gene of the vocabulary; nothing to write")
+        sources_info = {"inputs": reports, "gene_medians_source": str(gene_medians_path or "computed from the inputs")}
+        summary = {**metadata, **totals, "vocab_source": str(vocab_path or "built from the inputs"), **sources_info}
+        (tmp / "vocab.txt").write_text(vocab_text)
+        (tmp / "gene_medians.json").write_text(medians_text)
+        (tmp / "metadata.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+        publish(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir / "cells.parquet"
+
+
+def tokenize_file(
+    path: str | Path,
+    vocab: list[str],
+    gene_medians: dict[str, float],
+    max_length: int,
+    style: str,
+    gene_id_column: str | None = None,
+    keep_version: bool = False,
+) -> tuple[list[np.ndarray], list[str]]:
+    """Rank-value encode one count file in memory, exactly as preprocess() would (for embedding a few cells).
+
+    Returns (token ids per kept cell, int64; their cell ids): cells failing filter_pass or without a vocabulary gene
+    are left out. Raises DataError like preprocess()."""
+    check_settings(style, max_length, 0.5, 1, CELLS_PER_SHARD)
+    source = open_source(Path(path), gene_id_column)
+    columns = GeneColumns.of(source.gene_ids, keep_version)
+    encoder = Encoder.of(columns.genes, vocab, gene_medians, style, max_length, keep_version)
+    cells, ids = [], []
+    for start in range(0, source.n_rows, CELLS_PER_SHARD):
+        block = source.read_block(start, min(start + CELLS_PER_SHARD, source.n_rows))
+        merged = columns.apply(block.counts)
+        tokens, kept = encoder.encode(normalise(merged, block.totals, block.cell_ids, str(source.path)))
+        cells += tokens
+        ids += [cell_id for cell_id, keep in zip(block.cell_ids, kept) if keep]
+    return cells, ids
+
+
+def open_inputs(counts_path, gene_id_column: str | None, keep_version: bool, cells_per_shard: int) -> Job:
+    """Readers and gene columns of every input file (paths, directories or globs); DataError for unusable ones."""
+    inputs = counts_path if isinstance(counts_path, (list, tuple)) else [counts_path]
+    sources = [open_source(path, gene_id_column) for path in expand_inputs(inputs)]
+    for source in sources:
+        if source.n_rows == 0 or not source.gene_ids:
+            raise DataError(f"{source.path}: no cells or no genes ({source.n_rows} x {len(source.gene_ids)})")
+    columns = [GeneColumns.of(source.gene_ids, keep_version) for source in sources]
+    for source, column in zip(sources, columns):
+        if column.n_repeated:
+            log.info(f"{source.path}: summed the counts of {column.n_repeated} repeated gene ids into one column each")
+    return Job(sources, columns, cells_per_shard)
+
+
+def publish(tmp: Path, out_dir: Path) -> None:
+    """Move the finished files into out_dir (a previous corpus there is replaced as a whole)."""
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    for item in sorted(tmp.iterdir()):
+        target = out_dir / item.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()  # e.g. a single-file cells.parquet written by an older version
+        os.replace(item, target)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("counts", help="cell x gene raw counts: .h5ad, .parquet or .csv")
-    parser.add_argument("--out-dir", required=True, help="writes cells.parquet, vocab.txt, gene_medians.json here")
-    parser.add_argument("--vocab", help="reuse this vocab.txt instead of building one from the corpus")
-    parser.add_argument("--gene-medians", help="reuse this gene_medians.json instead of computing it")
+    parser.add_argument("counts", nargs="+", help="count files (.h5ad, .loom, .parquet, .csv), directories or globs")
+    parser.add_argument("--out-dir", required=True, help="writes cells.parquet/, vocab.txt, gene_medians.json here")
+    parser.add_argument("--vocab", "--token-dictionary", dest="vocab", help="vocab.txt or token_dictionary.pkl")
+    parser.add_argument(
+        "--gene-medians", "--gene-median-dictionary", dest="gene_medians", help="gene_medians.json or a .pkl dict"
+    )
     parser.add_argument("--max-length", type=int, default=2048, help="tokens per cell, special tokens included")
     parser.add_argument("--style", choices=sorted(SPECIAL_TOKENS), default="v1", help="v2 adds <cls> ... <eos>")
-    parser.add_argument("--gene-id-column", help="h5ad var column holding gene ids (default: var_names)")
+    parser.add_argument("--gene-id-column", help="h5ad var column / loom row attribute holding gene ids")
+    parser.add_argument("--num_proc", "--num-proc", type=int, default=1, help="worker processes (same output)")
+    parser.add_argument("--keep-version", action="store_true", help="keep Ensembl version suffixes (ENSG....7)")
+    parser.add_argument(
+        "--max-unmapped-fraction", type=float, default=0.5, help="refuse a file with more of its counts outside"
+    )
+    parser.add_argument("--cells-per-shard", type=int, default=CELLS_PER_SHARD, help="cells read and written at once")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         out = preprocess(
-            args.counts, args.out_dir, args.vocab, args.gene_medians, args.max_length, args.style, args.gene_id_column
+            args.counts,
+            args.out_dir,
+            args.vocab,
+            args.gene_medians,
+            args.max_length,
+            args.style,
+            args.gene_id_column,
+            num_proc=args.num_proc,
+            keep_version=args.keep_version,
+            max_unmapped_fraction=args.max_unmapped_fraction,
+            cells_per_shard=args.cells_per_shard,
         )
     except (DataError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

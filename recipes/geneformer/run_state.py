@@ -19,7 +19,7 @@ from biorecipes_shared.distributed import DistributedContext, seed_everything, s
 from biorecipes_shared.logging_utils import get_logger
 from biorecipes_shared.run import ConfigError, RunLayout, resolve_resume
 from config import recipe_path
-from data import CellDataset, MaskingCollator, check_fills_a_batch
+from data import CellDataset, MaskingCollator, check_corpus_fingerprint, check_fills_a_batch
 from fp8 import convert_for_fp8
 from model import BertForMaskedLM, geneformer_config, hf_to_te_state_dict
 from preprocess import read_vocab
@@ -67,6 +67,7 @@ def read_data(cfg: DictConfig) -> tuple[list[str], int, CellDataset]:
     if vocab_size < len(vocab):
         raise ConfigError(f"model.vocab_size={vocab_size} is smaller than {cfg.data.vocab_path} ({len(vocab)} tokens)")
     dataset = CellDataset(recipe_path(cfg.data.train_path), vocab_size, cfg.data.max_seq_length)
+    check_corpus_fingerprint(recipe_path(cfg.data.train_path), recipe_path(cfg.data.vocab_path))
     return vocab, vocab_size, dataset
 
 
@@ -164,7 +165,13 @@ def set_up(cfg: DictConfig, layout: RunLayout, logger_factory=get_logger) -> Run
     wrapped = shard_model(model, cfg, dist_ctx)
     optimizer, scheduler = make_optimizer(wrapped, cfg)
     mask_generator = torch.Generator().manual_seed(cfg.training.seed + 1000 * (dist_ctx.rank + 1))
-    collator = MaskingCollator(vocab, cfg.data.mlm_probability, cfg.data.pad_to_multiple_of, mask_generator)
+    collator = MaskingCollator(
+        vocab,
+        cfg.data.mlm_probability,
+        cfg.data.pad_to_multiple_of,
+        mask_generator,
+        max_length=cfg.model.max_position_embeddings,  # never pad past the position table
+    )
     return Run(cfg, layout, dist_ctx, log, vocab, dataset, model, wrapped, optimizer, scheduler, collator, resume_from)
 
 

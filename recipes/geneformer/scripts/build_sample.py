@@ -7,13 +7,15 @@ raw counts come back exactly as round(expm1(raw.X) * n_counts / 10,000). We keep
     python scripts/build_sample.py                      # downloads the wheel with pip (no install) into a temp dir
     python scripts/build_sample.py --wheel scanpy-1.11.5-py3-none-any.whl
 
-Writes sample_data/pbmc500_counts.h5ad (integer counts) and, through preprocess.py, sample_data/cells.parquet,
-vocab.txt and gene_medians.json.
+Writes sample_data/pbmc500_counts.h5ad (integer counts) and, through preprocess.py, sample_data/cells.parquet/ (one
+shard), vocab.txt, gene_medians.json and metadata.json (which records the input path as given: run from anywhere,
+the paths it records are relative to the recipe folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -69,9 +71,11 @@ def main() -> None:
         with zipfile.ZipFile(wheel) as archive:
             archive.extract(H5AD_IN_WHEEL, tmp)
         counts = recover_counts(Path(tmp) / H5AD_IN_WHEEL)
-    counts_path = args.out_dir / "pbmc500_counts.h5ad"
+    out_dir = Path(os.path.relpath(args.out_dir.resolve(), RECIPE_DIR))
+    os.chdir(RECIPE_DIR)
+    counts_path = out_dir / "pbmc500_counts.h5ad"
     counts.write_h5ad(counts_path, compression="gzip")
-    out = preprocess(counts_path, args.out_dir, max_length=2048, style="v1")
+    out = preprocess(counts_path, out_dir, max_length=2048, style="v1")
     print(f"wrote {counts_path} and {out}")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import subprocess
 import sys
 
@@ -13,7 +15,7 @@ import pytest
 import scipy.sparse as sp
 from conftest import RECIPE_DIR, SAMPLE_DIR
 
-from preprocess import DataError, preprocess
+from preprocess import DataError, preprocess, tokenize_file
 from preprocess import main as preprocess_main
 
 # 3 cells x 4 genes. Cells 1 and 2 total 10 counts, cell 3 totals 20, so after scaling to 10,000:
@@ -79,12 +81,24 @@ def test_h5ad_counts_layer_and_log_normalised_rejected(tmp_path):
     assert not (tmp_path / "bad" / "cells.parquet").exists()
 
 
-def test_empty_cell_and_bad_tables(tmp_path):
+def test_empty_cell_is_dropped_with_a_warning_and_bad_tables(tmp_path, caplog):
+    """As in the original tokenizer, a cell without any vocabulary gene is dropped and the drop is reported."""
     empty = COUNTS.copy()
     empty.loc[1, ["A", "B", "C", "D"]] = 0
     empty.to_csv(tmp_path / "empty.csv", index=False)
-    with pytest.raises(DataError, match="cell 'c2' has no counts"):
-        preprocess(tmp_path / "empty.csv", tmp_path / "out")
+    with caplog.at_level(logging.INFO, logger="geneformer.preprocess"):
+        out = preprocess(tmp_path / "empty.csv", tmp_path / "kept")
+    assert pq.read_table(out).column("cell_id").to_pylist() == ["c1", "c3"]
+    assert any("dropped 1 of 3 cells that express no gene" in r.getMessage() for r in caplog.records)
+    empty.loc[[0, 2], ["A", "B", "C", "D"]] = 0
+    empty.to_csv(tmp_path / "all_empty.csv", index=False)
+    with pytest.raises(DataError, match="no cell expresses a gene of the vocabulary"):
+        preprocess(
+            tmp_path / "all_empty.csv",
+            tmp_path / "out",
+            tmp_path / "kept" / "vocab.txt",
+            tmp_path / "kept" / "gene_medians.json",
+        )
     fractional = COUNTS.astype({"A": float})
     fractional.loc[0, "A"] = 0.5
     fractional.to_csv(tmp_path / "fractional.csv", index=False)
@@ -101,6 +115,14 @@ def test_bundled_sample_rebuilds_identically(tmp_path):
     assert (tmp_path / "vocab.txt").read_text() == (SAMPLE_DIR / "vocab.txt").read_text()
     assert token_rows(out) == token_rows(SAMPLE_DIR / "cells.parquet")
     assert len(token_rows(out)) == 500
+
+
+def test_tokenize_file_in_memory_equals_the_written_corpus():
+    vocab = (SAMPLE_DIR / "vocab.txt").read_text().split()
+    medians = json.loads((SAMPLE_DIR / "gene_medians.json").read_text())  # pandas would round the floats
+    cells, ids = tokenize_file(SAMPLE_DIR / "pbmc500_counts.h5ad", vocab, medians, 2048, "v1")
+    assert [c.tolist() for c in cells] == token_rows(SAMPLE_DIR / "cells.parquet")
+    assert ids == pq.read_table(SAMPLE_DIR / "cells.parquet").column("cell_id").to_pylist()
 
 
 def test_cli_error_is_one_line(tmp_path):
@@ -120,11 +142,15 @@ def test_missing_csv_value_names_the_cell(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_repeated_gene_in_a_csv_header_is_refused(tmp_path):
-    (tmp_path / "dup.csv").write_text("cell_id,A,B,A\nc1,4,2,1\nc2,1,1,8\n")  # pandas would rename it A.1
-    with pytest.raises(DataError, match=r"dup.csv: duplicate gene ids \['A'\]"):
-        preprocess(tmp_path / "dup.csv", tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+def test_repeated_gene_in_a_csv_header_is_summed(tmp_path, caplog):
+    """The original tokenizer sums the counts of a repeated gene id (pandas alone would rename it A.1)."""
+    (tmp_path / "dup.csv").write_text("cell_id,A,B,a\nc1,4,2,1\nc2,1,1,8\n")  # ids are compared upper-cased
+    (tmp_path / "summed.csv").write_text("cell_id,A,B\nc1,5,2\nc2,9,1\n")
+    with caplog.at_level(logging.INFO, logger="geneformer.preprocess"):
+        out = preprocess(tmp_path / "dup.csv", tmp_path / "out")
+    assert any("summed the counts of 1 repeated gene ids" in r.getMessage() for r in caplog.records)
+    assert token_rows(out) == token_rows(preprocess(tmp_path / "summed.csv", tmp_path / "reference"))
+    assert (tmp_path / "out" / "vocab.txt").read_text() == (tmp_path / "reference" / "vocab.txt").read_text()
 
 
 def test_pandas_index_column_is_refused(tmp_path):

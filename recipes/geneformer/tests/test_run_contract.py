@@ -130,8 +130,12 @@ def test_a_full_disk_is_one_line_and_the_next_run_resumes_cleanly(tmp_path, caps
 
 
 def test_an_unwritable_output_dir_is_one_line(tmp_path, capsys, monkeypatch):
+    real_mkdir = type(tmp_path).mkdir
+
     def no_permission(self, *args, **kwargs):
-        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        if str(self).startswith(str(tmp_path / "run")):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)  # the corpus cache lives elsewhere
 
     monkeypatch.setattr(type(tmp_path), "mkdir", no_permission)
     assert train.main(tiny_overrides(tmp_path / "run", steps=2)) == 1

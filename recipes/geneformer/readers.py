@@ -1,0 +1,287 @@
+"""Count matrices from disk, a block of cells at a time: .h5ad and .loom read lazily, .csv/.parquet tables whole.
+
+h5ad: through anndata's backed machinery (`anndata.io.sparse_dataset` over h5py), so only the rows of one block are
+in memory and a file larger than RAM works. The raw counts are `layers['counts']`, else `raw.X`, else `X` (the first
+holding integer counts). As in the original Geneformer tokenizer: gene ids come from `var['ensembl_id']` when that
+column exists, each cell's total from `obs['n_counts']` when present, and only cells with `obs['filter_pass'] == 1`
+are kept when that column exists. Loom files (genes x cells, HDF5) are read the same way from `row_attrs` /
+`col_attrs` with h5py (loompy is not a dependency: the layout is three HDF5 groups).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from dictionaries import DataError
+
+SUFFIXES = (".h5ad", ".loom", ".parquet", ".csv")
+CELL_ID_COLUMN = "cell_id"
+# pandas' name for a column without a header, e.g. the index written by DataFrame.to_csv() without index=False.
+UNNAMED_COLUMN = re.compile(r"Unnamed: \d+")
+PROBE_ROWS = 2_000  # rows checked to decide which h5ad matrix holds raw counts
+
+
+@dataclass
+class CountBlock:
+    """Rows [start, stop) of one file after the `filter_pass` filter: counts (cells x file genes, CSR float64)."""
+
+    counts: sp.csr_matrix
+    cell_ids: list[str]
+    totals: np.ndarray | None  # per-cell n_counts from the file; None: use the row sums
+    n_filtered: int  # cells removed by filter_pass
+
+
+def expand_inputs(inputs: list[str | Path]) -> list[Path]:
+    """Files named directly, every count file in a named directory, or the matches of a glob; sorted, no repeats."""
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            matches = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and p.is_file())
+            if not matches:
+                raise DataError(f"{path}: no {'/'.join(SUFFIXES)} files in this directory")
+        elif any(ch in str(item) for ch in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(str(item)))
+            if not matches:
+                raise DataError(f"{item}: no file matches this pattern")
+        else:
+            if not path.is_file():
+                raise DataError(f"{path}: no such file")
+            matches = [path]
+        found.extend(m for m in matches if m not in found)
+    if not found:
+        raise DataError("no input files given")
+    for path in found:
+        if path.suffix not in SUFFIXES:
+            raise DataError(f"{path}: unknown format {path.suffix!r} (expected {', '.join(SUFFIXES)})")
+    return found
+
+
+def open_source(path: Path, gene_id_column: str | None = None):
+    """The reader for one count file, chosen by suffix; raises DataError for unreadable or unusable files."""
+    if path.suffix == ".h5ad":
+        return H5adSource(path, gene_id_column)
+    if path.suffix == ".loom":
+        return LoomSource(path, gene_id_column)
+    return TableSource(path)
+
+
+def _unreadable(path: Path, kind: str, error: Exception) -> DataError:
+    """The reader's own message can span lines and omit the file name: keep its first line, name the file."""
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return DataError(f"{path}: not a readable {kind} file ({reason})")
+
+
+def _bad_counts(values: np.ndarray) -> np.ndarray:
+    """Mask of values that are not non-negative integers (raw UMI / read counts are)."""
+    return (values < 0) | (np.abs(values - np.round(values)) > 1e-6) | ~np.isfinite(values)
+
+
+def check_raw_counts(counts: sp.csr_matrix, cell_ids: list[str], path: Path) -> None:
+    """DataError naming the first cell with a negative, fractional or non-finite count."""
+    bad = _bad_counts(counts.data)
+    if bad.any():
+        row = int(np.searchsorted(counts.indptr, int(np.argmax(bad)), side="right") - 1)
+        raise DataError(f"{path}: cell {cell_ids[row]!r} has non-integer or negative counts; raw counts needed")
+
+
+class _HDF5Source:
+    """Shared by h5ad and loom: per-cell obs columns, the filter, and one h5py handle per process."""
+
+    path: Path
+    kind: str
+    cell_ids: list[str]
+    gene_ids: list[str]
+    n_counts: np.ndarray | None
+    filter_pass: np.ndarray | None
+    _handle = None
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.cell_ids)
+
+    def __getstate__(self):  # an open h5py handle cannot cross a process boundary: reopen there
+        state = dict(self.__dict__)
+        state["_handle"] = None
+        return state
+
+    def _file(self):
+        import h5py
+
+        if self._handle is None:
+            try:
+                self._handle = h5py.File(self.path, "r")
+            except Exception as error:  # OSError for damaged files, ... for other HDF5 failures
+                raise _unreadable(self.path, self.kind, error) from None
+        return self._handle
+
+    def _set_cells(self, cell_ids, n_counts, filter_pass) -> None:
+        self.cell_ids = [str(c) for c in cell_ids]
+        self.n_counts = None if n_counts is None else np.asarray(n_counts, dtype=np.float64)
+        self.filter_pass = None if filter_pass is None else np.asarray(filter_pass) == 1
+
+    def read_block(self, start: int, stop: int) -> CountBlock:
+        """Rows [start, stop): only the cells passing `filter_pass`, with their n_counts when the file has them."""
+        counts = sp.csr_matrix(self._rows(start, stop), dtype=np.float64)
+        ids = self.cell_ids[start:stop]
+        check_raw_counts(counts, ids, self.path)
+        totals = None if self.n_counts is None else self.n_counts[start:stop]
+        n_filtered = 0
+        if self.filter_pass is not None:
+            keep = self.filter_pass[start:stop]
+            n_filtered = int((~keep).sum())
+            counts, ids = counts[keep], [c for c, k in zip(ids, keep) if k]
+            totals = None if totals is None else totals[keep]
+        return CountBlock(counts, ids, totals, n_filtered)
+
+    def _rows(self, start: int, stop: int):
+        raise NotImplementedError
+
+
+class H5adSource(_HDF5Source):
+    kind = "h5ad"
+
+    def __init__(self, path: Path, gene_id_column: str | None = None):
+        from anndata.io import read_elem
+
+        self.path = path
+        handle = self._file()
+        try:
+            obs = read_elem(handle["obs"])
+            candidates = [name for name in ("layers/counts", "raw/X", "X") if name in handle]
+        except Exception as error:  # a valid HDF5 file that is not an AnnData
+            raise _unreadable(path, self.kind, error) from None
+        self._set_cells(obs.index, obs.get("n_counts"), obs.get("filter_pass"))
+        self.matrix = None
+        for name in candidates:
+            self.matrix = name
+            probe = sp.csr_matrix(self._rows(0, min(PROBE_ROWS, self.n_rows)))
+            if not _bad_counts(probe.data).any():
+                break
+        else:
+            tried = ", ".join({"layers/counts": "layers['counts']", "raw/X": "raw.X"}.get(c, c) for c in candidates)
+            raise DataError(
+                f"{path}: no raw counts found ({tried} hold non-integer or negative values, e.g. log-normalised data); "
+                "store integer counts in X or layers['counts']"
+            )
+        var = read_elem(handle["raw/var" if self.matrix == "raw/X" else "var"])
+        self.gene_ids = _gene_ids(path, var, gene_id_column, [str(g) for g in var.index])
+
+    def _rows(self, start: int, stop: int):
+        from anndata.io import sparse_dataset
+
+        element = self._file()[self.matrix]
+        if hasattr(element, "attrs") and element.attrs.get("encoding-type", "") in ("csr_matrix", "csc_matrix"):
+            return sparse_dataset(element)[start:stop]
+        return element[start:stop]
+
+
+class LoomSource(_HDF5Source):
+    kind = "loom"
+
+    def __init__(self, path: Path, gene_id_column: str | None = None):
+        self.path = path
+        handle = self._file()
+        if "matrix" not in handle or "row_attrs" not in handle or "col_attrs" not in handle:
+            raise DataError(f"{path}: not a loom file (needs /matrix, /row_attrs and /col_attrs)")
+        columns = handle["col_attrs"]
+        n_cells = handle["matrix"].shape[1]
+        ids = _decode(columns["CellID"][:]) if "CellID" in columns else [str(i) for i in range(n_cells)]
+        self._set_cells(
+            ids,
+            columns["n_counts"][:] if "n_counts" in columns else None,
+            columns["filter_pass"][:] if "filter_pass" in columns else None,
+        )
+        rows = handle["row_attrs"]
+        names = [gene_id_column] if gene_id_column else ["ensembl_id", "Accession", "Gene"]
+        found = next((name for name in names if name in rows), None)
+        if found is None:
+            raise DataError(f"{path}: no gene id row attribute {names} (has {sorted(rows)})")
+        self.gene_ids = _decode(rows[found][:])
+
+    def _rows(self, start: int, stop: int):
+        return np.asarray(self._file()["matrix"][:, start:stop]).T
+
+
+def _decode(values) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+
+
+def _gene_ids(path: Path, var, gene_id_column: str | None, index: list[str]) -> list[str]:
+    """`var[gene_id_column]`, else `var['ensembl_id']` (the original tokenizer's column), else the var names."""
+    if gene_id_column is None:
+        return [str(g) for g in var["ensembl_id"]] if "ensembl_id" in var.columns else index
+    if gene_id_column not in var.columns:
+        raise DataError(f"{path}: gene id column {gene_id_column!r} not in var (has {list(var.columns)})")
+    return [str(g) for g in var[gene_id_column]]
+
+
+class TableSource:
+    """A dense table (parquet or CSV), one row per cell, one column per gene, optional `cell_id`; read whole."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.counts, self.gene_ids, self.cell_ids = _read_table(path)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.cell_ids)
+
+    def read_block(self, start: int, stop: int) -> CountBlock:
+        return CountBlock(self.counts[start:stop], self.cell_ids[start:stop], None, 0)
+
+
+def _read_table(path: Path) -> tuple[sp.csr_matrix, list[str], list[str]]:
+    import pandas as pd
+
+    kind = path.suffix.lstrip(".")
+    try:
+        frame = pd.read_parquet(path) if kind == "parquet" else pd.read_csv(path)
+    except Exception as error:  # EmptyDataError, ParserError, ArrowInvalid, UnicodeDecodeError, ...
+        raise _unreadable(path, kind, error) from None
+    genes = [str(c) for c in frame.columns]
+    if kind == "csv":
+        # pandas renames a repeated header (A, A.1): take the names from the raw header row, so repeats are summed.
+        with open(path, newline="") as handle:
+            genes = next(csv.reader(handle), genes)
+    unnamed = [g for g in genes if UNNAMED_COLUMN.fullmatch(g) or g == ""]
+    if unnamed:
+        # Refused, not dropped: it is usually a saved index, which may hold the cell ids the user wants to keep.
+        raise DataError(
+            f"{path}: column {'Unnamed: 0' if unnamed[0] == '' else unnamed[0]!r} has no header (a saved DataFrame "
+            f"index?); write the table with to_csv(index=False), or name the column {CELL_ID_COLUMN!r} if it holds "
+            "cell ids"
+        )
+    if CELL_ID_COLUMN in genes:
+        position = genes.index(CELL_ID_COLUMN)
+        ids = frame.iloc[:, position]
+        frame = frame.drop(columns=frame.columns[position])
+        del genes[position]
+        if ids.isna().any():
+            raise DataError(f"{path}: row {int(np.argmax(ids.isna()))} has no {CELL_ID_COLUMN}")
+        cell_ids = ids.astype(str).tolist()
+    else:
+        cell_ids = [str(i) for i in range(len(frame))]
+    if frame.empty:  # checked before the dtypes: the columns of a header-only CSV read as text
+        raise DataError(f"{path}: no cells or no genes ({frame.shape[0]} x {frame.shape[1]})")
+    non_numeric = [g for g, c in zip(genes, frame.columns) if not np.issubdtype(frame[c].dtype, np.number)]
+    if non_numeric:
+        raise DataError(f"{path}: column {non_numeric[0]!r} is not numeric; every column but cell_id is a gene")
+    values = frame.to_numpy(dtype=np.float64)
+    if np.isnan(values).any():
+        # A short CSV row or an empty field reads as NaN; guessing 0 could hide a truncated or misaligned file.
+        row, column = (int(i) for i in np.argwhere(np.isnan(values))[0])
+        raise DataError(
+            f"{path}: cell {cell_ids[row]!r}, gene {genes[column]!r} has no value (empty field or "
+            "short row); write 0 for genes without counts"
+        )
+    counts = sp.csr_matrix(values)
+    check_raw_counts(counts, cell_ids, path)
+    return counts, genes, cell_ids
