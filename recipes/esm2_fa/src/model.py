@@ -72,6 +72,8 @@ ESM2_SIZES = {
 }
 ESM2_MAX_POSITIONS = 1026  # 1022 residues + <cls> + <eos>
 ATTENTION_CHOICES = ("auto", "flash", "sdpa", "eager")
+# Buffers that one back-end stores and the other rebuilds itself (rotary frequencies, position ids).
+_REBUILT_BUFFERS = ("position_ids", "inv_freq")
 
 
 class ModelConfigError(ValueError):
@@ -221,17 +223,14 @@ def build_model(
         state = read_state_dict(weights)
         # Checkpoints written with tied embeddings may store the decoder weight once; re-tie after loading.
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k != "lm_head.decoder.weight"]
+        missing = [k for k in missing if k != "lm_head.decoder.weight" and not k.endswith(_REBUILT_BUFFERS)]
+        unexpected = [k for k in unexpected if not k.endswith(_REBUILT_BUFFERS)]
         if missing or unexpected:
             raise ModelConfigError(
                 f"{weights}: state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
         model.tie_weights()
     return model
-
-
-# Buffers some published checkpoints carry that the model rebuilds itself (rotary frequencies, position ids).
-_REBUILT_BUFFERS = ("position_ids", "inv_freq")
 
 
 def read_state_dict(weights: str | Path) -> dict[str, torch.Tensor]:
@@ -247,7 +246,7 @@ def read_state_dict(weights: str | Path) -> dict[str, torch.Tensor]:
         raise ModelConfigError(f"{weights}: cannot be read as weights ({str(err).splitlines()[0]})") from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelConfigError(f"{weights}: not a state dict of tensors")
-    return {k: v for k, v in state.items() if not k.endswith(_REBUILT_BUFFERS)}
+    return state
 
 
 def weights_file(model_dir: str | Path) -> Path | None:
