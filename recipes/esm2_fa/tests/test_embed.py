@@ -112,3 +112,13 @@ def test_bad_fasta_is_one_line_and_writes_nothing(model_dir, tmp_path, capsys, r
 def test_piece_bookkeeping_type():
     piece = Piece(0, np.array([0, 4, 5, 2], np.int8), 1, 2)
     assert piece.first_residue + piece.n_residues == len(piece.tokens) - 1
+
+
+def test_evaluate_scores_use_the_same_masks_and_count_them(model, tmp_path):
+    from evaluate import masked_lm_scores
+
+    _, _, pieces = proteins(tmp_path, list(SEQS.items()), max_aa_length=50)
+    first = masked_lm_scores(model, pieces, 0.15, seed=0, token_budget=120)
+    assert first == masked_lm_scores(model, pieces, 0.15, seed=0, token_budget=120)  # masks fixed by the seed
+    assert 0 < first["masked"] < 180 and 0.0 <= first["accuracy"] <= 1.0
+    assert first["perplexity"] == pytest.approx(np.exp(first["loss"]))
