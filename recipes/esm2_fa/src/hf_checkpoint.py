@@ -173,3 +173,15 @@ def read_loss_window(checkpoint: Path, rank: int) -> tuple[float, int] | None:
         return None
     window = read_json(path)
     return float(window["loss_sum"]), int(window["last_logged_step"])
+
+
+def run_was_over(checkpoint: Path, max_steps: int, patience: int | None) -> bool:
+    """Whether the run had nothing left to do when it saved `checkpoint`: max_steps reached, or early stopping's
+    patience used up (patience None: early stopping off). A kill between that last save and `run_finished.json`
+    leaves such a checkpoint; HF's loop would train one step past it, so the caller only exports."""
+    state = read_json(checkpoint / TRAINER_STATE_FILE)
+    if int(state["global_step"]) >= max_steps:
+        return True
+    early = state.get("stateful_callbacks", {}).get("EarlyStoppingCallback") or {}
+    counter = (early.get("attributes") or {}).get("early_stopping_patience_counter", 0)
+    return patience is not None and counter >= patience

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from transformers import EarlyStoppingCallback, EsmConfig, set_seed
 from transformers.integrations import is_tensorboard_available, is_wandb_available
-from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_callback import PrinterCallback, TrainerState
 
 from biorecipes_shared.checkpoint import PreemptionHandler
 from biorecipes_shared.distributed import read_launch_env, teardown_distributed
@@ -38,7 +38,7 @@ from biorecipes_shared.run import (
 from config import ConfigError, ModelConfig, RecipeConfig, load_config
 from data_processing import PACKING_FILE, FastaError, read_packing
 from dataset import DataDirError, ShardStream, check_shards
-from hf_checkpoint import check_stream_state, checkpoint_step, read_loss_window
+from hf_checkpoint import check_stream_state, checkpoint_step, read_loss_window, run_was_over
 from model import (
     ModelConfigError,
     build_model,
@@ -182,6 +182,25 @@ def build_trainer(cfg, config, backend, stream, resume: Resume, world, writer, p
     return trainer
 
 
+def train_or_restore(trainer: EsmMlmTrainer, cfg: RecipeConfig, start: Resume, preemption) -> bool:
+    """Train from `start`; False when preempted before the end (a checkpoint was saved).
+
+    A checkpoint saved when the run was already over (killed before `run_finished.json`) is not trained on: its
+    state and (best) weights are restored for the export.
+    """
+    t = cfg.training
+    patience = t.early_stopping.patience if t.early_stopping.enabled else None
+    if start.checkpoint is not None and run_was_over(start.checkpoint, t.max_steps, patience):
+        trainer.state = TrainerState.load_from_json(str(start.checkpoint / "trainer_state.json"))
+        if t.load_best_model_at_end:
+            trainer._load_best_model()
+        else:
+            trainer._load_from_checkpoint(str(start.checkpoint))
+        return True
+    trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
+    return preemption.stopped_at is None or trainer.state.global_step >= t.max_steps
+
+
 def finish(trainer: EsmMlmTrainer, cfg: RecipeConfig, layout: RunLayout, writer: MetricsWriter) -> Path:
     """Export final_model/, plot the loss, and mark the run finished (after the model is written)."""
     step, max_steps = trainer.state.global_step, cfg.training.max_steps
@@ -221,8 +240,7 @@ def run(cfg: RecipeConfig, resume: str | None = "auto") -> Path | None:
         trainer = build_trainer(cfg, config, backend, stream, start, (rank, world_size), writer, preemption)
         if start.checkpoint is not None:
             log.info("resuming from %s (step %d, data-stream batch %d per rank)", *astuple(start)[:3])
-        trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
-        if preemption.stopped_at is not None and trainer.state.global_step < cfg.training.max_steps:
+        if not train_or_restore(trainer, cfg, start, preemption):
             writer.close()
             if rank == 0:
                 print(

@@ -3,6 +3,7 @@ resume (weights, metrics, early-stopping state), preemption, finished runs, worl
 
 import errno
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -201,3 +202,18 @@ def test_world_size_change_is_refused_in_one_line_naming_both_sizes(tiny_shards,
     assert result.returncode != 0  # 1 -> 2
     assert "error: " in result.stderr and "saved by 1 process(es) and this run has 2" in result.stderr
     assert json.loads((one / "run_finished.json").read_text())["step"] == 2  # nothing was trained
+
+
+def test_killed_after_the_last_save_the_rerun_only_exports(tiny_shards, tmp_path):
+    # A kill between the final checkpoint and run_finished.json: HF's loop would train a step past max_steps.
+    common = ["training.max_steps=4", "training.eval_steps=2", "training.save_steps=2", "training.logging_steps=2"]
+    run(tiny_cfg(tiny_shards, tmp_path, *common))
+    weights = (tmp_path / "final_model" / "model.safetensors").read_bytes()
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    (tmp_path / "run_finished.json").unlink()
+    shutil.rmtree(tmp_path / "final_model")
+    run(tiny_cfg(tiny_shards, tmp_path, *common))
+    assert (tmp_path / "final_model" / "model.safetensors").read_bytes() == weights
+    assert json.loads((tmp_path / "run_finished.json").read_text())["step"] == 4
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics
