@@ -104,6 +104,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 REPORT_TO_CHOICES = ("none", "wandb", "tensorboard")
 MIXED_PRECISION_CHOICES = ("bf16", "fp16", "no")
+METRIC_CHOICES = ("eval_loss", "loss", "eval_perplexity", "perplexity")  # what trainer.evaluate() reports
 
 
 def setting_checks(cfg: RecipeConfig) -> list[tuple[str, object, str]]:
@@ -156,6 +157,11 @@ def _validate(cfg: RecipeConfig, path: Path) -> None:
         )
     if t.mixed_precision not in MIXED_PRECISION_CHOICES:
         raise ConfigError(f"{path}: training.mixed_precision must be bf16, fp16 or no, got {t.mixed_precision!r}")
+    if t.metric_for_best_model not in METRIC_CHOICES:  # HF would raise a KeyError at the first evaluation
+        raise ConfigError(
+            f"{path}: training.metric_for_best_model must be one of {', '.join(METRIC_CHOICES)}, "
+            f"got {t.metric_for_best_model!r}"
+        )
     if t.early_stopping.enabled and not t.load_best_model_at_end:
         raise ConfigError(f"{path}: training.early_stopping needs training.load_best_model_at_end: true")
     if t.load_best_model_at_end and t.save_steps % t.eval_steps:

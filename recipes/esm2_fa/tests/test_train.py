@@ -89,6 +89,7 @@ def assert_refused(args, out_dir, capsys, *fragments):
         (["training.optimizer.adam_beta2=1.0"], ["training.optimizer.adam_beta2=1.0 must be in [0, 1)"]),
         (["model.hidden_dropout_prob=-0.1"], ["model.hidden_dropout_prob=-0.1 must be in [0, 1)"]),
         (["training.gradient_clipping=0"], ["training.gradient_clipping=0.0 must be > 0"]),
+        (["training.metric_for_best_model=eval_acc"], ["training.metric_for_best_model must be one of"]),
         (["training.report_to=wandb", "training.max_steps=1"], ["report_to=wandb", "needs the wandb package"]),
         (["training.report_to=tensorbord"], ["training.report_to must be one of"]),
         (["model.max_batch_size=512", "training.max_steps=1"], ["token budget of 1024", "max_batch_size is 512"]),
