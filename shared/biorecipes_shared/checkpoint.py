@@ -47,7 +47,9 @@ __all__ = [
     "export_safetensors",
     "latest_checkpoint",
     "load_checkpoint",
+    "publish",
     "save_checkpoint",
+    "write_manifest",
 ]
 
 MANIFEST = "manifest.json"
@@ -172,6 +174,23 @@ def _write_manifest(tmp_dir: Path, step: int, world_size: int, sharded: bool) ->
 def _publish(tmp_dir: Path, final_dir: Path) -> None:
     """Rename the finished temp dir into place; a re-save of the same step replaces the old one only after."""
     swap_into_place(tmp_dir, final_dir)
+
+
+def write_manifest(directory: str | Path, step: int, world_size: int = 1, sharded: bool = False) -> Path:
+    """Fsync every file under `directory` and write `manifest.json` (sizes + sha256) last; returns its path.
+
+    For checkpoints written by another library (e.g. HF Trainer) into a temporary directory: after this and
+    `publish`, `verify_checkpoint` / `latest_checkpoint` / `resolve_resume` treat them like `save_checkpoint`'s.
+    """
+    directory = Path(directory)
+    _write_manifest(directory, step, world_size, sharded)
+    return directory / MANIFEST
+
+
+def publish(tmp_dir: str | Path, final_dir: str | Path) -> Path:
+    """Rename a complete temporary checkpoint dir (manifest written) to its final name, atomically."""
+    _publish(Path(tmp_dir), Path(final_dir))
+    return Path(final_dir)
 
 
 def _step_dirs(checkpoint_dir: Path) -> list[tuple[int, Path]]:

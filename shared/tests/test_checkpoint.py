@@ -197,3 +197,23 @@ def test_export_rejects_unknown_config_type(tmp_path):
     with warnings.catch_warnings(), pytest.raises(TypeError, match="config.json"):
         export_safetensors(TiedModel(), object(), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_foreign_checkpoint_dir_becomes_valid_after_write_manifest_and_publish(tmp_path):
+    from biorecipes_shared.checkpoint import publish, verify_checkpoint, write_manifest
+
+    root = tmp_path / "checkpoints"
+    tmp = root / ".tmp-step_00000007"
+    (tmp / "sub").mkdir(parents=True)
+    (tmp / "trainer_state.json").write_text('{"global_step": 7}')
+    (tmp / "sub" / "weights.bin").write_bytes(b"\x00" * 100)
+    assert latest_checkpoint(root) is None  # a temp dir is never a candidate
+    write_manifest(tmp, step=7, world_size=2)
+    final = publish(tmp, root / "step_00000007")
+    assert not tmp.exists() and latest_checkpoint(root) == final
+    manifest = verify_checkpoint(final)
+    assert manifest["step"] == 7 and manifest["world_size"] == 2
+    assert set(manifest["files"]) == {"trainer_state.json", "sub/weights.bin"}
+    (final / "sub" / "weights.bin").write_bytes(b"\x01" * 100)  # same size, other bytes: only the hash sees it
+    with pytest.raises(CheckpointError, match="sha256"):
+        verify_checkpoint(final)

@@ -7,17 +7,19 @@ another file with a dot-list override; `load_config(...)` returns all three sect
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import reduce
 from pathlib import Path
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from biorecipes_shared.run import ConfigError as SharedConfigError
+from biorecipes_shared.run import check_settings
+
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
 
 
-class ConfigError(ValueError):
-    """The config file or an override is invalid."""
+class ConfigError(SharedConfigError):
+    """The config file or an override is invalid (a ValueError; `run_cli` prints it as one line)."""
 
 
 @dataclass
@@ -100,44 +102,66 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
-# Counts and step intervals with their smallest valid value; a 0 or negative one would otherwise surface deep
-# inside the Trainer as a ZeroDivisionError or ValueError traceback (or silently mean "epochs" for max_steps).
-MINIMUMS = {
-    "model.max_position_embeddings": 1,
-    "model.max_batch_size": 1,
-    "training.gradient_accumulation_steps": 1,
-    "training.warmup_steps": 0,
-    "training.schedule_steps": 1,
-    "training.max_steps": 1,
-    "training.eval_steps": 1,
-    "training.save_steps": 1,
-    "training.logging_steps": 1,
-    "training.save_total_limit": 0,
-    "training.early_stopping.patience": 1,
-    "training.seed": 0,
-    "data.num_workers": 0,
-}
 REPORT_TO_CHOICES = ("none", "wandb", "tensorboard")
+MIXED_PRECISION_CHOICES = ("bf16", "fp16", "no")
+METRIC_CHOICES = ("eval_loss", "loss", "eval_perplexity", "perplexity")  # what trainer.evaluate() reports
+
+
+def setting_checks(cfg: RecipeConfig) -> list[tuple[str, object, str]]:
+    """Every numeric setting with its rule (biorecipes_shared.run.check_settings): the one list of range checks.
+
+    A 0, negative or non-finite value would otherwise surface deep inside the Trainer as a traceback (or silently
+    mean "epochs" for max_steps) after the output folder exists.
+    """
+    m, t, d = cfg.model, cfg.training, cfg.data
+    o, e = t.optimizer, t.early_stopping
+    checks = [
+        ("model.max_position_embeddings", m.max_position_embeddings, "count"),
+        ("model.max_batch_size", m.max_batch_size, "count"),
+        ("training.learning_rate", t.learning_rate, "positive"),
+        ("training.gradient_accumulation_steps", t.gradient_accumulation_steps, "count"),
+        ("training.mlm_probability", t.mlm_probability, "open_fraction"),
+        ("training.warmup_steps", t.warmup_steps, "count0"),
+        ("training.schedule_steps", t.schedule_steps, "count"),
+        ("training.max_steps", t.max_steps, "count"),
+        ("training.gradient_clipping", t.gradient_clipping, "positive"),
+        ("training.eval_steps", t.eval_steps, "count"),
+        ("training.save_steps", t.save_steps, "count"),
+        ("training.logging_steps", t.logging_steps, "count"),
+        ("training.save_total_limit", t.save_total_limit, "count0"),
+        ("training.early_stopping.patience", e.patience, "count"),
+        ("training.early_stopping.threshold", e.threshold, "non_negative"),
+        ("training.optimizer.weight_decay", o.weight_decay, "non_negative"),
+        ("training.optimizer.adam_beta1", o.adam_beta1, "unit_interval_right_open"),
+        ("training.optimizer.adam_beta2", o.adam_beta2, "unit_interval_right_open"),
+        ("training.optimizer.adam_epsilon", o.adam_epsilon, "positive"),
+        ("training.seed", t.seed, "count0"),
+        ("data.num_workers", d.num_workers, "count0"),
+    ]
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if getattr(m, key) is not None:
+            checks.append((f"model.{key}", getattr(m, key), "unit_interval_right_open"))
+    return checks
 
 
 def _validate(cfg: RecipeConfig, path: Path) -> None:
-    for key, minimum in MINIMUMS.items():
-        value = reduce(getattr, key.split("."), cfg)
-        if value < minimum:
-            raise ConfigError(f"{path}: {key} must be >= {minimum}, got {value}")
-    m, t = cfg.model, cfg.training
-    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-        value = getattr(m, key)
-        if value is not None and not 0.0 <= value < 1.0:
-            raise ConfigError(f"{path}: model.{key} must be in [0, 1), got {value}")
+    """All settings checks, in one place, before anything is written."""
+    try:
+        check_settings(setting_checks(cfg))
+    except SharedConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+    t = cfg.training
     if t.report_to not in REPORT_TO_CHOICES:
         raise ConfigError(
             f"{path}: training.report_to must be one of {', '.join(REPORT_TO_CHOICES)}, got {t.report_to!r}"
         )
-    if t.mixed_precision not in ("bf16", "fp16", "no"):
+    if t.mixed_precision not in MIXED_PRECISION_CHOICES:
         raise ConfigError(f"{path}: training.mixed_precision must be bf16, fp16 or no, got {t.mixed_precision!r}")
-    if not 0.0 < t.mlm_probability < 1.0:
-        raise ConfigError(f"{path}: training.mlm_probability must be in (0, 1), got {t.mlm_probability}")
+    if t.metric_for_best_model not in METRIC_CHOICES:  # HF would raise a KeyError at the first evaluation
+        raise ConfigError(
+            f"{path}: training.metric_for_best_model must be one of {', '.join(METRIC_CHOICES)}, "
+            f"got {t.metric_for_best_model!r}"
+        )
     if t.early_stopping.enabled and not t.load_best_model_at_end:
         raise ConfigError(f"{path}: training.early_stopping needs training.load_best_model_at_end: true")
     if t.load_best_model_at_end and t.save_steps % t.eval_steps:

@@ -72,6 +72,8 @@ ESM2_SIZES = {
 }
 ESM2_MAX_POSITIONS = 1026  # 1022 residues + <cls> + <eos>
 ATTENTION_CHOICES = ("auto", "flash", "sdpa", "eager")
+# Buffers that one back-end stores and the other rebuilds itself (rotary frequencies, position ids).
+_REBUILT_BUFFERS = ("position_ids", "inv_freq")
 
 
 class ModelConfigError(ValueError):
@@ -218,10 +220,11 @@ def build_model(
         config._name_or_path = previous_name
     log.info("model: %s, attention=%s, %.1fM parameters", type(model).__name__, backend, count_parameters(model) / 1e6)
     if weights is not None:
-        state = load_file(str(weights))
+        state = read_state_dict(weights)
         # Checkpoints written with tied embeddings may store the decoder weight once; re-tie after loading.
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k != "lm_head.decoder.weight"]
+        missing = [k for k in missing if k != "lm_head.decoder.weight" and not k.endswith(_REBUILT_BUFFERS)]
+        unexpected = [k for k in unexpected if not k.endswith(_REBUILT_BUFFERS)]
         if missing or unexpected:
             raise ModelConfigError(
                 f"{weights}: state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})"
@@ -230,12 +233,37 @@ def build_model(
     return model
 
 
+def read_state_dict(weights: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of `model.safetensors` or a `pytorch_model.bin` state dict (torch.load(weights_only=True): no pickle
+    code runs). Raises ModelConfigError (one line) for a file that cannot be read."""
+    weights = Path(weights)
+    try:
+        if weights.suffix == ".safetensors":
+            state = load_file(str(weights))
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors, zip, unpickling errors: all mean "not a readable weights file"
+        raise ModelConfigError(f"{weights}: cannot be read as weights ({str(err).splitlines()[0]})") from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelConfigError(f"{weights}: not a state dict of tensors")
+    return state
+
+
+def weights_file(model_dir: str | Path) -> Path | None:
+    """The weights of a local model folder: model.safetensors, else pytorch_model.bin; None when it has neither."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (Path(model_dir) / name).is_file():
+            return Path(model_dir) / name
+    return None
+
+
 def load_pretrained(model_dir: str | Path, attention: str = "auto") -> torch.nn.Module:
-    """Load an exported checkpoint dir (config.json + model.safetensors) with the chosen attention back-end."""
+    """Load a model folder (config.json + model.safetensors or pytorch_model.bin) with the chosen attention back-end."""
     model_dir = Path(model_dir)
-    return build_model(
-        esm2_config(str(model_dir)), attention, weights=model_dir / "model.safetensors", for_training=False
-    )
+    weights = weights_file(model_dir)
+    if weights is None:
+        raise ModelConfigError(f"{model_dir}: holds neither model.safetensors nor pytorch_model.bin")
+    return build_model(esm2_config(str(model_dir)), attention, weights=weights, for_training=False)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -11,7 +11,9 @@ from model import (
     esm2_config,
     faesm_available,
     load_pretrained,
+    read_state_dict,
     save_tokenizer,
+    weights_file,
 )
 
 needs_faesm = pytest.mark.skipif(not faesm_available(), reason="faesm not importable with this transformers")
@@ -96,3 +98,32 @@ def test_exported_checkpoint_loads_in_transformers_and_the_recipe(tmp_path):
             got = other(input_ids=ids, attention_mask=mask)["logits"]
             assert torch.allclose(got[mask.bool()], expected[mask.bool()], atol=1e-5)
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "vocab.txt").is_file()
+
+
+def published_layout(tmp_path, safe: bool):
+    """A transformers EsmForMaskedLM folder as published on model hubs: config.json + weights (+ vocab.txt)."""
+    torch.manual_seed(3)
+    reference = EsmForMaskedLM(esm2_config("esm2_tiny")).eval()
+    folder = tmp_path / ("safetensors" if safe else "bin")
+    reference.save_pretrained(folder, safe_serialization=safe)
+    save_tokenizer(folder)
+    return reference, folder
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_published_folder_loads_from_safetensors_or_pytorch_model_bin(tmp_path, safe):
+    reference, folder = published_layout(tmp_path, safe)
+    assert (folder / ("model.safetensors" if safe else "pytorch_model.bin")).is_file()
+    model = load_pretrained(folder, attention="eager")
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, reference(ids, attention_mask=mask).logits)
+    assert weights_file(folder).name == ("model.safetensors" if safe else "pytorch_model.bin")
+
+
+def test_a_pickle_with_code_is_refused_not_run(tmp_path):
+    folder = tmp_path / "evil"
+    EsmForMaskedLM(esm2_config("esm2_tiny")).save_pretrained(folder, safe_serialization=False)
+    torch.save({"x": torch.zeros(1), "payload": print}, folder / "pytorch_model.bin")  # a callable: needs unpickling
+    with pytest.raises(ModelConfigError, match="cannot be read as weights"):
+        read_state_dict(folder / "pytorch_model.bin")

@@ -3,9 +3,6 @@
 import json
 import logging
 import shutil
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,10 +11,12 @@ from safetensors.torch import load_file
 from transformers import EsmForMaskedLM
 from transformers.integrations import is_wandb_available
 
+from biorecipes_shared.testing import run_command, torchrun_command
 from config import ConfigError, load_config
 from data_processing import PACKING_FILE
 from model import faesm_available
-from train import check_packing, esm2_lr_lambda, fused_adamw_supported, main, run
+from train import check_packing, main, run
+from trainer import esm2_lr_lambda, fused_adamw_supported
 
 
 def test_lr_schedule_at_key_steps():
@@ -41,9 +40,9 @@ def test_config_defaults_and_validation(tmp_path):
         load_config(TINY_CONFIG, ["training.mixed_precision=fp8"])
     with pytest.raises(ConfigError, match="learning_rte"):
         load_config(TINY_CONFIG, ["training.learning_rte=1.0"])
-    with pytest.raises(ConfigError, match="attention_probs_dropout_prob must be in"):
+    with pytest.raises(ConfigError, match=r"attention_probs_dropout_prob=1.5 must be in \[0, 1\)"):
         load_config(TINY_CONFIG, ["model.attention_probs_dropout_prob=1.5"])
-    with pytest.raises(ConfigError, match="data.num_workers must be >= 0"):
+    with pytest.raises(ConfigError, match="data.num_workers=-1 must be an integer >= 0"):
         load_config(TINY_CONFIG, ["data.num_workers=-1"])
 
 
@@ -59,9 +58,9 @@ def test_cli_errors_are_one_line_and_exit_1(tiny_shards, tmp_path, capsys):
     assert main([*base, "--train_dir", str(train_dir), "--val_dir", str(val_dir), "data.num_workers=8"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "num_workers 8" in err and len(err.strip().splitlines()) == 1
-    args = [*base, "--train_dir", str(train_dir), "--val_dir", str(val_dir), "--resume_from_checkpoint", "latest"]
-    assert main(args) == 1
-    assert "no checkpoint" in capsys.readouterr().err
+    args = [*base, "--train_dir", str(train_dir), "--val_dir", str(val_dir), "--resume_from_checkpoint", "nope/step_1"]
+    assert main([*args, "training.max_steps=1"]) == 1
+    assert "resume checkpoint nope/step_1 does not exist" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -78,10 +77,19 @@ def assert_refused(args, out_dir, capsys, *fragments):
 @pytest.mark.parametrize(
     "overrides, fragments",
     [
-        (["training.max_steps=-1"], ["training.max_steps must be >= 1"]),
-        (["training.eval_steps=0"], ["training.eval_steps must be >= 1"]),
-        (["training.gradient_accumulation_steps=0"], ["training.gradient_accumulation_steps must be >= 1"]),
-        (["training.save_total_limit=-1"], ["training.save_total_limit must be >= 0"]),
+        (["training.max_steps=-1"], ["training.max_steps=-1 must be an integer >= 1"]),
+        (["training.eval_steps=0"], ["training.eval_steps=0 must be an integer >= 1"]),
+        (["training.gradient_accumulation_steps=0"], ["training.gradient_accumulation_steps=0 must be an integer"]),
+        (["training.save_total_limit=-1"], ["training.save_total_limit=-1 must be an integer >= 0"]),
+        (["training.learning_rate=-1"], ["training.learning_rate=-1.0 must be > 0"]),
+        (["training.learning_rate=nan"], ["training.learning_rate=nan must be a finite number"]),
+        (["training.learning_rate=inf"], ["training.learning_rate=inf must be a finite number"]),
+        (["training.mlm_probability=1.5"], ["training.mlm_probability=1.5 must be in (0, 1)"]),
+        (["training.mlm_probability=0"], ["training.mlm_probability=0.0 must be in (0, 1)"]),
+        (["training.optimizer.adam_beta2=1.0"], ["training.optimizer.adam_beta2=1.0 must be in [0, 1)"]),
+        (["model.hidden_dropout_prob=-0.1"], ["model.hidden_dropout_prob=-0.1 must be in [0, 1)"]),
+        (["training.gradient_clipping=0"], ["training.gradient_clipping=0.0 must be > 0"]),
+        (["training.metric_for_best_model=eval_acc"], ["training.metric_for_best_model must be one of"]),
         (["training.report_to=wandb", "training.max_steps=1"], ["report_to=wandb", "needs the wandb package"]),
         (["training.report_to=tensorbord"], ["training.report_to must be one of"]),
         (["model.max_batch_size=512", "training.max_steps=1"], ["token budget of 1024", "max_batch_size is 512"]),
@@ -167,7 +175,8 @@ def test_tiny_training_loss_falls_and_exports_a_loadable_model(tiny_shards, tmp_
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
     assert len(losses) == 20 and len(evals) == 2
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
-    assert (tmp_path / "checkpoint-40" / "stream_state.json").is_file() and (tmp_path / "loss_curve.png").is_file()
+    assert (tmp_path / "checkpoints" / "step_00000040" / "stream_state.json").is_file()
+    assert (tmp_path / "loss_curve.png").is_file() and (tmp_path / "run_finished.json").is_file()
     model = EsmForMaskedLM.from_pretrained(final)  # plain transformers loads the export
     assert model.config.num_hidden_layers == 2 and (final / "vocab.txt").is_file()
     assert model.config.architectures == ["EsmForMaskedLM"] and not (final / "training_args.bin").exists()
@@ -180,29 +189,24 @@ def test_resume_continues_the_same_run_exactly(tiny_shards, tmp_path):
     run(tiny_cfg(*tiny_shards, tmp_path / "straight", "training.max_steps=9", *common))
     run(tiny_cfg(*tiny_shards, tmp_path / "resumed", "training.max_steps=3", *common))  # "preempted" after step 3
     run(tiny_cfg(*tiny_shards, tmp_path / "resumed", "training.max_steps=9", *common), resume="latest")
-    a = load_file(tmp_path / "straight" / "checkpoint-9" / "model.safetensors")
-    b = load_file(tmp_path / "resumed" / "checkpoint-9" / "model.safetensors")
+    ckpt = lambda run_dir, step: run_dir / "checkpoints" / f"step_{step:08d}" / "model.safetensors"  # noqa: E731
+    a = load_file(ckpt(tmp_path / "straight", 9))
+    b = load_file(ckpt(tmp_path / "resumed", 9))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    start = load_file(tmp_path / "straight" / "checkpoint-3" / "model.safetensors")
+    start = load_file(ckpt(tmp_path / "straight", 3))
     assert not all(torch.equal(a[k], start[k]) for k in a)  # training did change the weights
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_two_process_torchrun_on_cpu(tiny_shards, tmp_path):
     train_dir, val_dir = tiny_shards
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
-    cmd += [str(RECIPE_DIR / "src" / "train.py"), "--config", str(TINY_CONFIG), "--train_dir", str(train_dir)]
+    cmd = torchrun_command(
+        RECIPE_DIR / "src" / "train.py", ["--config", str(TINY_CONFIG), "--train_dir", str(train_dir)]
+    )
     cmd += ["--val_dir", str(val_dir), "--output_dir", str(tmp_path), "training.max_steps=6", "training.eval_steps=3"]
     cmd += ["training.save_steps=3", "training.logging_steps=2", "data.num_workers=1"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    state = json.loads((tmp_path / "checkpoint-6" / "stream_state.json").read_text())
+    run_command(cmd, cwd=tmp_path)
+    state = json.loads((tmp_path / "checkpoints" / "step_00000006" / "stream_state.json").read_text())
     assert state == {"batches_consumed_per_rank": 6, "world_size": 2, "num_workers": 1, "seed": 42}
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert sum("eval_loss" in r for r in records) == 2  # written once (rank 0), not once per rank
