@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors import SafetensorError
 
-from biorecipes_shared.checkpoint import CheckpointWriteError, export_safetensors, save_checkpoint, unwrap_model
+from biorecipes_shared.checkpoint import export_safetensors, save_checkpoint, unwrap_model
 from biorecipes_shared.distributed import all_reduce_mean, read_launch_env, teardown_distributed
-from biorecipes_shared.files import WriteError, atomic_write, describe_write_error
+from biorecipes_shared.files import atomic_write
 from biorecipes_shared.fsdp_checkpoint import gather_full_state_dict
 from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, peak_memory, plot_loss_curve
 from biorecipes_shared.preemption import PreemptionHandler
@@ -86,31 +84,18 @@ def log_step(run: Run, state: RunState, loss: torch.Tensor, grad_norm, meter, me
 
 def save(run: Run, state: RunState) -> None:
     """A complete checkpoint of `state` (every rank calls it); the data position is global, the same on all ranks."""
-    with safetensors_write_errors(run.layout.checkpoints / f".tmp-step_{state.step:08d}"):
-        save_checkpoint(
-            run.layout.checkpoints,
-            state.step,
-            run.wrapped,
-            run.optimizer,
-            run.scheduler,
-            data_state=state.position,
-            generators=run.generators,
-            extra={"data_position": dict(state.position), "world_size": run.dist_ctx.world_size},
-            keep_last_k=run.cfg.training.keep_last_k,
-            sharded=run.cfg.training.use_fsdp,
-        )
-
-
-@contextlib.contextmanager
-def safetensors_write_errors(tmp_dir: Path):
-    """safetensors reports a full disk as SafetensorError (not an OSError), which the shared writers let through with
-    their temporary folder left behind: remove it and raise the one-line CheckpointWriteError they would have."""
-    try:
-        yield
-    except SafetensorError as error:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        final = tmp_dir.with_name(tmp_dir.name.removeprefix(".tmp-"))
-        raise CheckpointWriteError(describe_write_error(error, final)) from None
+    save_checkpoint(
+        run.layout.checkpoints,
+        state.step,
+        run.wrapped,
+        run.optimizer,
+        run.scheduler,
+        data_state=state.position,
+        generators=run.generators,
+        extra={"data_position": dict(state.position), "world_size": run.dist_ctx.world_size},
+        keep_last_k=run.cfg.training.keep_last_k,
+        sharded=run.cfg.training.use_fsdp,
+    )
 
 
 def train_loop(run: Run, state: RunState, metrics: MetricsWriter) -> None:
@@ -151,17 +136,7 @@ def export_final_model(model: BertForMaskedLM, state_dict: dict, out_dir) -> Non
     config = model.config.to_dict()
     config["architectures"] = ["BertForMaskedLM"]
     out_dir = Path(out_dir)
-    with safetensors_write_errors(out_dir.with_name(f".tmp-{out_dir.name}")):
-        export_safetensors(None, config, out_dir, state_dict=state_dict)
-
-
-def _plot(layout: RunLayout) -> None:
-    """loss_curve.png; the plotting helper writes `.tmp-loss_curve.png` first: on a write error remove it, one line."""
-    try:
-        plot_loss_curve(layout.metrics, layout.loss_curve)
-    except OSError as error:
-        layout.loss_curve.with_name(f".tmp-{layout.loss_curve.name}").unlink(missing_ok=True)
-        raise WriteError(describe_write_error(error, layout.loss_curve)) from error
+    export_safetensors(None, config, out_dir, state_dict=state_dict)
 
 
 def finish(run: Run, state: RunState) -> None:
@@ -173,7 +148,7 @@ def finish(run: Run, state: RunState) -> None:
         with atomic_write(run.layout.final_model / "vocab.txt") as handle:  # lets embed.py / init_from check tokens
             handle.write("\n".join(run.vocab) + "\n")
         if run.layout.metrics.is_file():
-            _plot(run.layout)
+            plot_loss_curve(run.layout.metrics, run.layout.loss_curve)  # atomic; WriteError on failure
         mark_finished(run.layout, state.step, "max steps reached")
         run.log.info(
             f"done: final model {run.layout.final_model}, metrics {run.layout.metrics}, loss curve "

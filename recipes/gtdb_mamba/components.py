@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from safetensors import SafetensorError
 from torch import nn
 
 from biorecipes_shared.distributed import all_reduce_mean
-from biorecipes_shared.files import WriteError, describe_write_error
 from biorecipes_shared.logging_utils import plot_loss_curve
 from metrics import same_genome_auc, write_distance_histogram
 from model import CurricularFace, EmbedderConfig, GenomeFragmentEmbedder
@@ -87,25 +84,7 @@ def validate(embedder, val_tokens, val_labels, cfg, dist_ctx, run_dir: Path, ste
     return auc
 
 
-@contextlib.contextmanager
-def safetensors_write_errors(path: Path, tmp_dir: Path, error_type: type[Exception]):
-    """Turn safetensors' own error type (raised on a full disk, and not an OSError/RuntimeError, so the shared
-    writers let it through as a traceback) into one line naming `path`; the temporary folder is removed."""
-    try:
-        yield
-    except SafetensorError as err:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        text = " ".join(str(err).split())
-        cause = "no space left on device (free some space or choose another output directory)"
-        raise error_type(f"cannot write {path}: {cause if 'os error 28' in text else text}") from None
-
-
 def plot_curve(layout) -> None:
-    """loss_curve.png from metrics.jsonl; a failed write is one WriteError line and leaves no temporary file."""
-    try:
+    """loss_curve.png from metrics.jsonl (the shared plotter writes atomically: a failure is one WriteError line)."""
+    with contextlib.suppress(ValueError):  # no numeric loss logged (nothing was left to train)
         plot_loss_curve(layout.metrics, layout.loss_curve)
-    except ValueError:  # no numeric loss logged (nothing was left to train)
-        pass
-    except OSError as err:  # the shared plotter writes .tmp-loss_curve.png first
-        layout.loss_curve.with_name(f".tmp-{layout.loss_curve.name}").unlink(missing_ok=True)
-        raise WriteError(describe_write_error(err, layout.loss_curve)) from None

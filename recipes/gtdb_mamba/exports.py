@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 from biorecipes_shared.checkpoint import export_safetensors
-from biorecipes_shared.files import WriteError
 from biorecipes_shared.run import RunError
 from data import KmerTokenizer
 from model import EmbedderConfig, GenomeFragmentEmbedder
@@ -49,10 +48,7 @@ def write_export(
     embedder: GenomeFragmentEmbedder, model_config: EmbedderConfig, kmer: int, out_dir: Path, fragments: dict
 ) -> Path:
     """`model.safetensors` (the embedder only) + `config.json` (+ the fragment rules), atomically (rank 0 only)."""
-    from components import safetensors_write_errors  # components imports torch models: keep this module light
-
-    with safetensors_write_errors(out_dir, out_dir.with_name(f".tmp-{out_dir.name}"), WriteError):
-        return export_safetensors(embedder, {**export_config(model_config, kmer), "fragments": fragments}, out_dir)
+    return export_safetensors(embedder, {**export_config(model_config, kmer), "fragments": fragments}, out_dir)
 
 
 def read_export_config(path: str | Path) -> dict:

@@ -29,7 +29,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from biorecipes_shared.checkpoint import (
     CheckpointError,
-    CheckpointWriteError,
     PreemptionHandler,
     load_checkpoint,
     save_checkpoint,
@@ -44,7 +43,7 @@ from biorecipes_shared.run import (
     resolve_resume,
     run_cli,
 )
-from components import EmbedderWithHead, autocast, build_model, plot_curve, safetensors_write_errors, validate
+from components import EmbedderWithHead, autocast, build_model, plot_curve, validate
 from data import (
     FragmentSampler,
     KmerTokenizer,
@@ -356,18 +355,16 @@ def validate_and_log(setup: Setup, state: RunState, metrics: MetricsWriter) -> N
 
 
 def save(setup: Setup, state: RunState) -> None:
-    folder, name = setup.layout.checkpoints, f"step_{state.step:08d}"
-    with safetensors_write_errors(folder / name, folder / f".tmp-{name}", CheckpointWriteError):
-        save_checkpoint(
-            folder,
-            state.step,
-            setup.model,
-            setup.optimizer,
-            setup.scheduler,
-            data_state={"step": state.step},
-            extra=state.control(),
-            keep_last_k=setup.cfg.train.keep_last_k,
-        )
+    save_checkpoint(
+        setup.layout.checkpoints,
+        state.step,
+        setup.model,
+        setup.optimizer,
+        setup.scheduler,
+        data_state={"step": state.step},
+        extra=state.control(),
+        keep_last_k=setup.cfg.train.keep_last_k,
+    )
 
 
 def finish(setup: Setup, state: RunState) -> None:

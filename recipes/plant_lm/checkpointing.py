@@ -15,15 +15,12 @@ after every epoch, atomically, and is not used to resume.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 
-from biorecipes_shared.checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint, save_checkpoint
+from biorecipes_shared.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from biorecipes_shared.files import WriteError, atomic_write, describe_write_error
 
 __all__ = [
@@ -45,33 +42,17 @@ def architecture(cfg) -> dict:
 
 def save_training_state(run, cfg, checkpoint_dir: Path, positions: dict[str, int], epoch: int, step_in_epoch: int):
     """Every rank calls this; writes `checkpoint_dir/step_{run.step:08d}/`. Raises CheckpointWriteError (one line)."""
-    name = f"step_{run.step:08d}"
-    guard = safetensors_write_errors(checkpoint_dir / name, checkpoint_dir / f".tmp-{name}", CheckpointWriteError)
-    with guard:
-        return save_checkpoint(
-            checkpoint_dir,
-            run.step,
-            run.model,
-            run.optimizer,
-            run.scheduler,
-            run.scaler if run.scaler.is_enabled() else None,
-            data_state={"positions": dict(positions), "epoch": epoch, "step_in_epoch": step_in_epoch},
-            extra={"species": list(run.mixture.species), "architecture": architecture(cfg)},
-            keep_last_k=cfg.keep_checkpoints,
-        )
-
-
-@contextlib.contextmanager
-def safetensors_write_errors(path: Path, tmp_dir: Path, error_type: type[Exception]):
-    """Turn safetensors' own error type (raised on a full disk, and not an OSError/RuntimeError, so the shared
-    writers let it through as a traceback) into one line naming `path`; the temporary folder is removed."""
-    try:
-        yield
-    except SafetensorError as err:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        text = " ".join(str(err).split())
-        cause = "no space left on device (free some space or choose another output directory)"
-        raise error_type(f"cannot write {path}: {cause if 'os error 28' in text else text}") from None
+    return save_checkpoint(
+        checkpoint_dir,
+        run.step,
+        run.model,
+        run.optimizer,
+        run.scheduler,
+        run.scaler if run.scaler.is_enabled() else None,
+        data_state={"positions": dict(positions), "epoch": epoch, "step_in_epoch": step_in_epoch},
+        extra={"species": list(run.mixture.species), "architecture": architecture(cfg)},
+        keep_last_k=cfg.keep_checkpoints,
+    )
 
 
 def check_compatible(path: Path, extra: dict, cfg, species: list[str]) -> None:

@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 from biorecipes_shared.checkpoint import export_safetensors
-from biorecipes_shared.files import WriteError
 from biorecipes_shared.run import RunError
 from data import KMER
 from model import PlantLM
@@ -41,10 +40,7 @@ def export_record(cfg, species: list[str]) -> dict:
 
 def write_export(model: torch.nn.Module, cfg, species: list[str], out_dir: Path) -> Path:
     """`model.safetensors` (incl. the bucket memory) + `config.json`, atomically (rank 0 only)."""
-    from checkpointing import safetensors_write_errors
-
-    with safetensors_write_errors(out_dir, out_dir.with_name(f".tmp-{out_dir.name}"), WriteError):
-        return export_safetensors(model, export_record(cfg, species), out_dir)
+    return export_safetensors(model, export_record(cfg, species), out_dir)
 
 
 def read_export(path: str | Path) -> dict:

@@ -23,7 +23,6 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from biorecipes_shared.distributed import all_reduce_mean, barrier, setup_distributed, teardown_distributed
-from biorecipes_shared.files import WriteError, describe_write_error
 from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, peak_memory, plot_loss_curve
 from biorecipes_shared.preemption import PreemptionHandler
 from biorecipes_shared.run import (
@@ -285,14 +284,9 @@ def finish(cfg: Config, ctx, log: logging.Logger, run: Run) -> dict:
 
 
 def plot_curve(layout: RunLayout) -> None:
-    """loss_curve.png from metrics.jsonl; a failed write is one WriteError line and leaves no temporary file."""
-    try:
+    """loss_curve.png from metrics.jsonl (the shared plotter writes atomically: a failure is one WriteError line)."""
+    with contextlib.suppress(ValueError):  # no numeric loss logged (nothing was left to train)
         plot_loss_curve(layout.metrics, layout.loss_curve)
-    except ValueError:  # no numeric loss logged (nothing was left to train)
-        pass
-    except OSError as err:  # the shared plotter writes .tmp-loss_curve.png first
-        layout.loss_curve.with_name(f".tmp-{layout.loss_curve.name}").unlink(missing_ok=True)
-        raise WriteError(describe_write_error(err, layout.loss_curve)) from None
 
 
 def train_step(cfg, ctx, model, ddp, optimizer, scheduler, scaler, batches, dtype) -> tuple[float, float]:
