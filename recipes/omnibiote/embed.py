@@ -24,8 +24,9 @@ from biorecipes_shared.files import atomic_write
 from biorecipes_shared.run import ConfigError, check_settings, run_cli
 from errors import OmniBioteError
 from model import POOLING_METHODS, OmniBioTA
-from preprocessing.preprocess_genbank import iter_genbank_file, normalise_nucleotides
-from preprocessing.preprocess_uniprot import iter_fasta_file, normalise_peptide
+from preprocessing.fasta import parse_fasta_block, read_fasta
+from preprocessing.preprocess_genbank import iter_genbank_records, normalise_nucleotides
+from preprocessing.shards import open_text
 from tokenizer import OmniTokenizer
 
 GENBANK_SUFFIXES = (".gb", ".gbk", ".gbff", ".genbank", ".seq")
@@ -36,18 +37,32 @@ def is_genbank(path: Path) -> bool:
     return name.endswith(GENBANK_SUFFIXES)
 
 
+def read_genbank(path: Path) -> list[tuple[str, str, str]]:
+    """(modality, record id, raw sequence) of every GenBank record; PreprocessError (one line) when there are none."""
+    with open_text(path) as handle:
+        records = list(iter_genbank_records(handle, path))
+    if not records:
+        raise OmniBioteError(f"{path}: no GenBank records found (expected LOCUS ... // entries)")
+    return records
+
+
 def read_records(path: Path, modality: str | None) -> list[tuple[str, str, str]]:
-    """(record id, modality, normalised sequence) of every record; PreprocessError (one line) for a bad record."""
+    """(record id, modality, normalised sequence) of every record; PreprocessError (one line) for a bad record.
+
+    FASTA goes through the preprocessing reader (the FASTA contract); GenBank through the GenBank reader."""
     if is_genbank(path):
-        records = [(rid, mod, raw) for mod, rid, raw in iter_genbank_file(path)]
+        records = [(rid, mod, raw) for mod, rid, raw in read_genbank(path)]
     else:
         if modality is None:
             raise ConfigError(f"{path}: a FASTA input needs --modality dna, rna or protein")
-        records = [(rid, modality, raw) for rid, raw in iter_fasta_file(path)]
+        records = [(rid, modality, sequence) for rid, _title, sequence in read_fasta(path)]
     out = []
     for rid, mod, raw in records:
         where = f"{path}: record {rid}"
-        sequence = normalise_peptide(raw, where) if mod == "protein" else normalise_nucleotides(raw, mod, where)
+        if mod == "protein":  # the FASTA reader's residue check, for protein records of a GenBank file too
+            sequence = parse_fasta_block(path, 1, f">{rid}\n{raw}\n".encode())[0][0][2]
+        else:
+            sequence = normalise_nucleotides(raw, mod, where)
         out.append((rid, mod, sequence))
     return out
 

@@ -10,7 +10,7 @@ from biorecipes_shared.run import run_cli
 from embed import embed_ids, main, token_batches
 from errors import OmniBioteError
 from model import OmniBioTA, OmniBioTAConfig
-from preprocessing.preprocess_uniprot import iter_fasta_file
+from preprocessing.fasta import read_fasta
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_fasta_rows_follow_the_input(final_model, sample_fasta, tmp_path):
     assert cli([*argv, "--output", str(tmp_path / "emb"), "--tokens_per_batch", "2048"]) == 0
     matrix = np.load(tmp_path / "emb.npy")
     lines = (tmp_path / "emb.ids.tsv").read_text().splitlines()
-    expected_ids = [rid for rid, _ in iter_fasta_file(sample_fasta)]
+    expected_ids = [rid for rid, _title, _seq in read_fasta(sample_fasta)]
     assert lines[0] == "id\tmodality\tn_tokens\ttruncated"
     assert [line.split("\t")[0] for line in lines[1:]] == expected_ids
     assert matrix.shape == (len(expected_ids), 32) and matrix.dtype == np.float32 and np.isfinite(matrix).all()
