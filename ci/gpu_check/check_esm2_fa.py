@@ -16,7 +16,7 @@ from gpu_check.common import (
     TrainSpec,
     bf16_autocast,
     fwd_bwd_step,
-    keep_first_checkpoint,
+    interrupt_after_first_checkpoint,
     measure_throughput,
     parity_result,
     parse_context,
@@ -108,16 +108,16 @@ def train(ctx: Context) -> tuple[str, dict]:
         "training.early_stopping.enabled=false",
     ] + (["training.mixed_precision=bf16"] if bf16 else [])  # the tiny config's "no" (YAML would read no as false)
 
-    def command(run_dir: Path, resume: bool = False) -> list[str]:
+    def command(run_dir: Path) -> list[str]:
         argv = ["src/train.py", "--config", TINY_CONFIG, "--train_dir", str(shards / "train")]
         argv += ["--val_dir", str(shards / "val"), "--output_dir", str(run_dir)]
-        return argv + (["--resume_from_checkpoint", "latest"] if resume else []) + overrides
+        return argv + overrides  # --resume_from_checkpoint auto is the default
 
     spec = TrainSpec(
         full=command,
-        resume=lambda run_dir: command(run_dir, resume=True),
+        resume=command,
         weights=lambda run_dir: run_dir / "final_model" / "model.safetensors",
-        prune=lambda run_dir: keep_first_checkpoint(run_dir, "checkpoint-*", run_dir / "final_model"),
+        prune=interrupt_after_first_checkpoint,
     )
     return train_and_resume(ctx, spec, timeout=ctx.sizes["budget_s"])
 

@@ -19,7 +19,7 @@ from gpu_check.common import (
     TrainSpec,
     bf16_autocast,
     fwd_bwd_step,
-    keep_first_checkpoint,
+    interrupt_after_first_checkpoint,
     measure_throughput,
     parity_result,
     parse_context,
@@ -99,8 +99,8 @@ def train(ctx: Context) -> tuple[str, dict]:
     spec = TrainSpec(
         full=command,
         resume=command,  # train.resume=true is the default
-        weights=lambda run_dir: run_dir / "export" / "model.safetensors",
-        prune=lambda run_dir: keep_first_checkpoint(run_dir / "checkpoints", "step_*", run_dir / "export"),
+        weights=lambda run_dir: run_dir / "final_model" / "model.safetensors",
+        prune=interrupt_after_first_checkpoint,
     )
     return train_and_resume(ctx, spec, timeout=ctx.sizes["budget_s"])
 

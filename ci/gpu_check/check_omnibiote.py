@@ -116,7 +116,7 @@ def train(ctx: Context) -> tuple[str, dict]:
     spec = TrainSpec(
         full=command,
         resume=command,  # the newest checkpoint in <run>/checkpoints is resumed automatically
-        weights=lambda run_dir: run_dir / "final" / "model.safetensors",
+        weights=lambda run_dir: run_dir / "final_model" / "model.safetensors",
         stop=lambda run_dir: command(run_dir, stop=True),
     )
     return train_and_resume(ctx, spec, timeout=ctx.sizes["budget_s"])

@@ -17,7 +17,7 @@ from gpu_check.common import (
     TrainSpec,
     bf16_autocast,
     fwd_bwd_step,
-    keep_first_checkpoint,
+    interrupt_after_first_checkpoint,
     measure_throughput,
     parity_result,
     parse_context,
@@ -90,8 +90,8 @@ def throughput(ctx: Context) -> tuple[str, dict]:
 def train(ctx: Context) -> tuple[str, dict]:
     per_epoch = ctx.sizes["train"]["steps_per_epoch"]
 
-    def command(run_dir: Path, resume: str = "none") -> list[str]:
-        argv = ["train.py", "--data_dir", "sample_data", "--output_dir", str(run_dir), "--resume", resume]
+    def command(run_dir: Path) -> list[str]:  # --resume auto is the default
+        argv = ["train.py", "--data_dir", "sample_data", "--output_dir", str(run_dir)]
         argv += ["--species_distribution", "arabidopsis_thaliana=1.0,arabidopsis_lyrata=0.8,arabidopsis_arenosa=0.6"]
         argv += ["--d_model", "128", "--n_heads", "4", "--n_layers", "2", "--dropout", "0.0", "--batch_size", "16"]
         argv += ["--accumulation_steps", "1", "--context_size", "64", "--learning_rate", "2e-3", "--n_epochs", "2"]
@@ -100,9 +100,9 @@ def train(ctx: Context) -> tuple[str, dict]:
 
     spec = TrainSpec(
         full=command,
-        resume=lambda run_dir: command(run_dir, resume="auto"),
-        weights=lambda run_dir: run_dir / "dna_model" / "model_epoch_2.pt",
-        prune=lambda run_dir: keep_first_checkpoint(run_dir / "dna_model", "model_epoch_*.pt"),
+        resume=command,
+        weights=lambda run_dir: run_dir / "final_model" / "model.safetensors",
+        prune=interrupt_after_first_checkpoint,
     )
     return train_and_resume(ctx, spec, timeout=ctx.sizes["budget_s"])
 

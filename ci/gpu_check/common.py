@@ -282,12 +282,13 @@ class TrainSpec:
     stop: Callable[[Path], list[str]] | None = None
 
 
-def keep_first_checkpoint(checkpoint_dir: Path, pattern: str, *also_remove: Path) -> None:
-    """Delete all but the earliest checkpoint matching `pattern` (numbered names), and the given outputs."""
-    found = sorted(checkpoint_dir.glob(pattern), key=lambda p: int("".join(c for c in p.name if c.isdigit()) or 0))
+def interrupt_after_first_checkpoint(run_dir: Path) -> None:
+    """Make a finished run folder look like one killed after its first checkpoint (every recipe has the same layout:
+    `checkpoints/step_N/`, `final_model/`, `run_finished.json`): later checkpoints and the final outputs go."""
+    found = sorted((run_dir / "checkpoints").glob("step_*"))
     if len(found) < 2:
-        raise CheckFailed(f"expected >= 2 checkpoints {pattern} in {checkpoint_dir}, found {[p.name for p in found]}")
-    for path in [*found[1:], *also_remove]:
+        raise CheckFailed(f"expected >= 2 checkpoints in {run_dir / 'checkpoints'}, found {[p.name for p in found]}")
+    for path in [*found[1:], run_dir / "final_model", run_dir / "run_finished.json"]:
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
