@@ -59,22 +59,37 @@ def check_status(response: requests.Response, url: str) -> None:
         raise DownloadError(f"{url}: HTTP {status} {response.reason or ''}".rstrip())
 
 
+def with_retries(attempt_once, what: str, retries: int, backoff: float, on_retry=None):
+    """Call `attempt_once()` until it succeeds; retryable failures wait backoff·2^k s, others stop at once.
+
+    The one retry loop of the downloader (listing and fetching). Hand-written rather than urllib3's Retry because
+    a fetch must resume a half-written .part with a Range request and re-check gzip/MD5 between attempts.
+    Raises DownloadError naming `what` after the last attempt, or at once for a non-retryable error."""
+    for attempt in range(retries + 1):
+        try:
+            return attempt_once()
+        except (*RETRYABLE, _RetryableFailure) as exc:
+            if on_retry is not None:
+                on_retry(exc)
+            if attempt == retries:
+                raise DownloadError(f"{what}: failed after {retries + 1} attempts: {exc}") from None
+            time.sleep(backoff * 2**attempt)
+        except requests.RequestException as exc:  # e.g. an invalid URL or too many redirects: retrying cannot help
+            raise DownloadError(f"{what}: {exc}") from None
+    raise AssertionError("unreachable")
+
+
 def list_remote_files(
     session: requests.Session, base_url: str, timeout: float, retries: int = 5, backoff: float = 2.0
 ) -> list[tuple[str, str]]:
     """(file name, division) of every gb*.seq.gz linked from the directory page at base_url."""
-    for attempt in range(retries + 1):
-        try:
-            response = session.get(base_url, timeout=timeout)
-            check_status(response, base_url)
-            return sorted(set(FILE_LINK.findall(response.text)))
-        except (*RETRYABLE, _RetryableFailure) as exc:
-            if attempt == retries:
-                raise DownloadError(f"{base_url}: cannot list files after {retries + 1} attempts: {exc}") from None
-            time.sleep(backoff * 2**attempt)
-        except requests.RequestException as exc:  # e.g. an invalid URL: another try cannot help
-            raise DownloadError(f"{base_url}: cannot list files ({exc})") from None
-    raise AssertionError("unreachable")
+
+    def list_once() -> list[tuple[str, str]]:
+        response = session.get(base_url, timeout=timeout)
+        check_status(response, base_url)
+        return sorted(set(FILE_LINK.findall(response.text)))
+
+    return with_retries(list_once, f"{base_url}: listing files", retries, backoff)
 
 
 def select_files(files: list[tuple[str, str]], divisions: list[str] | None, max_files: int | None) -> list[str]:
@@ -158,24 +173,21 @@ def download_file(
 ) -> Path:
     """Fetch url to dest with resume, retries and checks; returns dest. Raises DownloadError when all tries fail."""
     part = dest.with_name(dest.name + ".part")
-    for attempt in range(retries + 1):
-        try:
-            _transfer(session, url, part, timeout, progress)
-            verify_gzip(part)
-            if expected_md5 and file_md5(part) != expected_md5:
-                raise _RetryableFailure("MD5 mismatch", restart=True)
-            os.replace(part, dest)
-            return dest
-        except (*RETRYABLE, _RetryableFailure) as exc:
-            if getattr(exc, "restart", False) and part.exists():
-                part.unlink()  # a complete but bad file cannot be resumed: start over
-            if attempt == retries:
-                # a .part with good bytes stays: the next run continues it with a Range request
-                raise DownloadError(f"{url}: failed after {retries + 1} attempts: {exc}") from None
-            time.sleep(backoff * 2**attempt)
-        except requests.RequestException as exc:  # e.g. too many redirects: another try cannot help
-            raise DownloadError(f"{url}: {exc}") from None
-    raise AssertionError("unreachable")
+
+    def fetch_once() -> Path:
+        _transfer(session, url, part, timeout, progress)
+        verify_gzip(part)
+        if expected_md5 and file_md5(part) != expected_md5:
+            raise _RetryableFailure("MD5 mismatch", restart=True)
+        os.replace(part, dest)
+        return dest
+
+    def forget_bad_file(exc: Exception) -> None:
+        if getattr(exc, "restart", False) and part.exists():
+            part.unlink()  # a complete but bad file cannot be resumed: start over
+        # otherwise a .part with good bytes stays: the next attempt (or run) continues it with a Range request
+
+    return with_retries(fetch_once, url, retries, backoff, on_retry=forget_bad_file)
 
 
 def read_md5_file(path: str | Path) -> dict[str, str]:
