@@ -17,7 +17,6 @@ Timed pairs are interleaved after a warm-up; each figure is the median of --repe
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from biorecipes_shared.logging_utils import interleaved_medians
 
 RECIPE_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(RECIPE_DIR / "src"))
@@ -67,19 +68,6 @@ def uniref_sequences() -> list[str] | None:
     return None
 
 
-def interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each function; one warm-up call each, then the calls alternate."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def bench_preprocessing(fasta: Path, tmp: Path, repeats: int) -> tuple[float, float, int]:
     """Proteins/s of the whole preprocess_fasta (1 process) vs only tokenizing the same chunks with a
     per-sequence EsmTokenizer loop (the baseline does less work: no parsing, packing or writing)."""
@@ -96,7 +84,7 @@ def bench_preprocessing(fasta: Path, tmp: Path, repeats: int) -> tuple[float, fl
             np.array(([0] if chunk.bos else []) + ids + ([2] if chunk.eos else []), np.int8)
 
     n = sum(1 for _ in read_fasta(fasta))
-    t = interleaved({"recipe": recipe, "loop": tokenizer_loop}, repeats)
+    t = interleaved_medians({"recipe": recipe, "loop": tokenizer_loop}, repeats)
     return n / t["recipe"], n / t["loop"], n
 
 
@@ -134,7 +122,7 @@ def bench_training(train_dir: Path, model_name: str, repeats: int, n_batches: in
 
         return call
 
-    times = interleaved({name: steps(name) for name in models}, repeats)
+    times = interleaved_medians({name: steps(name) for name in models}, repeats)
     return {name: tokens / seconds for name, seconds in times.items()}
 
 
@@ -165,7 +153,7 @@ def bench_gpu_backends(train_dir: Path, model_name: str, repeats: int, device: s
 
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        seconds = interleaved({backend: steps}, repeats)[backend]
+        seconds = interleaved_medians({backend: steps}, repeats)[backend]
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
         results[backend] = (tokens / seconds, peak)
         del model, optimizer

@@ -9,16 +9,15 @@
 Each pair is measured interleaved after a warm-up, median of REPEATS; ratios are the headline, not seconds.
 """
 
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from mup import MuAdamW
 
 import bench_scale
+from biorecipes_shared.logging_utils import interleaved_medians
 from data import PackedMLMBatcher, check_fingerprint, load_split
 from model import OmniBioTA, OmniBioTAConfig
 from preprocessing.encode_shards import encode_shards
@@ -31,19 +30,6 @@ HERE = Path(__file__).resolve().parent
 SAMPLE = HERE / "sample_data"
 REPEATS = 5
 PROCS = 2  # the multi-process figure (all preprocessing steps take --num_proc)
-
-
-def interleaved(candidates: dict, repeats: int = REPEATS) -> dict[str, float]:
-    """Median seconds per call of each candidate, alternating them after one warm-up call each."""
-    for run in candidates.values():
-        run()
-    times = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, run in candidates.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def bench_tokenization(work: Path) -> dict[str, float]:
@@ -66,7 +52,7 @@ def bench_tokenization(work: Path) -> dict[str, float]:
         for modality, _, sequence in iter_shard_records(shards):
             [tokenizer.modality_ids[modality], *tokenizer.sp.encode(sequence), tokenizer.eos_id]
 
-    seconds = interleaved(
+    seconds = interleaved_medians(
         {
             "writer_procs": lambda: shard_writer(PROCS),
             "writer_1_proc": lambda: shard_writer(1),
@@ -104,8 +90,10 @@ def main() -> None:
         )
         model = OmniBioTA(config)
         models[impl] = (model, MuAdamW(model.parameters(), lr=1e-3))
-    step_seconds = interleaved({impl: lambda m=m, o=o: training_step(m, o, batch) for impl, (m, o) in models.items()})
-    loader_seconds = interleaved({"loader": lambda: [batcher.next_batch() for _ in range(20)]})["loader"] / 20
+    step_seconds = interleaved_medians(
+        {impl: lambda m=m, o=o: training_step(m, o, batch) for impl, (m, o) in models.items()}
+    )
+    loader_seconds = interleaved_medians({"loader": lambda: [batcher.next_batch() for _ in range(20)]})["loader"] / 20
     tokens = ctx_len * mini_batch
 
     print(f"omnibiote CPU benchmark (torch {torch.__version__}, median of {REPEATS} interleaved)")

@@ -15,15 +15,14 @@ import gzip
 import json
 import math
 import re
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 import bench_scale
+from biorecipes_shared.logging_utils import interleaved_medians
 from data import tokenize
 from model import VOCAB_SIZE, PlantLM, blocked_local_attention, dense_local_attention
 
@@ -31,19 +30,6 @@ HERE = Path(__file__).resolve().parent
 REPEATS = 7
 NAIVE_UPDATES_PER_CALL = 5
 BASE = {"A": 0, "C": 1, "G": 2, "T": 3}
-
-
-def interleaved(functions: dict, repeats: int = REPEATS) -> dict[str, float]:
-    """Median seconds per call of each function, measured in turns after one warm-up call each."""
-    for fn in functions.values():
-        fn()
-    times = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, fn in functions.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def python_6mers(seq: str) -> list[list[int]]:
@@ -77,7 +63,7 @@ def bench_tokenizer() -> float:
     seq = sample_sequence() * 4  # ~3.6 MB: long enough that each timed call lasts well above timer noise
     assert [s.tolist() for s in tokenize(seq)] == python_6mers(seq)  # same answer before timing
     raw = seq.encode()
-    med = interleaved({"numpy": lambda: tokenize(raw), "python": lambda: python_6mers(seq)})
+    med = interleaved_medians({"numpy": lambda: tokenize(raw), "python": lambda: python_6mers(seq)}, REPEATS)
     mb = len(raw) / 1e6
     print(
         f"| tokenise {mb:.2f} MB real DNA | numpy {mb / med['numpy']:.1f} MB/s | "
@@ -112,7 +98,7 @@ def bench_global_context() -> float:
 
         return run
 
-    med = interleaved({"2k": step(2_000), "200k": step(200_000)})
+    med = interleaved_medians({"2k": step(2_000), "200k": step(200_000)}, REPEATS)
     tokens = batch * seq
     ratio = med["200k"] / med["2k"]
     print(
@@ -131,7 +117,7 @@ def bench_global_context() -> float:
 
         return run
 
-    upd = interleaved({"2k": naive(2_000), "200k": naive(200_000)})
+    upd = interleaved_medians({"2k": naive(2_000), "200k": naive(200_000)}, REPEATS)
     print(
         f"| naive history-average memory update, 2k | {upd['2k'] / NAIVE_UPDATES_PER_CALL * 1e3:.2f} ms | 200k | "
         f"{upd['200k'] / NAIVE_UPDATES_PER_CALL * 1e3:.2f} ms | {upd['200k'] / upd['2k']:.0f}x |"
@@ -178,7 +164,9 @@ def bench_local_attention() -> tuple[float, float]:
     q, k, v = attention_inputs()
     blocked_out = blocked_local_attention(q, k, v, WINDOW)
     torch.testing.assert_close(blocked_out, dense_local_attention(q, k, v, WINDOW))
-    med = interleaved({name: (lambda name=name: attention_step(name, q, k, v)) for name in ("blocked", "dense")})
+    med = interleaved_medians(
+        {name: (lambda name=name: attention_step(name, q, k, v)) for name in ("blocked", "dense")}, REPEATS
+    )
     peak = {}
     for name in ("blocked", "dense"):
         out = subprocess.run(

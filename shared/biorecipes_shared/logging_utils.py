@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import resource
+import statistics
 import sys
 import time
 import warnings
@@ -63,6 +64,23 @@ class ThroughputMeter:
         rates = {"samples_per_s": self._samples / elapsed, "tokens_per_s": self._tokens / elapsed}
         self._start, self._samples, self._tokens = now, 0, 0
         return rates
+
+
+def interleaved_medians(functions: dict[str, Any], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Median wall seconds per call of each function: `warmup` untimed calls each, then `repeats` rounds in turns.
+
+    The one benchmark timer of the recipes' bench scripts: timing A and B in alternation puts the same machine
+    load on both, so their ratio is fair even on a busy machine (absolute seconds are not)."""
+    for function in functions.values():
+        for _ in range(warmup):
+            function()
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _plain(value: Any) -> Any:
