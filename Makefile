@@ -38,15 +38,16 @@ lint: setup ## ruff on all Python, hadolint on every Dockerfile
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	@dockerfiles=$$(ls recipes/*/Dockerfile 2>/dev/null); \
-	if [ -n "$$dockerfiles" ]; then echo "hadolint $$dockerfiles"; $(BIN)/hadolint $$dockerfiles; fi
+	if [ -n "$$dockerfiles" ]; then echo "hadolint $$dockerfiles"; $(BIN)/hadolint docker/base.Dockerfile $$dockerfiles; fi
 
 bench: check-recipe setup ## Run recipe=NAME's benchmark; prints ratios against a baseline of the same run
 	@test -f recipes/$(recipe)/bench.py || { echo "error: recipes/$(recipe) has no bench.py yet" >&2; exit 2; }
 	$(RUN_IN_RECIPE) python bench.py
 
-docker-build: check-recipe ## docker build recipe=NAME as biorecipes/NAME:latest (context: repo root, for shared/)
+docker-build: check-recipe ## docker build the shared base image, then recipe=NAME as biorecipes/NAME:latest
 	@command -v docker >/dev/null 2>&1 || { echo "error: docker is not installed (needed for make docker-build)" >&2; exit 1; }
 	@docker info >/dev/null 2>&1 || { echo "error: docker is installed but no docker engine is reachable (is the daemon running?)" >&2; exit 1; }
+	docker build -f docker/base.Dockerfile -t biorecipes/base:latest .
 	docker build -f recipes/$(recipe)/Dockerfile --build-arg RECIPE_DIR=recipes/$(recipe) -t biorecipes/$(recipe):latest .
 
 export: check-recipe ## Copy recipe=NAME with a vendored shared/ into dest=DIR, standalone

@@ -25,6 +25,7 @@ copy_tree() {  # copy what git would track (ignored run outputs, caches and fixt
   fi
 }
 copy_tree "$src" "$tmp"
+cp docker/base.Dockerfile "$tmp/Dockerfile.base"  # the shared base image the recipe's Dockerfile builds FROM
 mkdir -p "$tmp/shared"
 copy_tree shared "$tmp/shared"
 rm -rf "$tmp/shared/tests"
@@ -38,7 +39,7 @@ cat > "$tmp/EXPORTED.md" <<TXT
 This folder was exported from the biorecipes monorepo (recipes/$recipe) with \`make export\`.
 - \`shared/\` is a vendored copy of the biorecipes_shared package; \`requirements-standalone.txt\` installs it and \`requirements.txt\`.
 - Set up: \`python -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -r requirements-standalone.txt\`$( [ -f "$src/requirements-nodeps.txt" ] && printf ' && pip install --no-deps -r requirements-nodeps.txt')
-- Tests: \`pytest\`. Docker: \`docker build --build-arg RECIPE_DIR=. -t biorecipes/$recipe .\` from this folder.
+- Tests: \`pytest\`. Docker, from this folder: \`docker build -f Dockerfile.base -t biorecipes/base:latest . && docker build --build-arg RECIPE_DIR=. -t biorecipes/$recipe .\`
 TXT
 [ -d "$dest" ] && rmdir "$dest"
 mv "$tmp" "$dest"

@@ -48,6 +48,7 @@ def mini_repo(tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(ROOT / "ci", repo / "ci", ignore=shutil.ignore_patterns("__pycache__", "tests"))
     shutil.copytree(ROOT / "shared", repo / "shared", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(ROOT / "docker", repo / "docker")
     recipe = repo / "recipes" / "demo"
     (recipe / "tests").mkdir(parents=True)
     (recipe / "tests" / "test_demo.py").write_text("def test_nothing_to_do():\n    pass\n")
@@ -87,6 +88,15 @@ def test_export_is_standalone(mini_repo, tmp_path):
     ).stdout
     assert where.startswith(str(dest))
     assert not [p for p in dest.parent.iterdir() if p.name.startswith(".export-")]
+    assert (dest / "Dockerfile.base").read_text() == (ROOT / "docker" / "base.Dockerfile").read_text()
+
+
+@pytest.mark.parametrize("dockerfile", sorted((ROOT / "recipes").glob("*/Dockerfile")), ids=lambda p: p.parent.name)
+def test_recipe_images_share_one_base(dockerfile):
+    """The common part (NGC image, environment, biorecipes_shared) lives once, in docker/base.Dockerfile."""
+    text = dockerfile.read_text()
+    assert "ARG BASE_IMAGE=biorecipes/base:latest\nFROM ${BASE_IMAGE}\n" in text
+    assert "nvcr.io" not in text.split("FROM", 1)[1] and "shared/" not in text.split("FROM", 1)[1]
 
 
 def test_export_never_writes_into_a_non_empty_dir(mini_repo, tmp_path):

@@ -95,3 +95,12 @@ def test_loss_curve_png(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no records"):
         plot_loss_curve(tmp_path / "m.jsonl", tmp_path / "x.png", key="auc")
+
+
+def test_interleaved_medians_warms_up_then_alternates():
+    from biorecipes_shared.logging_utils import interleaved_medians
+
+    calls = []
+    medians = interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3)
+    assert calls == ["a", "b"] * 4  # one warm-up round, then three timed rounds in turns
+    assert set(medians) == {"a", "b"} and all(value >= 0 for value in medians.values())
