@@ -17,13 +17,8 @@ torch.distributed.checkpoint, and `load_checkpoint` reads the manifest to know w
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import os
 import random
 import shutil
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +29,25 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from .checkpoint_files import (  # noqa: F401  (fsdp_checkpoint and older callers)
+    MANIFEST,
+    STEP_PREFIX,
+    TMP_PREFIX,
+    TRASH_PREFIX,
+    CheckpointError,
+    _publish,
+    _rotate,
+    _write_manifest,
+    clean_incomplete,
+    fsync_dir,
+    latest_checkpoint,
+    publish,
+    verify_checkpoint,
+    write_manifest,
+)
 from .distributed import all_reduce_max, barrier
-from .files import WriteError, describe_write_error, fsync_dir, swap_into_place, write_failure_reason
+from .export import _tensor_state_dict, export_safetensors, unwrap_model
+from .files import WriteError, write_failure_reason
 from .preemption import PreemptionHandler
 
 __all__ = [
@@ -51,15 +63,6 @@ __all__ = [
     "save_checkpoint",
     "write_manifest",
 ]
-
-MANIFEST = "manifest.json"
-STEP_PREFIX = "step_"
-TMP_PREFIX = ".tmp-step_"
-TRASH_PREFIX = ".trash-step_"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that exists but cannot be trusted or loaded."""
 
 
 class CheckpointWriteError(CheckpointError, WriteError):
@@ -81,43 +84,6 @@ def _rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare module inside DDP / torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _tensor_state_dict(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """CPU, contiguous copies; tied tensors are cloned so safetensors stores each name (it refuses shared storage)."""
-    tensors, seen = {}, set()
-    for name, value in state_dict.items():
-        if not isinstance(value, torch.Tensor):
-            continue  # e.g. Transformer Engine's `_extra_state` blobs, which hold no weights we need to resume
-        value = value.detach().cpu().contiguous()
-        key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
-        tensors[name] = value.clone() if key in seen else value
-        seen.add(key)
-    return tensors
 
 
 def _python_state(generators: dict[str, torch.Generator] | None, data_state: Any) -> dict[str, Any]:
@@ -157,109 +123,6 @@ def _restore_rank_state(
         if name not in state["generators"]:
             raise CheckpointError(f"checkpoint has no state for generator {name!r}")
         gen.set_state(state["generators"][name])
-
-
-def _write_manifest(tmp_dir: Path, step: int, world_size: int, sharded: bool) -> None:
-    files = {}
-    for path in sorted(p for p in tmp_dir.rglob("*") if p.is_file()):
-        _fsync_file(path)
-        files[str(path.relative_to(tmp_dir))] = {"size": path.stat().st_size, "sha256": _sha256(path)}
-    manifest = {"step": step, "time": time.time(), "world_size": world_size, "sharded": sharded, "files": files}
-    manifest_path = tmp_dir / MANIFEST
-    manifest_path.write_text(json.dumps(manifest, indent=1))
-    _fsync_file(manifest_path)
-    fsync_dir(tmp_dir)
-
-
-def _publish(tmp_dir: Path, final_dir: Path) -> None:
-    """Rename the finished temp dir into place; a re-save of the same step replaces the old one only after."""
-    swap_into_place(tmp_dir, final_dir)
-
-
-def write_manifest(directory: str | Path, step: int, world_size: int = 1, sharded: bool = False) -> Path:
-    """Fsync every file under `directory` and write `manifest.json` (sizes + sha256) last; returns its path.
-
-    For checkpoints written by another library (e.g. HF Trainer) into a temporary directory: after this and
-    `publish`, `verify_checkpoint` / `latest_checkpoint` / `resolve_resume` treat them like `save_checkpoint`'s.
-    """
-    directory = Path(directory)
-    _write_manifest(directory, step, world_size, sharded)
-    return directory / MANIFEST
-
-
-def publish(tmp_dir: str | Path, final_dir: str | Path) -> Path:
-    """Rename a complete temporary checkpoint dir (manifest written) to its final name, atomically."""
-    _publish(Path(tmp_dir), Path(final_dir))
-    return Path(final_dir)
-
-
-def _step_dirs(checkpoint_dir: Path) -> list[tuple[int, Path]]:
-    found = []
-    for path in Path(checkpoint_dir).glob(f"{STEP_PREFIX}*"):
-        suffix = path.name[len(STEP_PREFIX) :]
-        if path.is_dir() and suffix.isdigit():
-            found.append((int(suffix), path))
-    return sorted(found)
-
-
-def verify_checkpoint(path: str | Path, check_hashes: bool = True) -> dict[str, Any]:
-    """Check the manifest against the files on disk; return the manifest or raise CheckpointError."""
-    path = Path(path)
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{path}: no {MANIFEST} (an unfinished or foreign checkpoint)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-        int(manifest["step"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{manifest_path}: unreadable manifest ({err})") from err
-    for name, info in files.items():
-        file_path = path / name
-        if not file_path.is_file():
-            raise CheckpointError(f"{file_path}: listed in the manifest but missing")
-        if file_path.stat().st_size != info["size"]:
-            raise CheckpointError(f"{file_path}: size {file_path.stat().st_size} != {info['size']} in the manifest")
-        if check_hashes and _sha256(file_path) != info["sha256"]:
-            raise CheckpointError(f"{file_path}: sha256 does not match the manifest (corrupt file)")
-    return manifest
-
-
-def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
-    """Highest-step valid checkpoint under `checkpoint_dir`, skipping (with a warning) partial or corrupt ones."""
-    for step, path in reversed(_step_dirs(Path(checkpoint_dir))):
-        try:
-            verify_checkpoint(path, check_hashes=False)
-            return path
-        except CheckpointError as err:
-            warnings.warn(f"skipping checkpoint step {step}: {err}", stacklevel=2)
-    return None
-
-
-def clean_incomplete(checkpoint_dir: str | Path) -> list[Path]:
-    """Remove leftovers of killed saves and rotations: `.tmp-step_*`, `.trash-step_*`, `step_*` without a manifest.
-
-    A `step_*` directory whose manifest exists is never removed here, even if its files fail the check: that is
-    corruption, not an interrupted save, and the user should see it. Returns what was removed. Call on one rank.
-    """
-    checkpoint_dir = Path(checkpoint_dir)
-    removed = [p for pattern in (f"{TMP_PREFIX}*", f"{TRASH_PREFIX}*") for p in checkpoint_dir.glob(pattern)]
-    removed += [path for _, path in _step_dirs(checkpoint_dir) if not (path / MANIFEST).is_file()]
-    for path in removed:
-        shutil.rmtree(path, ignore_errors=True)
-    return removed
-
-
-def _rotate(checkpoint_dir: Path, keep_last_k: int, current: Path) -> None:
-    """Keep the newest `keep_last_k` valid checkpoints (rename first, so a kill never half-deletes a `step_*`)."""
-    if keep_last_k > 0:
-        valid = [path for _, path in _step_dirs(checkpoint_dir) if (path / MANIFEST).is_file()]
-        for path in valid[:-keep_last_k]:
-            if path != current:
-                trash = checkpoint_dir / (TRASH_PREFIX + path.name[len(STEP_PREFIX) :])
-                path.rename(trash)
-    fsync_dir(checkpoint_dir)
-    clean_incomplete(checkpoint_dir)
 
 
 def _begin_save(checkpoint_dir: str | Path, step: int, rank: int) -> tuple[Path, Path]:
@@ -483,38 +346,3 @@ def load_checkpoint(
     return _load_common(
         path, manifest, optimizer, scheduler, scaler, generators, restore_rng, map_location, data_position
     )
-
-
-def _config_dict(config: Any) -> dict[str, Any]:
-    if config is None:
-        return {}
-    if isinstance(config, dict):
-        return dict(config)
-    if hasattr(config, "to_dict"):
-        return config.to_dict()
-    if dataclasses.is_dataclass(config):
-        return dataclasses.asdict(config)
-    raise TypeError(f"cannot turn a {type(config).__name__} into config.json (give a dict, dataclass or to_dict())")
-
-
-def export_safetensors(
-    model: torch.nn.Module | None, config: Any, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None
-) -> Path:
-    """Write `model.safetensors` + `config.json` into `out_dir` (atomically, replacing an older export)."""
-    out_dir = Path(out_dir)
-    config_dict = _config_dict(config)
-    if state_dict is None:
-        state_dict = unwrap_model(model).state_dict()
-    tmp_dir = out_dir.with_name(f".tmp-{out_dir.name}")
-    try:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        tmp_dir.mkdir(parents=True)
-        save_file(_tensor_state_dict(state_dict), tmp_dir / "model.safetensors", metadata={"format": "pt"})
-        (tmp_dir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True, default=str))
-        for name in ("model.safetensors", "config.json"):
-            _fsync_file(tmp_dir / name)
-        _publish(tmp_dir, out_dir)
-    except Exception as err:  # safetensors raises its own SafetensorError on a full disk, not an OSError
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise WriteError(describe_write_error(err, out_dir)) from err
-    return out_dir

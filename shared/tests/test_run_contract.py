@@ -11,6 +11,7 @@ from conftest import toy_command
 from safetensors.torch import load_file
 
 from biorecipes_shared import checkpoint as checkpoint_module
+from biorecipes_shared import export as export_module
 from biorecipes_shared import files as files_module
 from biorecipes_shared.checkpoint import (
     CheckpointError,
@@ -107,6 +108,7 @@ def test_a_safetensors_error_on_a_full_disk_is_one_line_too(tmp_path, monkeypatc
         raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
 
     monkeypatch.setattr(checkpoint_module, "save_file", full)
+    monkeypatch.setattr(export_module, "save_file", full)
     monkeypatch.setattr(files_module, "_free_bytes", lambda path: 0)
     with pytest.raises(CheckpointWriteError, match="no space left on device"):
         save_checkpoint(tmp_path, 1, model, optimizer)
