@@ -162,16 +162,8 @@ def bench_gpu_backends(train_dir: Path, model_name: str, repeats: int, device: s
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="esm2_fa CPU benchmark")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--model", default="esm2_t6_8M", help="ESM-2 size for the training comparison")
-    parser.add_argument("--train_budget", type=int, default=2048, help="tokens per training batch (CPU-sized)")
-    parser.add_argument("--gpu_model", default="esm2_t33_650M", help="size for the GPU back-end comparison")
-    parser.add_argument("--gpu_budget", type=int, default=16384, help="tokens per batch on the GPU")
-    parser.add_argument("--scale_proteins", type=int, default=20_000, help="1x corpus of the scale section (0: skip)")
-    args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+def padding_rows() -> tuple[list[tuple[str, str]], tuple[float, float]]:
+    """Padding efficiency of token-budget batches vs fixed 32-sequence batches: sample (both budgets), UniRef 10k."""
     rows = []
     sample_lengths = token_lengths(s for _, s in read_fasta(SAMPLE))
     # The sample run's budget (config_tiny_cpu.yaml) and the production default (config.yaml).
@@ -192,6 +184,35 @@ def main() -> None:
         rows.append(
             (f"padding efficiency, UniRef 10k, {BUDGET} tokens (budget / fixed 32)", f"{u_budget:.3f} / {u_fixed:.3f}")
         )
+    return rows, (budget_eff, fixed_eff)
+
+
+def print_report(rows, budget_eff: float, fixed_eff: float, preprocess_ratio: float, loader_rate: float, train) -> None:
+    """The table, then the headline ratios against the baselines of the same run."""
+    width = max(len(name) for name, _ in rows)
+    print(f"\n{'measure'.ljust(width)}  value\n{'-' * width}  -----")
+    for name, value in rows:
+        print(f"{name.ljust(width)}  {value}")
+    print(
+        f"\nheadline: padding efficiency {budget_eff:.3f} on the sample (goal >= 0.97; fixed-size batches {fixed_eff:.3f})"
+    )
+    print(f"headline: preprocessing {preprocess_ratio:.1f}x a per-sequence tokenizer loop alone (goal >= 5x)")
+    print(f"headline: loader {loader_rate / train['recipe']:.0f}x the tokens/s the CPU training step consumes")
+    ratio = train["recipe"] / train["transformers_eager"]
+    print(f"headline: training {ratio:.2f}x transformers' EsmForMaskedLM eager on CPU (goal >= 1.3x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="esm2_fa CPU benchmark")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--model", default="esm2_t6_8M", help="ESM-2 size for the training comparison")
+    parser.add_argument("--train_budget", type=int, default=2048, help="tokens per training batch (CPU-sized)")
+    parser.add_argument("--gpu_model", default="esm2_t33_650M", help="size for the GPU back-end comparison")
+    parser.add_argument("--gpu_budget", type=int, default=16384, help="tokens per batch on the GPU")
+    parser.add_argument("--scale_proteins", type=int, default=20_000, help="1x corpus of the scale section (0: skip)")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    rows, (budget_eff, fixed_eff) = padding_rows()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         sample = tmp / SAMPLE.name  # a copy: preprocessing writes <name>_refined.fasta next to its input
@@ -222,17 +243,7 @@ def main() -> None:
                 rows.append(
                     (f"GPU {name}, {args.gpu_model}, {backend}: tokens/s, peak GiB", f"{rate:,.0f}, {peak:.1f}")
                 )
-    width = max(len(name) for name, _ in rows)
-    print(f"\n{'measure'.ljust(width)}  value\n{'-' * width}  -----")
-    for name, value in rows:
-        print(f"{name.ljust(width)}  {value}")
-    print(
-        f"\nheadline: padding efficiency {budget_eff:.3f} on the sample (goal >= 0.97; fixed-size batches {fixed_eff:.3f})"
-    )
-    print(f"headline: preprocessing {recipe_rate / loop_rate:.1f}x a per-sequence tokenizer loop alone (goal >= 5x)")
-    print(f"headline: loader {loader_rate / train['recipe']:.0f}x the tokens/s the CPU training step consumes")
-    ratio = train["recipe"] / train["transformers_eager"]
-    print(f"headline: training {ratio:.2f}x transformers' EsmForMaskedLM eager on CPU (goal >= 1.3x)")
+    print_report(rows, budget_eff, fixed_eff, recipe_rate / loop_rate, loader_rate, train)
     if args.scale_proteins:
         bench_scale.main(["--proteins", str(args.scale_proteins), "--repeats", str(args.repeats)])
 

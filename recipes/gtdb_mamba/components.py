@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from biorecipes_shared.checkpoint import CheckpointError
 from biorecipes_shared.distributed import all_reduce_mean
 from biorecipes_shared.logging_utils import plot_loss_curve
 from metrics import same_genome_auc, write_distance_histogram
@@ -88,3 +90,13 @@ def plot_curve(layout) -> None:
     """loss_curve.png from metrics.jsonl (the shared plotter writes atomically: a failure is one WriteError line)."""
     with contextlib.suppress(ValueError):  # no numeric loss logged (nothing was left to train)
         plot_loss_curve(layout.metrics, layout.loss_curve)
+
+
+def refuse_other_world_size(path: Path, world_size: int) -> None:
+    """Each rank trains its own genome shard with its own batch stream: another world size cannot continue them."""
+    saved = int(json.loads((path / "manifest.json").read_text()).get("world_size", 1))
+    if saved != world_size:
+        raise CheckpointError(
+            f"{path} was saved by {saved} process(es) and this run has {world_size}: relaunch with {saved} "
+            "process(es) (training genomes and batches are sharded per process), or start a new run_dir"
+        )

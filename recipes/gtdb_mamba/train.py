@@ -13,7 +13,6 @@ Outputs: `<run_dir>/{checkpoints/step_N,final_model,metrics.jsonl,loss_curve.png
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from contextlib import nullcontext
@@ -43,7 +42,7 @@ from biorecipes_shared.run import (
     resolve_resume,
     run_cli,
 )
-from components import EmbedderWithHead, autocast, build_model, plot_curve, validate
+from components import EmbedderWithHead, autocast, build_model, plot_curve, refuse_other_world_size, validate
 from data import (
     FragmentSampler,
     KmerTokenizer,
@@ -193,16 +192,6 @@ def run(cfg: DictConfig) -> dict:
         return state.summary()
     finally:
         teardown_distributed()
-
-
-def refuse_other_world_size(path: Path, world_size: int) -> None:
-    """Each rank trains its own genome shard with its own batch stream: another world size cannot continue them."""
-    saved = int(json.loads((path / "manifest.json").read_text()).get("world_size", 1))
-    if saved != world_size:
-        raise CheckpointError(
-            f"{path} was saved by {saved} process(es) and this run has {world_size}: relaunch with {saved} "
-            "process(es) (training genomes and batches are sharded per process), or start a new run_dir"
-        )
 
 
 def set_up(cfg: DictConfig, dist_ctx, log, layout: RunLayout, fresh: bool) -> Setup:
