@@ -109,6 +109,39 @@ def _copy_real_genome(package: str, resource: str, target: Path) -> bool:
     return True
 
 
+def synthetic_rows(
+    tmp: Path, rng, families: int, genera_per_family: int, genomes_per_genus: int, genome_bp: int, n_contigs: int
+) -> list[list[str]]:
+    """Write the synthetic genomes (families with their own composition) under `tmp`; their metadata rows."""
+    rows = []
+    for f in range(families):
+        domain = "Archaea" if f % 4 == 3 else "Bacteria"
+        profile = family_profile(rng)
+        for g in range(genera_per_family):
+            for s in range(genomes_per_genus):
+                accession = _accession(len(rows))
+                genome = synthetic_genome(rng, profile, genome_bp)
+                cuts = np.sort(rng.choice(np.arange(1, genome_bp), size=n_contigs - 1, replace=False))
+                bounds = [0, *cuts.tolist(), genome_bp]
+                contigs = [(f"{accession}_contig{i}", genome[a:b]) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+                _write_fasta_gz(_fixture_path(tmp, accession), contigs)
+                taxonomy = (
+                    f"d__{domain};p__P{f % 3};c__C{f % 3};o__O{f};f__F{f:03d};g__G{f:03d}_{g};s__G{f:03d}_{g} sp{s}"
+                )
+                rows.append(
+                    [
+                        f"GB_{accession}",
+                        f"GB_{accession}",
+                        "t",
+                        taxonomy,
+                        "99.0",
+                        f"{rng.uniform(0, 3):.2f}",
+                        "synthetic",
+                    ]
+                )
+    return rows
+
+
 def make_fixture(
     out: str | Path,
     families: int = 12,
@@ -130,33 +163,8 @@ def make_fixture(
         raise SystemExit(f"error: {out} exists and is not a fixture made by this script; choose another --out")
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
     rng = np.random.default_rng(seed)
-    rows, number = [], 0
-    for f in range(families):
-        domain = "Archaea" if f % 4 == 3 else "Bacteria"
-        profile = family_profile(rng)
-        for g in range(genera_per_family):
-            for s in range(genomes_per_genus):
-                accession = _accession(number)
-                number += 1
-                genome = synthetic_genome(rng, profile, genome_bp)
-                cuts = np.sort(rng.choice(np.arange(1, genome_bp), size=contigs_per_genome - 1, replace=False))
-                bounds = [0, *cuts.tolist(), genome_bp]
-                contigs = [(f"{accession}_contig{i}", genome[a:b]) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
-                _write_fasta_gz(_fixture_path(tmp, accession), contigs)
-                taxonomy = (
-                    f"d__{domain};p__P{f % 3};c__C{f % 3};o__O{f};f__F{f:03d};g__G{f:03d}_{g};s__G{f:03d}_{g} sp{s}"
-                )
-                rows.append(
-                    [
-                        f"GB_{accession}",
-                        f"GB_{accession}",
-                        "t",
-                        taxonomy,
-                        "99.0",
-                        f"{rng.uniform(0, 3):.2f}",
-                        "synthetic",
-                    ]
-                )
+    rows = synthetic_rows(tmp, rng, families, genera_per_family, genomes_per_genus, genome_bp, contigs_per_genome)
+    number = len(rows)
     if include_real:
         for package, resource, family, genus, organism in REAL_GENOMES:
             accession = _accession(number)
