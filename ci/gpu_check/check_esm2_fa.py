@@ -12,16 +12,15 @@ import torch
 from gpu_check.common import (
     BF16_TOLERANCE,
     Context,
-    Recorder,
     TrainSpec,
     bf16_autocast,
     fwd_bwd_step,
     interrupt_after_first_checkpoint,
     measure_throughput,
     parity_result,
-    parse_context,
     relative_error,
     run_cli,
+    run_standard_checks,
     train_and_resume,
 )
 
@@ -123,11 +122,7 @@ def train(ctx: Context) -> tuple[str, dict]:
 
 
 def main() -> int:
-    ctx = parse_context("esm2_fa")
-    recorder = Recorder("esm2_fa", ctx.out_dir)
-    recorder.run("parity", lambda: parity(ctx))
-    recorder.run("throughput", lambda: throughput(ctx))
-    recorder.run("train+resume", lambda: train(ctx))
+    run_standard_checks("esm2_fa", parity, throughput, train)
     return 0
 
 

@@ -17,7 +17,6 @@ from gpu_check.common import (
     CheckFailed,
     CheckSkipped,
     Context,
-    Recorder,
     TrainSpec,
     bf16_autocast,
     fwd_bwd_step,
@@ -25,10 +24,10 @@ from gpu_check.common import (
     measure_throughput,
     median_metric,
     parity_result,
-    parse_context,
     read_losses,
     relative_error,
     run_cli,
+    run_standard_checks,
     train_and_resume,
 )
 from model import BertForMaskedLM, geneformer_config
@@ -136,11 +135,7 @@ def fp8_vs_bf16(ctx: Context, spec: dict) -> tuple[str, dict]:
 
 
 def main() -> int:
-    ctx = parse_context("geneformer")
-    recorder = Recorder("geneformer", ctx.out_dir)
-    recorder.run("parity", lambda: parity(ctx))
-    recorder.run("throughput", lambda: throughput(ctx))
-    recorder.run("train+resume", lambda: train(ctx))
+    ctx, recorder = run_standard_checks("geneformer", parity, throughput, train)
     for spec in ctx.sizes["fp8"]:
         recorder.run(spec["name"], lambda spec=spec: fp8_vs_bf16(ctx, spec))
     return 0

@@ -15,15 +15,14 @@ from gpu_check.common import (
     BF16_TOLERANCE,
     FP32_TOLERANCE,
     Context,
-    Recorder,
     TrainSpec,
     bf16_autocast,
     fwd_bwd_step,
     interrupt_after_first_checkpoint,
     measure_throughput,
     parity_result,
-    parse_context,
     run_cli,
+    run_standard_checks,
     train_and_resume,
 )
 from model import CurricularFace, EmbedderConfig, GenomeFragmentEmbedder, mamba_ssm_available
@@ -106,11 +105,7 @@ def train(ctx: Context) -> tuple[str, dict]:
 
 
 def main() -> int:
-    ctx = parse_context("gtdb_mamba")
-    recorder = Recorder("gtdb_mamba", ctx.out_dir)
-    recorder.run("parity", lambda: parity(ctx))
-    recorder.run("throughput", lambda: throughput(ctx))
-    recorder.run("train+resume", lambda: train(ctx))
+    run_standard_checks("gtdb_mamba", parity, throughput, train)
     return 0
 
 

@@ -13,14 +13,13 @@ from gpu_check.common import (
     BF16_TOLERANCE,
     FP32_TOLERANCE,
     Context,
-    Recorder,
     TrainSpec,
     bf16_autocast,
     fwd_bwd_step,
     measure_throughput,
     parity_result,
-    parse_context,
     relative_error,
+    run_standard_checks,
     train_and_resume,
 )
 from model import OmniBioTA, OmniBioTAConfig
@@ -123,11 +122,7 @@ def train(ctx: Context) -> tuple[str, dict]:
 
 
 def main() -> int:
-    ctx = parse_context("omnibiote")
-    recorder = Recorder("omnibiote", ctx.out_dir)
-    recorder.run("parity", lambda: parity(ctx))
-    recorder.run("throughput", lambda: throughput(ctx))
-    recorder.run("train+resume", lambda: train(ctx))
+    run_standard_checks("omnibiote", parity, throughput, train)
     return 0
 
 

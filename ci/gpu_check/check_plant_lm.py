@@ -13,15 +13,14 @@ import torch
 from gpu_check.common import (
     BF16_TOLERANCE,
     Context,
-    Recorder,
     TrainSpec,
     bf16_autocast,
     fwd_bwd_step,
     interrupt_after_first_checkpoint,
     measure_throughput,
     parity_result,
-    parse_context,
     relative_error,
+    run_standard_checks,
     train_and_resume,
 )
 from model import VOCAB_SIZE, PlantLM, blocked_local_attention, dense_local_attention
@@ -108,11 +107,7 @@ def train(ctx: Context) -> tuple[str, dict]:
 
 
 def main() -> int:
-    ctx = parse_context("plant_lm")
-    recorder = Recorder("plant_lm", ctx.out_dir)
-    recorder.run("parity", lambda: parity(ctx))
-    recorder.run("throughput", lambda: throughput(ctx))
-    recorder.run("train+resume", lambda: train(ctx))
+    run_standard_checks("plant_lm", parity, throughput, train)
     return 0
 
 

@@ -320,3 +320,13 @@ def train_and_resume(ctx: Context, spec: TrainSpec, timeout: float) -> tuple[str
     if not diff <= tolerance:
         raise CheckFailed(f"{summary} > tol {tolerance:.0e}")
     return f"{summary} (tol {tolerance:.0e})", metrics
+
+
+def run_standard_checks(recipe: str, parity, throughput, train) -> tuple[Context, Recorder]:
+    """The three checks every recipe has, in order, each recorded as one row (a failure does not stop the next)."""
+    ctx = parse_context(recipe)
+    recorder = Recorder(recipe, ctx.out_dir)
+    recorder.run("parity", lambda: parity(ctx))
+    recorder.run("throughput", lambda: throughput(ctx))
+    recorder.run("train+resume", lambda: train(ctx))
+    return ctx, recorder
