@@ -82,12 +82,14 @@ def test_reports_count_rows_in_junit_and_markdown(tmp_path):
 
 def test_resume_helpers(tmp_path):
     for step in (5, 10, 40):
-        (tmp_path / f"step_{step:08d}").mkdir()
+        (tmp_path / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
     (tmp_path / "final_model").mkdir()
-    common.keep_first_checkpoint(tmp_path, "step_*", tmp_path / "final_model")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000005"]
+    (tmp_path / "run_finished.json").write_text("{}")
+    common.interrupt_after_first_checkpoint(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000005"]
     with pytest.raises(common.CheckFailed, match="expected >= 2 checkpoints"):
-        common.keep_first_checkpoint(tmp_path, "step_*")
+        common.interrupt_after_first_checkpoint(tmp_path)
     a = {"w": torch.ones(4), "n": torch.tensor(3)}
     assert common.weights_difference(a, {"w": torch.ones(4), "n": torch.tensor(4)}) == 0.0
     assert common.weights_difference(a, {"w": torch.full((4,), 1.1), "n": torch.tensor(3)}) == pytest.approx(0.1)
