@@ -10,6 +10,7 @@ are kept when that column exists. Loom files (genes x cells, HDF5) are read the 
 
 from __future__ import annotations
 
+import abc
 import csv
 import glob
 import re
@@ -92,7 +93,7 @@ def check_raw_counts(counts: sp.csr_matrix, cell_ids: list[str], path: Path) -> 
         raise DataError(f"{path}: cell {cell_ids[row]!r} has non-integer or negative counts; raw counts needed")
 
 
-class _HDF5Source:
+class _HDF5Source(abc.ABC):
     """Shared by h5ad and loom: per-cell obs columns, the filter, and one h5py handle per process."""
 
     path: Path
@@ -141,8 +142,9 @@ class _HDF5Source:
             totals = None if totals is None else totals[keep]
         return CountBlock(counts, ids, totals, n_filtered)
 
+    @abc.abstractmethod
     def _rows(self, start: int, stop: int):
-        raise NotImplementedError
+        """Rows [start, stop) of the count matrix (h5ad and loom store it differently)."""
 
 
 class H5adSource(_HDF5Source):
