@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from biorecipes_shared.run import run_cli
 from corpus import FORMAT, FORMAT_VERSION, id_type, shard_table, write_parquet_atomic
 from dictionaries import (  # noqa: F401  (DataError and read_vocab are imported from here by train.py and data.py)
     CLS,
@@ -330,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cells-per-shard", type=int, default=CELLS_PER_SHARD, help="cells read and written at once")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
+
+    def run() -> None:
         out = preprocess(
             args.counts,
             args.out_dir,
@@ -344,11 +346,9 @@ def main(argv: list[str] | None = None) -> int:
             max_unmapped_fraction=args.max_unmapped_fraction,
             cells_per_shard=args.cells_per_shard,
         )
-    except (DataError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}")
-    return 0
+        print(f"wrote {out}")
+
+    return run_cli(run, user_errors=(DataError,))  # DataError and file-system errors: one line, exit 1
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Error types of the recipe: every user-facing failure raises one of these, and the CLIs print it as one line."""
 
-import sys
+from biorecipes_shared.run import run_cli as shared_run_cli
 
 
 class OmniBioteError(Exception):
@@ -24,10 +24,6 @@ class ConfigError(OmniBioteError):
 
 
 def run_cli(main, argv=None) -> int:
-    """Run a command-line `main(argv)`; a recipe error becomes one `error: ...` line on stderr and exit code 1."""
-    try:
-        main(argv)
-    except OmniBioteError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    """Run a command-line `main(argv)` through the shared `run_cli`: a recipe error (or a file-system error) becomes
+    one `error: ...` line on stderr and exit code 1."""
+    return shared_run_cli(lambda: main(argv), user_errors=(OmniBioteError,))

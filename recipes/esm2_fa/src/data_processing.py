@@ -296,6 +296,7 @@ def read_packing(data_dir: str | Path) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: prints a one-line error and returns 1 on bad input."""
+    from biorecipes_shared.run import run_cli
     from config import ConfigError, load_config
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -313,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         "--num_proc", type=int, default=default_num_proc(), help="worker processes (default: all usable cores)"
     )
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> None:
         model_cfg = load_config(args.config).model
         positions = checked_max_positions(model_cfg)
         summary = preprocess_fasta(
@@ -327,15 +329,13 @@ def main(argv: list[str] | None = None) -> int:
             args.seed,
             num_proc=args.num_proc,
         )
-    except (FastaError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(
-        f"wrote {summary['sequences']} sequences in {summary['batches']} batches to {summary['shards']} shards "
-        f"in {args.output_dir} (padding efficiency {summary['padding_efficiency']:.3f}); "
-        f"refined FASTA: {summary['refined_fasta']}"
-    )
-    return 0
+        print(
+            f"wrote {summary['sequences']} sequences in {summary['batches']} batches to {summary['shards']} shards "
+            f"in {args.output_dir} (padding efficiency {summary['padding_efficiency']:.3f}); "
+            f"refined FASTA: {summary['refined_fasta']}"
+        )
+
+    return run_cli(run, user_errors=(FastaError, ConfigError))
 
 
 def checked_max_positions(model_cfg) -> int:
