@@ -15,7 +15,6 @@ from gpu_check.common import (
     TrainSpec,
     bf16_autocast,
     fwd_bwd_step,
-    interrupt_after_first_checkpoint,
     measure_throughput,
     parity_result,
     relative_error,
@@ -112,12 +111,7 @@ def train(ctx: Context) -> tuple[str, dict]:
         argv += ["--val_dir", str(shards / "val"), "--output_dir", str(run_dir)]
         return argv + overrides  # --resume_from_checkpoint auto is the default
 
-    spec = TrainSpec(
-        full=command,
-        resume=command,
-        weights=lambda run_dir: run_dir / "final_model" / "model.safetensors",
-        prune=interrupt_after_first_checkpoint,
-    )
+    spec = TrainSpec(full=command)
     return train_and_resume(ctx, spec, timeout=ctx.sizes["budget_s"])
 
 

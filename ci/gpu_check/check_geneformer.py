@@ -20,7 +20,6 @@ from gpu_check.common import (
     TrainSpec,
     bf16_autocast,
     fwd_bwd_step,
-    interrupt_after_first_checkpoint,
     measure_throughput,
     median_metric,
     parity_result,
@@ -95,12 +94,7 @@ def train(ctx: Context) -> tuple[str, dict]:
             f"training.output_dir={run_dir}",
         ]
 
-    spec = TrainSpec(
-        full=command,
-        resume=command,  # resuming from the newest checkpoint is the default
-        weights=lambda run_dir: run_dir / "final_model" / "model.safetensors",
-        prune=interrupt_after_first_checkpoint,
-    )
+    spec = TrainSpec(full=command)
     return train_and_resume(ctx, spec, timeout=ctx.sizes["budget_s"])
 
 

@@ -18,7 +18,6 @@ from gpu_check.common import (
     TrainSpec,
     bf16_autocast,
     fwd_bwd_step,
-    interrupt_after_first_checkpoint,
     measure_throughput,
     parity_result,
     run_cli,
@@ -95,12 +94,7 @@ def train(ctx: Context) -> tuple[str, dict]:
             *ctx.sizes["train"]["overrides"],
         ]
 
-    spec = TrainSpec(
-        full=command,
-        resume=command,  # train.resume=true is the default
-        weights=lambda run_dir: run_dir / "final_model" / "model.safetensors",
-        prune=interrupt_after_first_checkpoint,
-    )
+    spec = TrainSpec(full=command)
     return train_and_resume(ctx, spec, timeout=ctx.sizes["budget_s"])
 
 

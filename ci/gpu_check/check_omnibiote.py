@@ -112,12 +112,7 @@ def train(ctx: Context) -> tuple[str, dict]:
         ]
         return argv + (["--max_steps", str(size["stop_step"])] if stop else [])
 
-    spec = TrainSpec(
-        full=command,
-        resume=command,  # the newest checkpoint in <run>/checkpoints is resumed automatically
-        weights=lambda run_dir: run_dir / "final_model" / "model.safetensors",
-        stop=lambda run_dir: command(run_dir, stop=True),
-    )
+    spec = TrainSpec(full=command, stop=lambda run_dir: command(run_dir, stop=True))
     return train_and_resume(ctx, spec, timeout=ctx.sizes["budget_s"])
 
 

@@ -16,7 +16,6 @@ from gpu_check.common import (
     TrainSpec,
     bf16_autocast,
     fwd_bwd_step,
-    interrupt_after_first_checkpoint,
     measure_throughput,
     parity_result,
     relative_error,
@@ -97,12 +96,7 @@ def train(ctx: Context) -> tuple[str, dict]:
         argv += ["--warmup_steps", str(max(1, per_epoch // 3)), "--steps_per_epoch", str(per_epoch)]
         return argv + ["--global_context", "20000", "--memory_normalize_every", "50"]
 
-    spec = TrainSpec(
-        full=command,
-        resume=command,
-        weights=lambda run_dir: run_dir / "final_model" / "model.safetensors",
-        prune=interrupt_after_first_checkpoint,
-    )
+    spec = TrainSpec(full=command)
     return train_and_resume(ctx, spec, timeout=ctx.sizes["budget_s"])
 
 

@@ -271,14 +271,12 @@ def weights_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
 class TrainSpec:
     """How to train a recipe from its command line, interrupt it halfway and resume it.
 
-    full(run_dir): argv of the whole run, which also saves a checkpoint halfway; weights(run_dir): path of its
-    final weights (steps are read from its metrics.jsonl). Interruption: either `prune(copy)` removes everything after the halfway checkpoint from a copy
-    of the finished run, or `stop(run_dir)` is an argv that stops halfway; then `resume(run_dir)` finishes it."""
+    full(run_dir): argv of the whole run, which also saves a checkpoint halfway. Every recipe follows one run
+    contract, so the same argv resumes, the weights are `final_model/model.safetensors`, and a copy of the finished
+    run pruned back to its first checkpoint looks like a run killed there. `stop(run_dir)`, when given, is an argv
+    that stops halfway instead of the pruned copy."""
 
     full: Callable[[Path], list[str]]
-    resume: Callable[[Path], list[str]]
-    weights: Callable[[Path], Path]
-    prune: Callable[[Path], None] | None = None
     stop: Callable[[Path], list[str]] | None = None
 
 
@@ -311,9 +309,9 @@ def train_and_resume(ctx: Context, spec: TrainSpec, timeout: float) -> tuple[str
         run_cli(spec.stop(resumed_dir), ctx.out_dir / "train_stop.log", max(1.0, deadline - time.perf_counter()))
     else:
         shutil.copytree(full_dir, resumed_dir)
-        spec.prune(resumed_dir)
-    run_cli(spec.resume(resumed_dir), ctx.out_dir / "train_resume.log", max(1.0, deadline - time.perf_counter()))
-    diff = weights_difference(load_weights(spec.weights(full_dir)), load_weights(spec.weights(resumed_dir)))
+        interrupt_after_first_checkpoint(resumed_dir)
+    run_cli(spec.full(resumed_dir), ctx.out_dir / "train_resume.log", max(1.0, deadline - time.perf_counter()))
+    diff = weights_difference(*(load_weights(d / "final_model" / "model.safetensors") for d in (full_dir, resumed_dir)))
     tolerance = RESUME_TOLERANCE[ctx.device.type]
     metrics = {"loss_first": first, "loss_last": last, "steps": steps, "resume_rel_diff": diff, "tol": tolerance}
     summary = f"loss {first:.3f} -> {last:.3f} in {steps} steps; resumed weights rel diff {diff:.1e}"
