@@ -246,13 +246,10 @@ def median_metric(run_dir: Path, key: str) -> float:
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file, or of the `model_state_dict` in a torch checkpoint (weights_only)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """Tensors of a safetensors file (every recipe exports `final_model/model.safetensors`)."""
+    from safetensors.torch import load_file
 
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v for k, v in state["model_state_dict"].items() if isinstance(v, torch.Tensor)}
+    return load_file(path)
 
 
 def weights_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
