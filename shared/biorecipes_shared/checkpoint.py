@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from .checkpoint_files import (  # noqa: F401  (fsdp_checkpoint and older callers)
+from .checkpoint_files import (  # noqa: F401  (re-exported: the public API is biorecipes_shared.checkpoint)
     MANIFEST,
     STEP_PREFIX,
     TMP_PREFIX,
@@ -39,7 +39,6 @@ from .checkpoint_files import (  # noqa: F401  (fsdp_checkpoint and older caller
     _rotate,
     _write_manifest,
     clean_incomplete,
-    fsync_dir,
     latest_checkpoint,
     publish,
     verify_checkpoint,
