@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CheckpointError, clean_incomplete, latest_checkpoint, verify_checkpoint
-from .distributed import barrier, is_main_process
+from .distributed import barrier, exit_process, is_main_process, process_group_was_used
 from .files import WriteError, atomic_write_json
 
 __all__ = [
@@ -220,8 +220,16 @@ def run_cli(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...
     """Run a recipe's entry point; its user errors and write errors become `error: <one line>` and exit code 1.
 
     Always caught: RunError (ConfigError), CheckpointError, WriteError, and OSErrors of the file system (full disk,
-    permission, missing file). `main` returns None/0 for success or an int exit code.
+    permission, missing file). `main` returns None/0 for success or an int exit code. A process that ran a process
+    group ends here through `exit_process` (see there why), so its exit code is the run's, never a SIGABRT at exit.
     """
+    code = _run_main(main, user_errors)
+    if process_group_was_used():
+        exit_process(code)
+    return code
+
+
+def _run_main(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...]) -> int:
     try:
         result = main()
     except (RunError, CheckpointError, WriteError, *user_errors) as err:

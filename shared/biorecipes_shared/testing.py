@@ -119,6 +119,7 @@ def kill_around_saves(
             if report.kills >= kills or "already finished" in out + err:
                 return report
         else:
-            report.failures.append((err or out).strip().splitlines()[-1] if (err or out).strip() else "no output")
+            last_line = (err or out).strip().splitlines()[-1] if (err or out).strip() else "no output"
+            report.failures.append(f"exit {proc.returncode}: {last_line}")
             if len(report.failures) > 3 or time.time() > deadline:
                 return report

@@ -23,7 +23,7 @@ from biorecipes_shared.checkpoint import (
 from biorecipes_shared.distributed import all_reduce_mean, seed_everything, setup_distributed, teardown_distributed
 from biorecipes_shared.fsdp_checkpoint import gather_full_state_dict
 from biorecipes_shared.logging_utils import MetricsWriter, get_logger
-from biorecipes_shared.run import RunLayout, finished_message, finished_run, mark_finished, resolve_resume
+from biorecipes_shared.run import RunLayout, finished_message, finished_run, mark_finished, resolve_resume, run_cli
 
 
 def main() -> None:
@@ -120,4 +120,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

@@ -6,8 +6,10 @@
 Steps: stream the FASTA (plain or gzip) -> validate and normalise each record -> split long sequences into
 balanced chunks -> tokenize -> sort a window of `chunk_size` proteins (their pieces) by length -> pack greedily so
 that rows x longest-row never exceeds the token budget -> write the batches' rows contiguously (batch-major) so the
-training loader can rebuild each batch from one slice of a memory-mapped shard. Windows are processed by
-`--num_proc` worker processes and written in input order: the output does not depend on the process count.
+training loader can rebuild each batch from one slice of a memory-mapped shard. A shard is made from whole
+windows (`--shard_size` rows at most when that is below `--chunk_size`; else `shard_size // chunk_size` windows), so
+each of the `--num_proc` worker processes writes its own shards and its part of the refined FASTA; the main process
+only cuts the input and renames the results in input order. The output does not depend on the process count.
 `packing.json` beside the shards records what a consumer depends on (token budget, lengths, vocabulary sha256,
 special ids, format version); dataset.check_data_fingerprints compares it with the model before training.
 """
@@ -15,6 +17,8 @@ special ids, format version); dataset.check_data_fingerprints compares it with t
 from __future__ import annotations
 
 import argparse
+import collections
+import gc
 import hashlib
 import itertools
 import json
@@ -25,6 +29,7 @@ import sys
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -71,24 +76,25 @@ def default_num_proc() -> int:
 
 
 class ShardWriter:
-    """Takes windows in order and writes `shard-XXXXX/` datasets of at most ~shard_size rows (batches never split).
+    """Takes one group's windows in order and writes `<prefix>NNN/` datasets of at most shard_size rows (batches
+    never split; shard_size=None: one shard for the whole group).
 
     Holds at most one shard's rows (references into the windows it came from), so memory is bounded by
-    shard_size and the windows in flight, not by the input.
+    shard_size and the windows of one group, not by the input.
     """
 
-    def __init__(self, out_dir: Path, shard_size: int):
-        self.out_dir, self.shard_size = out_dir, shard_size
+    def __init__(self, out_dir: Path, shard_size: int | None, prefix: str = "shard-"):
+        self.out_dir, self.shard_size, self.prefix = out_dir, shard_size, prefix
+        self.written: list[Path] = []
         self.pending: list[tuple[Window, int, int]] = []  # (window, first batch, end batch) of the open shard
         self.pending_rows = 0
         self.n_shards = self.n_batches = self.n_rows = self.real_tokens = self.padded_tokens = 0
-        self._batches_written = 0  # batch id of the open shard's first batch
 
     def add_window(self, window: Window) -> None:
         """Append a window's batches, closing a shard before a batch that would push it past shard_size."""
         first = 0
         for b, n in enumerate(window.batch_rows.tolist()):
-            if self.pending_rows and self.pending_rows + n > self.shard_size:
+            if self.shard_size and self.pending_rows and self.pending_rows + n > self.shard_size:
                 if b > first:
                     self.pending.append((window, first, b))
                 self.flush()
@@ -112,9 +118,8 @@ class ShardWriter:
             parts[-1] += (window.batch_rows[b0:b1], window.ids[r0:r1])
         input_ids, widths, lengths, batch_rows = (np.concatenate([p[i] for p in parts]) for i in range(4))
         ids = [seq_id for p in parts for seq_id in p[4]]
-        batch_id = np.repeat(np.arange(self._batches_written, self._batches_written + len(batch_rows)), batch_rows)
+        batch_id = np.repeat(np.arange(len(batch_rows)), batch_rows)  # numbered within the shard
         self._write(input_ids, widths, lengths, batch_id, ids)
-        self._batches_written += len(batch_rows)
         self.pending, self.pending_rows = [], 0
 
     def _write(self, input_ids, widths, lengths, batch_id, ids) -> None:
@@ -138,8 +143,56 @@ class ShardWriter:
         digest = hashlib.blake2b(widths.tobytes(), digest_size=8)
         digest.update("\n".join(ids).encode("utf-8"))
         shard = Dataset(InMemoryTable(table), info=DatasetInfo(features=SHARD_FEATURES), fingerprint=digest.hexdigest())
-        shard.save_to_disk(str(self.out_dir / f"shard-{self.n_shards:05d}"))
+        path = self.out_dir / f"{self.prefix}{self.n_shards:03d}"
+        shard.save_to_disk(str(path))
+        self.written.append(path)
         self.n_shards += 1
+
+
+@dataclass
+class GroupResult:
+    """What a worker wrote for one group of windows: its shard folders, its refined FASTA part and the counts."""
+
+    shards: list[Path]
+    refined: Path
+    n_records: int
+    batches: int
+    rows: int
+    real_tokens: int
+    padded_tokens: int
+
+
+def windows_per_group(chunk_size: int, shard_size: int) -> int:
+    """Windows a worker turns into shards at once: shard_size // chunk_size (at least 1)."""
+    return max(1, shard_size // chunk_size)
+
+
+def build_group(
+    path: Path,
+    group: int,
+    blocks: list[tuple[int, int, bytes]],
+    out_dir: Path,
+    shard_size: int,
+    chunk_size: int,
+    **packing,
+) -> GroupResult:
+    """One worker's job: build the windows of `blocks` [(window index, records before it, bytes)], write their shards
+    as `out_dir/group-GGGGGG-NNN/` and their refined FASTA as `out_dir/refined-GGGGGG.part`; FastaError on bad input.
+    """
+    # Below one window per shard, shards are cut by rows inside the window; otherwise a shard is the whole group.
+    writer = ShardWriter(out_dir, shard_size if shard_size < chunk_size else None, prefix=f"group-{group:06d}-")
+    refined = out_dir / f"refined-{group:06d}.part"
+    n_records = 0
+    with open(refined, "wb") as handle:
+        for index, first_record, block in blocks:
+            window = build_window(path, index, first_record, block, **packing)
+            handle.write(window.refined)
+            writer.add_window(window)
+            n_records += window.n_records
+        writer.flush()
+    return GroupResult(
+        writer.written, refined, n_records, writer.n_batches, writer.n_rows, writer.real_tokens, writer.padded_tokens
+    )
 
 
 def refined_fasta_path(input_fasta: Path) -> Path:
@@ -172,19 +225,32 @@ def preprocess_fasta(
     refined_path = refined_fasta_path(input_fasta)
     tmp_dir = output_dir.with_name(f".{output_dir.name}.partial-{os.getpid()}")
     tmp_refined = refined_path.with_name(f".{refined_path.name}.partial-{os.getpid()}")
-    work = partial(build_window, max_aa_length=max_aa_length, token_budget=token_budget, seed=seed)
+    work = partial(
+        build_group,
+        out_dir=tmp_dir,
+        shard_size=shard_size,
+        chunk_size=chunk_size,
+        max_aa_length=max_aa_length,
+        token_budget=token_budget,
+        seed=seed,
+    )
     made = [p for p in output_dir.parents if not p.exists()]  # removed again if the run fails
     try:
         tmp_dir.mkdir(parents=True)
-        writer = ShardWriter(tmp_dir, shard_size)
+        totals = collections.Counter()
+        per_group = windows_per_group(chunk_size, shard_size)
         with open(tmp_refined, "wb") as refined, tqdm(desc="proteins", unit=" seq", disable=not progress) as bar:
-            for window in map_windows(input_fasta, chunk_size, work, num_proc):
-                refined.write(window.refined)
-                writer.add_window(window)
-                bar.update(window.n_records)
-        writer.flush()
+            for result in map_groups(input_fasta, chunk_size, per_group, work, num_proc):
+                for shard in result.shards:  # numbered in input order, whichever worker wrote them
+                    shard.rename(tmp_dir / f"shard-{totals['shards']:05d}")
+                    totals["shards"] += 1
+                append_file(result.refined, refined)
+                result.refined.unlink()
+                totals.update(batches=result.batches, rows=result.rows, real_tokens=result.real_tokens)
+                totals.update(padded_tokens=result.padded_tokens)
+                bar.update(result.n_records)
         # Inside tmp_dir, so it appears with the shards in the one rename; the loader checks it against its model.
-        packing = packing_record(token_budget, max_aa_length, max_position_embeddings, input_fasta, writer)
+        packing = packing_record(token_budget, max_aa_length, max_position_embeddings, input_fasta, totals)
         (tmp_dir / PACKING_FILE).write_text(json.dumps(packing, indent=2) + "\n")
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         if output_dir.exists():  # an empty dir the user created: replace it
@@ -202,17 +268,35 @@ def preprocess_fasta(
         shutil.rmtree(tmp_dir, ignore_errors=True)
         tmp_refined.unlink(missing_ok=True)
     return {
-        "shards": writer.n_shards,
-        "batches": writer.n_batches,
-        "sequences": writer.n_rows,
-        "real_tokens": writer.real_tokens,
-        "padded_tokens": writer.padded_tokens,
-        "padding_efficiency": writer.real_tokens / max(writer.padded_tokens, 1),
+        "shards": totals["shards"],
+        "batches": totals["batches"],
+        "sequences": totals["rows"],
+        "real_tokens": totals["real_tokens"],
+        "padded_tokens": totals["padded_tokens"],
+        "padding_efficiency": totals["real_tokens"] / max(totals["padded_tokens"], 1),
         "refined_fasta": str(refined_path),
     }
 
 
-def packing_record(token_budget, max_aa_length, max_position_embeddings, input_fasta: Path, writer) -> dict:
+def append_file(part: Path, out) -> None:
+    """Append the file `part` to the open binary file `out`, inside the kernel where it can (os.copy_file_range)."""
+    out.flush()
+    with open(part, "rb") as source:
+        remaining = os.fstat(source.fileno()).st_size
+        try:
+            while remaining > 0:
+                copied = os.copy_file_range(source.fileno(), out.fileno(), remaining)
+                if copied == 0:
+                    break
+                remaining -= copied
+        except (AttributeError, OSError):  # not Linux, or a file system without it: copy through user space
+            shutil.copyfileobj(source, out, 1 << 20)
+            return
+        if remaining:
+            shutil.copyfileobj(source, out, 1 << 20)
+
+
+def packing_record(token_budget, max_aa_length, max_position_embeddings, input_fasta: Path, totals) -> dict:
     """packing.json: what a consumer of the shards depends on (checked by dataset.check_data_fingerprints)."""
     return dict(
         token_budget=token_budget,
@@ -223,8 +307,8 @@ def packing_record(token_budget, max_aa_length, max_position_embeddings, input_f
         vocab_size=len(ESM_VOCAB),
         special_ids=SPECIAL_IDS,
         input_fasta=input_fasta.name,
-        sequences=writer.n_rows,
-        batches=writer.n_batches,
+        sequences=totals["rows"],
+        batches=totals["batches"],
     )
 
 
@@ -244,33 +328,54 @@ def _check_settings(output_dir, chunk_size, shard_size, max_aa_length, token_bud
         raise FastaError(f"{output_dir}: output directory exists and is not empty; choose a new one")
 
 
-def map_windows(input_fasta: Path, chunk_size: int, work, num_proc: int) -> Iterator[Window]:
-    """work(path, index, first_record, block) over blocks of chunk_size records, results in input order.
+def grouped_blocks(input_fasta: Path, chunk_size: int, per_group: int) -> Iterator[list[tuple[int, int, bytes]]]:
+    """Consecutive groups of `per_group` windows [(window index, records before it, bytes)]. A reader error (e.g. a
+    cut gzip) is raised after the group holding the windows read before it, so those are still checked first."""
+    group, error = [], None
+    try:
+        for index, (first_record, block) in enumerate(record_blocks(input_fasta, chunk_size)):
+            group.append((index, first_record, block))
+            if len(group) == per_group:
+                yield group
+                group = []
+    except FastaError as err:
+        error = err
+    if group:
+        yield group
+    if error is not None:
+        raise error
 
-    With num_proc > 1 the blocks go to a process pool; at most num_proc + 1 are in flight, so memory is bounded by
-    chunk_size. Errors surface in input order: a reader error (e.g. a cut gzip) found while reading ahead waits
-    until the windows before it are done, so the first bad record in the file is the one reported, as in 1 process.
+
+def map_groups(input_fasta: Path, chunk_size: int, per_group: int, work, num_proc: int) -> Iterator[GroupResult]:
+    """work(path, group index, blocks) over groups of windows, results in input order.
+
+    With num_proc > 1 the groups go to a process pool; at most num_proc + 1 are in flight, so memory is bounded by
+    the group size. Errors surface in input order: a reader error found while reading ahead waits until the groups
+    before it are done, so the first bad record in the file is the one reported, as in 1 process.
     """
-    blocks = record_blocks(input_fasta, chunk_size)
+    groups = grouped_blocks(input_fasta, chunk_size, per_group)
     if num_proc == 1:
-        for index, (first_record, block) in enumerate(blocks):
-            yield work(input_fasta, index, first_record, block)
+        for index, group in enumerate(groups):
+            yield work(input_fasta, index, group)
         return
     # fork: workers inherit the imported modules (a spawned worker would import torch again, seconds each).
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    # Frozen objects are skipped by the workers' garbage collector, which would otherwise write to every inherited
+    # object and so copy the parent's whole heap into each worker (Python's gc.freeze documentation).
+    gc.freeze()
     with ProcessPoolExecutor(num_proc, mp_context=context) as pool:
-        pending, blocks = deque(), iter(blocks)
+        pending = deque()
         try:
             for index in itertools.count():
                 try:
-                    first_record, block = next(blocks)
+                    group = next(groups)
                 except StopIteration:
                     break
-                except FastaError:  # a reader error comes after every window already read
+                except FastaError:  # a reader error comes after every group already read
                     while pending:
                         yield pending.popleft().result()
                     raise
-                pending.append(pool.submit(work, input_fasta, index, first_record, block))
+                pending.append(pool.submit(work, input_fasta, index, group))
                 if len(pending) > num_proc:
                     yield pending.popleft().result()
             while pending:
@@ -278,6 +383,7 @@ def map_windows(input_fasta: Path, chunk_size: int, work, num_proc: int) -> Iter
         finally:
             for future in pending:
                 future.cancel()
+            gc.unfreeze()
 
 
 def read_packing(data_dir: str | Path) -> dict | None:

@@ -44,7 +44,7 @@ def head_fasta(src: Path, dst: Path, n: int, max_len: int | None = None) -> Path
 
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory):
-    """(train_dir, val_dir) from real sample proteins: short pieces, a small token budget and 4 train shards."""
+    """(train_dir, val_dir) from real sample proteins: short pieces, a small token budget and 8 train shards."""
     root = tmp_path_factory.mktemp("tiny")
     train_fa = head_fasta(SAMPLE_TRAIN, root / "train.fasta", 240, max_len=300)
     val_fa = head_fasta(SAMPLE_VAL, root / "val.fasta", 40, max_len=300)

@@ -70,13 +70,14 @@ def test_shards_rows_batch_major_under_budget_and_refined_fasta(tmp_path):
     summary = preprocess_fasta(fasta, tmp_path / "out", progress=False, **OPTS)
     rows, shards = load_rows(tmp_path / "out")
     assert len(shards) == summary["shards"] > 1 and len(rows) == summary["sequences"]
-    seen_batches, current = set(), None
     by_batch = {}
+    for shard in shards:
+        # batch-major, numbered within the shard: 0, 0, 1, 1, 1, 2, ...
+        batch_ids = [row["batch_id"] for row in load_from_disk(str(shard))]
+        assert batch_ids[0] == 0 and all(b - a in (0, 1) for a, b in zip(batch_ids, batch_ids[1:]))
+        for row in load_from_disk(str(shard)):
+            by_batch.setdefault((shard.name, row["batch_id"]), []).append(row)
     for row in rows:
-        if row["batch_id"] != current:  # batch-major: a batch id never reappears after another batch started
-            assert row["batch_id"] not in seen_batches
-            seen_batches.add(current := row["batch_id"])
-        by_batch.setdefault(row["batch_id"], []).append(row)
         n = row["sequence_length"]
         assert row["attention_mask"] == [1] * n + [0] * (len(row["input_ids"]) - n)
         assert row["input_ids"][n:] == [PAD_ID] * (len(row["input_ids"]) - n)

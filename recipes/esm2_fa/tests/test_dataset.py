@@ -69,8 +69,8 @@ def test_resume_skips_to_the_same_batches_and_masks(tiny_shards):
 def test_too_few_shards_for_ranks_times_workers_is_a_clear_error(tiny_shards, tmp_path):
     train_dir, _ = tiny_shards
     n = len(list(train_dir.glob("shard-*")))
-    with pytest.raises(DataDirError, match=f"has {n} shards but world_size 2 x num_workers 4"):
-        ShardStream(train_dir, 0, world_size=2, num_workers=4, mlm_probability=0.2)
+    with pytest.raises(DataDirError, match=f"has {n} shards but world_size 2 x num_workers {n}"):
+        ShardStream(train_dir, 0, world_size=2, num_workers=n, mlm_probability=0.2)
     with pytest.raises(DataDirError, match="does not exist"):
         ShardStream(tmp_path / "missing", 0, 1, 0, 0.2)
     with pytest.raises(DataDirError, match="holds no shard"):

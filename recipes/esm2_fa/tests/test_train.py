@@ -55,9 +55,9 @@ def test_cli_errors_are_one_line_and_exit_1(tiny_shards, tmp_path, capsys):
     base = ["--config", str(TINY_CONFIG), "--output_dir", str(tmp_path / "out")]
     assert main([*base, "--train_dir", str(train_dir), "--val_dir", str(tmp_path / "nope")]) == 1
     assert "val dir" in capsys.readouterr().err
-    assert main([*base, "--train_dir", str(train_dir), "--val_dir", str(val_dir), "data.num_workers=8"]) == 1
+    assert main([*base, "--train_dir", str(train_dir), "--val_dir", str(val_dir), "data.num_workers=64"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "num_workers 8" in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: ") and "num_workers 64" in err and len(err.strip().splitlines()) == 1
     args = [*base, "--train_dir", str(train_dir), "--val_dir", str(val_dir), "--resume_from_checkpoint", "nope/step_1"]
     assert main([*args, "training.max_steps=1"]) == 1
     assert "resume checkpoint nope/step_1 does not exist" in capsys.readouterr().err
