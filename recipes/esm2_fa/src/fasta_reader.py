@@ -50,14 +50,18 @@ def record_blocks(path: str | Path, records_per_block: int) -> Iterator[tuple[in
     done = 0
     try:
         with _open_binary(path) as handle:
-            buf = _skip_to_first_header(path, handle)
+            # A bytearray: appending and dropping the front do not copy what stays (CPython moves its start).
+            buf = bytearray(_skip_to_first_header(path, handle))
             starts, scanned = _record_starts(buf, 0), len(buf) - 1  # record starts after buf's first record
             while True:
                 if len(starts) >= records_per_block:
                     cut = int(starts[records_per_block - 1])
-                    yield done, buf[:cut]
+                    with memoryview(buf) as view:
+                        block = bytes(view[:cut])  # one copy (slicing the bytearray first would make two)
+                    yield done, block
                     done += records_per_block
-                    buf, starts, scanned = buf[cut:], starts[records_per_block:] - cut, scanned - cut
+                    del buf[:cut]
+                    starts, scanned = starts[records_per_block:] - cut, scanned - cut
                     continue
                 data = handle.read(_READ_SIZE)
                 if not data:
@@ -66,12 +70,12 @@ def record_blocks(path: str | Path, records_per_block: int) -> Iterator[tuple[in
                 starts = np.concatenate([starts, _record_starts(buf, scanned)])
                 scanned = len(buf) - 1  # a '\n' at the very end may precede the '>' of the next read
             if buf:
-                yield done, buf
+                yield done, bytes(buf)
     except (EOFError, OSError, zlib.error) as err:
         raise FastaError(f"{path}: truncated or corrupt gzip after record {done} ({err})") from err
 
 
-def _record_starts(buf: bytes, start: int) -> np.ndarray:
+def _record_starts(buf: bytes | bytearray, start: int) -> np.ndarray:
     """Offsets p > start with buf[p - 1 : p + 1] == b"\\n>": a vectorised search instead of a find() per record."""
     view = np.frombuffer(buf, np.uint8, offset=start)
     return np.flatnonzero((view[:-1] == 10) & (view[1:] == 62)) + start + 1
