@@ -9,7 +9,8 @@ that rows x longest-row never exceeds the token budget -> write the batches' row
 training loader can rebuild each batch from one slice of a memory-mapped shard. A shard is made from whole
 windows (`--shard_size` rows at most when that is below `--chunk_size`; else `shard_size // chunk_size` windows), so
 each of the `--num_proc` worker processes writes its own shards and its part of the refined FASTA; the main process
-only cuts the input and renames the results in input order. The output does not depend on the process count.
+only finds the blocks' boundaries (workers read an uncompressed input themselves) and renames the results in input
+order. The output does not depend on the process count.
 `packing.json` beside the shards records what a consumer depends on (token budget, lengths, vocabulary sha256,
 special ids, format version); dataset.check_data_fingerprints compares it with the model before training.
 """
@@ -40,7 +41,7 @@ from datasets.table import InMemoryTable
 from datasets.utils.logging import disable_progress_bar
 from tqdm import tqdm
 
-from fasta_reader import VALID_RESIDUES, FastaError, read_fasta, record_blocks
+from fasta_reader import VALID_RESIDUES, FastaError, Span, read_fasta, read_span, record_blocks
 from model import CLS_ID, EOS_ID, ESM_VOCAB, MASK_ID, PAD_ID, UNK_ID
 from packing import Chunk, Window, build_window, chunk_protein, pack_batches, tokenize
 
@@ -170,7 +171,7 @@ def windows_per_group(chunk_size: int, shard_size: int) -> int:
 def build_group(
     path: Path,
     group: int,
-    blocks: list[tuple[int, int, bytes]],
+    blocks: list[tuple[int, int, bytes | Span]],
     out_dir: Path,
     shard_size: int,
     chunk_size: int,
@@ -185,6 +186,7 @@ def build_group(
     n_records = 0
     with open(refined, "wb") as handle:
         for index, first_record, block in blocks:
+            block = read_span(path, block) if isinstance(block, Span) else block
             window = build_window(path, index, first_record, block, **packing)
             handle.write(window.refined)
             writer.add_window(window)
@@ -328,12 +330,15 @@ def _check_settings(output_dir, chunk_size, shard_size, max_aa_length, token_bud
         raise FastaError(f"{output_dir}: output directory exists and is not empty; choose a new one")
 
 
-def grouped_blocks(input_fasta: Path, chunk_size: int, per_group: int) -> Iterator[list[tuple[int, int, bytes]]]:
-    """Consecutive groups of `per_group` windows [(window index, records before it, bytes)]. A reader error (e.g. a
-    cut gzip) is raised after the group holding the windows read before it, so those are still checked first."""
+def grouped_blocks(
+    input_fasta: Path, chunk_size: int, per_group: int, spans: bool = False
+) -> Iterator[list[tuple[int, int, bytes | Span]]]:
+    """Consecutive groups of `per_group` windows [(window index, records before it, bytes or Span)]. A reader error
+    (e.g. a cut gzip) is raised after the group holding the windows read before it, so those are still checked first.
+    """
     group, error = [], None
     try:
-        for index, (first_record, block) in enumerate(record_blocks(input_fasta, chunk_size)):
+        for index, (first_record, block) in enumerate(record_blocks(input_fasta, chunk_size, spans)):
             group.append((index, first_record, block))
             if len(group) == per_group:
                 yield group
@@ -353,7 +358,8 @@ def map_groups(input_fasta: Path, chunk_size: int, per_group: int, work, num_pro
     the group size. Errors surface in input order: a reader error found while reading ahead waits until the groups
     before it are done, so the first bad record in the file is the one reported, as in 1 process.
     """
-    groups = grouped_blocks(input_fasta, chunk_size, per_group)
+    # Workers read their own blocks of an uncompressed file: the main process then only finds record starts.
+    groups = grouped_blocks(input_fasta, chunk_size, per_group, spans=num_proc > 1)
     if num_proc == 1:
         for index, group in enumerate(groups):
             yield work(input_fasta, index, group)

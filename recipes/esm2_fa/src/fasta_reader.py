@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +37,25 @@ def _open_binary(path: Path):
     return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")  # noqa: SIM115 (caller closes)
 
 
-def record_blocks(path: str | Path, records_per_block: int) -> Iterator[tuple[int, bytes]]:
-    """Yield (records before this block, bytes of the next `records_per_block` whole records), streaming.
+@dataclass(frozen=True)
+class Span:
+    """Bytes [start, end) of an uncompressed FASTA file: a block a worker reads itself (`read_span`), so the main
+    process need not copy and send it."""
+
+    start: int
+    end: int
+
+
+def read_span(path: str | Path, span: Span) -> bytes:
+    """The bytes of `span` in the file at `path`."""
+    with open(path, "rb") as handle:
+        handle.seek(span.start)
+        return handle.read(span.end - span.start)
+
+
+def record_blocks(path: str | Path, records_per_block: int, spans: bool = False) -> Iterator[tuple[int, bytes | Span]]:
+    """Yield (records before this block, bytes of the next `records_per_block` whole records), streaming; with
+    spans=True and an uncompressed file, a `Span` of the file instead of the bytes (gzip input always gives bytes).
 
     Memory: one block plus one read (4 MiB). Errors (FastaError): missing file, text before the first '>',
     no records, truncated or corrupt gzip.
@@ -50,14 +68,20 @@ def record_blocks(path: str | Path, records_per_block: int) -> Iterator[tuple[in
     done = 0
     try:
         with _open_binary(path) as handle:
+            as_spans = spans and not isinstance(handle, gzip.GzipFile)
             # A bytearray: appending and dropping the front do not copy what stays (CPython moves its start).
             buf = bytearray(_skip_to_first_header(path, handle))
+            base = handle.tell() - len(buf) if as_spans else 0  # file offset of buf[0]
             starts, scanned = _record_starts(buf, 0), len(buf) - 1  # record starts after buf's first record
             while True:
                 if len(starts) >= records_per_block:
                     cut = int(starts[records_per_block - 1])
-                    with memoryview(buf) as view:
-                        block = bytes(view[:cut])  # one copy (slicing the bytearray first would make two)
+                    if as_spans:
+                        block = Span(base, base + cut)
+                        base += cut
+                    else:
+                        with memoryview(buf) as view:
+                            block = bytes(view[:cut])  # one copy (slicing the bytearray first would make two)
                     yield done, block
                     done += records_per_block
                     del buf[:cut]
@@ -70,7 +94,7 @@ def record_blocks(path: str | Path, records_per_block: int) -> Iterator[tuple[in
                 starts = np.concatenate([starts, _record_starts(buf, scanned)])
                 scanned = len(buf) - 1  # a '\n' at the very end may precede the '>' of the next read
             if buf:
-                yield done, bytes(buf)
+                yield done, Span(base, base + len(buf)) if as_spans else bytes(buf)
     except (EOFError, OSError, zlib.error) as err:
         raise FastaError(f"{path}: truncated or corrupt gzip after record {done} ({err})") from err
 

@@ -251,3 +251,18 @@ def test_first_bad_record_is_reported_at_any_process_count(tmp_path, num_proc, m
     with pytest.raises(FastaError, match=r"record 201 \(>bad1\): invalid residue '7'"):
         preprocess_fasta(path, tmp_path / "out", progress=False, num_proc=num_proc, **{**OPTS, "chunk_size": 90})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.fasta.gz", "g.fasta"]
+
+
+def test_spans_of_a_plain_file_hold_the_same_blocks_as_the_bytes(tmp_path):
+    """Workers read their own blocks of an uncompressed input (Span); the blocks must be the bytes the reader cuts."""
+    body = head_fasta(SAMPLE_TRAIN, tmp_path / "in.fasta", 60).read_bytes()
+    plain = tmp_path / "lead.fasta"
+    plain.write_bytes(b"\n\n  \n" + body)  # leading blank lines move the first block's start
+    blocks = list(fasta_reader.record_blocks(plain, 7))
+    spans = list(fasta_reader.record_blocks(plain, 7, spans=True))
+    assert [first for first, _ in spans] == [first for first, _ in blocks] and len(blocks) == 9
+    assert all(isinstance(span, fasta_reader.Span) for _, span in spans)
+    assert [fasta_reader.read_span(plain, span) for _, span in spans] == [block for _, block in blocks]
+    packed = tmp_path / "lead.fasta.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert list(fasta_reader.record_blocks(packed, 7, spans=True)) == blocks  # gzip: always the bytes
