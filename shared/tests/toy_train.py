@@ -26,7 +26,7 @@ from biorecipes_shared.logging_utils import MetricsWriter, get_logger
 from biorecipes_shared.run import RunLayout, finished_message, finished_run, mark_finished, resolve_resume, run_cli
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ckpt-dir", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
@@ -36,17 +36,10 @@ def main() -> None:
     parser.add_argument("--fsdp", action="store_true")
     parser.add_argument("--sleep", type=float, default=0.0)
     parser.add_argument("--save-every", type=int, default=0)
-    args = parser.parse_args()
-    layout = RunLayout(args.out.parent)
-    if args.resume and finished_run(layout, args.steps):
-        print(finished_message(layout, finished_run(layout, args.steps)), flush=True)
-        return
+    return parser.parse_args()
 
-    dist_ctx = setup_distributed(seed=0)
-    log = get_logger("toy", dist_ctx)
-    if dist_ctx.is_distributed:  # the collective helpers must agree across ranks
-        assert abs(all_reduce_mean(float(dist_ctx.rank)) - (dist_ctx.world_size - 1) / 2) < 1e-12
 
+def build(args, dist_ctx) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     seed_everything(1234)  # identical initial weights on every rank (FSDP2 does not broadcast)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 1))
     if args.fsdp:
@@ -57,21 +50,23 @@ def main() -> None:
         model = nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1.0 + 0.05 * step))
+    return model, optimizer, scheduler
 
+
+def train(args, dist_ctx, log, model, optimizer, scheduler) -> int:
+    """The loop: resume, step, log, checkpoint on schedule / at --stop-after / on a signal; returns the last step."""
     data_gen = torch.Generator().manual_seed(7)
     inputs = torch.randn(96, 8, generator=data_gen)
     targets = inputs.sum(dim=1, keepdim=True) + 0.1 * torch.randn(96, 1, generator=data_gen)
     batch_size = 8
     shuffle_gen = torch.Generator().manual_seed(99)  # the sampler's own generator, saved in checkpoints
     data_state = {"epoch": 0, "next_batch": 0, "order": torch.randperm(len(inputs), generator=shuffle_gen)}
-
     step = 0
     path = resolve_resume("auto", args.ckpt_dir) if args.resume else None
     if path is not None:
         state = load_checkpoint(path, model, optimizer, scheduler, generators={"shuffle": shuffle_gen})
         step, data_state = state.step, state.data_state
         log.info("resumed at step %d", step)
-
     metrics = MetricsWriter(args.out.parent, dist_ctx, jsonl_name=args.out.name, resume_step=step)
     with PreemptionHandler() as preempt:
         while step < args.steps:
@@ -86,31 +81,36 @@ def main() -> None:
             step += 1
             data_state["next_batch"] += 1
             if data_state["next_batch"] * batch_size >= len(order):
-                data_state = {
-                    "epoch": data_state["epoch"] + 1,
-                    "next_batch": 0,
-                    "order": torch.randperm(len(inputs), generator=shuffle_gen),
-                }
+                order = torch.randperm(len(inputs), generator=shuffle_gen)
+                data_state = {"epoch": data_state["epoch"] + 1, "next_batch": 0, "order": order}
             metrics.log(step, loss=all_reduce_mean(loss.detach()).item(), lr=scheduler.get_last_lr()[0])
             print(f"step {step}", flush=True)
             time.sleep(args.sleep)
-            stop_now = args.stop_after is not None and step == args.stop_after
-            stopping = stop_now or preempt.should_stop()
+            stopping = (args.stop_after is not None and step == args.stop_after) or preempt.should_stop()
             if stopping or (args.save_every and step % args.save_every == 0 and step < args.steps):
                 save_checkpoint(
-                    args.ckpt_dir,
-                    step,
-                    model,
-                    optimizer,
-                    scheduler,
-                    data_state=data_state,
-                    generators={"shuffle": shuffle_gen},
-                    sharded=args.fsdp,
-                )
+                    args.ckpt_dir, step, model, optimizer, scheduler, data_state=data_state,
+                    generators={"shuffle": shuffle_gen}, sharded=args.fsdp,
+                )  # fmt: skip
             if stopping:
                 log.info("saved checkpoint at step %d", step)
                 break
     metrics.close()
+    return step
+
+
+def main() -> None:
+    args = parse_args()
+    layout = RunLayout(args.out.parent)
+    if args.resume and finished_run(layout, args.steps):
+        print(finished_message(layout, finished_run(layout, args.steps)), flush=True)
+        return
+    dist_ctx = setup_distributed(seed=0)
+    log = get_logger("toy", dist_ctx)
+    if dist_ctx.is_distributed:  # the collective helpers must agree across ranks
+        assert abs(all_reduce_mean(float(dist_ctx.rank)) - (dist_ctx.world_size - 1) / 2) < 1e-12
+    model, optimizer, scheduler = build(args, dist_ctx)
+    step = train(args, dist_ctx, log, model, optimizer, scheduler)
     full_state = gather_full_state_dict(model) if args.fsdp else None
     if dist_ctx.is_main:
         export_safetensors(model, {"layers": 2}, args.out.parent / "final_model", state_dict=full_state)
