@@ -47,22 +47,33 @@ def peak_memory() -> dict[str, float]:
 
 
 class ThroughputMeter:
-    """Samples/s and tokens/s over the steps since the last call to `rates()`."""
+    """Real-token throughput of this process over the steps since the last call to `rates()`.
+
+    `tokens` counts real tokens (not padding); `positions` counts the token positions the model computed on (real
+    tokens plus padding; defaults to `tokens` for a batch without padding). `rates()` gives `samples_per_s`,
+    `tokens_per_s` (real tokens per second, this process / GPU) and `useful_token_fraction` (tokens / positions over
+    the window): the fraction of the compute that was spent on data rather than padding."""
 
     def __init__(self) -> None:
         self._start = time.perf_counter()
         self._samples = 0
         self._tokens = 0
+        self._positions = 0
 
-    def update(self, samples: int = 0, tokens: int = 0) -> None:
-        self._samples += samples
-        self._tokens += tokens
+    def update(self, samples: int = 0, tokens: int = 0, positions: int | None = None) -> None:
+        self._samples += int(samples)
+        self._tokens += int(tokens)
+        self._positions += int(tokens if positions is None else positions)
 
     def rates(self) -> dict[str, float]:
         now = time.perf_counter()
         elapsed = max(now - self._start, 1e-9)
-        rates = {"samples_per_s": self._samples / elapsed, "tokens_per_s": self._tokens / elapsed}
-        self._start, self._samples, self._tokens = now, 0, 0
+        rates = {
+            "samples_per_s": self._samples / elapsed,
+            "tokens_per_s": self._tokens / elapsed,
+            "useful_token_fraction": self._tokens / self._positions if self._positions else float("nan"),
+        }
+        self._start, self._samples, self._tokens, self._positions = now, 0, 0, 0
         return rates
 
 

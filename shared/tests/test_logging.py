@@ -73,10 +73,11 @@ def test_throughput_meter_counts_since_last_call(monkeypatch):
     clock = iter([0.0, 2.0, 3.0])
     monkeypatch.setattr("biorecipes_shared.logging_utils.time.perf_counter", lambda: next(clock))
     meter = ThroughputMeter()
-    meter.update(samples=4, tokens=1000)
-    assert meter.rates() == {"samples_per_s": 2.0, "tokens_per_s": 500.0}
-    meter.update(samples=1, tokens=10)
-    assert meter.rates() == {"samples_per_s": 1.0, "tokens_per_s": 10.0}
+    meter.update(samples=4, tokens=1000, positions=1600)
+    meter.update(samples=0, tokens=0, positions=400)  # an all-padding micro-batch still costs compute
+    assert meter.rates() == {"samples_per_s": 2.0, "tokens_per_s": 500.0, "useful_token_fraction": 0.5}
+    meter.update(samples=1, tokens=10)  # no padding: positions default to tokens
+    assert meter.rates() == {"samples_per_s": 1.0, "tokens_per_s": 10.0, "useful_token_fraction": 1.0}
 
 
 def test_peak_memory_reports_rss():
