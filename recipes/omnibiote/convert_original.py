@@ -2,6 +2,11 @@
 
     python convert_original.py original_model.pt converted/ [--n_head 12]
 
+The head count comes from the attention modules (each records its own `n_head` and a rotary table of width
+head_dim/2), never from the pickled config, which the original leaves at its muP delta model (n_embd 48, n_head 12)
+whatever it trained; --n_head is only for a checkpoint whose modules record nothing and is refused where it
+contradicts them.
+
 The original saves whole pickled model objects (`torch.save(model)`), which only `torch.load(weights_only=False)`
 would open, running whatever the file names. Here the pickle is read by a restricted unpickler: every class the
 file names becomes an inert stand-in object that only records its attributes, torch's own tensor rebuild functions
@@ -150,22 +155,70 @@ def original_to_converted_ids(ids: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def module_of(root: StandIn, dotted: str) -> StandIn | None:
+    """The stand-in submodule at a dotted path ("transformer.h.0.attn"), or None."""
+    module = root
+    for name in dotted.split("."):
+        module = (module.__dict__.get("_modules") or {}).get(name) if isinstance(module, StandIn) else None
+    return module if isinstance(module, StandIn) else None
+
+
+def recorded_heads(root: StandIn, n_layer: int, n_embd: int, path: Path) -> dict[str, int]:
+    """Head counts the checkpoint itself states, by witness: each attention module's own `n_head` (set when it was
+    built, unlike the model's config object, which the original leaves at its muP delta shape) and the width of its
+    rotary table `freqs_cis` (ctx_len, head_dim/2). ConvertError where two witnesses disagree."""
+    said: dict[str, int] = {}
+    for i in range(n_layer):
+        attn = module_of(root, f"transformer.h.{i}.attn")
+        if attn is None:
+            continue
+        if isinstance(attn.__dict__.get("n_head"), int):
+            said[f"transformer.h.{i}.attn.n_head"] = attn.__dict__["n_head"]
+        table = (attn.__dict__.get("_buffers") or {}).get("freqs_cis")
+        if isinstance(table, torch.Tensor) and table.ndim == 2 and table.shape[-1]:
+            head_dim = 2 * table.shape[-1]
+            said[f"transformer.h.{i}.attn.freqs_cis (head_dim {head_dim})"] = n_embd / head_dim
+    if len(set(said.values())) > 1:
+        first = {}  # one witness per distinct value keeps the line short on a 24-layer model
+        for witness, value in said.items():
+            first.setdefault(value, witness)
+        views = ", ".join(f"{witness}={value:g}" for value, witness in first.items())
+        raise ConvertError(f"{path}: the attention modules disagree about the head count ({views})")
+    return said
+
+
+def head_count(root: StandIn, n_layer: int, n_embd: int, n_head: int | None, path: Path) -> int:
+    """Heads from the attention modules and their rotary tables; --n_head only where they record nothing, and
+    refused where it contradicts them. The model's config object is never trusted for this (see recorded_heads)."""
+    said = recorded_heads(root, n_layer, n_embd, path)
+    if said:
+        recorded = next(iter(said.values()))
+        if recorded != int(recorded) or n_embd % int(recorded):
+            raise ConvertError(f"{path}: width {n_embd} does not split into the {recorded:g} heads its modules record")
+        if n_head is not None and n_head != recorded:
+            witness = next(iter(said))
+            raise ConvertError(f"{path}: --n_head {n_head} contradicts the checkpoint ({witness}={recorded:g})")
+        return int(recorded)
+    if n_head is None:
+        raise ConvertError(f"{path}: no attention module records its head count; give --n_head")
+    return n_head
+
+
 def original_config(root: StandIn, tensors: dict, n_head: int | None, path: Path) -> OmniBioTAConfig:
-    """This recipe's config for the original's shapes and settings (its config object, else --n_head)."""
+    """This recipe's config for the original's shapes: width and depth from the weights, heads from the attention
+    modules (head_count), context length and dropout from the original's config object."""
     settings = root.__dict__.get("config")
     settings = settings.__dict__ if isinstance(settings, StandIn) else {}
     if settings.get("bias") or any(name.endswith("bias") for name in tensors):
         raise ConvertError(f"{path}: the model has bias terms; this recipe's model has none")
     vocab_size, n_embd = tensors["transformer.wte.weight"].shape
-    n_head = n_head or settings.get("n_head")
-    if not n_head:
-        raise ConvertError(f"{path}: the checkpoint does not record n_head; give --n_head")
     n_layer = len({name.split(".")[2] for name in tensors if name.startswith("transformer.h.")})
+    heads = head_count(root, n_layer, n_embd, n_head, path)
     try:
         return OmniBioTAConfig(
             vocab_size=vocab_size,
             n_layer=n_layer,
-            n_head=int(n_head),
+            n_head=heads,
             n_embd=n_embd,
             ctx_len=int(settings.get("block_size", settings.get("context_length", 2048))),
             dropout=float(settings.get("dropout", 0.0)),
@@ -228,7 +281,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="the original's whole-model .pt file")
     parser.add_argument("out_dir", type=Path, help="new folder for the converted final_model")
-    parser.add_argument("--n_head", type=int, default=None, help="heads, when the checkpoint does not record them")
+    parser.add_argument(
+        "--n_head", type=int, default=None, help="heads, only for a checkpoint whose attention modules record none"
+    )
     args = parser.parse_args(argv)
     out = convert(args.checkpoint, args.out_dir, args.n_head)
     print(f"converted {args.checkpoint} -> {out}")

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import pickle
 
+import pytest
 import torch
 import torch.nn.functional as F
 from mup import MuReadout, set_base_shapes
@@ -37,10 +38,10 @@ class OriginalNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, None, 1e-5)
 
 
-def interleaved_rotary(x, angles):
-    """Rotate channel pairs (2i, 2i+1) as complex numbers: x (B, T, H, D), angles (T, D/2)."""
+def interleaved_rotary(x, freqs_cis):
+    """Rotate channel pairs (2i, 2i+1) as complex numbers: x (B, T, H, D), freqs_cis (T, D/2) complex."""
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    rotated = pairs * torch.polar(torch.ones_like(angles), angles)[None, :, None, :]
+    rotated = pairs * freqs_cis[None, :, None, :]
     return torch.view_as_real(rotated).flatten(3).type_as(x)
 
 
@@ -52,12 +53,13 @@ class OriginalAttention(nn.Module):
         self.n_head, self.n_embd = c.n_head, c.n_embd
         head_dim = c.n_embd // c.n_head
         inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
-        self.register_buffer("angles", torch.outer(torch.arange(c.block_size).float(), inv_freq))
+        angles = torch.outer(torch.arange(c.block_size).float(), inv_freq)
+        self.register_buffer("freqs_cis", torch.polar(torch.ones_like(angles), angles))  # complex, as the original
 
     def forward(self, x):
         batch, seq, width = x.shape
         q, k, v = (t.view(batch, seq, self.n_head, -1) for t in self.c_attn(x).split(self.n_embd, dim=2))
-        q, k = interleaved_rotary(q, self.angles[:seq]), interleaved_rotary(k, self.angles[:seq])
+        q, k = interleaved_rotary(q, self.freqs_cis[:seq]), interleaved_rotary(k, self.freqs_cis[:seq])
         y = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), scale=8 / self.n_embd)
         return self.c_proj(y.transpose(1, 2).reshape(batch, seq, width))
 
@@ -105,18 +107,25 @@ class OriginalModel(nn.Module):
         return self.lm_head(self.transformer.ln_f(x))
 
 
-def original_model() -> OriginalModel:
+def original_model(n_embd: int = 16, n_head: int = 2) -> OriginalModel:
+    """An original-layout model saved with the original's stale config: its training script builds the base and
+    delta models for muP from the same config object and leaves it at the delta's n_embd 48 / n_head 12."""
     torch.manual_seed(0)
-    model = OriginalModel(OriginalConfig())
+    model = OriginalModel(OriginalConfig(n_embd=n_embd, n_head=n_head))
     set_base_shapes(model, OriginalModel(OriginalConfig(n_embd=8)))  # another base width than this recipe's 24
+    model.config.n_embd, model.config.n_head = 48, 12
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0, 0.5)
+        model.lm_head.weight.mul_(n_embd / 16)  # undo MuReadout's 1/width so that logits stay ~1 at every width
     return model.eval()
 
 
-def test_converted_original_gives_the_same_logits(tmp_path):
-    original = original_model()
+@pytest.mark.parametrize("n_embd,n_head", [(16, 2), (64, 4), (96, 4)])
+def test_converted_original_gives_the_same_logits(tmp_path, n_embd, n_head):
+    """64/4 was refused and 96/4 converted silently with the config's 12 heads (1.8e-2 off) before the head count
+    came from the attention modules."""
+    original = original_model(n_embd, n_head)
     torch.save(original, tmp_path / "original.pt")  # the original's way: the whole pickled module
     ids = torch.randint(4, 40, (2, 24))
     ids[:, 0], ids[0, 5], ids[1, -1], ids[0, 9] = 0, 2, 3, 0  # its <unk>, <mask> and </s> (no <pad>: no mask needed)
@@ -124,6 +133,7 @@ def test_converted_original_gives_the_same_logits(tmp_path):
         expected = original(ids)
     assert run_cli(lambda: main([str(tmp_path / "original.pt"), str(tmp_path / "converted")])) == 0
     converted = OmniBioTA.from_pretrained(tmp_path / "converted").eval()
+    assert converted.config.n_head == n_head and converted.config.n_embd == n_embd
     assert converted.config.ctx_len == 32 and converted.config.dropout == 0.1 and converted.config.pad_id == 0
     with torch.no_grad():
         logits = converted(original_to_converted_ids(ids))
@@ -178,3 +188,33 @@ def test_an_existing_output_folder_is_refused(tmp_path, capsys):
         == 1
     )
     assert "already exists" in capsys.readouterr().err
+
+
+def refusal(tmp_path, capsys, argv) -> str:
+    assert run_cli(lambda: main(argv), user_errors=(OmniBioteError,)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and not (tmp_path / "out").exists(), err
+    return err[0]
+
+
+def test_head_count_disagreements_are_one_line(tmp_path, capsys):
+    original = original_model(96, 4)
+    torch.save(original, tmp_path / "original.pt")
+    argv = [str(tmp_path / "original.pt"), str(tmp_path / "out")]
+    line = refusal(tmp_path, capsys, [*argv, "--n_head", "12"])
+    assert "--n_head 12 contradicts the checkpoint" in line and "n_head=4" in line, line
+    original.transformer.h[1].attn.n_head = 8  # a module that contradicts the others and its own rotary table
+    torch.save(original, tmp_path / "original.pt")
+    line = refusal(tmp_path, capsys, argv)
+    assert "attention modules disagree about the head count" in line and "=8" in line and "=4" in line, line
+
+
+def test_without_any_recorded_head_count_n_head_is_required(tmp_path, capsys):
+    original = original_model(64, 4)
+    for block in original.transformer.h:
+        del block.attn.n_head, block.attn._buffers["freqs_cis"]
+    torch.save(original, tmp_path / "original.pt")
+    argv = [str(tmp_path / "original.pt"), str(tmp_path / "out")]
+    assert "no attention module records its head count; give --n_head" in refusal(tmp_path, capsys, argv)
+    assert run_cli(lambda: main([*argv, "--n_head", "4"])) == 0
+    assert OmniBioTA.from_pretrained(tmp_path / "out").config.n_head == 4
