@@ -2,8 +2,9 @@
 
 The file is read in fixed-size blocks, never line by line, so a chromosome written as one line costs the same memory
 as one wrapped at 60 bp, and the chunks it yields are cut at the same bases whatever the line length.
-Normalisation: CR and LF are dropped, lowercase (soft-masked) bases are upper-cased. Legal letters are A, C, G, T,
-the IUPAC ambiguity codes and gaps; `U` (RNA), digits, protein letters and anything else are refused.
+Normalisation: CR and LF are dropped, lowercase (soft-masked) bases are upper-cased. Legal letters are A, C, G, T
+and the IUPAC ambiguity codes; alignment gaps (`-`, `.`), `U` (RNA), digits, protein letters and anything else are
+refused, and so is a record with an empty header: the same DNA contract as gtdb_mamba's `genome_fasta.py`.
 Written by hand because Biopython's parsers hold a whole record (a chromosome) in memory and check no alphabet.
 """
 
@@ -18,8 +19,9 @@ import numpy as np
 
 BLOCK_BYTES = 1 << 20  # bytes read per call; bounds memory together with chunk_size
 MAX_HEADER_BYTES = 1 << 20  # a longer "header" means a file that is not FASTA (or lost its line ends)
-# IUPAC nucleotide codes and gaps: legal in a genome FASTA, but not tokens. U is left out on purpose (RNA).
-DNA_LETTERS = b"ACGTNRYKMSWBDHV-."
+# IUPAC nucleotide codes: legal in a genome FASTA, but not tokens. U is left out on purpose (RNA); gaps ('-', '.')
+# too: an assembly has none, so a file with gaps is an alignment, and its columns are not genome positions.
+DNA_LETTERS = b"ACGTNRYKMSWBDHV"
 
 
 class PlantDataError(ValueError):
@@ -86,19 +88,22 @@ def _check(path: Path, record_id: str, chunk: bytes) -> bytes:
     return chunk
 
 
-def _record_id(header: str, number: int) -> str:
+def _record_id(path: Path, header: str, number: int) -> str:
     words = header.split(maxsplit=1)
-    return words[0] if words else f"record_{number}"
+    if not words:  # a nameless record means a spliced or damaged file, and no later message could name it
+        raise PlantDataError(f"{path}: record {number}: empty FASTA header")
+    return words[0]
 
 
 def read_fasta(path: str | Path, chunk_size: int) -> Iterator[tuple[str, str, bytes]]:
-    """Yield (record id, header, chunk): id = first word of the header line (UTF-8, without '>'; `record_<n>` when
-    the header is blank) and the upper-cased DNA of the record in chunks.
+    """Yield (record id, header, chunk): id = first word of the header line (UTF-8, without '>') and the
+    upper-cased DNA of the record in chunks.
 
     Every chunk of a record holds exactly `chunk_size` bases except its last, so chunk boundaries depend only on
     the sequence, not on how the file is wrapped. Peak memory ~ chunk_size + BLOCK_BYTES, whatever the line length.
     Raises PlantDataError (one line naming the file, and the record where there is one) for: text before the first
-    '>', no record, an empty record, a non-DNA letter (U, digits, protein letters), a damaged gzip.
+    '>', no record, an empty header (`record <n>`, 1-based), an empty record, a non-DNA letter (gaps, U, digits,
+    protein letters), a damaged gzip.
     """
     path = Path(path)
     header, record_id, number, buffer, seen = None, "", 0, bytearray(), False
@@ -115,7 +120,7 @@ def read_fasta(path: str | Path, chunk_size: int) -> Iterator[tuple[str, str, by
                 if is_header:
                     yield from finish()
                     header, number = piece.decode("utf-8", errors="replace"), number + 1
-                    record_id, buffer, seen = _record_id(header, number), bytearray(), False
+                    record_id, buffer, seen = _record_id(path, header, number), bytearray(), False
                     continue
                 piece = piece.translate(_UPPER, b"\r\n")
                 if not piece:

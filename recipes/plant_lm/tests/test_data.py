@@ -192,13 +192,18 @@ def test_bad_files_are_skipped_and_counted(tmp_path, caplog):
     header_less = folder / "c_noheader.fa"
     header_less.write_text("ACGTACGTACGT\n")
     protein = write_fasta(folder / "d_protein.fa", {"p": "MKVLQEFWP*"})
-    stream = SpeciesStream("sp", [truncated, good, header_less, protein], 8, 0.5, 10_000)
+    gapped = write_fasta(folder / "e_alignment.fa", {"a": "ACGT--ACGT" * 60})  # gaps: as in gtdb_mamba, refused
+    nameless = folder / "f_nameless.fa"
+    nameless.write_text(">\n" + random_dna(600, 16) + "\n")
+    stream = SpeciesStream("sp", [truncated, good, header_less, protein, gapped, nameless], 8, 0.5, 10_000)
     with caplog.at_level(logging.WARNING, logger="plant_lm.data"):
         windows = stream_windows(stream, 200)
-    assert set(stream.bad_files) == {str(truncated), str(header_less), str(protein)}
+    assert set(stream.bad_files) == {str(p) for p in (truncated, header_less, protein, gapped, nameless)}
     assert "unreadable" in stream.bad_files[str(truncated)]
     assert "before the first '>' header" in stream.bad_files[str(header_less)]
     assert "'L', 'Q', 'E', 'F', 'P', '*' not DNA" in stream.bad_files[str(protein)]
+    assert stream.bad_files[str(gapped)].startswith(f"{gapped}: record a: '-' not DNA")
+    assert stream.bad_files[str(nameless)] == f"{nameless}: record 1: empty FASTA header"
     # The truncated file yields its readable prefix in the first pass; then only the good file remains.
     good_windows = stream_windows(SpeciesStream("sp", [good], 8, 0.5, 10_000), 23)
     assert set(map(tuple, windows[-23:])) == set(map(tuple, good_windows))

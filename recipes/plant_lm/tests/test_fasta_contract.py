@@ -44,3 +44,26 @@ def test_fasta_contract(case, compressed, tmp_path):
     assert "\n" not in message and str(path) in message
     for mention in expected["error_mentions"]:
         assert mention in message
+
+
+# The DNA side of the contract that gtdb_mamba's genome_fasta.py already keeps and the shared JSON does not list yet
+# (proposed to the coordinator in /work/notes/dna_contract.md): alignment gaps and nameless records are refused.
+DNA_EXTRA = [
+    ("gap_dash", ">r1\nAC-GT\n", ["r1", "'-' not DNA"]),
+    ("gap_dot", ">r1 x\nACGT\n>r2\nAC..GT\n", ["r2", "'.' not DNA"]),
+    ("empty_header", ">\nACGT\n", ["record 1", "empty FASTA header"]),
+    ("blank_header_second_record", ">r1\nACGT\n>   \nACGT\n", ["record 2", "empty FASTA header"]),
+]
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["plain", "gz"])
+@pytest.mark.parametrize("name,text,mentions", DNA_EXTRA, ids=[case[0] for case in DNA_EXTRA])
+def test_dna_contract_shared_with_gtdb_mamba(name, text, mentions, compressed, tmp_path):
+    path = tmp_path / ("case.fa.gz" if compressed else "case.fa")
+    path.write_bytes(gzip.compress(text.encode()) if compressed else text.encode())
+    with pytest.raises(PlantDataError) as caught:
+        read_records(path)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(str(path))
+    for mention in mentions:
+        assert mention in message

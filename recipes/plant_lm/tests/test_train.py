@@ -277,6 +277,20 @@ def test_cli_reports_bad_inputs_without_traceback(tmp_path, capsys, data_dir):
     assert_startup_error(capsys, tmp_path / "o7", all_species, "zea_mays: species folder has no FASTA")
 
 
+def test_a_bad_file_is_skipped_with_a_warning_and_counted_at_the_end(tmp_path, capsys, data_dir):
+    """The reader refuses a file in one line; training skips that file with a warning and goes on (exit 0), as
+    gtdb_mamba skips a genome: text before the first '>', gaps and a nameless record alike."""
+    notes = data_dir / "oryza_sativa" / "a_notes.fa"
+    notes.write_text("assembled 2024\n>chr0\n" + random_dna(600, 24) + "\n")
+    gapped = write_fasta(data_dir / "arabidopsis" / "a_aln.fa", {"a": "AC-GT" * 200})
+    assert main(cli_args(tiny_config(data_dir, tmp_path / "run", n_epochs=1, steps_per_epoch=1))) == 0
+    err = capsys.readouterr().err
+    assert f"skipping bad file (1 so far for oryza_sativa): {notes}: text before the first '>' header" in err
+    assert f"skipping bad file (1 so far for arabidopsis): {gapped}: record a: '-' not DNA" in err
+    assert "2 bad file(s) were skipped" in err and "Traceback" not in err
+    assert (tmp_path / "run" / "run_finished.json").is_file()
+
+
 def test_species_without_a_window_fails_before_the_model_or_any_output(tmp_path, capsys, data_dir, monkeypatch):
     write_fasta(data_dir / "zea_mays" / "x.fa", {"x": "N" * 3000, "y": random_dna(60, 23)})
 
