@@ -4,8 +4,9 @@ h5ad: through anndata's backed machinery (`anndata.io.sparse_dataset` over h5py)
 in memory and a file larger than RAM works. The raw counts are `layers['counts']`, else `raw.X`, else `X` (the first
 holding integer counts). As in the original Geneformer tokenizer: gene ids come from `var['ensembl_id']` when that
 column exists, each cell's total from `obs['n_counts']` when present, and only cells with `obs['filter_pass'] == 1`
-are kept when that column exists. Loom files (genes x cells, HDF5) are read the same way from `row_attrs` /
-`col_attrs` with h5py (loompy is not a dependency: the layout is three HDF5 groups).
+are kept when that column exists (1/0 in the encodings users write: bool, int, float, "1"/"true"/"yes", see
+filter_mask). Loom files (genes x cells, HDF5) are read the same way from `row_attrs` / `col_attrs` with h5py (loompy
+is not a dependency: the layout is three HDF5 groups); tables take `n_counts` and `filter_pass` from columns.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from dictionaries import DataError
 
 SUFFIXES = (".h5ad", ".loom", ".parquet", ".csv")
 CELL_ID_COLUMN = "cell_id"
+FILTER_COLUMN, TOTALS_COLUMN = "filter_pass", "n_counts"  # per-cell columns of the original tokenizer, not genes
+# The spellings of a yes/no flag that users' tools write (pandas, R, loompy, hand-made CSVs), compared lower-cased.
+PASS_WORDS = {"1": True, "1.0": True, "true": True, "t": True, "yes": True, "y": True}
+PASS_WORDS |= {"0": False, "0.0": False, "false": False, "f": False, "no": False, "n": False}
 # pandas' name for a column without a header, e.g. the index written by DataFrame.to_csv() without index=False.
 UNNAMED_COLUMN = re.compile(r"Unnamed: \d+")
 PROBE_ROWS = 2_000  # rows checked to decide which h5ad matrix holds raw counts
@@ -85,6 +90,45 @@ def _bad_counts(values: np.ndarray) -> np.ndarray:
     return (values < 0) | (np.abs(values - np.round(values)) > 1e-6) | ~np.isfinite(values)
 
 
+def filter_mask(values, path: Path) -> np.ndarray:
+    """Cells to keep from a `filter_pass` column in any encoding users write: bool, 0/1 (integer or float), or the
+    strings 1/0, true/false, t/f, yes/no in any case (plain, bytes or categorical). DataError naming the column, the
+    file and the values found for anything else (NaN, empty, 2, 'maybe'): guessing would keep or drop cells silently."""
+    import pandas as pd
+
+    codes, uniques = pd.factorize(pd.Series(values, copy=False))  # NaN / None / pd.NA -> code -1
+    meaning = [_pass_value(value) for value in uniques]
+    if (codes < 0).any() or None in meaning:
+        found = [repr(_as_text(v)) for v in uniques] + (["nan"] if (codes < 0).any() else [])
+        raise DataError(
+            f"{path}: {FILTER_COLUMN} holds values other than 1/0, true/false or yes/no (found {', '.join(found[:8])}"
+            f"{', ...' if len(found) > 8 else ''}); write 1 for the cells to keep and 0 for the others"
+        )
+    return np.asarray(meaning, dtype=bool)[codes] if len(codes) else np.zeros(0, dtype=bool)
+
+
+def _as_text(value):
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def _pass_value(value) -> bool | None:
+    """True / False for a recognised flag value, None otherwise."""
+    value = _as_text(value)
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return bool(value) if value in (0, 1) else None
+    return PASS_WORDS.get(value.strip().lower()) if isinstance(value, str) else None
+
+
+def keep_passing(counts, ids: list[str], totals, keep: np.ndarray | None) -> CountBlock:
+    """The block of the rows with `keep` (all rows when None)."""
+    if keep is None:
+        return CountBlock(counts, ids, totals, 0)
+    kept_ids = [c for c, k in zip(ids, keep) if k]
+    return CountBlock(counts[keep], kept_ids, None if totals is None else totals[keep], int((~keep).sum()))
+
+
 def check_raw_counts(counts: sp.csr_matrix, cell_ids: list[str], path: Path) -> None:
     """DataError naming the first cell with a negative, fractional or non-finite count."""
     bad = _bad_counts(counts.data)
@@ -126,7 +170,7 @@ class _HDF5Source(abc.ABC):
     def _set_cells(self, cell_ids, n_counts, filter_pass) -> None:
         self.cell_ids = [str(c) for c in cell_ids]
         self.n_counts = None if n_counts is None else np.asarray(n_counts, dtype=np.float64)
-        self.filter_pass = None if filter_pass is None else np.asarray(filter_pass) == 1
+        self.filter_pass = None if filter_pass is None else filter_mask(filter_pass, self.path)
 
     def read_block(self, start: int, stop: int) -> CountBlock:
         """Rows [start, stop): only the cells passing `filter_pass`, with their n_counts when the file has them."""
@@ -134,13 +178,7 @@ class _HDF5Source(abc.ABC):
         ids = self.cell_ids[start:stop]
         check_raw_counts(counts, ids, self.path)
         totals = None if self.n_counts is None else self.n_counts[start:stop]
-        n_filtered = 0
-        if self.filter_pass is not None:
-            keep = self.filter_pass[start:stop]
-            n_filtered = int((~keep).sum())
-            counts, ids = counts[keep], [c for c, k in zip(ids, keep) if k]
-            totals = None if totals is None else totals[keep]
-        return CountBlock(counts, ids, totals, n_filtered)
+        return keep_passing(counts, ids, totals, None if self.filter_pass is None else self.filter_pass[start:stop])
 
     @abc.abstractmethod
     def _rows(self, start: int, stop: int):
@@ -160,7 +198,7 @@ class H5adSource(_HDF5Source):
             candidates = [name for name in ("layers/counts", "raw/X", "X") if name in handle]
         except Exception as error:  # a valid HDF5 file that is not an AnnData
             raise _unreadable(path, self.kind, error) from None
-        self._set_cells(obs.index, obs.get("n_counts"), obs.get("filter_pass"))
+        self._set_cells(obs.index, obs.get(TOTALS_COLUMN), obs.get(FILTER_COLUMN))
         self.matrix = None
         for name in candidates:
             self.matrix = name
@@ -198,8 +236,8 @@ class LoomSource(_HDF5Source):
         ids = _decode(columns["CellID"][:]) if "CellID" in columns else [str(i) for i in range(n_cells)]
         self._set_cells(
             ids,
-            columns["n_counts"][:] if "n_counts" in columns else None,
-            columns["filter_pass"][:] if "filter_pass" in columns else None,
+            columns[TOTALS_COLUMN][:] if TOTALS_COLUMN in columns else None,
+            columns[FILTER_COLUMN][:] if FILTER_COLUMN in columns else None,
         )
         rows = handle["row_attrs"]
         names = [gene_id_column] if gene_id_column else ["ensembl_id", "Accession", "Gene"]
@@ -226,21 +264,39 @@ def _gene_ids(path: Path, var, gene_id_column: str | None, index: list[str]) -> 
 
 
 class TableSource:
-    """A dense table (parquet or CSV), one row per cell, one column per gene, optional `cell_id`; read whole."""
+    """A dense table (parquet or CSV), one row per cell, one column per gene, read whole. The optional columns
+    `cell_id`, `n_counts` and `filter_pass` are per-cell values (as in an h5ad's obs), not genes."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.counts, self.gene_ids, self.cell_ids = _read_table(path)
+        self.counts, self.gene_ids, self.cell_ids, per_cell = _read_table(path)
+        totals = per_cell.get(TOTALS_COLUMN)
+        self.n_counts = None if totals is None else _numeric(totals, TOTALS_COLUMN, path)
+        flags = per_cell.get(FILTER_COLUMN)
+        self.filter_pass = None if flags is None else filter_mask(flags, path)
 
     @property
     def n_rows(self) -> int:
         return len(self.cell_ids)
 
     def read_block(self, start: int, stop: int) -> CountBlock:
-        return CountBlock(self.counts[start:stop], self.cell_ids[start:stop], None, 0)
+        totals = None if self.n_counts is None else self.n_counts[start:stop]
+        keep = None if self.filter_pass is None else self.filter_pass[start:stop]
+        return keep_passing(self.counts[start:stop], self.cell_ids[start:stop], totals, keep)
 
 
-def _read_table(path: Path) -> tuple[sp.csr_matrix, list[str], list[str]]:
+def _numeric(column, name: str, path: Path) -> np.ndarray:
+    import pandas as pd
+
+    values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
+    if np.isnan(values).any():
+        row = int(np.argmax(np.isnan(values)))
+        raise DataError(f"{path}: row {row} has {name} {column.iloc[row]!r}, not a number")
+    return values
+
+
+def _read_table(path: Path) -> tuple[sp.csr_matrix, list[str], list[str], dict]:
+    """(counts, gene ids, cell ids, {per-cell column name: its values}) of a parquet or CSV table."""
     import pandas as pd
 
     kind = path.suffix.lstrip(".")
@@ -261,16 +317,17 @@ def _read_table(path: Path) -> tuple[sp.csr_matrix, list[str], list[str]]:
             f"index?); write the table with to_csv(index=False), or name the column {CELL_ID_COLUMN!r} if it holds "
             "cell ids"
         )
-    if CELL_ID_COLUMN in genes:
-        position = genes.index(CELL_ID_COLUMN)
-        ids = frame.iloc[:, position]
-        frame = frame.drop(columns=frame.columns[position])
-        del genes[position]
-        if ids.isna().any():
-            raise DataError(f"{path}: row {int(np.argmax(ids.isna()))} has no {CELL_ID_COLUMN}")
-        cell_ids = ids.astype(str).tolist()
-    else:
-        cell_ids = [str(i) for i in range(len(frame))]
+    per_cell = {}
+    for name in (CELL_ID_COLUMN, TOTALS_COLUMN, FILTER_COLUMN):
+        if name in genes:
+            position = genes.index(name)
+            per_cell[name] = frame.iloc[:, position]
+            frame = frame.drop(columns=frame.columns[position])
+            del genes[position]
+    ids = per_cell.pop(CELL_ID_COLUMN, None)
+    if ids is not None and ids.isna().any():
+        raise DataError(f"{path}: row {int(np.argmax(ids.isna()))} has no {CELL_ID_COLUMN}")
+    cell_ids = [str(i) for i in range(len(frame))] if ids is None else ids.astype(str).tolist()
     if frame.empty:  # checked before the dtypes: the columns of a header-only CSV read as text
         raise DataError(f"{path}: no cells or no genes ({frame.shape[0]} x {frame.shape[1]})")
     non_numeric = [g for g, c in zip(genes, frame.columns) if not np.issubdtype(frame[c].dtype, np.number)]
@@ -286,4 +343,4 @@ def _read_table(path: Path) -> tuple[sp.csr_matrix, list[str], list[str]]:
         )
     counts = sp.csr_matrix(values)
     check_raw_counts(counts, cell_ids, path)
-    return counts, genes, cell_ids
+    return counts, genes, cell_ids, per_cell
