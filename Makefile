@@ -8,10 +8,18 @@ PYTHON ?= python3
 VENV := $(CURDIR)/.venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done-torch$(TORCH_VERSION)
-REQUIREMENTS := $(wildcard recipes/*/requirements.txt recipes/*/requirements-nodeps.txt) shared/pyproject.toml ci/setup_venv.sh
+REQUIREMENTS := $(wildcard recipes/*/requirements.txt recipes/*/requirements-nodeps.txt) shared/pyproject.toml \
+	ci/setup_venv.sh ci/constraints.txt
+# esm2_fa's faesm backend needs transformers <= 4.53, so it lives in its own environment beside .venv.
+VENV_FAESM := $(CURDIR)/.venv-faesm
+FAESM_STAMP := $(VENV_FAESM)/.setup-done-torch$(TORCH_VERSION)
+FAESM_REQUIREMENTS := $(wildcard recipes/esm2_fa/requirements-faesm*.txt) shared/pyproject.toml ci/setup_venv.sh \
+	ci/constraints.txt
+# make test needs .venv-faesm only when it runs esm2_fa (all recipes, or recipe=esm2_fa).
+TEST_NEEDS_FAESM := $(if $(filter-out esm2_fa,$(recipe)),,setup-faesm)
 RUN_IN_RECIPE = cd recipes/$(recipe) && PATH="$(BIN):$$PATH" VIRTUAL_ENV="$(VENV)"
 
-.PHONY: help setup train test lint bench docker-build export clean check-recipe gpu-wheels gpu-check
+.PHONY: help setup setup-faesm train test lint bench docker-build export clean check-recipe gpu-wheels gpu-check
 
 help: ## List the targets
 	@echo "usage: make TARGET [recipe=NAME] (recipes: $(RECIPES))"
@@ -23,6 +31,12 @@ $(STAMP): $(REQUIREMENTS)
 	PYTHON=$(PYTHON) TORCH_VERSION=$(TORCH_VERSION) bash ci/setup_venv.sh "$(VENV)"
 	@touch $@
 
+setup-faesm: $(FAESM_STAMP) ## Create .venv-faesm: torch (TORCH_VERSION), shared/ and esm2_fa's faesm backend (transformers 4.53)
+
+$(FAESM_STAMP): $(FAESM_REQUIREMENTS)
+	PYTHON=$(PYTHON) TORCH_VERSION=$(TORCH_VERSION) bash ci/setup_venv.sh "$(VENV_FAESM)" faesm
+	@touch $@
+
 check-recipe:
 	@if [ -z "$(recipe)" ]; then echo "error: name a recipe: make $(MAKECMDGOALS) recipe=NAME ($(RECIPES))" >&2; exit 2; fi
 	@if [ ! -d "recipes/$(recipe)" ]; then echo "error: no recipe '$(recipe)' (have: $(RECIPES))" >&2; exit 2; fi
@@ -31,8 +45,8 @@ train: check-recipe setup ## Train recipe=NAME end to end on its bundled sample 
 	@test -f recipes/$(recipe)/train_sample.sh || { echo "error: recipes/$(recipe) has no train_sample.sh yet" >&2; exit 2; }
 	$(RUN_IN_RECIPE) bash train_sample.sh
 
-test: setup lint ## Lint + all tests (shared and every recipe, in-tree and exported); recipe=NAME for one
-	bash ci/run_tests.sh "$(BIN)" $(recipe)
+test: setup $(TEST_NEEDS_FAESM) lint ## Lint + all tests (shared, every recipe in-tree and exported, esm2_fa's faesm job); recipe=NAME for one
+	FAESM_BIN="$(VENV_FAESM)/bin" bash ci/run_tests.sh "$(BIN)" $(recipe)
 
 lint: setup ## ruff on all Python, hadolint on every Dockerfile
 	$(BIN)/ruff check .
@@ -65,6 +79,6 @@ gpu-wheels: ## Download the wheels the GPU check needs (ci/gpu_wheels.txt, Pytho
 gpu-check: ## Parity, throughput/MFU, training + resume, FP8 on a GPU (OUT=dir; DEVICE=cpu: tiny CPU dry run)
 	$(CHECK_PYTHON) ci/gpu_check/run.py --device $(DEVICE) --out $(OUT)
 
-clean: ## Remove the virtual environment and caches (keeps your outputs and data)
-	rm -rf $(VENV)
+clean: ## Remove the virtual environments and caches (keeps your outputs and data)
+	rm -rf $(VENV) $(VENV_FAESM)
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
