@@ -12,8 +12,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -25,6 +28,7 @@ from typing import Any
 from .checkpoint import CheckpointError, clean_incomplete, latest_checkpoint, verify_checkpoint
 from .distributed import barrier, exit_process, is_main_process, process_group_was_used
 from .files import WriteError, atomic_write_json
+from .run_lock import RunFolderBusy, hold_run_folder, release_run_folders
 
 __all__ = [
     "ConfigError",
@@ -35,6 +39,8 @@ __all__ = [
     "mark_finished",
     "resolve_resume",
     "run_cli",
+    "RunFolderBusy",
+    "hold_run_folder",
 ]
 
 RESUME_CHOICES = ("auto", "none")
@@ -96,11 +102,14 @@ def normalise_resume(resume: Any) -> str:
 def resolve_resume(resume: Any, checkpoint_dir: str | Path) -> Path | None:
     """The checkpoint this run continues from, or None for a fresh start (every rank calls it, after setup).
 
-    Raises CheckpointError when an explicit path is not a valid checkpoint, when "none" is asked of a folder that
+    First takes the one-live-run lock on the run folder (`checkpoint_dir`'s parent; `hold_run_folder`), so that no
+    other live run can be writing there while leftovers are cleaned up and checkpoints are chosen.
+    Raises RunFolderBusy when another live process holds the folder; raises CheckpointError when an explicit path is not a valid checkpoint, when "none" is asked of a folder that
     already holds checkpoints (nothing is overwritten), or when checkpoints exist but every one fails its check.
     """
     choice = normalise_resume(resume)
     checkpoint_dir = Path(checkpoint_dir)
+    hold_run_folder(checkpoint_dir.parent)
     if choice not in RESUME_CHOICES:
         path = Path(choice)
         if not path.exists():
@@ -157,6 +166,7 @@ def mark_finished(layout: RunLayout, step: int, reason: str, early_stopped: bool
     if is_main_process():
         record = {"step": step, "reason": reason, "early_stopped": early_stopped, "time": time.time(), **extra}
         atomic_write_json(layout.finished_marker, record)
+    release_run_folders()  # a rerun now finds the run finished; an in-process caller may start another run here
     return layout.finished_marker
 
 
@@ -219,29 +229,54 @@ def _one_line(err: BaseException) -> str:
 def run_cli(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...] = ()) -> int:
     """Run a recipe's entry point; its user errors and write errors become `error: <one line>` and exit code 1.
 
-    Always caught: RunError (ConfigError), CheckpointError, WriteError, and OSErrors of the file system (full disk,
-    permission, missing file). `main` returns None/0 for success or an int exit code. A process that ran a process
-    group ends here through `exit_process` (see there why), so its exit code is the run's, never a SIGABRT at exit.
+    Always caught: RunError (ConfigError), RunFolderBusy, CheckpointError, WriteError, and OSErrors of the file
+    system (full disk, permission, missing file). `main` returns None/0 for success or an int exit code. Under a
+    launcher, only rank 0 prints the errors every rank raises alike (settings, checkpoints, the run folder), so a
+    refusal is one line, not one per process. A process that ran a process group ends here through `exit_process`
+    (see there why), so its exit code is the run's, never a SIGABRT at exit.
     """
-    code = _run_main(main, user_errors)
+    try:
+        code = _run_main(main, user_errors)
+    finally:
+        release_run_folders()
     if process_group_was_used():
         exit_process(code)
     return code
 
 
+COLLECTIVE_ERRORS = (RunError, RunFolderBusy, CheckpointError, WriteError)  # raised alike on every rank
+
+
 def _run_main(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...]) -> int:
     try:
         result = main()
-    except (RunError, CheckpointError, WriteError, *user_errors) as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr, flush=True)
+    except (*COLLECTIVE_ERRORS, *user_errors) as err:
+        _report(_one_line(err), collective=isinstance(err, COLLECTIVE_ERRORS))
         return 1
     except OSError as err:
-        print(f"error: {describe_os_error(err)}", file=sys.stderr, flush=True)
+        _report(describe_os_error(err), collective=False)
         return 1
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr, flush=True)
+        _report("interrupted", collective=True)
         return 130
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def _report(message: str, collective: bool) -> None:
+    """Write `error: message` as one write (lines of several processes must not run together); other ranks stay
+    quiet about collective errors, or prefix their rank. Under torchrun the line also goes to the launcher's error
+    file, so its failure summary names the cause instead of a link."""
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank != 0 and collective:
+        return
+    line = f"error: {message}" if rank == 0 else f"error (rank {rank}): {message}"
+    sys.stderr.write(line + "\n")  # one write, then flushed: a line never mixes with another process's
+    sys.stderr.flush()
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file and not os.path.exists(error_file):
+        with contextlib.suppress(OSError):
+            stamp = str(int(time.time()))
+            Path(error_file).write_text(json.dumps({"message": {"message": line, "extraInfo": {"timestamp": stamp}}}))
 
 
 def describe_os_error(err: OSError) -> str:

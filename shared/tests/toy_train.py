@@ -7,6 +7,10 @@ python toy_train.py --ckpt-dir D --out losses.jsonl --steps 20 [--stop-after 10]
 
 from __future__ import annotations
 
+# isort: off
+import biorecipes_shared.stop_signals  # noqa: F401  (first: a SIGTERM during the imports below sets a flag)
+
+# isort: on
 import argparse
 import time
 from pathlib import Path
@@ -36,6 +40,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fsdp", action="store_true")
     parser.add_argument("--sleep", type=float, default=0.0)
     parser.add_argument("--save-every", type=int, default=0)
+    parser.add_argument("--setup-sleep", type=float, default=0.0, help="seconds of pretend set-up before the loop")
+    parser.add_argument("--save-sleep", type=float, default=0.0, help="seconds a save takes longer (signal tests)")
     return parser.parse_args()
 
 
@@ -88,6 +94,8 @@ def train(args, dist_ctx, log, model, optimizer, scheduler) -> int:
             time.sleep(args.sleep)
             stopping = (args.stop_after is not None and step == args.stop_after) or preempt.should_stop()
             if stopping or (args.save_every and step % args.save_every == 0 and step < args.steps):
+                print(f"saving {step}", flush=True)
+                time.sleep(args.save_sleep)
                 save_checkpoint(
                     args.ckpt_dir, step, model, optimizer, scheduler, data_state=data_state,
                     generators={"shuffle": shuffle_gen}, sharded=args.fsdp,
@@ -110,6 +118,8 @@ def main() -> None:
     if dist_ctx.is_distributed:  # the collective helpers must agree across ranks
         assert abs(all_reduce_mean(float(dist_ctx.rank)) - (dist_ctx.world_size - 1) / 2) < 1e-12
     model, optimizer, scheduler = build(args, dist_ctx)
+    print("setting up", flush=True)
+    time.sleep(args.setup_sleep)
     step = train(args, dist_ctx, log, model, optimizer, scheduler)
     full_state = gather_full_state_dict(model) if args.fsdp else None
     if dist_ctx.is_main:
