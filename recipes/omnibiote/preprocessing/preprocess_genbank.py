@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
-from Bio import BiopythonParserWarning, SeqIO
+from Bio import BiopythonParserWarning
+from Bio.GenBank.Scanner import GenBankScanner
 from Bio.Seq import UndefinedSequenceError
 from tqdm import tqdm
 
@@ -29,8 +30,12 @@ from preprocessing.shards import ShardWriter, encode_member
 
 IUPAC_NUCLEOTIDES = frozenset("ACGTURYSWKMBDHVN")
 UNAMBIGUOUS = {"dna": "ACGT", "rna": "ACGU"}
-# Biopython only warns about these; for us they mean the file was cut short.
+# Biopython only warns about these; for us they mean the file was cut short or its LOCUS length is wrong.
 TRUNCATION_WARNINGS = ("Premature end", "Expected sequence length")
+# What Biopython's GenBank scanner raises on malformed text (fuzzing the sample record: ValueError with the quoted
+# text on its second line, bare AssertionError, IndexError).
+PARSER_FAILURES = (ValueError, AssertionError, IndexError, KeyError, TypeError, AttributeError)
+LOCUS_START = GenBankScanner.RECORD_START  # "LOCUS" + 7 spaces: anything else is skipped by Biopython
 
 
 def molecule_modality(record) -> str:
@@ -66,39 +71,97 @@ def split_at_ambiguous_runs(
     return pieces
 
 
-def iter_genbank_records(handle, path, first_record: int = 0) -> Iterator[tuple[str, str, str]]:
-    """Yield (modality, record_id, raw_sequence) for each record read from handle, raising on malformed ones."""
-    last_id = f"record {first_record}" if first_record else "the start of the file"
+class LineTracker:
+    """A text handle that remembers where the parser is: lines read, the last one, and the current LOCUS line.
+
+    Biopython's errors name neither the record nor (mostly) the line; this lets ours name both."""
+
+    def __init__(self, handle, first_line: int = 0):
+        self.handle, self.line_no, self.line = handle, first_line, ""
+        self.n_locus, self.locus, self.locus_line_no, self.foreign_locus = 0, "", 0, None
+
+    def readline(self) -> str:
+        line = self.handle.readline()
+        if line:
+            self.line_no, self.line = self.line_no + 1, line
+            if line.startswith("LOCUS"):  # where record_blocks starts a record
+                self.n_locus, self.locus, self.locus_line_no = self.n_locus + 1, line.rstrip("\r\n"), self.line_no
+                if not line.startswith(LOCUS_START) and self.foreign_locus is None:
+                    self.foreign_locus = (self.n_locus, self.line_no, self.locus)
+        return line
+
+
+def _record_error(path, first_record: int, where: LineTracker, problem: str, line: str | None = None):
+    """PreprocessError (one line) naming file, record (number in the file and LOCUS name), line and problem."""
+    words = where.locus.split()
+    name = f" ({words[1]})" if len(words) > 1 else ""
+    shown = (where.line if line is None else line).rstrip("\r\n")
+    shown = f": {shown if len(shown) <= 160 else shown[:160] + '...'!r}" if shown else ""
+    number = first_record + max(where.n_locus, 1)
+    return PreprocessError(f"{path}: record {number}{name}, near line {where.line_no}: {problem}{shown}")
+
+
+def _biopython_error(path, first_record: int, where: LineTracker, exc: Exception) -> PreprocessError:
+    """Biopython's message as problem (its first line) and quoted text (its other lines, else the line being read;
+    nothing more where the first line already quotes it)."""
+    head, _, quoted = str(exc).partition("\n")
+    problem = head.strip().rstrip(":") or f"the parser failed ({type(exc).__name__})"
+    line = " / ".join(part.strip() for part in quoted.splitlines() if part.strip()) if quoted else None
+    if where.line.startswith("LOCUS") and line is None:
+        problem = f"bad LOCUS line ({problem})"
+    elif line is None and where.line.strip() and where.line.strip() in problem:
+        line = ""
+    return _record_error(path, first_record, where, problem, line)
+
+
+def iter_genbank_records(handle, path, first_record: int = 0, first_line: int = 0) -> Iterator[tuple[str, str, str]]:
+    """Yield (modality, record_id, raw_sequence) for each record read from handle; PreprocessError (one line naming
+    file, record, line and problem) on a malformed one. first_record/first_line: records/lines before the handle."""
+    where = LineTracker(handle, first_line)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", BiopythonParserWarning)
-        records = SeqIO.parse(handle, "genbank")
+        records = GenBankScanner(debug=0).parse_records(where)
         while True:
             try:
                 record = next(records)
             except StopIteration:
+                record = None
+            except PARSER_FAILURES as exc:  # what Biopython raises on broken text (incl. bare asserts, indexing)
+                raise _biopython_error(path, first_record, where, exc) from None
+            if where.foreign_locus:  # Biopython skips such a record as "header" text, silently
+                where.n_locus, where.line_no, where.locus = where.foreign_locus
+                problem = "LOCUS line not in GenBank layout ('LOCUS' and 7 spaces; Biopython would skip the record)"
+                raise _record_error(path, first_record, where, problem, where.locus)
+            if record is None:
                 break
-            except ValueError as exc:  # Biopython's signal for a broken record (e.g. features end without ORIGIN)
-                raise PreprocessError(f"{path}: malformed GenBank record after {last_id}: {exc}") from None
             truncated = [str(w.message) for w in caught if str(w.message).startswith(TRUNCATION_WARNINGS)]
             caught.clear()
             if truncated:
-                raise PreprocessError(f"{path}: record {record.id}: truncated ({truncated[-1]})")
+                premature = [w for w in truncated if w.startswith("Premature end")]  # a cut file also mismatches
+                problem = (premature or truncated)[-1].splitlines()[0].rstrip(". ")
+                if not premature:  # only the length differs from what the LOCUS line states
+                    where.line_no = where.locus_line_no
+                    raise _record_error(
+                        path, first_record, where, f"length differs from LOCUS ({problem})", where.locus
+                    )
+                raise _record_error(path, first_record, where, f"truncated ({problem})")
             try:
                 sequence = str(record.seq)
             except UndefinedSequenceError:
-                raise PreprocessError(f"{path}: record {record.id}: no sequence (missing ORIGIN section)") from None
+                raise _record_error(path, first_record, where, "no sequence (missing ORIGIN section)") from None
             if not sequence:
-                raise PreprocessError(f"{path}: record {record.id}: empty sequence")
-            last_id = f"record {record.id}"
+                raise _record_error(path, first_record, where, "empty sequence")
             yield molecule_modality(record), record.id, sequence
 
 
-def encode_genbank_block(path, first_record: int, block: bytes, settings: dict) -> tuple[str, bytes, int, int, int]:
+def encode_genbank_block(
+    path, first_record: int, first_line: int, block: bytes, settings: dict
+) -> tuple[str, bytes, int, int, int]:
     """(path, gzip member of shard lines, pieces, bases, input records) of one block of whole GenBank records."""
     # errors="replace": free-text annotations may hold stray Latin-1 bytes; ids and sequence are ASCII
     handle = io.StringIO(block.decode("utf-8", errors="replace"))
     pieces, n_input = [], 0
-    for modality, record_id, raw in iter_genbank_records(handle, path, first_record):
+    for modality, record_id, raw in iter_genbank_records(handle, path, first_record, first_line):
         n_input += 1
         sequence = normalise_nucleotides(raw, modality, f"{path}: record {record_id}")
         split = split_at_ambiguous_runs(sequence, modality, **settings)
@@ -108,8 +171,12 @@ def encode_genbank_block(path, first_record: int, block: bytes, settings: dict) 
 
 
 def _units(inputs):
+    """(path, records before, lines before, block): line counts let errors name a line of the file."""
     for path in inputs:
-        yield from ((path, first_record, block) for first_record, block in record_blocks(path, b"LOCUS"))
+        lines = 0
+        for first_record, block in record_blocks(path, b"LOCUS"):
+            yield path, first_record, lines, block
+            lines += block.count(b"\n")
 
 
 def preprocess_genbank(

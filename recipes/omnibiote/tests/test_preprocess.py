@@ -13,9 +13,10 @@ from Bio.SeqFeature import SeqFeature, SimpleLocation
 from Bio.SeqRecord import SeqRecord
 
 from data import TokenSource
-from errors import PreprocessError
+from errors import PreprocessError, run_cli
 from preprocessing import parallel
 from preprocessing.encode_shards import encode_shards, is_val_record
+from preprocessing.preprocess_genbank import main as main_genbank
 from preprocessing.preprocess_genbank import preprocess_genbank, split_at_ambiguous_runs
 from preprocessing.preprocess_uniprot import preprocess_uniprot
 from preprocessing.shards import iter_shard_records
@@ -97,7 +98,7 @@ def genbank_without_origin(text):
     "make_text, message",
     [
         (truncated_genbank, "truncated"),
-        (genbank_without_origin, "malformed GenBank record"),
+        (genbank_without_origin, "record 1 \\(BGC0001090\\), near line .*: Premature end of features table"),
         (lambda text: "", "no GenBank records"),
         (lambda text: "just some text\n", "no GenBank records"),
         (lambda text: text.replace("tgccttt", "tgcc1!t", 1), "invalid nucleotide"),
@@ -113,6 +114,62 @@ def test_bad_genbank_fails_cleanly_without_shards(tmp_path, sample_genbank, make
         preprocess_genbank([sample_genbank, bad], out_dir)  # a good file first: its shard must not survive
     assert str(bad) in str(info.value)
     assert not out_dir.exists()  # not even an empty folder
+
+
+def small_genbank(name: str, locus: str | None = None, source: str = '/mol_type="genomic DNA"', seq: str = "") -> str:
+    """One 60-bp GenBank record; `locus`, `source` and `seq` replace its LOCUS line, qualifier, sequence line."""
+    locus = locus or f"LOCUS       {name:<24}  60 bp    DNA     linear   BCT 01-JAN-2020"
+    seq = seq or "        1 " + " ".join(["acgtacgtac"] * 6)
+    return (
+        f"{locus}\nDEFINITION  test.\nACCESSION   {name}\nVERSION     {name}.1\n"
+        f"FEATURES             Location/Qualifiers\n     source          1..60\n                     {source}\n"
+        f"ORIGIN\n{seq}\n//\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "second, problem",
+    [
+        (
+            small_genbank("REC2", locus="LOCUS       REC2 60 xx DNA linear 1 2 3 4 5 6 7 8"),
+            "Did not recognise the LOCUS line layout: 'LOCUS       REC2 60 xx DNA linear 1 2 3 4 5 6 7 8'",
+        ),
+        (
+            small_genbank("REC2", locus="LOCUS       REC2 sixty bp DNA linear"),
+            "bad LOCUS line (invalid literal for int() with base 10: 'sixty'): 'LOCUS       REC2 sixty bp DNA linear'",
+        ),
+        (
+            small_genbank("REC2", locus="LOCUS REC2 60 bp DNA linear"),
+            "LOCUS line not in GenBank layout ('LOCUS' and 7 spaces; Biopython would skip the record): "
+            "'LOCUS REC2 60 bp DNA linear'",
+        ),
+        (
+            small_genbank("REC2", source='/mol_type="genomic DNA'),
+            "Problem with 'source' feature: '1..60 / /mol_type=\"genomic DNA'",
+        ),
+        (
+            small_genbank("REC2", seq="        " + " ".join(["acgtacgtac"] * 6)),
+            "Sequence line mal-formed, '       acgtacgtac",
+        ),
+        (
+            small_genbank("REC2").replace(" 60 bp", " 61 bp"),
+            "length differs from LOCUS (Expected sequence length 61, found 60 (REC2.1)): 'LOCUS       REC2",
+        ),
+    ],
+    ids=["locus-layout", "locus-length-word", "locus-spacing", "open-quote", "sequence-line", "locus-length"],
+)
+def test_malformed_genbank_is_one_line_naming_file_record_and_line(tmp_path, capsys, second, problem):
+    """Before: Biopython's message ended the line ("Did not recognise the LOCUS line layout:") without the line or
+    the record, a LOCUS line with other spacing lost its record silently, and an open quote printed several lines."""
+    bad = tmp_path / "two.gbk"
+    bad.write_text(small_genbank("REC1") + second)
+    assert run_cli(main_genbank, ["--num_proc", "1", str(bad), "--out_dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {bad}: record 2 (REC2), near line 1"), (
+        err
+    )  # its lines are 11-20
+    assert problem in err[0], err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
