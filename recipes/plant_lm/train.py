@@ -9,11 +9,16 @@ SIGTERM/SIGUSR1 save a checkpoint and exit 0. Outputs in `<output_dir>`: `checkp
 
 from __future__ import annotations
 
+# isort: off
+import biorecipes_shared.stop_signals  # noqa: F401  (first: a SIGTERM during the imports below sets a flag)
+
+# isort: on
 import contextlib
 import dataclasses
 import logging
 import logging.handlers
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -208,6 +213,11 @@ def set_up(cfg: Config, ctx, log: logging.Logger, layout: RunLayout, resume_from
 
 def train_epochs(cfg: Config, ctx, log: logging.Logger, run: Run, metrics: MetricsWriter, preemption) -> None:
     """Epochs from where the run is until n_epochs, or until a preemption signal (then `run.stopped`)."""
+    if preemption.should_stop():  # signalled during imports or set-up: the state is the one resumed from, no save
+        run.stopped = True
+        log.warning("stopped on a preemption signal before the first step (at step %d): nothing new to save; run "
+                    "the same command again to continue", run.step)  # fmt: skip
+        return
     for epoch in range(run.start_epoch, cfg.n_epochs):
         first_step = run.skip_steps if epoch == run.start_epoch else 0
         if not (first_step and run.rng_restored):  # mid-epoch with the saved stream: keep it
@@ -354,4 +364,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    # Interpreter shutdown restores the default action of SIGTERM/SIGUSR1 (death by signal, -15) while it unloads
+    # torch; blocked from here on, a late signal stays pending and ends with the process, which exits with its code.
+    signal.pthread_sigmask(signal.SIG_BLOCK, biorecipes_shared.stop_signals.STOP_SIGNALS)
+    sys.exit(exit_code)
