@@ -198,7 +198,11 @@ class BertForMaskedLM(PreTrainedModel):
 
     config_class = BertConfig
     base_model_prefix = "bert"
-    _tied_weights_keys = ["predictions.decoder.bias", "cls.predictions.decoder.weight"]
+    # {tied parameter: its source} (transformers 5 form): the decoder shares the gene embeddings and the head bias
+    _tied_weights_keys = {
+        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+        "cls.predictions.decoder.bias": "cls.predictions.bias",
+    }
 
     def __init__(self, config: BertConfig):
         if getattr(config, "use_te_layers", False):

@@ -34,6 +34,7 @@ def published_folder(path, safe: bool = True, with_vocab: bool = True, **config)
     with torch.no_grad():  # non-zero biases, so a reset to the recipe's init would show
         for param in model.parameters():
             param.add_(0.01 * torch.randn_like(param))
+    transformers.utils.logging.disable_progress_bar()  # transformers 5 draws one on stderr while saving
     model.save_pretrained(path, safe_serialization=safe)
     if with_vocab:
         shutil.copy(SAMPLE_DIR / "vocab.txt", path / "vocab.txt")

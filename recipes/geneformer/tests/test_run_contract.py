@@ -145,7 +145,7 @@ def test_an_unwritable_output_dir_is_one_line(tmp_path, capsys, monkeypatch):
 
 def test_the_run_folder_has_one_shape(tmp_path):
     assert train.main(tiny_overrides(tmp_path, steps=2)) == 0
-    names = sorted(p.name for p in tmp_path.iterdir())
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name != ".run.lock")  # the shared run-folder lock
     assert names == ["checkpoints", "final_model", "loss.tsv", "loss_curve.png", "metrics.jsonl", "run_finished.json"]
     assert sorted(p.name for p in (tmp_path / "final_model").iterdir()) == [
         "config.json",
