@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import pickle
 import re
 from pathlib import Path
@@ -91,16 +92,48 @@ def _is_number(value) -> bool:
     return hasattr(value, "dtype") and getattr(value.dtype, "kind", "") in "iuf" and getattr(value, "ndim", 1) == 0
 
 
+def read_text(path: str | Path, what: str) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark dropped). DataError naming the file when it is missing,
+    unreadable, not UTF-8 (e.g. Latin-1, UTF-16, a pickle under a .txt/.json name) or binary (NUL bytes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such {what} file")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"{path}: cannot read the {what} file ({error.strerror or error})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line, byte = data[: error.start].count(b"\n") + 1, data[error.start : error.start + 1]
+        raise DataError(
+            f"{path}: the {what} file is not UTF-8 text (line {line}, byte {error.start} is {byte!r}); save it as "
+            f"UTF-8{'' if what == 'gene medians' else ', or name a pickled dictionary .pkl'}"
+        ) from None
+    if "\0" in text:
+        line = text[: text.index("\0")].count("\n") + 1
+        raise DataError(f"{path}: the {what} file holds NUL bytes (line {line}); it is binary, not UTF-8 text")
+    return text
+
+
 def read_vocab(path: str | Path) -> list[str]:
-    """Tokens in id order: `vocab.txt` (one token per line) or a pickled token dictionary {token: id}."""
+    """Tokens in id order: `vocab.txt` (one token per line, UTF-8) or a pickled token dictionary {token: id}.
+
+    Raises DataError (one line naming the file, and the line where it applies) for a missing, unreadable, non-UTF-8
+    or binary file, an empty or repeated token, or a vocabulary without <pad> first and <mask>."""
     path = Path(path)
     if path.suffix == ".pkl":
         return vocab_from_token_dictionary(load_pickled_dict(path, "token dictionary"), path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such vocabulary file")
-    tokens = path.read_text().splitlines()
+    tokens = read_text(path, "vocabulary").splitlines()
     if not tokens or tokens[0] != PAD or MASK not in tokens:
         raise DataError(f"{path}: a vocabulary starts with {PAD} and contains {MASK}")
+    seen: dict[str, int] = {}
+    for line, token in enumerate(tokens, start=1):
+        if not token.strip():
+            raise DataError(f"{path}: line {line} is empty; a vocabulary has one token per line")
+        if token in seen:
+            raise DataError(f"{path}: line {line} repeats the token {token!r} of line {seen[token]}")
+        seen[token] = line
     return tokens
 
 
@@ -128,14 +161,16 @@ def read_gene_medians(path: str | Path) -> dict[str, float]:
     if path.suffix == ".pkl":
         medians = load_pickled_dict(path, "gene median dictionary")
     else:
+        text = read_text(path, "gene medians")
         try:
-            medians = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            raise DataError(f"{path}: cannot read gene medians ({error})") from None
-    if not isinstance(medians, dict) or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in medians.values()
-    ):
-        raise DataError(f"{path}: expected gene id -> positive median")
+            medians = json.loads(text)
+        except ValueError as error:
+            raise DataError(f"{path}: not a JSON file of gene medians ({error})") from None
+    if not isinstance(medians, dict):
+        raise DataError(f"{path}: expected a dictionary of gene id -> positive median, not {type(medians).__name__}")
+    for gene, value in medians.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise DataError(f"{path}: gene {gene!r} has median {value!r}; expected gene id -> positive median")
     return {str(gene): float(value) for gene, value in medians.items()}
 
 

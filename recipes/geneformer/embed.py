@@ -199,6 +199,8 @@ def write_embeddings(out: str | Path, ids: list[str], matrix: np.ndarray, record
 
 def read_cells(args: argparse.Namespace, model: BertForMaskedLM) -> tuple[Cells, list[int]]:
     """The input cells and the special-token ids to leave out of the mean."""
+    # The model folder's own vocab.txt is read here first, so that a garbled one is a one-line DataError.
+    folder_vocab = read_vocab(Path(args.model) / "vocab.txt") if (Path(args.model) / "vocab.txt").is_file() else None
     vocab = read_vocab(args.vocab) if args.vocab else None
     if vocab is not None:
         check_folder_vocab(args.model, vocab, args.vocab, model.config.vocab_size)
@@ -209,8 +211,7 @@ def read_cells(args: argparse.Namespace, model: BertForMaskedLM) -> tuple[Cells,
         cells = tokenize_h5ad(args.cells, vocab, read_gene_medians(args.gene_medians), max_length)
     else:
         cells = read_tokenized(args.cells, model.config.vocab_size)
-    if vocab is None and (Path(args.model) / "vocab.txt").is_file():
-        vocab = read_vocab(Path(args.model) / "vocab.txt")
+    vocab = vocab or folder_vocab
     # Without a vocabulary the specials are the V1/V2 convention: <pad>=0, <mask>=1 (and <cls>/<eos> after them).
     special = [i for i, t in enumerate(vocab) if t.startswith("<") and t.endswith(">")] if vocab else [0, 1]
     if args.pool == "cls":
