@@ -26,6 +26,10 @@ INVALID_CODE = 255
 CODE_LETTERS = "ATCGN"  # code -> letter, for reading the codes back
 
 
+class GtdbDataError(Exception):
+    """A problem with the user's GTDB inputs that stops the run (missing column, no genomes left, ...)."""
+
+
 class GenomeSkipped(Exception):
     """One genome file cannot be used (message: file, record and problem); the index builder logs it and goes on."""
 
@@ -135,3 +139,17 @@ def decode_genome(path: str) -> tuple[list[int], bytes] | str:
     except GenomeSkipped as reason:
         return str(reason)
     return [codes.size for _, codes in contigs], b"".join(codes.tobytes() for _, codes in contigs)
+
+
+def check_genomes_root(genomes_root: str | Path, genome_paths: list[str], probe: int = 20) -> None:
+    """Raise GtdbDataError (one line) when `genomes_root` is not a folder or holds none of the first `probe` genome
+    files: that is the wrong folder, said once, rather than a warning per genome (a few missing files stay warnings:
+    GTDB mirrors are often incomplete)."""
+    if not Path(genomes_root).is_dir():
+        raise GtdbDataError(f"data.genomes_root={genomes_root}: folder not found")
+    paths = genome_paths[:probe]
+    if paths and not any(Path(path).is_file() for path in paths):
+        raise GtdbDataError(
+            f"data.genomes_root={genomes_root}: none of the first {len(paths)} genomes of the split is there "
+            f"(e.g. {paths[0]} not found); it should be the `database` folder of gtdb_genomes_reps_rXXX"
+        )

@@ -21,11 +21,13 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from genome_fasta import (  # noqa: F401  (BASE_LOOKUP ... read_genome_contigs: re-exported)
+from genome_fasta import (  # noqa: F401  (BASE_LOOKUP ... read_genome_contigs, GtdbDataError: re-exported)
     BASE_LOOKUP,
     INVALID_CODE,
     N_CODE,
     GenomeSkipped,
+    GtdbDataError,
+    check_genomes_root,
     decode_genome,
     default_index_workers,
     ordered_map,
@@ -37,10 +39,6 @@ log = logging.getLogger(__name__)
 INDEX_FORMAT_VERSION = 2  # 2: manifest carries a fingerprint; contract-checked reader
 METADATA_COLUMNS = ("accession", "gtdb_genome_representative", "gtdb_taxonomy")
 _ACCESSION_RE = re.compile(r"^(?:RS_|GB_)?(GC[AF])_(\d{3})(\d{3})(\d{3})\.(\d+)$")
-
-
-class GtdbDataError(Exception):
-    """A problem with the user's GTDB inputs that stops the run (missing column, no genomes left, ...)."""
 
 
 # ----------------------------------------------------------------------------------------------- metadata and split
@@ -208,7 +206,10 @@ def _file_fingerprint(paths: list[str]) -> list[list]:
 def cached_family_split(
     metadata_files: list[str | Path], genomes_root: str | Path, cache_dir: str | Path, **options
 ) -> FamilySplit:
-    """`read_metadata` + `family_split`, memoised on disk: a full GTDB metadata table takes many seconds to parse."""
+    """`read_metadata` + `family_split`, memoised on disk: a full GTDB metadata table takes many seconds to parse.
+
+    Raises GtdbDataError when `genomes_root` is missing or holds none of the first genomes of the split."""
+    check_genomes_root(genomes_root, [])
     key_source = {"metadata": _file_fingerprint([str(p) for p in metadata_files]), "root": str(genomes_root), **options}
     key = hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest()[:16]
     cache_file = Path(cache_dir) / f"split-{key}.json"
@@ -226,6 +227,7 @@ def cached_family_split(
                 f"{cache_file}: the cached split does not match its recorded fingerprint (edited or damaged); "
                 "delete it to recompute the split"
             )
+        check_genomes_root(genomes_root, [e.path for e in split.val + split.train])
         return split
     split_options = {k: v for k, v in options.items() if k not in ("contamination_column", "max_contamination")}
     entries, counts = read_metadata(
@@ -240,6 +242,7 @@ def cached_family_split(
         "stats": split.stats,
     }
     _atomic_write_text(cache_file, json.dumps(payload))
+    check_genomes_root(genomes_root, [e.path for e in split.val + split.train])
     return split
 
 

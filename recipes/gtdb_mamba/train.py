@@ -19,7 +19,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import hydra
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -32,7 +31,13 @@ from biorecipes_shared.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from biorecipes_shared.distributed import all_reduce_mean, barrier, setup_distributed, teardown_distributed
+from biorecipes_shared.distributed import (
+    all_reduce_mean,
+    barrier,
+    read_launch_env,
+    setup_distributed,
+    teardown_distributed,
+)
 from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, peak_memory
 from biorecipes_shared.run import (
     RunLayout,
@@ -55,7 +60,7 @@ from data import (
 from exports import fragment_record, init_from, write_export
 from model import EmbedderConfig, mamba_ssm_available
 from preprocess import GtdbDataError, build_or_load_index, cached_family_split, shard_for_rank
-from settings import check_config
+from settings import SweepJob, check_config, describe_swept, jobs_from_argv, write_sweep_record
 
 __all__ = ["check_config", "prepare_data", "run"]
 
@@ -160,11 +165,16 @@ class RunState:
             "time_to_first_step_s": self.time_to_first_step_s,
             "start_step": self.start_step,
             "step": self.step,
+            "preempted": self.preempted,
         }
 
 
-def run(cfg: DictConfig) -> dict:
-    """The whole training run (first start, resume, or a no-op when finished); returns a summary of this call."""
+def run(cfg: DictConfig, sweep_job: SweepJob | None = None, keep_process_group: bool = False) -> dict:
+    """The whole training run (first start, resume, or a no-op when finished); returns a summary of this call.
+
+    `sweep_job`: the job of a sweep (`-m`) this run is; its swept values are recorded in the run folder once set-up
+    has succeeded, so a failed start leaves nothing behind. `keep_process_group`: leave it for the next sweep job
+    (under torchrun a second `init_process_group` after `destroy_process_group` hung here)."""
     t_start = time.perf_counter()
     check_config(cfg)
     layout = RunLayout(Path(cfg.run_dir))
@@ -183,6 +193,8 @@ def run(cfg: DictConfig) -> dict:
         setup = set_up(cfg, dist_ctx, log, layout, fresh=resume_from is None)
         state = restore(setup, resume_from)  # a checkpoint of another shape gets its own error first
         check_data_fingerprint(layout.output_dir, cfg.data, setup.split, setup.train_sampler, resume_from is not None)
+        if sweep_job is not None:
+            write_sweep_record(sweep_job)
         with (
             MetricsWriter(layout.output_dir, dist_ctx, tsv_files=TSV_FILES, resume_step=state.step) as metrics,
             PreemptionHandler() as preempt,
@@ -191,7 +203,8 @@ def run(cfg: DictConfig) -> dict:
         finish(setup, state)
         return state.summary()
     finally:
-        teardown_distributed()
+        if not keep_process_group:
+            teardown_distributed()
 
 
 def set_up(cfg: DictConfig, dist_ctx, log, layout: RunLayout, fresh: bool) -> Setup:
@@ -386,10 +399,27 @@ def resume_error(path: Path, err: Exception) -> CheckpointError:
     )
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    sys.exit(run_cli(lambda: run(cfg), user_errors=(GtdbDataError,)))
+def run_jobs(argv: list[str]) -> int:
+    """Every job of the command line, one after the other (a sweep stops at a preemption signal or an error)."""
+    jobs = jobs_from_argv(argv)
+    is_main = read_launch_env()[0] == 0
+    for job in jobs:
+        if is_main and job.number is not None:
+            header = f"sweep job {job.number} ({len(jobs)} jobs): run_dir={job.cfg.run_dir} {describe_swept(job.swept)}"
+            print(header.strip(), file=sys.stderr, flush=True)
+        last = job is jobs[-1]
+        if run(job.cfg, job if job.number is not None else None, keep_process_group=not last).get("preempted"):
+            if is_main and job.number is not None and job.number + 1 < len(jobs):
+                print("sweep stopped by the signal: run the same command to continue it", file=sys.stderr, flush=True)
+            teardown_distributed()
+            break
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: one `error: ...` line and exit 1 for bad input, settings or a failed write."""
+    return run_cli(lambda: run_jobs(sys.argv[1:] if argv is None else argv), user_errors=(GtdbDataError,))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
