@@ -9,7 +9,8 @@ Input: tokenized cells (a parquet file or a folder of them, or a Hugging Face `d
 `.h5ad` of raw counts tokenized here with preprocess.py's functions and the given vocabulary and gene medians.
 Pooling: the mean of the gene-token states of one layer (`--layer`, default -2: the second to last, as the
 original's EmbExtractor; 0 is the embedding layer, -1 the last), never counting padding or special tokens; or the
-`<cls>` state (`--pool cls`, V2 models). Cells are batched by a token budget (longest first) on CPU or GPU (bf16
+`<cls>` state (`--pool cls`, V2 models). The special tokens come from --vocab, else the model folder's vocab.txt,
+else the vocabulary preprocess.py recorded with the cells (one line of error when none says, or they disagree). Cells are batched by a token budget (longest first) on CPU or GPU (bf16
 autocast on GPU); the output rows keep the input order. Outputs are written atomically and record the model, layer
 and pooling (`.json` beside a `.npy`, schema metadata in a parquet).
 """
@@ -17,6 +18,7 @@ and pooling (`.json` beside a `.npy`, schema metadata in a parquet).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from tqdm import tqdm
 
 from biorecipes_shared.files import atomic_write
 from biorecipes_shared.run import ConfigError, run_cli
+from corpus import fingerprint, list_shards, read_shard_metadata
 from model import BertForMaskedLM, geneformer_config
 from preprocess import CLS, DataError, read_gene_medians, read_vocab, tokenize_file
 from pretrained import check_folder_vocab, load_folder_weights, read_folder_config
@@ -197,10 +200,51 @@ def write_embeddings(out: str | Path, ids: list[str], matrix: np.ndarray, record
     return [out, ids_path, record_path]
 
 
-def read_cells(args: argparse.Namespace, model: BertForMaskedLM) -> tuple[Cells, list[int]]:
-    """The input cells and the special-token ids to leave out of the mean."""
+def recorded_corpus(path: Path) -> dict | None:
+    """The fingerprint preprocess.py records in every shard of a token corpus (corpus.py): vocabulary sha256 and
+    size, style, special-token ids. None for cells without one (a `datasets` folder, another tool's parquet);
+    DataError for a folder mixing shards of different corpora."""
+    if path.suffix == ".h5ad" or (path.is_dir() and (path / "state.json").is_file()):
+        return None
+    records = [read_shard_metadata(shard) for shard in list_shards(path)]
+    known = [record for record in records if record is not None]
+    if not known:
+        return None
+    if len(known) < len(records) or any(fingerprint(r) != fingerprint(known[0]) for r in known):
+        raise DataError(f"{path}: its shards come from different corpora (or some lack the preprocessing metadata)")
+    return known[0]
+
+
+def vocab_sha256(tokens: list[str]) -> str:
+    """The digest preprocess.py records: of the vocab.txt it writes, whatever file the tokens were read from."""
+    return hashlib.sha256(("\n".join(tokens) + "\n").encode()).hexdigest()
+
+
+def special_token_ids(cells: str, vocab: list[str] | None, vocab_source, record: dict | None) -> dict[str, int]:
+    """{token: id} of the special tokens, which never enter a mean: from the vocabulary when there is one (it must be
+    the one the corpus records), else from the corpus' record. Guessing (e.g. only ids 0 and 1) would silently pool
+    V2's <cls>/<eos> into every cell, so without either this is a ConfigError."""
+    if vocab is not None:
+        if record is not None and record.get("vocab_sha256") != vocab_sha256(vocab):
+            raise DataError(
+                f"{cells} was tokenized with another vocabulary ({record.get('vocab_size')} tokens, sha256 "
+                f"{str(record.get('vocab_sha256'))[:12]}) than {vocab_source} ({len(vocab)} tokens, sha256 "
+                f"{vocab_sha256(vocab)[:12]}); embed cells tokenized with the model's vocabulary"
+            )
+        return {token: i for i, token in enumerate(vocab) if token.startswith("<") and token.endswith(">")}
+    if record is not None:
+        return {str(token): int(i) for token, i in record["special_token_ids"].items()}
+    raise ConfigError(
+        f"{cells}: these cells record no vocabulary (not written by preprocess.py) and none was given, so the special "
+        "token ids (<pad>, <mask>, <cls>, <eos>) are unknown; give --vocab (the model's vocab.txt or token_dictionary.pkl)"
+    )
+
+
+def read_cells(args: argparse.Namespace, model: BertForMaskedLM) -> tuple[Cells, dict[str, int]]:
+    """The input cells and the special tokens to leave out of the mean ({token: id})."""
     # The model folder's own vocab.txt is read here first, so that a garbled one is a one-line DataError.
-    folder_vocab = read_vocab(Path(args.model) / "vocab.txt") if (Path(args.model) / "vocab.txt").is_file() else None
+    folder_vocab_path = Path(args.model) / "vocab.txt"
+    folder_vocab = read_vocab(folder_vocab_path) if folder_vocab_path.is_file() else None
     vocab = read_vocab(args.vocab) if args.vocab else None
     if vocab is not None:
         check_folder_vocab(args.model, vocab, args.vocab, model.config.vocab_size)
@@ -211,13 +255,11 @@ def read_cells(args: argparse.Namespace, model: BertForMaskedLM) -> tuple[Cells,
         cells = tokenize_h5ad(args.cells, vocab, read_gene_medians(args.gene_medians), max_length)
     else:
         cells = read_tokenized(args.cells, model.config.vocab_size)
-    vocab = vocab or folder_vocab
-    # Without a vocabulary the specials are the V1/V2 convention: <pad>=0, <mask>=1 (and <cls>/<eos> after them).
-    special = [i for i, t in enumerate(vocab) if t.startswith("<") and t.endswith(">")] if vocab else [0, 1]
-    if args.pool == "cls":
-        cls_id = vocab.index(CLS) if vocab and CLS in vocab else None
-        if cls_id is None or any(cell[0] != cls_id for cell in cells.tokens):
-            raise ConfigError(f"--pool cls needs a V2 vocabulary (--vocab with {CLS}) and every cell to start with it")
+    source = args.vocab if vocab is not None else folder_vocab_path
+    record = recorded_corpus(Path(args.cells))
+    special = special_token_ids(args.cells, vocab or folder_vocab, source, record)
+    if args.pool == "cls" and (CLS not in special or any(cell[0] != special[CLS] for cell in cells.tokens)):
+        raise ConfigError(f"--pool cls needs V2 cells (a vocabulary with {CLS}) that all start with {CLS}")
     return cells, special
 
 
@@ -228,7 +270,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="NAME.npy (+ NAME.ids.txt, NAME.json) or NAME.parquet")
     parser.add_argument("--layer", type=int, default=-2, help="0 = embeddings, -1 = last layer; default -2")
     parser.add_argument("--pool", choices=("mean", "cls"), default="mean")
-    parser.add_argument("--vocab", help="vocab.txt of the model (needed for .h5ad input and --pool cls)")
+    parser.add_argument(
+        "--vocab",
+        help="vocab.txt or token_dictionary.pkl of the model (needed for .h5ad input and for cells that record none)",
+    )
     parser.add_argument("--gene-medians", help="gene_medians.json (for .h5ad input)")
     parser.add_argument("--max-length", type=int, help="tokens per cell for .h5ad input (default: model positions)")
     parser.add_argument("--tokens-per-batch", type=int, default=16384, help="padded tokens per forward pass")
@@ -242,8 +287,10 @@ def run(argv: list[str] | None = None) -> None:
         raise ConfigError("--tokens-per-batch and --max-length must be at least 1")
     model = load_model(args.model)
     cells, special = read_cells(args, model)
-    matrix = embed_cells(model, cells, args.layer, args.pool, args.tokens_per_batch, args.device, special)
+    ids = sorted(special.values())
+    matrix = embed_cells(model, cells, args.layer, args.pool, args.tokens_per_batch, args.device, ids)
     record = {"model": str(Path(args.model).resolve()), "cells": cells.source, "layer": args.layer, "pool": args.pool}
+    record["special_token_ids"] = special  # left out of the mean
     written = write_embeddings(args.out, cells.ids, matrix, {**record, "shape": list(matrix.shape)})
     print(f"wrote {matrix.shape[0]} × {matrix.shape[1]} embeddings: {', '.join(map(str, written))}")
 

@@ -122,9 +122,9 @@ def test_train_as_a_command(tmp_path):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from test_embed import model_dir as make_model
+    from test_embed import VOCAB, tiny_model
 
-    return make_model.__wrapped__(tmp_path_factory.mktemp("model"))
+    return tiny_model(tmp_path_factory.mktemp("model"), len(VOCAB))
 
 
 def test_embed_and_evaluate(model_dir, tmp_path, capsys):

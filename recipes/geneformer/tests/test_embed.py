@@ -14,15 +14,21 @@ from conftest import SAMPLE_DIR
 import embed
 import train
 from model import BertForMaskedLM, geneformer_config
+from preprocess import preprocess
 
 VOCAB = (SAMPLE_DIR / "vocab.txt").read_text().splitlines()
 
 
 @pytest.fixture
 def model_dir(tmp_path):
+    return tiny_model(tmp_path, len(VOCAB))
+
+
+def tiny_model(tmp_path, vocab_size: int):
+    """A random 3-layer model exported as train.py does, without a vocab.txt (like a published folder)."""
     torch.manual_seed(0)
     config = geneformer_config(
-        len(VOCAB),
+        vocab_size,
         hidden_size=32,
         num_hidden_layers=3,
         num_attention_heads=2,
@@ -98,7 +104,7 @@ def test_bad_inputs_are_one_line(model_dir, tmp_path, capsys):
     assert err == [
         f"error: {bad}: row 1 is empty or has a token id outside the model's vocabulary (767)",
         f"error: {h5ad}: an h5ad is tokenized here: give --vocab and --gene-medians",
-        "error: --pool cls needs a V2 vocabulary (--vocab with <cls>) and every cell to start with it",
+        "error: --pool cls needs V2 cells (a vocabulary with <cls>) that all start with <cls>",
     ]
     assert not list(tmp_path.glob("e*")) and not list(tmp_path.glob(".tmp*"))
 
@@ -139,3 +145,63 @@ def test_cls_pooling_of_v2_cells_takes_the_first_state_and_ignores_padding(model
     np.testing.assert_allclose(together[0], alone[0], rtol=1e-5, atol=1e-6)
     mean = embed.embed_cells(model, embed.Cells(v2, cells.ids, "v2"), special_ids=[0, 1, 2, 3], progress=False)
     assert not np.allclose(mean, together)
+
+
+@pytest.fixture(scope="module")
+def v2_corpus(tmp_path_factory):
+    """The bundled cells tokenized V2-style (<cls> genes <eos>, 64 tokens), with preprocess.py's recorded metadata."""
+    out = tmp_path_factory.mktemp("v2") / "corpus"
+    preprocess(SAMPLE_DIR / "pbmc500_counts.h5ad", out, style="v2", max_length=64)
+    return out
+
+
+def test_v2_cells_without_vocab_leave_cls_and_eos_out_of_the_mean(v2_corpus, tmp_path):
+    """Issue 18 item 7: the special ids come from the corpus' record when --vocab is not given."""
+    vocab = (v2_corpus / "vocab.txt").read_text().splitlines()
+    folder = tiny_model(tmp_path, len(vocab))
+    cells = str(v2_corpus / "cells.parquet")
+    assert embed.main([str(folder), cells, "--out", str(tmp_path / "plain.npy")]) == 0
+    assert (
+        embed.main([str(folder), cells, "--vocab", str(v2_corpus / "vocab.txt"), "--out", str(tmp_path / "v.npy")]) == 0
+    )
+    plain = np.load(tmp_path / "plain.npy")
+    np.testing.assert_array_equal(plain, np.load(tmp_path / "v.npy"))
+    record = json.loads((tmp_path / "plain.json").read_text())
+    assert record["special_token_ids"] == {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3}
+    # Reference: the mean of layer -2 over the gene positions alone (every cell is <cls> genes <eos>).
+    model = embed.load_model(folder)
+    tokens = embed.read_tokenized(cells, len(vocab)).tokens[:5]
+    assert all(t[0] == 2 and t[-1] == 3 and (t[1:-1] > 3).all() for t in tokens)
+    for row, cell in enumerate(tokens):
+        input_ids = torch.from_numpy(cell)[None]
+        keep = torch.zeros_like(input_ids, dtype=torch.bool)
+        keep[0, 1:-1] = True
+        with torch.no_grad():
+            expected = embed.pooled_states(model, input_ids, torch.ones_like(input_ids), keep, 2, "mean")
+        np.testing.assert_allclose(plain[row], expected[0].numpy(), rtol=1e-5, atol=1e-6)
+    old_rule = embed.embed_cells(model, embed.read_tokenized(cells, len(vocab)), special_ids=[0, 1], progress=False)
+    assert np.abs(old_rule - plain).max() > 1e-3  # averaging <cls>/<eos> in (the old default) is visibly different
+
+
+def test_cells_that_record_no_vocabulary_or_another_one_are_refused(v2_corpus, tmp_path, capsys):
+    vocab = (v2_corpus / "vocab.txt").read_text().splitlines()
+    folder = tiny_model(tmp_path, len(vocab))
+    table = pq.read_table(v2_corpus / "cells.parquet")
+    pq.write_table(table.replace_schema_metadata(None), tmp_path / "bare.parquet")  # e.g. written by another tool
+    swapped = vocab[:4] + [vocab[5], vocab[4]] + vocab[6:]  # same size and specials, two genes exchanged
+    (tmp_path / "swapped.txt").write_text("\n".join(swapped) + "\n")
+    out = ["--out", str(tmp_path / "e.npy")]
+    assert embed.main([str(folder), str(tmp_path / "bare.parquet"), *out]) == 1
+    assert (
+        embed.main([str(folder), str(v2_corpus / "cells.parquet"), "--vocab", str(tmp_path / "swapped.txt"), *out]) == 1
+    )
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"error: {tmp_path / 'bare.parquet'}: these cells record no vocabulary")
+    assert lines[0].endswith("give --vocab (the model's vocab.txt or token_dictionary.pkl)")
+    assert lines[1].startswith(
+        f"error: {v2_corpus / 'cells.parquet'} was tokenized with another vocabulary (769 tokens"
+    )
+    assert not list(tmp_path.glob("e.*"))
+    # the bare cells with --vocab are fine
+    assert embed.main([str(folder), str(tmp_path / "bare.parquet"), "--vocab", str(v2_corpus / "vocab.txt"), *out]) == 0
