@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from transformers.activations import ACT2FN
 
+from batching import BATCHING_MODES
 from biorecipes_shared.run import ConfigError, check_settings
 from model import check_te_config, geneformer_config
 from pretrained import merge_folder_config, read_folder_config
@@ -71,6 +72,10 @@ class DataConfig:
     micro_batch_size: int = MISSING
     mlm_probability: float = MISSING
     pad_to_multiple_of: int = MISSING
+    # batching.BATCHING_MODES: random (padded to the longest of random cells), length_grouped (mega-batches of 50
+    # micro-batches sorted by length, as the original pretraining), packed (cells back to back in rows of
+    # max_seq_length, attention within each cell; micro_batch_size counts rows)
+    batching: str = "length_grouped"
 
 
 @dataclass
@@ -264,6 +269,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"model.hidden_act={model.hidden_act!r} is unknown (e.g. relu, gelu, gelu_new)")
     _check_schedule(training)
     _check_parallelism(model, training)
+    _check_batching(model, data)
     from fp8 import fp8_backend  # fp8.py imports this module (ConfigError): import it here, not at the top
 
     fp8_backend(cfg)  # te or torchao; ConfigError when FP8 cannot run here
@@ -279,6 +285,16 @@ def _check_schedule(training: DictConfig) -> None:
             importlib.import_module("wandb")
         except ImportError as error:
             raise ConfigError(f"training.wandb_init_args is set but wandb does not import ({error})") from None
+
+
+def _check_batching(model: DictConfig, data: DictConfig) -> None:
+    if data.batching not in BATCHING_MODES:
+        raise ConfigError(f"data.batching={data.batching!r}: use one of {', '.join(BATCHING_MODES)}")
+    if data.batching == "packed" and model.use_te_layers:
+        # TE's padding mask cannot say which cell a token belongs to (its THD format would; not wired yet)
+        raise ConfigError(
+            "data.batching=packed needs the plain layers: set model.use_te_layers=false or another batching"
+        )
 
 
 def _check_parallelism(model: DictConfig, training: DictConfig) -> None:

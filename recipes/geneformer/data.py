@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from batching import check_fills_a_batch, epoch_order, iterate_batches  # noqa: F401  (their old home)
 from corpus import FORMAT_VERSION, fingerprint, list_shards, read_shard_metadata, write_text_atomic
 from dictionaries import DataError, file_sha256
 from model import IGNORE_INDEX
@@ -291,9 +292,10 @@ def check_corpus_fingerprint(train_path: str | Path, vocab_path: str | Path) -> 
 
 @dataclass
 class MaskingCollator:
-    """Pads a list of cells (to a multiple of `pad_to_multiple_of`, at most `max_length`) and applies BERT masking: of the `mlm_probability` chosen gene tokens, 80% become
-    `<mask>`, 10% a random gene and 10% stay; labels are IGNORE_INDEX elsewhere. Special tokens are never chosen.
-    Draws only from its own generator, so a resumed run reproduces the masks exactly."""
+    """Pads a list of cells (to a multiple of `pad_to_multiple_of`, at most `max_length`), or packs rows of cells
+    (`pack`), and applies BERT masking: of the `mlm_probability` chosen gene tokens, 80% become `<mask>`, 10% a
+    random gene and 10% stay; labels are IGNORE_INDEX elsewhere. Special tokens are never chosen. Draws only from
+    its own generator, so a resumed run reproduces the masks exactly."""
 
     vocab: list[str]
     mlm_probability: float = 0.15
@@ -309,19 +311,42 @@ class MaskingCollator:
         if self.generator is None:
             self.generator = torch.Generator().manual_seed(0)
 
-    def __call__(self, cells: list[np.ndarray]) -> dict[str, torch.Tensor]:
-        longest = max(len(cell) for cell in cells)
+    def _width(self, longest: int) -> int:
         width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         if self.max_length is not None:
             if longest > self.max_length:
                 raise ValueError(f"a cell of {longest} tokens is longer than max_length={self.max_length}")
             # The multiple only helps kernels; a width past the position table would index beyond it.
             width = min(width, self.max_length)
-        input_ids = torch.full((len(cells), width), self.pad_id, dtype=torch.long)
+        return width
+
+    def __call__(self, cells: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        """One cell per row, padded: input_ids, attention_mask (1 = real token), labels; each [cells, width]."""
+        input_ids = torch.full((len(cells), self._width(max(len(c) for c in cells))), self.pad_id, dtype=torch.long)
         for row, cell in enumerate(cells):
             input_ids[row, : len(cell)] = torch.from_numpy(np.array(cell, dtype=np.int64))
-        attention_mask = (input_ids != self.pad_id).long()
+        return self._mask(input_ids)
 
+    def pack(self, rows: list[list[np.ndarray]]) -> dict[str, torch.Tensor]:
+        """Several cells per row, back to back: the padded batch's keys plus `position_ids` (restarting at 0 in each
+        cell) and `segment_ids` (1, 2, ... per cell of a row, 0 on padding), each [rows, width]. The model attends
+        only within a segment, so each cell is computed as if alone. Masking is drawn per real token as in `__call__`."""
+        width = self._width(max(sum(len(cell) for cell in row) for row in rows))
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        segment_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            start = 0
+            for segment, cell in enumerate(row, start=1):
+                end = start + len(cell)
+                input_ids[r, start:end] = torch.from_numpy(np.array(cell, dtype=np.int64))
+                position_ids[r, start:end] = torch.arange(len(cell))
+                segment_ids[r, start:end] = segment
+                start = end
+        return {**self._mask(input_ids), "position_ids": position_ids, "segment_ids": segment_ids}
+
+    def _mask(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        attention_mask = (input_ids != self.pad_id).long()
         maskable = ~torch.isin(input_ids, self.special_ids)
         draw = torch.rand(input_ids.shape, generator=self.generator)
         chosen = maskable & (draw < self.mlm_probability)
@@ -340,61 +365,7 @@ class MaskingCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def epoch_order(num_cells: int, epoch: int, seed: int, rank: int, world_size: int) -> np.ndarray:
-    """This rank's cell indices for one epoch: a seeded permutation, cut to a multiple of world_size, strided."""
-    generator = torch.Generator().manual_seed(seed + epoch)
-    order = torch.randperm(num_cells, generator=generator).numpy()
-    usable = (num_cells // world_size) * world_size
-    return order[:usable][rank::world_size]
-
-
-def batches_per_epoch(num_cells: int, micro_batch_size: int, world_size: int) -> int:
-    """Full micro-batches per rank per epoch (a trailing partial batch is dropped so every rank steps together)."""
-    return (num_cells // world_size) // micro_batch_size
-
-
-def check_fills_a_batch(dataset: CellDataset, micro_batch_size: int, world_size: int) -> None:
-    """Raise DataError when the corpus cannot give every rank one full micro-batch."""
-    if batches_per_epoch(len(dataset), micro_batch_size, world_size) == 0:
-        raise DataError(
-            f"{dataset.path}: {len(dataset)} cells cannot fill one micro-batch of {micro_batch_size} on {world_size} ranks"
-        )
-
-
-def iterate_batches(
-    dataset: CellDataset,
-    collator: MaskingCollator,
-    micro_batch_size: int,
-    seed: int,
-    rank: int,
-    world_size: int,
-    position: dict | None = None,
-):
-    """An iterator of (position, batch), forever; `position` is where the data stands *after* that batch.
-
-    The cells form one global stream, the same for every world size: the seeded permutation of epoch 0, then of
-    epoch 1, and so on. Each global step takes the next `world_size × micro_batch_size` cells of the stream and rank r
-    gets the r-th block of `micro_batch_size`, so a position `{"epoch": e, "cells_done": n}` (identical on every rank)
-    lets a resumed run continue under any world size with no cell replayed or skipped. A step may span two epochs.
-    Checks the corpus now, not at the first next() (a generator body would only run then)."""
-    check_fills_a_batch(dataset, micro_batch_size, world_size)
-    position = dict(position or {"epoch": 0, "cells_done": 0})
-    if "cells_done" not in position:  # written by the per-rank (epoch, batch) version of this recipe
-        raise DataError(f"data position {position} predates the global one: start a new training.output_dir")
-    return _batches(dataset, collator, micro_batch_size, seed, rank, world_size, position)
-
-
-def _batches(dataset, collator, micro_batch_size, seed, rank, world_size, position):
-    epoch, done, num_cells = int(position["epoch"]), int(position["cells_done"]), len(dataset)
-    order = epoch_order(num_cells, epoch, seed, 0, 1)  # the whole permutation; ranks take blocks of each step
-    while True:
-        step_cells = []
-        while len(step_cells) < world_size * micro_batch_size:
-            take = order[done : done + world_size * micro_batch_size - len(step_cells)]
-            step_cells.extend(int(i) for i in take)
-            done += len(take)
-            if done == num_cells:
-                epoch, done = epoch + 1, 0
-                order = epoch_order(num_cells, epoch, seed, 0, 1)
-        mine = step_cells[rank * micro_batch_size : (rank + 1) * micro_batch_size]
-        yield {"epoch": epoch, "cells_done": done}, collator([dataset[i] for i in mine])
+def batch_token_counts(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(real tokens, token positions computed) of a batch, padded or packed: what `ThroughputMeter.update(tokens=,
+    positions=)` takes, so the logged useful_token_fraction is the share of the compute spent on cells."""
+    return int(batch["attention_mask"].sum()), batch["input_ids"].numel()

@@ -16,6 +16,8 @@ from transformers import BertConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import MaskedLMOutput
 
+from packed_attention import attention, attention_spec
+
 try:
     import transformer_engine.pytorch as te
 except Exception:  # TE raises RuntimeError, not ImportError, when its CUDA libraries are missing
@@ -55,8 +57,12 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        positions = self.position_embeddings.weight[: input_ids.shape[1]]
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """`position_ids` [batch, seq] for packed rows (restarting per cell); None: 0..seq-1 in every row."""
+        if position_ids is None:
+            positions = self.position_embeddings.weight[: input_ids.shape[1]]
+        else:
+            positions = self.position_embeddings(position_ids)
         embedded = self.word_embeddings(input_ids) + positions + self.token_type_embeddings.weight[0]
         return self.dropout(self.LayerNorm(embedded))
 
@@ -89,8 +95,9 @@ class BertLayer(nn.Module):
         self.activation = ACT2FN[config.hidden_act]
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, hidden: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        """`keep`: bool [batch, 1, 1, seq], True for real tokens (None when the batch has no padding)."""
+    def forward(self, hidden: torch.Tensor, keep) -> torch.Tensor:
+        """`keep` (packed_attention.attention_spec): None (no padding), bool [batch, 1, 1, seq] True for real tokens,
+        or Segments (packed rows: attention within each cell only)."""
         batch, seq, width = hidden.shape
         qkv_layers = self.attention["self"]
         # One GEMM for q, k and v (the weights stay separate so the names match Hugging Face BERT).
@@ -98,9 +105,7 @@ class BertLayer(nn.Module):
         bias = torch.cat([qkv_layers[n].bias for n in ("query", "key", "value")])
         qkv = F.linear(hidden, weight, bias).view(batch, seq, 3, self.num_heads, width // self.num_heads)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        context = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=keep, dropout_p=self.attention_dropout if self.training else 0.0
-        )
+        context = attention(query, key, value, keep, self.attention_dropout if self.training else 0.0)
         context = context.transpose(1, 2).reshape(batch, seq, width)
         attn_out = self.attention["output"]
         hidden = attn_out["LayerNorm"](hidden + self.dropout(attn_out["dense"](context)))
@@ -183,11 +188,16 @@ class BertEncoderModel(nn.Module):
             {"layer": nn.ModuleList(layer_cls(config) for _ in range(config.num_hidden_layers))}
         )
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        keep = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            keep = attention_mask.bool()[:, None, None, :]
-        hidden = self.embeddings(input_ids)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`position_ids`, `segment_ids` [batch, seq]: packed rows (MaskingCollator.pack); None for one cell a row."""
+        keep = attention_spec(attention_mask, segment_ids)
+        hidden = self.embeddings(input_ids, position_ids)
         for layer in self.encoder["layer"]:
             hidden = layer(hidden, keep)
         return hidden
@@ -241,13 +251,16 @@ class BertForMaskedLM(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         masked_logits_only: bool = False,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
         **unused,
     ) -> MaskedLMOutput:
         """Logits for every position; with `masked_logits_only` and labels, only for the labelled positions
-        (shape [n_labelled, vocab], row-major order): the same loss at a fraction of the decoder cost."""
+        (shape [n_labelled, vocab], row-major order): the same loss at a fraction of the decoder cost.
+        `position_ids` / `segment_ids` [batch, seq] describe packed rows (several cells a row, see data.py)."""
         if unused.get("token_type_ids") is not None and bool(unused["token_type_ids"].any()):
             raise ValueError("Geneformer has a single token type; token_type_ids must be all zero")
-        hidden = self.bert(input_ids, attention_mask)
+        hidden = self.bert(input_ids, attention_mask, position_ids, segment_ids)
         if labels is not None and masked_logits_only:
             selected = labels != IGNORE_INDEX
             logits = self.cls["predictions"](hidden[selected])
