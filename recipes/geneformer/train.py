@@ -109,10 +109,17 @@ def train_loop(run: Run, state: RunState, metrics: MetricsWriter) -> None:
         run.dist_ctx.rank,
         run.dist_ctx.world_size,
         state.position,
+        batching=run.cfg.data.batching,
     )
     meter = ThroughputMeter()
     run.wrapped.train()
     with PreemptionHandler() as preemption:
+        if preemption.should_stop():  # signalled during imports or set-up: the last saved state stands
+            state.preempted = True
+            run.log.warning(
+                f"{preemption.signal_name()} before step {state.step + 1}: stopped; rerun the same command to continue"
+            )
+            return
         while state.step < training.num_train_steps:
             state.position, batch = next(batches)
             loss, grad_norm = train_step(run, batch)
