@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 VOCAB_SIZE = 4096  # 4**6 six-mers; also the number of memory buckets
 
@@ -209,7 +210,16 @@ class PlantLM(nn.Module):
         self.lm_head = nn.Linear(d_model, VOCAB_SIZE, bias=False)
         self.lm_head.weight = self.token_embedding.weight  # tied input/output 6-mer embeddings
         self.memory = BucketMemory(d_model)
+        # Execution switches, not architecture: neither changes a weight, a state-dict key or a result.
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
+
+    def compile_blocks(self, **options) -> None:
+        """torch.compile each transformer block in place (`nn.Module.compile`): the state-dict keys stay those of
+        the eager model, so compiled and eager runs read each other's checkpoints. The bucket memory's staging and
+        commit (in-place buffer updates) stay eager, outside the compiled graphs."""
+        for block in self.blocks:
+            block.compile(**options)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -236,7 +246,12 @@ class PlantLM(nn.Module):
         x = self.drop(x)
         memory, nonempty = self.memory.read()
         for block in self.blocks:
-            x = block(x, memory, nonempty)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # Keeps only each block's input; backward recomputes the block (same dropout masks: the RNG state
+                # is saved). A block never touches the memory, so a recompute cannot stage or commit twice.
+                x = checkpoint(block, x, memory, nonempty, use_reentrant=False)
+            else:
+                x = block(x, memory, nonempty)
         return x
 
     def pooled_embedding(self, input_ids: torch.Tensor, species_ids: torch.Tensor, lengths: torch.Tensor):

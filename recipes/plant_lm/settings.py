@@ -63,6 +63,9 @@ class Config:
     wandb: bool = False
     wandb_project: str = "plant_lm"
     num_threads: int = 0  # torch CPU threads; 0 = torch default
+    # execution switches (results unchanged; checkpoints interchangeable between on and off)
+    compile: bool = False  # torch.compile each transformer block (off: slower on CPU here, see BENCHMARKS.md)
+    activation_checkpointing: bool = False  # recompute each block in backward: less activation memory, more time
 
 
 def parse_config(argv: list[str] | None = None) -> Config:

@@ -204,10 +204,14 @@ def set_up(cfg: Config, ctx, log: logging.Logger, layout: RunLayout, resume_from
     elif cfg.init_from:
         load_weights(cfg.init_from, model)
         log.info("initialised from %s (weights and bucket memory)", cfg.init_from)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    if cfg.compile:
+        model.compile_blocks()  # in place, before DDP wraps the model: state-dict keys unchanged
     # Buffers are not broadcast: every rank applies the same all-reduced bucket update itself.
     run.ddp = DistributedDataParallel(model, broadcast_buffers=False) if ctx.is_distributed else None
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model: %.2fM parameters, %d ranks, device %s, amp %s", n_params / 1e6, ctx.world_size, ctx.device, dtype)
+    log.info("model: %.2fM parameters, %d ranks, device %s, amp %s, compile %s, activation checkpointing %s",
+             n_params / 1e6, ctx.world_size, ctx.device, dtype, cfg.compile, cfg.activation_checkpointing)  # fmt: skip
     return run
 
 
@@ -234,12 +238,13 @@ def train_epochs(cfg: Config, ctx, log: logging.Logger, run: Run, metrics: Metri
 def run_epoch(cfg: Config, ctx, log, run: Run, metrics, preemption, epoch: int, first_step: int, batches) -> None:
     """Optimizer steps `first_step + 1 .. steps_per_epoch` of `epoch`: step, log, checkpoint."""
     meter = ThroughputMeter()
-    tokens_per_step = cfg.batch_size * cfg.accumulation_steps * cfg.context_size * ctx.world_size
     for step_in_epoch in range(first_step + 1, cfg.steps_per_epoch + 1):
-        loss, grad_norm = train_step(cfg, ctx, run.model, run.ddp, run.optimizer, run.scheduler, run.scaler, batches,
-                                     run.dtype)  # fmt: skip
+        loss, grad_norm, tokens = train_step(cfg, ctx, run.model, run.ddp, run.optimizer, run.scheduler, run.scaler,
+                                             batches, run.dtype)  # fmt: skip
         run.step += 1
-        meter.update(samples=cfg.batch_size * cfg.accumulation_steps * ctx.world_size, tokens=tokens_per_step)
+        # Every training window is whole (a run too short for one yields none), so there is no padding: the
+        # positions computed on are all real tokens and useful_token_fraction is 1 by construction.
+        meter.update(samples=cfg.batch_size * cfg.accumulation_steps, tokens=tokens, positions=tokens)
         run.losses.append(loss)
         log_step(log, metrics, ctx, epoch, run.step, loss, run.scheduler.get_last_lr()[0], grad_norm, meter)
         run.stopped = preemption.should_stop()
@@ -299,11 +304,14 @@ def plot_curve(layout: RunLayout) -> None:
         plot_loss_curve(layout.metrics, layout.loss_curve)
 
 
-def train_step(cfg, ctx, model, ddp, optimizer, scheduler, scaler, batches, dtype) -> tuple[float, float]:
-    """One optimizer step over `accumulation_steps` micro-batches, then the bucket memory commit."""
-    step_loss = 0.0
+def train_step(cfg, ctx, model, ddp, optimizer, scheduler, scaler, batches, dtype) -> tuple[float, float, int]:
+    """One optimizer step over `accumulation_steps` micro-batches, then the bucket memory commit.
+
+    Returns (loss averaged over ranks, grad norm, input tokens this process computed on)."""
+    step_loss, tokens = 0.0, 0
     for micro in range(cfg.accumulation_steps):
         batch = next(batches)
+        tokens += batch.input_ids.numel()
         sync_now = ddp is None or micro == cfg.accumulation_steps - 1
         with contextlib.nullcontext() if sync_now else ddp.no_sync():
             with torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype is not None):
@@ -322,7 +330,7 @@ def train_step(cfg, ctx, model, ddp, optimizer, scheduler, scaler, batches, dtyp
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     model.memory.commit(cfg.global_context, cfg.memory_normalize_every)  # after the step, outside autograd
-    return all_reduce_mean(step_loss), float(grad_norm)
+    return all_reduce_mean(step_loss), float(grad_norm), tokens
 
 
 def log_step(log, metrics, ctx, epoch, step, loss, lr, grad_norm, meter) -> None:
@@ -337,7 +345,7 @@ def log_step(log, metrics, ctx, epoch, step, loss, lr, grad_norm, meter) -> None
     }
     metrics.log(step, epoch=epoch + 1, **record)
     log.info(
-        "epoch %d step %d loss %.4f lr %.2e grad_norm %.3f %.1f samples/s %.0f tokens/s rss %.2f GiB%s",
+        "epoch %d step %d loss %.4f lr %.2e grad_norm %.3f %.1f samples/s %.0f tokens/s useful %.2f rss %.2f GiB%s",
         epoch + 1,
         step,
         loss,
@@ -345,6 +353,7 @@ def log_step(log, metrics, ctx, epoch, step, loss, lr, grad_norm, meter) -> None
         grad_norm,
         record["samples_per_s"],
         record["tokens_per_s"],
+        record["useful_token_fraction"],
         record["cpu_rss_gib"],
         "".join(f" {k} {v:.2f}" for k, v in record.items() if k.startswith(("cuda", "gpu"))),
     )
