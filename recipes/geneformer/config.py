@@ -117,6 +117,7 @@ USAGE = """usage: train.py [--config-name NAME] [--cfg job|all] [key=value ...]
 
   --config-name NAME   one of hydra_config/*.yaml: l0_sanity (default), l0_sanity_v2, 10m, 106m, 4b, v2_104m, v2_316m
   --cfg job|all        print the composed configuration and exit
+  -m, --multirun       a Hydra sweep: every job, one after another, in <training.output_dir>/<job number>/
   key=value            Hydra overrides, e.g. training.num_train_steps=100 model.use_te_layers=true
 """
 

@@ -13,14 +13,20 @@ loss_curve.png, run_finished.json. DDP by default, FSDP2 with training.use_fsdp=
 
 from __future__ import annotations
 
+# isort: off
+import biorecipes_shared.stop_signals  # noqa: F401  (first: a SIGTERM during the imports below sets a flag)
+
+# isort: on
 import contextlib
 import math
+import signal
 import sys
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+import sweep
 from biorecipes_shared.checkpoint import export_safetensors, save_checkpoint, unwrap_model
 from biorecipes_shared.distributed import all_reduce_mean, read_launch_env, teardown_distributed
 from biorecipes_shared.files import atomic_write
@@ -188,11 +194,29 @@ def train(cfg: DictConfig, logger_factory=get_logger) -> list[float]:
     return state.losses
 
 
+def run_sweep(argv: list[str]) -> None:
+    """Every job of a `-m` sweep in its own run folder (sweep.py); a job stopped by a signal ends the sweep."""
+    show, configs = sweep.sweep_configs(argv)
+    if show is not None:
+        sweep.print_configs(configs, show)
+        return
+    for number, (job, cfg) in enumerate(configs):
+        print(f"sweep job {number}/{len(configs)}: {' '.join(job)} -> {cfg.training.output_dir}", file=sys.stderr)
+        train(cfg)
+        if finished_run(RunLayout(recipe_path(cfg.training.output_dir)), cfg.training.num_train_steps) is None:
+            print(f"sweep stopped at job {number}: rerun the same command to continue", file=sys.stderr)
+            return
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line: one `error: …` line and exit 1 for bad input, settings or a failed write."""
 
     def entry() -> None:
-        cfg = config_from_argv(argv)
+        args = sys.argv[1:] if argv is None else list(argv)
+        if sweep.is_sweep(args):
+            run_sweep(args)
+            return
+        cfg = config_from_argv(args)
         if cfg is not None:
             train(cfg)
 
@@ -200,4 +224,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    # Interpreter shutdown puts back the default action of a signal that has a Python handler (death by signal, -15)
+    # while it unloads torch; an ignored one it leaves alone. The run is over here: a late stop signal has nothing to
+    # stop (blocking it would not do: torch's threads would still take it).
+    for signum in biorecipes_shared.stop_signals.STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    sys.exit(exit_code)

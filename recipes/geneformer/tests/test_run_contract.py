@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -72,14 +73,31 @@ def test_sigterm_saves_exits_0_and_the_rerun_equals_an_uninterrupted_run(tmp_pat
     for line in proc.stderr:
         if "step 3/40" in line:
             proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)  # a scheduler that signals again while the preemption checkpoint is being written
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
             break
     proc.communicate()
     assert proc.returncode == 0
     saved = [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()]
     assert len(saved) == 1 and saved[0] != "step_00000040" and not (tmp_path / "cut" / "final_model").exists()
+    verify_checkpoint(tmp_path / "cut" / "checkpoints" / saved[0])
     run_command(command(tmp_path / "cut"), cwd=tmp_path)
     assert losses(tmp_path / "cut") == losses(tmp_path / "straight")
     assert same_weights(tmp_path / "straight", tmp_path / "cut")
+
+
+@pytest.mark.slow
+def test_sigterm_during_imports_and_set_up_exits_0_before_the_first_step(tmp_path):
+    command = [sys.executable, TRAIN, *tiny_overrides(tmp_path / "run", steps=40)]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=child_env(), cwd=tmp_path)
+    time.sleep(1.5)  # importing torch alone takes longer: the signal lands during imports or set-up
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate()
+    assert proc.returncode == 0, err
+    assert "SIGTERM before step 1: stopped" in err and "step 1/40" not in err
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert not (checkpoints.exists() and any(checkpoints.iterdir())) and not (tmp_path / "run" / "final_model").exists()
 
 
 def test_a_finished_run_is_left_alone_and_says_so_in_one_line(tmp_path, capsys):

@@ -18,6 +18,7 @@ from conftest import RECIPE_DIR, tiny_overrides
 
 import model as model_module
 import train
+from biorecipes_shared import stop_signals
 from config import load_config
 from model import BertForMaskedLM, check_te_config, geneformer_config
 
@@ -221,8 +222,8 @@ def test_preemption_saves_stops_and_resumes_identically(tmp_path, monkeypatch):
 
         def should_stop(self):
             SignalAtStep3.calls += 1
-            if SignalAtStep3.calls == 3:
-                self._handle(signal.SIGTERM, None)
+            if SignalAtStep3.calls == 4:  # the first check is before step 1
+                stop_signals._handle(signal.SIGTERM, None)
             return super().should_stop()
 
     extra = {"training.save_every_n_steps": 100, "model.hidden_dropout_prob": 0.1}
