@@ -13,6 +13,11 @@ Outputs: `<run_dir>/{checkpoints/step_N,final_model,metrics.jsonl,loss_curve.png
 
 from __future__ import annotations
 
+# isort: off
+import biorecipes_shared.stop_signals  # noqa: F401  (first: a SIGTERM during the imports below sets a flag)
+
+# isort: on
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -274,6 +279,12 @@ def restore(setup: Setup, resume_from: Path | None) -> RunState:
 def train_loop(setup: Setup, state: RunState, metrics: MetricsWriter, preempt, t_start: float) -> None:
     """Steps until `stop_step` or a preemption signal; validation each epoch, checkpoints as configured."""
     cfg, accumulation = setup.cfg, setup.cfg.train.grad_accumulation
+    if preempt.should_stop():  # signalled during imports or set-up: the newest checkpoint (if any) is this state
+        setup.log.warning(
+            "stopped on a preemption signal before step %d; run the same command to continue", state.step + 1
+        )
+        state.preempted = True
+        return
     if cfg.val.at_start and state.step == 0:
         validate_and_log(setup, state, metrics)
     # Batch b of this rank is a pure function of (seed, rank, b): resuming at `step` needs no loader state.
@@ -422,4 +433,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    # The run is over. CPython's finalization puts SIG_DFL back for signals with a Python handler, so a SIGTERM
+    # landing in the exit (e.g. a second one ~0.3 s after the first) would kill the process with -15: ignore them.
+    for signum in biorecipes_shared.stop_signals.STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    sys.exit(exit_code)

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,18 +52,37 @@ def assert_same_run(expected: Path, got: Path) -> None:
 
 
 def test_sigterm_saves_exits_0_and_the_rerun_is_the_uninterrupted_run(gtdb_fixture, tmp_path, reference):
+    """A second SIGTERM ~0.3 s after the first lands in the preemption save: still exit 0 and a valid checkpoint."""
     cmd = command(gtdb_fixture, tmp_path, tmp_path / "run")
     proc = subprocess.Popen(cmd, cwd=RECIPE_DIR, env=child_env(), stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
         if "step 1: loss" in line:
             proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
             break
     rest = proc.stderr.read()
     assert proc.wait() == 0, rest
     assert "preemption signal" in rest and not (tmp_path / "run" / "run_finished.json").exists()
+    verify_checkpoint(sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1])
     resumed = run_command(cmd, cwd=RECIPE_DIR)
     assert "resumed from" in resumed.stderr
     assert_same_run(reference, tmp_path / "run")
+
+
+def test_sigterm_during_set_up_exits_0_before_the_first_step(gtdb_fixture, tmp_path):
+    cmd = command(gtdb_fixture, tmp_path, tmp_path / "run")
+    proc = subprocess.Popen(cmd, cwd=RECIPE_DIR, env=child_env(), stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "split:" in line:  # reading the metadata: before the model, the index and the loop exist
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait() == 0, rest
+    assert "stopped on a preemption signal before step 1" in rest and "step 1: loss" not in rest
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+    assert not (tmp_path / "run" / "run_finished.json").exists()
 
 
 def test_finished_run_rerun_is_a_one_line_no_op(gtdb_fixture, tmp_path, reference):
