@@ -8,10 +8,15 @@ serves the first run and every requeue: it resumes from the newest valid checkpo
 
 from __future__ import annotations
 
+# isort: off
+import biorecipes_shared.stop_signals  # noqa: F401  (first: a SIGTERM during the imports below sets a flag)
+
+# isort: on
 import contextlib
 import dataclasses
 import importlib.util
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -239,22 +244,23 @@ def after_step(run: Training, loss, grad_norm, tokens_before: int, meter: Throug
         run.checkpoint()
 
 
-def train_loop(run: Training) -> bool:
-    """Steps until the last one or a preemption signal; True when the run reached its last step."""
+def train_loop(run: Training, preemption: PreemptionHandler) -> bool:
+    """Steps until the last one or a stop signal (checked before every step, the first included, so a signal
+    during set-up stops cleanly); True when the run reached its last step."""
     config, state = run.config, run.state
     end = last_step(config, run.plan)
     meter = ThroughputMeter()
-    with PreemptionHandler() as preemption:
-        while state.step < end:
-            tokens_before = state.tokens_seen(config.ctx_len)
-            loss, grad_norm = train_step(run)
-            step_tokens = state.tokens_seen(config.ctx_len) - tokens_before
-            meter.update(samples=step_tokens // config.ctx_len, tokens=step_tokens)
-            after_step(run, loss, grad_norm, tokens_before, meter)
-            if preemption.should_stop():
-                run.log.info("preempted at step %d", state.step)
-                break
-    run.checkpoint()
+    while state.step < end:
+        if preemption.should_stop():
+            run.log.info("preempted at step %d", state.step)
+            break
+        tokens_before = state.tokens_seen(config.ctx_len)
+        loss, grad_norm = train_step(run)
+        step_tokens = state.tokens_seen(config.ctx_len) - tokens_before
+        meter.update(samples=step_tokens // config.ctx_len, tokens=step_tokens)
+        after_step(run, loss, grad_norm, tokens_before, meter)
+    if state.step > 0:  # a fresh run stopped before its first step has nothing to save
+        run.checkpoint()
     return state.step >= end
 
 
@@ -321,11 +327,15 @@ def train(config: TrainConfig, dist_ctx) -> Path | None:
         config.mini_batch_size,
         dist_ctx.world_size,
     )
-    open_metrics(run)
-    try:
-        reached_end = train_loop(run)
-    finally:
-        run.metrics.close()
+    with PreemptionHandler() as preemption:
+        if preemption.should_stop():  # signalled during imports or set-up: stop before writing anything
+            log.info("stopped before the first step; rerun the same command to continue")
+            return None
+        open_metrics(run)
+        try:
+            reached_end = train_loop(run, preemption)
+        finally:
+            run.metrics.close()
     finish(run, reached_end)
     return config.layout.final_model if reached_end else None
 
@@ -340,4 +350,9 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, user_errors=(OmniBioteError,)))
+    exit_code = run_cli(main, user_errors=(OmniBioteError,))
+    # Interpreter shutdown puts back the default action (death by signal, -15) of signals that have a Python handler,
+    # and torch's threads do not share a main-thread sigmask; an ignored signal stays ignored through shutdown.
+    for signum in biorecipes_shared.stop_signals.STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    sys.exit(exit_code)

@@ -5,8 +5,11 @@ import errno
 import json
 import logging
 import signal
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from safetensors.torch import load_file
 from biorecipes_shared import checkpoint as checkpoint_module
 from biorecipes_shared.checkpoint import latest_checkpoint, verify_checkpoint
 from biorecipes_shared.run import run_cli
+from biorecipes_shared.run_lock import LOCK_NAME
 from biorecipes_shared.testing import child_env, kill_around_saves, run_command, torchrun_command
 from errors import OmniBioteError
 from model import OmniBioTA, OmniBioTAConfig
@@ -149,7 +153,8 @@ def test_a_final_model_write_error_leaves_no_temp_folder(tmp_path, sample_base_d
     monkeypatch.undo()
     err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and "Permission denied" in err[0] and "model.safetensors" in err[0], err
-    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")) == []
+    leftovers = [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".") and p.name != LOCK_NAME]
+    assert leftovers == []  # the run-folder lock file stays (an flock on it, dropped with the process)
     assert not (tmp_path / "run" / "run_finished.json").exists()
     assert cli(args) == 0 and (tmp_path / "run" / "run_finished.json").is_file()
 
@@ -231,3 +236,45 @@ def test_another_world_size_continues_from_the_global_position(
     for mine, theirs in zip(ours, reference):
         if "loss" in mine:
             assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-3)
+
+
+def wait_until_sigterm_is_caught(pid: int) -> None:
+    """Until the process has installed its SIGTERM handler (bit 15 of SigCgt): the first thing train_encoder does."""
+    while True:
+        status = Path(f"/proc/{pid}/status").read_text()
+        caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt")), 16)
+        if caught & (1 << (signal.SIGTERM - 1)):
+            return
+        time.sleep(0.005)
+
+
+@pytest.mark.slow
+def test_sigterm_during_set_up_exits_0_and_writes_nothing(tmp_path, sample_base_dir, recipe_dir):
+    """Before: a SIGTERM before the loop (here during the imports of torch) killed the process with -15."""
+    command = [sys.executable, "train_encoder.py", *run_args(sample_base_dir, tmp_path, "run")]
+    process = subprocess.Popen(command, cwd=recipe_dir, stderr=subprocess.PIPE, text=True, env=child_env())
+    wait_until_sigterm_is_caught(process.pid)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate()
+    assert process.returncode == 0, err[-2000:]
+    assert "received SIGTERM" in err and "stopped before the first step" in err, err[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_live_run_folder_exits_1_naming_the_holder(tmp_path, sample_base_dir, recipe_dir):
+    """Before: two runs in one folder both trained and wrote duplicate steps into metrics.jsonl (issue 18 item 3)."""
+    command = [sys.executable, "train_encoder.py", *run_args(sample_base_dir, tmp_path, "run", budget=10**9)]
+    first = subprocess.Popen(command, cwd=recipe_dir, stderr=subprocess.PIPE, text=True, env=child_env())
+    for line in first.stderr:
+        if "loss" in line:  # a training line is in metrics.jsonl: the first run holds the folder and trains
+            break
+    second = run_command(command, cwd=recipe_dir, check=False)
+    first.send_signal(signal.SIGTERM)
+    _, rest = first.communicate()
+    assert first.returncode == 0, rest[-2000:]
+    assert second.returncode == 1, second.stderr[-2000:]
+    (line,) = error_lines(second.stderr)
+    assert line.startswith("error: ") and f"pid {first.pid} on {socket.gethostname()}" in line, line
+    steps = [r["step"] for r in training_records(tmp_path / "run") if "loss" in r]
+    assert steps and len(steps) == len(set(steps)), steps

@@ -6,11 +6,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from biorecipes_shared.checkpoint import verify_checkpoint
 from biorecipes_shared.run import run_cli
 from biorecipes_shared.testing import run_command, torchrun_command
 from errors import OmniBioteError
@@ -107,10 +109,14 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_continues(tmp_path, sample_bas
         if "loss" in line:
             process.send_signal(signal.SIGTERM)
             break
+    time.sleep(0.3)  # a second signal while the preemption save runs (before: the process died with -15)
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
     _, rest = process.communicate()
     assert process.returncode == 0, rest[-2000:]
     assert "received SIGTERM" in rest and "rerun the same command to continue" in rest
     (checkpoint,) = (tmp_path / "preempted" / "checkpoints").iterdir()
+    verify_checkpoint(checkpoint, check_hashes=True)
     stopped_at = int(checkpoint.name.split("_")[1])
     assert stopped_at >= 1 and not (tmp_path / "preempted" / "final_model").exists()
     main([*args, "--max_steps", str(stopped_at + 2)])
