@@ -92,6 +92,8 @@ class TrainingConfig:
     use_fp8: bool = MISSING
     fp8_backend: str = "auto"  # fp8.FP8_BACKENDS: auto (te if it imports, else torchao), te, torchao
     use_fsdp: bool = MISSING
+    compile: bool = False  # torch.compile of each encoder layer (model.configure_layers)
+    activation_checkpointing: bool = False  # recompute each encoder layer's activations in the backward
     fsdp_impl: str = MISSING  # torch (FSDP2 fully_shard) or megatron (megatron-fsdp, CUDA only)
     log_every_n_steps: int = MISSING
     save_every_n_steps: int = MISSING

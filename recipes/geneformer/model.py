@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import MaskedLMOutput
@@ -187,6 +188,7 @@ class BertEncoderModel(nn.Module):
         self.encoder = nn.ModuleDict(
             {"layer": nn.ModuleList(layer_cls(config) for _ in range(config.num_hidden_layers))}
         )
+        self.activation_checkpointing = False  # set by configure_layers; a plain attribute, not in the state dict
 
     def forward(
         self,
@@ -199,8 +201,25 @@ class BertEncoderModel(nn.Module):
         keep = attention_spec(attention_mask, segment_ids)
         hidden = self.embeddings(input_ids, position_ids)
         for layer in self.encoder["layer"]:
-            hidden = layer(hidden, keep)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # keep only each layer's input; its activations are recomputed in the backward (non-reentrant: works
+                # under DDP and FSDP2, and replays the same dropout masks)
+                hidden = checkpoint(layer, hidden, keep, use_reentrant=False)
+            else:
+                hidden = layer(hidden, keep)
         return hidden
+
+
+def configure_layers(model: nn.Module, compile: bool = False, activation_checkpointing: bool = False) -> None:
+    """training.compile / training.activation_checkpointing on a BertForMaskedLM, in place and per encoder layer.
+
+    `nn.Module.compile()` keeps every parameter name (no `_orig_mod.` prefix), so compiled and eager runs read each
+    other's checkpoints. Layers, not the whole model: the masked-token head indexes by a data-dependent mask, which
+    would break the graph (and recompile) on every batch; the layers see one shape per padded length."""
+    model.bert.activation_checkpointing = activation_checkpointing
+    if compile:
+        for layer in model.bert.encoder["layer"]:
+            layer.compile()
 
 
 class BertForMaskedLM(PreTrainedModel):

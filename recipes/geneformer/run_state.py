@@ -21,7 +21,7 @@ from biorecipes_shared.run import ConfigError, RunLayout, resolve_resume
 from config import recipe_path
 from data import CellDataset, MaskingCollator, check_corpus_fingerprint, check_fills_a_batch
 from fp8 import convert_for_fp8
-from model import BertForMaskedLM, geneformer_config, hf_to_te_state_dict
+from model import BertForMaskedLM, configure_layers, geneformer_config, hf_to_te_state_dict
 from preprocess import read_vocab
 from pretrained import check_folder_vocab, load_folder_weights
 
@@ -160,6 +160,7 @@ def set_up(cfg: DictConfig, layout: RunLayout, logger_factory=get_logger) -> Run
     seed_everything(cfg.training.seed + dist_ctx.rank)  # then different dropout per rank
     if converted := convert_for_fp8(model, cfg):  # torchao: Linear -> Float8Linear, before sharding
         log.info(f"fp8 (torchao): {len(converted)} Linear layers converted")
+    configure_layers(model, cfg.training.compile, cfg.training.activation_checkpointing)  # before sharding wraps them
     source = f" from {cfg.model.init_from}" if cfg.model.init_from else ""
     log.info(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters{source}, {len(dataset)} cells")
     wrapped = shard_model(model, cfg, dist_ctx)

@@ -35,7 +35,7 @@ from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_
 from biorecipes_shared.preemption import PreemptionHandler
 from biorecipes_shared.run import RunLayout, finished_message, finished_run, mark_finished, run_cli
 from config import LR_SCHEDULES, check_config, config_from_argv, recipe_path
-from data import iterate_batches
+from data import batch_token_counts, iterate_batches
 from fp8 import fp8_autocast
 from model import BertForMaskedLM, te_to_hf_state_dict
 from preprocess import DataError
@@ -82,7 +82,7 @@ def log_step(run: Run, state: RunState, loss: torch.Tensor, grad_norm, meter, me
     metrics.log(state.step, loss=mean_loss, lr=lr, grad_norm=float(grad_norm), epoch=epoch, **rates, **peak_memory())
     run.log.info(
         f"step {state.step}/{run.cfg.training.num_train_steps}  loss {mean_loss:.4f}  lr {lr:.2e}  "
-        f"{rates['tokens_per_s']:.0f} tokens/s"
+        f"{rates['tokens_per_s']:.0f} tokens/s  useful {rates['useful_token_fraction']:.2f}"
     )
     if not math.isfinite(mean_loss):
         raise FloatingPointError(f"loss became {mean_loss} at step {state.step}")
@@ -130,7 +130,8 @@ def train_loop(run: Run, state: RunState, metrics: MetricsWriter) -> None:
             state.position, batch = next(batches)
             loss, grad_norm = train_step(run, batch)
             state.step += 1
-            meter.update(samples=batch["input_ids"].shape[0], tokens=int(batch["attention_mask"].sum()))
+            tokens, positions = batch_token_counts(batch)
+            meter.update(samples=batch["input_ids"].shape[0], tokens=tokens, positions=positions)
             last = state.step == training.num_train_steps
             if state.step % training.log_every_n_steps == 0 or last:
                 log_step(run, state, loss, grad_norm, meter, metrics)
