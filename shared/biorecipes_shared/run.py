@@ -18,6 +18,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import stop_signals
 from .checkpoint import CheckpointError, clean_incomplete, latest_checkpoint, verify_checkpoint
 from .distributed import barrier, exit_process, is_main_process, process_group_was_used
 from .files import WriteError, atomic_write_json
@@ -239,6 +241,8 @@ def run_cli(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...
         code = _run_main(main, user_errors)
     finally:
         release_run_folders()
+        if threading.current_thread() is threading.main_thread():
+            stop_signals.ignore_from_now()  # a late SIGTERM must not turn the run's exit code into -15
     if process_group_was_used():
         exit_process(code)
     return code

@@ -48,6 +48,16 @@ def received() -> int | None:
     return _received[0] if _received else None
 
 
+def ignore_from_now() -> None:
+    """The run is over: ignore stop signals until the process ends.
+
+    Interpreter shutdown puts back the default action (death by signal, exit -15) of every signal that has a Python
+    handler while it unloads torch; an ignored signal it leaves alone. Blocking the signals would not do: torch's
+    own threads would still take them. `run_cli` calls this when the entry point returns."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def forget() -> None:
     """Clear the flag (tests that run several loops in one process)."""
     _received.clear()

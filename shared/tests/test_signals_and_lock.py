@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 from conftest import toy_command
 
@@ -99,3 +101,28 @@ def test_only_rank_0_reports_an_error_every_rank_raises(monkeypatch, capsys, tmp
     assert run_cli(refuse) == 1
     assert capsys.readouterr().err == "error: learning_rate must be positive\n"
     assert json.loads(error_file.read_text())["message"]["message"] == "error: learning_rate must be positive"
+
+
+def test_sigterm_every_50_ms_from_start_to_exit_still_exits_0(tmp_path):
+    proc = start_toy(tmp_path, "--steps", "100000", "--sleep", "0.05")
+    wait_until_sigterm_is_caught(proc.pid)  # the interpreter's own start-up (~30 ms) is the one unguarded window
+    sent = 0
+    while proc.poll() is None:  # imports, set-up, the loop, the save, the export and interpreter shutdown
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM if sent % 2 else signal.SIGUSR1)
+        sent += 1
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert sent > 10
+
+
+def wait_until_sigterm_is_caught(pid: int) -> None:
+    """Until the process has a handler for SIGTERM (Linux: the SigCgt mask in /proc/PID/status)."""
+    for _ in range(2000):
+        with contextlib.suppress(FileNotFoundError):
+            fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+            if int(fields["SigCgt"].strip(), 16) & (1 << (signal.SIGTERM - 1)):
+                return
+        time.sleep(0.005)
+    raise AssertionError("the toy run never installed its SIGTERM handler")
