@@ -1,8 +1,13 @@
 """Attention over packed rows (data.batching=packed): several cells per row, each attending only to itself.
 
-On CUDA with flash-attn installed and a half-precision input, `flash_attn_varlen_func` computes each cell (and each
-row's padding run) as its own sequence, so nothing is spent across cells; otherwise scaled_dot_product_attention with
-a block-diagonal boolean mask gives the same result (the CPU path; flex_attention has no CPU backward in torch 2.13).
+Three ways to the same result (`segment_kernel` picks one):
+- `varlen`: CUDA, flash-attn installed, fp16/bf16 input: `flash_attn_varlen_func` computes each cell (and each row's
+  padding run) as its own sequence, so nothing is spent across cells;
+- `mask`: CUDA without flash-attn: scaled_dot_product_attention with a block-diagonal boolean mask (seq² per row,
+  but one fused kernel launch);
+- `runs`: CPU: scaled_dot_product_attention on each run separately (sum of len² per row instead of seq²; a Python
+  loop over a few cells per row costs nothing next to the CPU compute). flex_attention has no CPU backward in
+  torch 2.13, hence neither it nor a block mask there.
 """
 
 from __future__ import annotations
@@ -53,28 +58,44 @@ def attention_spec(attention_mask: torch.Tensor | None, segment_ids: torch.Tenso
     return None
 
 
-def use_varlen(query: torch.Tensor) -> bool:
-    """flash-attn's varlen kernel runs on CUDA in fp16/bf16 only."""
-    return flash_attn_varlen_func is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+def segment_kernel(query: torch.Tensor) -> str:
+    """varlen (flash-attn: CUDA, fp16/bf16 only), mask (other CUDA) or runs (CPU); see the module docstring."""
+    if not query.is_cuda:
+        return "runs"
+    if flash_attn_varlen_func is not None and query.dtype in (torch.float16, torch.bfloat16):
+        return "varlen"
+    return "mask"
 
 
 def attention(query, key, value, keep, dropout_p: float) -> torch.Tensor:
     """query/key/value [batch, heads, seq, head_dim] -> context of the same shape; `keep` from attention_spec."""
     if isinstance(keep, Segments):
-        if use_varlen(query):
-            return _varlen_attention(query, key, value, keep, dropout_p)
+        kernel = segment_kernel(query)
+        if kernel != "mask":
+            return _by_runs(query, key, value, keep, dropout_p, kernel == "varlen")
         keep = keep.mask()
     return F.scaled_dot_product_attention(query, key, value, attn_mask=keep, dropout_p=dropout_p)
 
 
-def _varlen_attention(query, key, value, segments: Segments, dropout_p: float) -> torch.Tensor:
+def _by_runs(query, key, value, segments: Segments, dropout_p: float, varlen: bool) -> torch.Tensor:
+    """Each run (a cell, or a row's padding) attends only to itself: flash-attn varlen, or SDPA run by run."""
     batch, heads, seq, head_dim = query.shape
     cu_seqlens, longest = segments.varlen()
 
     def tokens(tensor: torch.Tensor) -> torch.Tensor:  # [batch, heads, seq, d] -> [batch * seq, heads, d]
         return tensor.transpose(1, 2).reshape(batch * seq, heads, head_dim)
 
-    context = flash_attn_varlen_func(
-        tokens(query), tokens(key), tokens(value), cu_seqlens, cu_seqlens, longest, longest, dropout_p=dropout_p
-    )
+    q, k, v = tokens(query), tokens(key), tokens(value)
+    if varlen:
+        context = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, longest, longest, dropout_p=dropout_p)
+    else:
+        bounds = cu_seqlens.tolist()
+        context = torch.cat(
+            [
+                F.scaled_dot_product_attention(
+                    *(t[start:end].transpose(0, 1) for t in (q, k, v)), dropout_p=dropout_p
+                ).transpose(0, 1)
+                for start, end in zip(bounds[:-1], bounds[1:])
+            ]
+        )
     return context.view(batch, seq, heads, head_dim).transpose(1, 2)

@@ -18,19 +18,13 @@ from safetensors.torch import load_file
 import packed_attention
 import train
 from batching import BATCHING_MODES, MEGABATCH_BATCHES, epoch_order, length_grouped_order, pack_rows
+from bench_batching import genecorpus_like_lengths
 from biorecipes_shared.testing import kill_around_saves, run_command
 from config import ConfigError, _check_batching, load_config
 from data import MaskingCollator, batch_token_counts
 from model import IGNORE_INDEX, BertForMaskedLM, geneformer_config
 
 VOCAB = ["<pad>", "<mask>", "<cls>", "<eos>"] + [f"G{i}" for i in range(60)]
-
-
-def genecorpus_like_lengths(count: int, seed: int = 0) -> np.ndarray:
-    """Lognormal cell lengths, median 1,000, 7% at the 2,048 cap (the Geneformer paper's 93% below it)."""
-    sigma = np.log(2.048) / 1.476  # P(length > 2,048) = 0.07 at median 1,000
-    lengths = np.random.default_rng(seed).lognormal(np.log(1000), sigma, count)
-    return np.clip(np.round(lengths), 16, 2048).astype(np.int64)
 
 
 def padded_fraction(lengths: np.ndarray, order: np.ndarray, micro_batch_size: int) -> float:
@@ -95,8 +89,10 @@ def loss_and_grads(model, batch, masked_logits_only: bool = True):
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("masked_logits_only", [True, False])
-def test_a_packed_batch_has_the_loss_and_gradients_of_the_same_cells_unpacked(masked_logits_only):
+@pytest.mark.parametrize(("kernel", "masked_logits_only"), [("runs", True), ("runs", False), ("mask", True)])
+def test_a_packed_batch_has_the_loss_and_gradients_of_the_same_cells_unpacked(monkeypatch, kernel, masked_logits_only):
+    """Attention run by run (CPU) and through a block-diagonal mask (CUDA without flash-attn) alike."""
+    monkeypatch.setattr(packed_attention, "segment_kernel", lambda query: kernel)
     rows = [cells([20, 7, 30]), cells([40, 11]), cells([5])]
     packed, unpacked = packed_and_unpacked(rows)
     assert packed["input_ids"].shape == (3, 64) and packed["position_ids"][0, 20:27].tolist() == list(range(7))
@@ -141,9 +137,10 @@ def test_the_varlen_kernel_path_sees_each_cell_as_one_sequence(monkeypatch):
     packed, _ = packed_and_unpacked(rows)
     model = tiny_model().eval()
     with torch.no_grad():
+        monkeypatch.setattr(packed_attention, "segment_kernel", lambda query: "mask")
         expected = model(**packed).logits
         monkeypatch.setattr(packed_attention, "flash_attn_varlen_func", fake_varlen)
-        monkeypatch.setattr(packed_attention, "use_varlen", lambda query: True)
+        monkeypatch.setattr(packed_attention, "segment_kernel", lambda query: "varlen")
         got = model(**packed).logits
     cu_seqlens, _ = packed_attention.Segments(packed["segment_ids"]).varlen()
     assert cu_seqlens.tolist() == [0, 20, 27, 57, 64, 104, 115, 128]
