@@ -268,14 +268,13 @@ def _run_main(main: Callable[[], Any], user_errors: tuple[type[BaseException], .
 
 def _report(message: str, collective: bool) -> None:
     """Write `error: message` as one write (lines of several processes must not run together); other ranks stay
-    quiet about collective errors, or prefix their rank. Under torchrun the line also goes to the launcher's error
-    file, so its failure summary names the cause instead of a link."""
+    quiet about collective errors, or prefix their rank. Under torchrun every rank also writes the line to the
+    launcher's error file, so its failure summary names the cause instead of a link."""
     rank = int(os.environ.get("RANK", "0") or 0)
-    if rank != 0 and collective:
-        return
-    line = f"error: {message}" if rank == 0 else f"error (rank {rank}): {message}"
-    sys.stderr.write(line + "\n")  # one write, then flushed: a line never mixes with another process's
-    sys.stderr.flush()
+    line = f"error: {message}" if rank == 0 or collective else f"error (rank {rank}): {message}"
+    if rank == 0 or not collective:
+        sys.stderr.write(line + "\n")  # one write, then flushed: a line never mixes with another process's
+        sys.stderr.flush()
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file and not os.path.exists(error_file):
         with contextlib.suppress(OSError):

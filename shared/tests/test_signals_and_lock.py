@@ -126,3 +126,15 @@ def wait_until_sigterm_is_caught(pid: int) -> None:
                 return
         time.sleep(0.005)
     raise AssertionError("the toy run never installed its SIGTERM handler")
+
+
+def test_a_refusal_under_torchrun_is_one_line_and_names_the_cause_in_torchruns_summary(tmp_path):
+    result = subprocess.run(
+        toy_command(*start_toy_args(tmp_path, "0"), nproc=2), capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert ours == ["error: --steps=0 must be > 0"], result.stderr
+    # torchrun's own failure report quotes the cause for every rank instead of pointing at a web page
+    assert result.stderr.count("traceback : error: --steps=0") == 2, result.stderr[-1500:]
+    assert "To enable traceback" not in result.stderr

@@ -27,7 +27,15 @@ from biorecipes_shared.checkpoint import (
 from biorecipes_shared.distributed import all_reduce_mean, seed_everything, setup_distributed, teardown_distributed
 from biorecipes_shared.fsdp_checkpoint import gather_full_state_dict
 from biorecipes_shared.logging_utils import MetricsWriter, get_logger
-from biorecipes_shared.run import RunLayout, finished_message, finished_run, mark_finished, resolve_resume, run_cli
+from biorecipes_shared.run import (
+    RunLayout,
+    check_settings,
+    finished_message,
+    finished_run,
+    mark_finished,
+    resolve_resume,
+    run_cli,
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -109,6 +117,7 @@ def train(args, dist_ctx, log, model, optimizer, scheduler) -> int:
 
 def main() -> None:
     args = parse_args()
+    check_settings([("--steps", args.steps, "positive")])
     layout = RunLayout(args.out.parent)
     if args.resume and finished_run(layout, args.steps):
         print(finished_message(layout, finished_run(layout, args.steps)), flush=True)
