@@ -110,8 +110,17 @@ def test_wheel_list_is_pinned_and_says_who_needs_each():
         assert re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][A-Za-z0-9.]*", requirement.strip()), line
         assert any(recipe in comment for recipe in sizes.RECIPES), line
         names.add(requirement.split("==")[0].lower())
-    assert {"torchao", "mambapy", "mup", "faesm", "transformers", "tokenizers"} <= names
+    assert {"torchao", "mambapy", "mup", "transformers", "huggingface-hub", "accelerate", "hydra-core"} <= names
     assert "torch" not in names  # the image's torch is used as is
+    # the carried versions are the ones the recipes pin (the image's transformers 5.17 / accelerate 1.15 are older)
+    pinned = {}
+    for req in sorted((ROOT / "recipes").glob("*/requirements.txt")):
+        for line in req.read_text().splitlines():
+            name, _, version = line.partition("#")[0].strip().partition("==")
+            pinned.setdefault(name.lower(), set()).add(version)
+    carried = dict(line.partition("#")[0].strip().lower().split("==") for line in lines)
+    for name in ("transformers", "accelerate", "datasets", "hydra-core", "omegaconf", "biopython", "mambapy"):
+        assert pinned[name] == {carried[name]}, f"{name}: recipes pin {pinned[name]}, carried {carried[name]}"
 
 
 def test_carried_wheels_come_first_and_the_dry_run_hides_gpus(tmp_path, monkeypatch):
