@@ -15,7 +15,7 @@ from biorecipes_shared.checkpoint import CheckpointError
 from biorecipes_shared.distributed import all_reduce_mean
 from biorecipes_shared.logging_utils import plot_loss_curve
 from metrics import same_genome_auc, write_distance_histogram
-from model import CurricularFace, EmbedderConfig, GenomeFragmentEmbedder
+from model import CurricularFace, EmbedderConfig, GenomeFragmentEmbedder, set_speed_switches
 
 
 class EmbedderWithHead(nn.Module):
@@ -43,6 +43,7 @@ def build_model(cfg: DictConfig, model_config: EmbedderConfig, n_classes: int, d
     embedder = GenomeFragmentEmbedder(model_config)
     head = CurricularFace(model_config.d_model, n_classes, cfg.head.scale, cfg.head.margin, cfg.head.t_momentum)
     model = EmbedderWithHead(embedder, head).to(device)
+    set_speed_switches(embedder, cfg.train.compile, cfg.train.activation_checkpointing)
     optimizer = make_optimizer(model, cfg)
     min_ratio = cfg.train.min_lr / cfg.train.lr if cfg.train.lr > 0 else 1.0  # lr=0: a frozen run
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -100,3 +101,13 @@ def refuse_other_world_size(path: Path, world_size: int) -> None:
             f"{path} was saved by {saved} process(es) and this run has {world_size}: relaunch with {saved} "
             "process(es) (training genomes and batches are sharded per process), or start a new run_dir"
         )
+
+
+def resume_error(path: Path, err: Exception) -> CheckpointError:
+    """One line for a checkpoint that cannot be loaded into this run's model (another size, class count, k)."""
+    detail = " ".join(str(err).split()).removeprefix(f"{path}: ")  # torch's message spans lines, tab-indented
+    if len(detail) > 300:  # torch lists every mismatched tensor: a changed d_model touches all of them
+        detail = detail[:300] + " ..."
+    return CheckpointError(
+        f"{path}: cannot resume: the checkpoint does not fit this model/config ({detail}); use a new run_dir"
+    )

@@ -17,8 +17,18 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from biorecipes_shared.distributed import all_reduce_mean, barrier
 from genome_fasta import BASE_LOOKUP, INVALID_CODE, N_CODE
-from preprocess import INDEX_FORMAT_VERSION, FamilySplit, GenomeIndex, GtdbDataError, split_fingerprint
+from preprocess import (
+    INDEX_FORMAT_VERSION,
+    FamilySplit,
+    GenomeIndex,
+    GtdbDataError,
+    build_or_load_index,
+    cached_family_split,
+    shard_for_rank,
+    split_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -259,3 +269,56 @@ def check_data_fingerprint(run_dir, data_cfg, split: FamilySplit, sampler: Fragm
     tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
     os.replace(tmp, record)  # every rank writes the same bytes; the rename keeps readers from a half-written file
     return record
+
+
+def prepare_data(cfg, dist_ctx, log):
+    """Split the metadata, build or load this rank's training index and the validation index."""
+    data = cfg.data
+    split_options = {
+        key: data[key]
+        for key in (
+            "contamination_column",
+            "max_contamination",
+            "val_species_target",
+            "n_val_genomes",
+            "family_count_cap",
+            "val_per_genus",
+            "train_per_genus",
+        )
+    }
+    split = cached_family_split(
+        list(data.metadata_files), data.genomes_root, data.cache_dir, seed=cfg.seed, **split_options
+    )
+    log.info("split: %s", split.stats)
+    shard = shard_for_rank(len(split.train), dist_ctx.rank, dist_ctx.world_size)
+    show_progress = dist_ctx.is_main
+    train_index = build_or_load_index(
+        [split.train[i] for i in shard],
+        shard,
+        data.cache_dir,
+        f"train-rank{dist_ctx.rank}of{dist_ctx.world_size}",
+        show_progress,
+        workers=data.index_workers,
+    )
+    val_labels = list(range(len(split.val)))
+    if dist_ctx.local_rank == 0:  # one builder per node; the others wait and memory-map it
+        build_or_load_index(split.val, val_labels, data.cache_dir, "val", show_progress, workers=data.index_workers)
+    barrier()
+    val_index = build_or_load_index(split.val, val_labels, data.cache_dir, "val", False, workers=data.index_workers)
+
+    train_sampler = FragmentSampler(train_index, data.fragment_bp, data.max_n_fraction)
+    val_sampler = FragmentSampler(val_index, data.fragment_bp, data.max_n_fraction)
+    assign_classes(train_sampler)  # a skipped genome is not a class
+    train_skipped = all_reduce_mean(float(len(train_index.skipped) + len(train_sampler.dropped))) * dist_ctx.world_size
+    val_skipped = len(val_index.skipped) + len(val_sampler.dropped)
+    (log.warning if train_skipped or val_skipped else log.info)(
+        "genomes: %d training classes (%d on this rank), %d validation; skipped %d training and %d validation genomes",
+        train_sampler.n_classes,
+        len(train_sampler),
+        len(val_sampler),
+        round(train_skipped),
+        val_skipped,
+    )
+    if len(val_sampler) < 2:
+        raise GtdbDataError(f"only {len(val_sampler)} usable validation genome(s) left; the AUC needs at least 2")
+    return split, train_sampler, val_sampler

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from mambapy.mamba import MambaBlock, MambaConfig
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 try:  # GPU-only fast path; on CPU machines the import itself fails (it loads a CUDA extension), not just the call
     from mamba_ssm import Mamba as MambaSsmMixer
@@ -106,6 +107,8 @@ class GenomeFragmentEmbedder(nn.Module):
         self.embedding = nn.Embedding(config.vocab_size, config.d_model, padding_idx=config.pad_token)
         self.blocks = nn.ModuleList(BiMambaBlock(config) for _ in range(config.n_layers))
         self.final_norm = make_norm(config)
+        # A training switch, not part of the exported config: recompute each block in the backward pass.
+        self.activation_checkpointing = False
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         is_token = tokens != self.config.pad_token
@@ -117,7 +120,10 @@ class GenomeFragmentEmbedder(nn.Module):
         )
         hidden = self.embedding(tokens)
         for block in self.blocks:
-            hidden = block(hidden, reverse_index)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                hidden = checkpoint(block, hidden, reverse_index, use_reentrant=False)
+            else:
+                hidden = block(hidden, reverse_index)
         hidden = self.final_norm(hidden) * is_token[..., None]
         pooled = hidden.sum(1)
         if self.config.pooling == "mean":
@@ -128,6 +134,16 @@ class GenomeFragmentEmbedder(nn.Module):
 
     def to_dict(self) -> dict:
         return asdict(self.config)
+
+
+def set_speed_switches(embedder: GenomeFragmentEmbedder, compile_blocks: bool, activation_checkpointing: bool) -> None:
+    """`train.compile`: torch.compile each bidirectional block in place (`nn.Module.compile`), so state-dict keys and
+    checkpoints stay those of the eager model; per block because the embedder's padding check is data-dependent.
+    `train.activation_checkpointing`: keep only each block's input and recompute the block in the backward pass."""
+    embedder.activation_checkpointing = activation_checkpointing
+    if compile_blocks:
+        for block in embedder.blocks:
+            block.compile()
 
 
 class CurricularFace(nn.Module):

@@ -74,6 +74,16 @@ CHOICES = {
 }
 
 
+SWITCHES = (
+    "train.bf16",
+    "train.compile",
+    "train.activation_checkpointing",
+    "model.tie_projections",
+    "data.reverse_complement",
+    "val.at_start",
+)
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -86,6 +96,9 @@ def check_config(cfg: DictConfig) -> None:
     for key, allowed in CHOICES.items():
         if OmegaConf.select(cfg, key) not in allowed:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r}: must be one of {', '.join(allowed)}")
+    for key in SWITCHES:
+        if not isinstance(OmegaConf.select(cfg, key), bool):
+            raise ConfigError(f"{key} must be true or false, got {OmegaConf.select(cfg, key)!r}")
     for key, minimum in MIN_COUNTS.items():
         value = OmegaConf.select(cfg, key)
         if not _is_int(value) or value < minimum:

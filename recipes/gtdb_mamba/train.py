@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
+from torch._dynamo.exc import TorchDynamoException
 from torch.nn.parallel import DistributedDataParallel
 
 from biorecipes_shared.checkpoint import (
-    CheckpointError,
     PreemptionHandler,
     load_checkpoint,
     save_checkpoint,
@@ -45,6 +45,7 @@ from biorecipes_shared.distributed import (
 )
 from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, peak_memory
 from biorecipes_shared.run import (
+    ConfigError,
     RunLayout,
     finished_message,
     finished_run,
@@ -52,77 +53,32 @@ from biorecipes_shared.run import (
     resolve_resume,
     run_cli,
 )
-from components import EmbedderWithHead, autocast, build_model, plot_curve, refuse_other_world_size, validate
+from components import (
+    EmbedderWithHead,
+    autocast,
+    build_model,
+    plot_curve,
+    refuse_other_world_size,
+    resume_error,
+    validate,
+)
 from data import (
     FragmentSampler,
     KmerTokenizer,
     TrainBatches,
-    assign_classes,
     check_data_fingerprint,
+    prepare_data,
     train_loader,
     validation_fragments,
 )
 from exports import fragment_record, init_from, write_export
 from model import EmbedderConfig, mamba_ssm_available
-from preprocess import GtdbDataError, build_or_load_index, cached_family_split, shard_for_rank
+from preprocess import GtdbDataError
 from settings import SweepJob, check_config, describe_swept, jobs_from_argv, write_sweep_record
 
-__all__ = ["check_config", "prepare_data", "run"]
+__all__ = ["check_config", "main", "prepare_data", "run"]
 
 TSV_FILES = {"log_file.txt": ["loss", "step"], "AUC_log.tsv": ["auc", "step"]}
-
-
-def prepare_data(cfg: DictConfig, dist_ctx, log):
-    """Split the metadata, build or load this rank's training index and the validation index."""
-    data = cfg.data
-    split_options = {
-        key: data[key]
-        for key in (
-            "contamination_column",
-            "max_contamination",
-            "val_species_target",
-            "n_val_genomes",
-            "family_count_cap",
-            "val_per_genus",
-            "train_per_genus",
-        )
-    }
-    split = cached_family_split(
-        list(data.metadata_files), data.genomes_root, data.cache_dir, seed=cfg.seed, **split_options
-    )
-    log.info("split: %s", split.stats)
-    shard = shard_for_rank(len(split.train), dist_ctx.rank, dist_ctx.world_size)
-    show_progress = dist_ctx.is_main
-    train_index = build_or_load_index(
-        [split.train[i] for i in shard],
-        shard,
-        data.cache_dir,
-        f"train-rank{dist_ctx.rank}of{dist_ctx.world_size}",
-        show_progress,
-        workers=data.index_workers,
-    )
-    val_labels = list(range(len(split.val)))
-    if dist_ctx.local_rank == 0:  # one builder per node; the others wait and memory-map it
-        build_or_load_index(split.val, val_labels, data.cache_dir, "val", show_progress, workers=data.index_workers)
-    barrier()
-    val_index = build_or_load_index(split.val, val_labels, data.cache_dir, "val", False, workers=data.index_workers)
-
-    train_sampler = FragmentSampler(train_index, data.fragment_bp, data.max_n_fraction)
-    val_sampler = FragmentSampler(val_index, data.fragment_bp, data.max_n_fraction)
-    assign_classes(train_sampler)  # a skipped genome is not a class
-    train_skipped = all_reduce_mean(float(len(train_index.skipped) + len(train_sampler.dropped))) * dist_ctx.world_size
-    val_skipped = len(val_index.skipped) + len(val_sampler.dropped)
-    (log.warning if train_skipped or val_skipped else log.info)(
-        "genomes: %d training classes (%d on this rank), %d validation; skipped %d training and %d validation genomes",
-        train_sampler.n_classes,
-        len(train_sampler),
-        len(val_sampler),
-        round(train_skipped),
-        val_skipped,
-    )
-    if len(val_sampler) < 2:
-        raise GtdbDataError(f"only {len(val_sampler)} usable validation genome(s) left; the AUC needs at least 2")
-    return split, train_sampler, val_sampler
 
 
 @dataclass
@@ -207,6 +163,11 @@ def run(cfg: DictConfig, sweep_job: SweepJob | None = None, keep_process_group: 
             train_loop(setup, state, metrics, preempt, t_start)
         finish(setup, state)
         return state.summary()
+    except TorchDynamoException as err:  # inductor needs a C++ compiler (CPU) or Triton (CUDA)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(
+            f"train.compile=true: torch.compile failed here ({reason}); set train.compile=false"
+        ) from None
     finally:
         if not keep_process_group:
             teardown_distributed()
@@ -321,13 +282,14 @@ def train_step(setup: Setup, batches, meter: ThroughputMeter) -> tuple[float, fl
         batch = next(batches)
         tokens, labels = batch["tokens"].to(dist_ctx.device), batch["labels"].to(dist_ctx.device)
         sync = micro == accumulation - 1
+        real_tokens = int((tokens != setup.model_config.pad_token).sum())
         # DDP all-reduces gradients only on the last micro-batch of an accumulation group.
         with setup.trained.no_sync() if dist_ctx.is_distributed and not sync else nullcontext():
             with autocast(setup.cfg, dist_ctx):
                 loss = F.cross_entropy(setup.trained(tokens, labels), labels) / accumulation
             loss.backward()
         loss_sum += loss.item()
-        meter.update(samples=tokens.shape[0], tokens=tokens.numel())
+        meter.update(samples=tokens.shape[0], tokens=real_tokens, positions=tokens.numel())
     grad_norm = torch.nn.utils.clip_grad_norm_(setup.model.parameters(), setup.cfg.train.grad_clip)
     setup.optimizer.step()
     setup.scheduler.step()
@@ -340,16 +302,23 @@ def log_step(setup: Setup, state: RunState, metrics: MetricsWriter, grad_norm: f
     mean_loss = float(all_reduce_mean(state.window_loss / state.window_steps))
     state.window_loss, state.window_steps = 0.0, 0
     state.losses.append((state.step, mean_loss))
+    rates = meter.rates()  # real (non-padding) tokens of this process, and their share of the positions computed
     metrics.log(
         state.step,
         loss=mean_loss,
         lr=setup.scheduler.get_last_lr()[0],
         grad_norm=grad_norm,
         curricular_t=float(setup.model.head.t),
-        **meter.rates(),
+        **rates,
         **peak_memory(),
     )
-    setup.log.info("step %d: loss %.4f", state.step, mean_loss)
+    setup.log.info(
+        "step %d: loss %.4f, %.0f tokens/s, useful token fraction %.2f",
+        state.step,
+        mean_loss,
+        rates["tokens_per_s"],
+        rates["useful_token_fraction"],
+    )
 
 
 def validate_and_log(setup: Setup, state: RunState, metrics: MetricsWriter) -> None:
@@ -398,16 +367,6 @@ def finish(setup: Setup, state: RunState) -> None:
     else:
         log.info("stopped at step %d; checkpoints in %s (run the same command to continue)", state.step,
                  layout.checkpoints)  # fmt: skip
-
-
-def resume_error(path: Path, err: Exception) -> CheckpointError:
-    """One line for a checkpoint that cannot be loaded into this run's model (another size, class count, k)."""
-    detail = " ".join(str(err).split()).removeprefix(f"{path}: ")  # torch's message spans lines, tab-indented
-    if len(detail) > 300:  # torch lists every mismatched tensor: a changed d_model touches all of them
-        detail = detail[:300] + " ..."
-    return CheckpointError(
-        f"{path}: cannot resume: the checkpoint does not fit this model/config ({detail}); use a new run_dir"
-    )
 
 
 def run_jobs(argv: list[str]) -> int:

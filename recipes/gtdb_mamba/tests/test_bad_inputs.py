@@ -115,6 +115,24 @@ def test_truncated_gzip_is_skipped(tmp_path):
         read_genome_contigs(path)
 
 
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (">r1\nAC-GT\n", "record r1: '-' not DNA"),
+        (">r1\nAC.GT\n", "record r1: '.' not DNA"),
+        (">   \nACGT\n", "record 1: empty FASTA header"),
+    ],
+)
+def test_dna_contract_shared_with_plant_lm(tmp_path, text, problem):
+    """Alignment gaps and blank headers are refused, the same as plant_lm's reader (one DNA contract, issue 18)."""
+    from preprocess import GenomeSkipped, read_genome_contigs
+
+    path = tmp_path / "g.fna"
+    path.write_text(text)
+    with pytest.raises(GenomeSkipped, match=f"^{re.escape(f'{path}: {problem}')}$"):
+        read_genome_contigs(path)
+
+
 def test_empty_fasta_header_skips_the_genome(tmp_path, caplog):
     from preprocess import GenomeEntry, GenomeSkipped, build_or_load_index, read_genome_contigs
 

@@ -1,0 +1,96 @@
+"""`train.compile` and `train.activation_checkpointing`: same losses as the eager model, same checkpoints (a run
+resumes across the switches), and the throughput fields of every training line of metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import compose_config, tiny_overrides
+from safetensors.torch import load_file
+
+from components import EmbedderWithHead
+from model import CurricularFace, EmbedderConfig, GenomeFragmentEmbedder, set_speed_switches
+
+CONFIG = EmbedderConfig(vocab_size=66, pad_token=65, d_model=8, n_layers=2, d_state=4)
+
+
+def tiny_model() -> EmbedderWithHead:
+    torch.manual_seed(0)
+    return EmbedderWithHead(GenomeFragmentEmbedder(CONFIG), CurricularFace(CONFIG.d_model, 5, scale=16.0))
+
+
+def batches(n: int, pad: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        tokens = torch.randint(0, 65, (4, 16), generator=generator)
+        if pad:  # right padding in two rows exercises the per-sequence reversal of the backward direction
+            tokens[1, 11:] = CONFIG.pad_token
+            tokens[3, 5:] = CONFIG.pad_token
+        out.append((tokens, torch.randint(0, 5, (4,), generator=generator)))
+    return out
+
+
+def train_losses(model: EmbedderWithHead, data) -> list[float]:
+    """fp32 AdamW steps, one per batch; returns the losses."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for tokens, labels in data:
+        loss = F.cross_entropy(model(tokens, labels), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_activation_checkpointing_gives_identical_losses_and_weights():
+    data = batches(5, pad=True)
+    eager, checkpointed = tiny_model(), tiny_model()
+    set_speed_switches(checkpointed.embedder, compile_blocks=False, activation_checkpointing=True)
+    assert train_losses(checkpointed, data) == train_losses(eager, data)
+    for (name, want), have in zip(eager.state_dict().items(), checkpointed.state_dict().values()):
+        assert torch.equal(want, have), name
+
+
+@pytest.mark.slow  # inductor compiles mambapy's scan and its backward: minutes on a loaded 2-core machine
+def test_compiled_blocks_match_eager_over_10_steps_and_share_checkpoints():
+    data = batches(10, pad=False)
+    eager, compiled = tiny_model(), tiny_model()
+    set_speed_switches(compiled.embedder, compile_blocks=True, activation_checkpointing=False)
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints are interchangeable
+    compiled.load_state_dict(eager.state_dict())
+    want, have = train_losses(eager, data), train_losses(compiled, data)
+    assert want[-1] < want[0]
+    for step, (a, b) in enumerate(zip(want, have)):
+        assert abs(a - b) <= 1e-4 * abs(a), (step, a, b)
+
+
+def test_a_run_resumes_across_the_switches_and_logs_real_token_throughput(gtdb_fixture, tmp_path):
+    import train
+
+    steps = ["train.max_steps=4", "train.steps_per_epoch=4", "train.checkpoint_every=2"]
+    reference = compose_config([*tiny_overrides(gtdb_fixture, tmp_path), *steps, f"run_dir={tmp_path / 'ref'}"])
+    train.run(reference)
+    switched = [*tiny_overrides(gtdb_fixture, tmp_path), *steps]
+    first = train.run(compose_config([*switched, "train.activation_checkpointing=true", "train.stop_at_step=2"]))
+    assert first["step"] == 2
+    assert train.run(compose_config(switched))["start_step"] == 2  # resumed without activation checkpointing
+    final = "checkpoints/step_00000004/model.safetensors"
+    want, have = load_file(tmp_path / "ref" / final), load_file(tmp_path / "run" / final)
+    assert all(torch.equal(want[key], have[key]) for key in want)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    training = [line for line in lines if "loss" in line]
+    assert [line["step"] for line in training] == [1, 2, 3, 4]
+    assert all(line["tokens_per_s"] > 0 and line["useful_token_fraction"] == 1.0 for line in training)
+
+
+def test_compile_and_checkpointing_must_be_booleans(gtdb_fixture, tmp_path):
+    from biorecipes_shared.run import ConfigError
+    from settings import check_config
+
+    with pytest.raises(ConfigError, match="^train.compile must be true or false, got 'yes'$"):
+        check_config(compose_config([*tiny_overrides(gtdb_fixture, tmp_path), "train.compile=yes"]))
