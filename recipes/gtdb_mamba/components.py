@@ -14,6 +14,7 @@ from torch import nn
 from biorecipes_shared.checkpoint import CheckpointError
 from biorecipes_shared.distributed import all_reduce_mean
 from biorecipes_shared.logging_utils import plot_loss_curve
+from biorecipes_shared.run import ConfigError
 from metrics import same_genome_auc, write_distance_histogram
 from model import CurricularFace, EmbedderConfig, GenomeFragmentEmbedder, set_speed_switches
 
@@ -111,3 +112,11 @@ def resume_error(path: Path, err: Exception) -> CheckpointError:
     return CheckpointError(
         f"{path}: cannot resume: the checkpoint does not fit this model/config ({detail}); use a new run_dir"
     )
+
+
+def compile_error(cfg: DictConfig, err: Exception) -> Exception:
+    """One ConfigError line for a torch.compile failure under `train.compile` (else the error itself)."""
+    if not cfg.train.compile:
+        return err
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return ConfigError(f"train.compile=true: torch.compile failed here ({reason}); set train.compile=false")

@@ -45,7 +45,6 @@ from biorecipes_shared.distributed import (
 )
 from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, peak_memory
 from biorecipes_shared.run import (
-    ConfigError,
     RunLayout,
     finished_message,
     finished_run,
@@ -57,6 +56,7 @@ from components import (
     EmbedderWithHead,
     autocast,
     build_model,
+    compile_error,
     plot_curve,
     refuse_other_world_size,
     resume_error,
@@ -164,10 +164,7 @@ def run(cfg: DictConfig, sweep_job: SweepJob | None = None, keep_process_group: 
         finish(setup, state)
         return state.summary()
     except TorchDynamoException as err:  # inductor needs a C++ compiler (CPU) or Triton (CUDA)
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ConfigError(
-            f"train.compile=true: torch.compile failed here ({reason}); set train.compile=false"
-        ) from None
+        raise compile_error(cfg, err) from None
     finally:
         if not keep_process_group:
             teardown_distributed()

@@ -94,3 +94,24 @@ def test_compile_and_checkpointing_must_be_booleans(gtdb_fixture, tmp_path):
 
     with pytest.raises(ConfigError, match="^train.compile must be true or false, got 'yes'$"):
         check_config(compose_config([*tiny_overrides(gtdb_fixture, tmp_path), "train.compile=yes"]))
+
+
+def test_a_compiler_failure_is_one_line(gtdb_fixture, tmp_path, monkeypatch, capsys):
+    """Where inductor cannot build (no C++ compiler, no Triton), the first compiled call raises: one line, exit 1."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    import train
+    from biorecipes_shared.run import run_cli
+    from model import BiMambaBlock
+
+    def no_compiler(self, *args):
+        raise TorchDynamoException("InvalidCxxCompiler: No working C++ compiler found\n(more lines)")
+
+    monkeypatch.setattr(BiMambaBlock, "forward", no_compiler)
+    cfg = compose_config([*tiny_overrides(gtdb_fixture, tmp_path), "train.max_steps=2", "train.compile=true"])
+    assert run_cli(lambda: train.run(cfg)) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: train.compile=true: torch.compile failed here (InvalidCxxCompiler: No working C++ compiler found); "
+        "set train.compile=false"
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists()
