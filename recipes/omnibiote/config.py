@@ -73,6 +73,8 @@ class TrainConfig:
     resume: str = "auto"
     init_from: Path | None = None
     keep_last_k: int = 2
+    compile: bool = False
+    activation_checkpointing: bool = False
 
     @property
     def layout(self) -> RunLayout:
@@ -132,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--init_from", type=Path, default=None, help="final_model/ folder whose weights start a fresh run")
     p.add_argument("--keep_last_k", type=int, default=2, help="checkpoints kept (older ones are removed)")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile each transformer block (off: slower on CPU, BENCHMARKS)"
+    )
+    p.add_argument(
+        "--activation_checkpointing",
+        action="store_true",
+        help="recompute each block's activations in backward: less memory, about a third more compute",
+    )
     return p
 
 

@@ -18,6 +18,7 @@ from mup import MuReadout, set_base_shapes
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from biorecipes_shared.files import atomic_write
 
@@ -163,6 +164,8 @@ class OmniBioTA(nn.Module):
         cos, sin = rotary_tables(config.ctx_len, config.n_embd // config.n_head, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # run-time switches, not architecture (config.json stays the same): see enable_speedups
+        self.activation_checkpointing = False
         if _set_shapes:
             self._set_mup_shapes()
 
@@ -195,9 +198,26 @@ class OmniBioTA(nn.Module):
             )
             self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
         x = self.tok_emb(input_ids)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, self.rope_cos, self.rope_sin, doc_ids, mask)
+            if recompute:  # non-reentrant: works under DDP and restores the dropout RNG, so losses are identical
+                x = checkpoint(block, x, self.rope_cos, self.rope_sin, doc_ids, mask, use_reentrant=False)
+            else:
+                x = block(x, self.rope_cos, self.rope_sin, doc_ids, mask)
         return self.ln_f(x)
+
+    def enable_speedups(self, compile_blocks: bool = False, activation_checkpointing: bool = False) -> "OmniBioTA":
+        """torch.compile each transformer block in place and/or recompute each block's activations in backward.
+
+        In place (nn.Module.compile), so state-dict keys, parameters and their muP shapes are unchanged: compiled and
+        eager models read each other's checkpoints and MuAdamW/MuReadout see the same tensors. Per block rather than
+        the whole model: the loss selects the masked tokens (a data-dependent shape) and the embedding/readout are
+        not worth a graph; all blocks share one compiled graph."""
+        self.activation_checkpointing = activation_checkpointing
+        if compile_blocks:
+            for block in self.blocks:
+                block.compile()
+        return self
 
     def forward(self, input_ids, doc_ids=None, labels=None):
         """Logits (B, S, vocab) without labels; with labels (-100 = ignore), the MLM loss over labelled tokens only

@@ -178,14 +178,19 @@ def set_up(config: TrainConfig, dist_ctx, plan: TrainingPlan, log) -> Training:
         if config.init_from is not None:
             init_weights_from(model, config.init_from)
             log.info("initial weights from %s", config.init_from)
+    # after loading: compiled and eager runs share state-dict keys, so either reads the other's checkpoints
+    model.enable_speedups(compile_blocks=config.compile, activation_checkpointing=config.activation_checkpointing)
     ddp_model = DistributedDataParallel(model) if dist_ctx.is_distributed else model
     return Training(
         config, dist_ctx, plan, tokenizer, model, ddp_model, optimizer, scheduler, batcher, val_batches, state, log
     )
 
 
-def train_step(run: Training) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over this step's global mini-batches (this rank's share); returns (loss, grad norm)."""
+def train_step(run: Training, meter: ThroughputMeter) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over this step's global mini-batches (this rank's share); returns (loss, grad norm).
+
+    The meter counts this rank's real tokens (not padding, not the weight-0 stand-ins of the batch ramp) and every
+    position the model computed on."""
     config, device = run.config, run.dist_ctx.device
     units = run.plan.accumulation(run.state.step)
     first_unit = run.state.samples_seen // config.mini_batch_size
@@ -193,6 +198,10 @@ def train_step(run: Training) -> tuple[torch.Tensor, torch.Tensor]:
     step_loss = torch.zeros((), device=device)
     for number, (unit, weight) in enumerate(micros):
         batch = draw_batch(run.batcher, config.seed, "train", unit)
+        real = int((batch["doc_ids"] >= 0).sum()) if weight > 0 else 0  # on the CPU copy: no device sync
+        meter.update(
+            samples=config.mini_batch_size if weight > 0 else 0, tokens=real, positions=batch["doc_ids"].numel()
+        )
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         # gradients are all-reduced only on the last micro-batch of a step
         sync = number == len(micros) - 1 or not run.dist_ctx.is_distributed
@@ -235,7 +244,15 @@ def after_step(run: Training, loss, grad_norm, tokens_before: int, meter: Throug
         lr = run.scheduler.get_last_lr()[0]
         rates = {**meter.rates(), **peak_memory()}
         run.metrics.log(state.step, tokens=tokens, loss=loss_value, lr=lr, grad_norm=float(grad_norm), **rates)
-        run.log.info("step %d/%d  tokens %d  loss %.4f", state.step, plan.total_steps, tokens, loss_value)
+        run.log.info(
+            "step %d/%d  tokens %d  loss %.4f  %.0f tokens/s  useful %.3f",
+            state.step,
+            plan.total_steps,
+            tokens,
+            loss_value,
+            rates["tokens_per_s"],
+            rates["useful_token_fraction"],
+        )
     if crossed(config.test_freq, tokens_before, tokens) or state.step == plan.total_steps:
         val_loss = validation_loss(run)
         run.metrics.log(state.step, tokens=tokens, val_loss=val_loss)
@@ -255,9 +272,7 @@ def train_loop(run: Training, preemption: PreemptionHandler) -> bool:
             run.log.info("preempted at step %d", state.step)
             break
         tokens_before = state.tokens_seen(config.ctx_len)
-        loss, grad_norm = train_step(run)
-        step_tokens = state.tokens_seen(config.ctx_len) - tokens_before
-        meter.update(samples=step_tokens // config.ctx_len, tokens=step_tokens)
+        loss, grad_norm = train_step(run, meter)
         after_step(run, loss, grad_norm, tokens_before, meter)
     if state.step > 0:  # a fresh run stopped before its first step has nothing to save
         run.checkpoint()

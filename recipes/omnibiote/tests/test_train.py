@@ -74,6 +74,9 @@ def test_tiny_run_validation_loss_falls_and_model_loads(tmp_path, sample_base_di
     main(run_args(sample_base_dir, tmp_path, "run", 8 * 64 * 30, "--test_freq", "5000"))
     val = [m["val_loss"] for m in metrics(tmp_path / "run") if "val_loss" in m]
     assert len(val) >= 3 and val[-1] < val[0] - 0.5, val
+    training = [m for m in metrics(tmp_path / "run") if "loss" in m]
+    assert all(m["tokens_per_s"] > 0 for m in training)  # real tokens of this process per second
+    assert all(m["useful_token_fraction"] == 1.0 for m in training)  # packed windows of whole sources: no padding
     final = tmp_path / "run" / "final_model"
     assert {p.name for p in final.iterdir()} == {"config.json", "model.safetensors", "tokenizer.model"}
     assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 0
@@ -125,7 +128,9 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_continues(tmp_path, sample_bas
 
 @pytest.mark.slow
 def test_two_process_torchrun(tmp_path, sample_base_dir, recipe_dir):
-    args = run_args(sample_base_dir, tmp_path, "ddp", 8 * 64 * 6, "--mini_batch_size", "2")
+    args = run_args(
+        sample_base_dir, tmp_path, "ddp", 8 * 64 * 6, "--mini_batch_size", "2", "--activation_checkpointing"
+    )
     result = run_command(torchrun_command("train_encoder.py", args, nproc=2), cwd=recipe_dir)
     checkpoint = next((tmp_path / "ddp" / "checkpoints").iterdir())
     assert {"rank_0.pt", "rank_1.pt", "model.safetensors"} <= {p.name for p in checkpoint.iterdir()}
