@@ -28,12 +28,12 @@ def straight_and_resumed(toy, tmp_path, steps, stop_after, *extra, nproc=1):
     straight, split = tmp_path / "straight", tmp_path / "split"
 
     def run(run_dir, *args):
-        common = ["--ckpt-dir", str(run_dir / "ckpt"), "--out", str(run_dir / "losses.jsonl"), "--steps", str(steps)]
+        common = ["--output-dir", str(run_dir), "--steps", str(steps)]
         toy(*common, *args, *extra, nproc=nproc)
 
     run(straight)
     run(split, "--stop-after", str(stop_after))
-    assert latest_checkpoint(split / "ckpt").name == f"step_{stop_after:08d}"
+    assert latest_checkpoint(split / "checkpoints").name == f"step_{stop_after:08d}"
     run(split, "--resume")
     return straight, split
 
@@ -41,18 +41,16 @@ def straight_and_resumed(toy, tmp_path, steps, stop_after, *extra, nproc=1):
 def test_resume_is_bitwise_identical(toy, tmp_path):
     # 20 steps cross an epoch boundary (96 samples / batch 8 = 12 steps per epoch) after the resume point.
     straight, split = straight_and_resumed(toy, tmp_path, 20, 10)
-    assert losses(straight / "losses.jsonl") == losses(split / "losses.jsonl")
-    assert sorted(losses(split / "losses.jsonl")) == list(range(1, 21))
+    assert losses(straight / "metrics.jsonl") == losses(split / "metrics.jsonl")
+    assert sorted(losses(split / "metrics.jsonl")) == list(range(1, 21))
     assert_same_weights(straight / "final_model", split / "final_model")
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     proc = subprocess.Popen(
         toy_command(
-            "--ckpt-dir",
-            str(tmp_path / "ckpt"),
-            "--out",
-            str(tmp_path / "l.jsonl"),
+            "--output-dir",
+            str(tmp_path),
             "--steps",
             "100000",
             "--sleep",
@@ -69,23 +67,24 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "SIGTERM" in err
-    saved = latest_checkpoint(tmp_path / "ckpt")
+    saved = latest_checkpoint(tmp_path / "checkpoints")
     assert saved is not None and int(saved.name.split("_")[1]) >= 3
-    assert (tmp_path / "final_model" / "model.safetensors").is_file()
+    # a stopped run is not a finished one: the checkpoint is its state, and the same command continues it
+    assert not (tmp_path / "final_model").exists() and not (tmp_path / "run_finished.json").exists()
 
 
 @pytest.mark.slow
 def test_two_process_ddp_resume(toy, tmp_path):
     straight, split = straight_and_resumed(toy, tmp_path, 8, 4, nproc=2)
-    assert losses(straight / "losses.jsonl") == losses(split / "losses.jsonl")
+    assert losses(straight / "metrics.jsonl") == losses(split / "metrics.jsonl")
     assert_same_weights(straight / "final_model", split / "final_model")
-    manifest_files = (latest_checkpoint(split / "ckpt") / "manifest.json").read_text()
+    manifest_files = (latest_checkpoint(split / "checkpoints") / "manifest.json").read_text()
     assert "rank_0.pt" in manifest_files and "rank_1.pt" in manifest_files
 
 
 @pytest.mark.slow
 def test_two_process_fsdp2_sharded_resume(toy, tmp_path):
     straight, split = straight_and_resumed(toy, tmp_path, 8, 4, "--fsdp", nproc=2)
-    assert losses(straight / "losses.jsonl") == losses(split / "losses.jsonl")
+    assert losses(straight / "metrics.jsonl") == losses(split / "metrics.jsonl")
     assert_same_weights(straight / "final_model", split / "final_model")
-    assert (latest_checkpoint(split / "ckpt") / "sharded" / ".metadata").is_file()
+    assert (latest_checkpoint(split / "checkpoints") / "sharded" / ".metadata").is_file()

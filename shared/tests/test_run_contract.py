@@ -237,10 +237,8 @@ def test_metrics_of_steps_after_the_checkpoint_are_dropped_on_resume(tmp_path):
 def test_kill_9_around_saves_then_the_same_command_finishes_like_an_uninterrupted_run(tmp_path, toy):
     def command(run_dir):
         return toy_command(
-            "--ckpt-dir",
-            str(run_dir / "checkpoints"),
-            "--out",
-            str(run_dir / "metrics.jsonl"),
+            "--output-dir",
+            str(run_dir),
             "--steps",
             "30",
             "--save-every",

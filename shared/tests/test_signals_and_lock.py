@@ -17,7 +17,7 @@ from biorecipes_shared.run import ConfigError, run_cli
 
 
 def start_toy(tmp_path, *extra):
-    args = ["--ckpt-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "l.jsonl"), "--resume", *extra]
+    args = ["--output-dir", str(tmp_path), "--resume", *extra]
     return subprocess.Popen(toy_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -36,7 +36,7 @@ def test_a_sigterm_during_the_imports_is_a_clean_stop(tmp_path):
     assert proc.returncode == 0, err
     assert "received SIGTERM" in err
     assert "step 50" not in out  # it stopped at its first check, not after the whole run
-    saved = latest_checkpoint(tmp_path / "ckpt")  # None (stopped before a step) or a complete checkpoint
+    saved = latest_checkpoint(tmp_path / "checkpoints")  # None (stopped before a step) or a complete checkpoint
     if saved is not None:
         verify_checkpoint(saved, check_hashes=True)
     rerun = subprocess.run(toy_command(*start_toy_args(tmp_path, "50")), capture_output=True, text=True, timeout=300)
@@ -45,7 +45,7 @@ def test_a_sigterm_during_the_imports_is_a_clean_stop(tmp_path):
 
 
 def start_toy_args(tmp_path, steps: str) -> list[str]:
-    return ["--ckpt-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "l.jsonl"), "--resume", "--steps", steps]
+    return ["--output-dir", str(tmp_path), "--resume", "--steps", steps]
 
 
 def test_a_sigterm_during_set_up_and_repeated_sigterms_during_the_save_all_exit_0(tmp_path):
@@ -59,7 +59,7 @@ def test_a_sigterm_during_set_up_and_repeated_sigterms_during_the_save_all_exit_
         proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    saved = latest_checkpoint(tmp_path / "ckpt")
+    saved = latest_checkpoint(tmp_path / "checkpoints")
     assert saved is not None and saved.name == "step_00000001"
     verify_checkpoint(saved, check_hashes=True)
     assert err.count("received SIGTERM") == 1  # one notice, however many signals

@@ -1,8 +1,9 @@
 """A tiny training loop that uses every part of biorecipes_shared; the tests run it as a fresh process.
 
-python toy_train.py --ckpt-dir D --out losses.jsonl --steps 20 [--stop-after 10] [--resume] [--fsdp] [--sleep 0.1]
-                    [--save-every 3]
---resume follows the run contract: the newest valid checkpoint if any, else a fresh start; a finished run exits 0.
+python toy_train.py --output-dir D --steps 20 [--stop-after 10] [--resume] [--fsdp] [--sleep 0.1] [--save-every 3]
+D holds the shared run layout (checkpoints/, metrics.jsonl, final_model/, run_finished.json), driven by
+`TrainingRun`. --resume follows the run contract: the newest valid checkpoint if any, else a fresh start; a finished
+run exits 0. Without it the run starts fresh and refuses a folder that already holds checkpoints.
 """
 
 from __future__ import annotations
@@ -18,30 +19,17 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from biorecipes_shared.checkpoint import (
-    PreemptionHandler,
-    export_safetensors,
-    load_checkpoint,
-    save_checkpoint,
-)
+from biorecipes_shared.checkpoint import export_safetensors
 from biorecipes_shared.distributed import all_reduce_mean, seed_everything, setup_distributed, teardown_distributed
 from biorecipes_shared.fsdp_checkpoint import gather_full_state_dict
 from biorecipes_shared.logging_utils import MetricsWriter, get_logger
-from biorecipes_shared.run import (
-    RunLayout,
-    check_settings,
-    finished_message,
-    finished_run,
-    mark_finished,
-    resolve_resume,
-    run_cli,
-)
+from biorecipes_shared.run import check_settings, run_cli
+from biorecipes_shared.training_run import TrainingRun
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--ckpt-dir", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--stop-after", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
@@ -67,74 +55,70 @@ def build(args, dist_ctx) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim
     return model, optimizer, scheduler
 
 
-def train(args, dist_ctx, log, model, optimizer, scheduler) -> int:
-    """The loop: resume, step, log, checkpoint on schedule / at --stop-after / on a signal; returns the last step."""
+def train(args, dist_ctx, log, run: TrainingRun, model, optimizer, scheduler) -> int:
+    """The loop: step, log, checkpoint when the run says so or at --stop-after; returns the last step."""
     data_gen = torch.Generator().manual_seed(7)
     inputs = torch.randn(96, 8, generator=data_gen)
     targets = inputs.sum(dim=1, keepdim=True) + 0.1 * torch.randn(96, 1, generator=data_gen)
     batch_size = 8
     shuffle_gen = torch.Generator().manual_seed(99)  # the sampler's own generator, saved in checkpoints
-    data_state = {"epoch": 0, "next_batch": 0, "order": torch.randperm(len(inputs), generator=shuffle_gen)}
-    step = 0
-    path = resolve_resume("auto", args.ckpt_dir) if args.resume else None
-    if path is not None:
-        state = load_checkpoint(path, model, optimizer, scheduler, generators={"shuffle": shuffle_gen})
-        step, data_state = state.step, state.data_state
-        log.info("resumed at step %d", step)
-    metrics = MetricsWriter(args.out.parent, dist_ctx, jsonl_name=args.out.name, resume_step=step)
-    with PreemptionHandler() as preempt:
-        while step < args.steps:
-            order = data_state["order"][dist_ctx.rank :: dist_ctx.world_size]
-            start = data_state["next_batch"] * batch_size
+    data = {"epoch": 0, "next_batch": 0, "order": torch.randperm(len(inputs), generator=shuffle_gen)}
+    run.register(model, optimizer, scheduler, data_state=lambda: data, generators={"shuffle": shuffle_gen})
+    resumed = run.resume()
+    if resumed is not None:
+        data = resumed.data_state
+        log.info("resumed at step %d", run.step)
+    metrics = MetricsWriter(run.layout.output_dir, dist_ctx, resume_step=run.step)
+    print("setting up", flush=True)
+    time.sleep(args.setup_sleep)
+    with run:
+        for step in range(run.step + 1, args.steps + 1):
+            order = data["order"][dist_ctx.rank :: dist_ctx.world_size]
+            start = data["next_batch"] * batch_size
             index = order[start : start + batch_size]
             loss = nn.functional.mse_loss(model(inputs[index]), targets[index])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             scheduler.step()
-            step += 1
-            data_state["next_batch"] += 1
-            if data_state["next_batch"] * batch_size >= len(order):
+            data["next_batch"] += 1
+            if data["next_batch"] * batch_size >= len(order):
                 order = torch.randperm(len(inputs), generator=shuffle_gen)
-                data_state = {"epoch": data_state["epoch"] + 1, "next_batch": 0, "order": order}
+                data = {"epoch": data["epoch"] + 1, "next_batch": 0, "order": order}
             metrics.log(step, loss=all_reduce_mean(loss.detach()).item(), lr=scheduler.get_last_lr()[0])
             print(f"step {step}", flush=True)
             time.sleep(args.sleep)
-            stopping = (args.stop_after is not None and step == args.stop_after) or preempt.should_stop()
-            if stopping or (args.save_every and step % args.save_every == 0 and step < args.steps):
+            stop_here = args.stop_after is not None and step == args.stop_after
+            if run.should_save(step) or stop_here:
                 print(f"saving {step}", flush=True)
                 time.sleep(args.save_sleep)
-                save_checkpoint(
-                    args.ckpt_dir, step, model, optimizer, scheduler, data_state=data_state,
-                    generators={"shuffle": shuffle_gen}, sharded=args.fsdp,
-                )  # fmt: skip
-            if stopping:
+                run.save(step)
+            if run.stopped or stop_here:
                 log.info("saved checkpoint at step %d", step)
                 break
     metrics.close()
-    return step
+    return run.step
 
 
 def main() -> None:
     args = parse_args()
     check_settings([("--steps", args.steps, "positive")])
-    layout = RunLayout(args.out.parent)
-    if args.resume and finished_run(layout, args.steps):
-        print(finished_message(layout, finished_run(layout, args.steps)), flush=True)
+    run = TrainingRun(
+        args.output_dir, max_steps=args.steps, save_every=args.save_every, resume="auto" if args.resume else "none",
+        sharded=args.fsdp,
+    )  # fmt: skip
+    if args.resume and run.finished_message():
+        print(run.finished_message(), flush=True)
         return
     dist_ctx = setup_distributed(seed=0)
     log = get_logger("toy", dist_ctx)
     if dist_ctx.is_distributed:  # the collective helpers must agree across ranks
         assert abs(all_reduce_mean(float(dist_ctx.rank)) - (dist_ctx.world_size - 1) / 2) < 1e-12
     model, optimizer, scheduler = build(args, dist_ctx)
-    print("setting up", flush=True)
-    time.sleep(args.setup_sleep)
-    step = train(args, dist_ctx, log, model, optimizer, scheduler)
-    full_state = gather_full_state_dict(model) if args.fsdp else None
-    if dist_ctx.is_main:
-        export_safetensors(model, {"layers": 2}, args.out.parent / "final_model", state_dict=full_state)
+    step = train(args, dist_ctx, log, run, model, optimizer, scheduler)
     if step >= args.steps:
-        mark_finished(layout, step, "max steps reached")
+        full_state = gather_full_state_dict(model) if args.fsdp else None
+        run.finish(lambda folder: export_safetensors(model, {"layers": 2}, folder, state_dict=full_state))
     teardown_distributed()
 
 
