@@ -1,4 +1,6 @@
-"""esm2_fa: faesm SDPA (flash/efficient kernels on CUDA) vs transformers eager, ESM-2 650M throughput, a Trainer run.
+"""esm2_fa: every `model.attention` backend of transformers' EsmForMaskedLM (flash_attention_2, sdpa, flex_attention,
+eager; faesm where it imports) against eager at the same weights, ESM-2 650M throughput per backend, a training run,
+compile and activation checkpointing.
 
 Run with recipes/esm2_fa as cwd (its modules live in src/)."""
 
@@ -8,12 +10,15 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from gpu_check.common import (
     BF16_TOLERANCE,
+    CheckSkipped,
     Context,
     TrainSpec,
     bf16_autocast,
+    count_flops,
     fwd_bwd_step,
     measure_throughput,
     parity_result,
@@ -22,13 +27,15 @@ from gpu_check.common import (
     run_standard_checks,
     train_and_resume,
 )
+from gpu_check.switches import SwitchCase, checkpointing_row, compile_row
 
 sys.path.insert(0, str(Path.cwd() / "src"))
 
 from model import CLS_ID, EOS_ID, MASK_ID, PAD_ID, build_model, esm2_config, resolve_attention  # noqa: E402
-from train import masked_lm_loss  # noqa: E402
 
 TINY_CONFIG = "src/config_tiny_cpu.yaml"
+BACKENDS = ("flash_attention_2", "sdpa", "flex_attention", "eager", "faesm")
+FP32_BACKEND_TOLERANCE = 1e-4  # fp32 logits of a backend vs eager: only the summation order differs
 
 
 def protein_batch(batch: int, length: int, device: torch.device, pad_last: bool = True) -> dict[str, torch.Tensor]:
@@ -48,26 +55,39 @@ def protein_batch(batch: int, length: int, device: torch.device, pad_last: bool 
     return {k: v.to(device) for k, v in {"input_ids": ids, "attention_mask": mask, "labels": labels}.items()}
 
 
-def parity(ctx: Context) -> tuple[str, dict]:
-    size = ctx.sizes["parity"]
-    config = esm2_config(size["model"])
-    fast = build_model(config, "sdpa").to(ctx.device).eval()  # faesm; SDPA picks flash/efficient on CUDA
+def mlm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy over the masked positions from the logits (faesm's forward takes no labels)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])["logits"]
+    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+
+
+def backend_parity(ctx: Context, attention: str, size: dict) -> tuple[dict, dict]:
+    """Logit errors of `attention` against eager fp32 at the same weights on a padded batch (valid positions)."""
     reference = build_model(esm2_config(size["model"]), "eager").to(ctx.device).eval()
-    reference.load_state_dict(fast.state_dict())
+    fast = build_model(esm2_config(size["model"]), attention).to(ctx.device).eval()
+    fast.load_state_dict(reference.state_dict(), strict=False)  # faesm rebuilds its rotary buffers itself
     batch = protein_batch(size["batch"], size["length"], ctx.device)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     valid = batch["attention_mask"].bool()
+    errors, limits = {}, {}
     with torch.no_grad():
-        with bf16_autocast(ctx.device):
-            out_bf16 = fast(**inputs)["logits"].float()
-        out_fp32 = fast(**inputs)["logits"].float()
         ref = reference(**inputs)["logits"].float()
-    errors = {
-        "bf16 sdpa": relative_error(out_bf16[valid], ref[valid]),
-        "fp32 sdpa": relative_error(out_fp32[valid], ref[valid]),
-    }
-    limits = {"bf16 sdpa": BF16_TOLERANCE, "fp32 sdpa": 1e-3}
-    return parity_result(errors, limits, f"faesm vs eager logits, {size['model']}, padded batch")
+        if attention != "flash_attention_2":  # flash-attn computes in fp16/bf16 only
+            errors["fp32"] = relative_error(fast(**inputs)["logits"].float()[valid], ref[valid])
+            limits["fp32"] = FP32_BACKEND_TOLERANCE
+        if ctx.is_cuda:
+            with bf16_autocast(ctx.device):
+                errors["bf16"] = relative_error(fast(**inputs)["logits"].float()[valid], ref[valid])
+            limits["bf16"] = BF16_TOLERANCE
+    return errors, limits
+
+
+def parity(ctx: Context) -> tuple[str, dict]:
+    """The backend `model.attention: auto` picks here, against eager."""
+    size = ctx.sizes["parity"]
+    attention = resolve_attention("auto")
+    errors, limits = backend_parity(ctx, attention, size)
+    return parity_result(errors, limits, f"auto={attention} vs eager logits, {size['model']}, padded batch")
 
 
 def throughput(ctx: Context) -> tuple[str, dict]:
@@ -75,11 +95,66 @@ def throughput(ctx: Context) -> tuple[str, dict]:
     attention = resolve_attention("auto")
     model = build_model(esm2_config(size["model"]), attention).to(ctx.device).train()
     batch = protein_batch(size["batch"], size["length"], ctx.device, pad_last=False)
-    step = fwd_bwd_step(model, lambda: masked_lm_loss(model, batch), ctx.device)
+    step = fwd_bwd_step(model, lambda: mlm_loss(model, batch), ctx.device)
     summary, metrics = measure_throughput(
         ctx, step, size["batch"] * size["length"], sum(p.numel() for p in model.parameters())
     )
     return f"{size['model']} attention={attention}: {summary}", {**metrics, "attention": attention}
+
+
+def backend_row(ctx: Context, attention: str, eager_flops: dict) -> tuple[str, dict]:
+    """One `model.attention` backend: parity against eager, then forward + backward throughput with the FLOPs of
+    eager (the same math; FlopCounterMode does not see inside every fused kernel)."""
+    from model import faesm_available, flash_attn_available
+
+    if attention == "flash_attention_2" and not (ctx.is_cuda and flash_attn_available()):
+        raise CheckSkipped("flash-attn is not installed (a CUDA source build, too big to carry)")
+    if attention == "flex_attention" and not ctx.is_cuda:
+        raise CheckSkipped(
+            "transformers compiles flex_attention with inductor: ~1 min on CPU; esm2_fa's tests check it"
+        )
+    if attention == "faesm" and not faesm_available():
+        raise CheckSkipped("faesm 0.1.1 imports only with transformers <= 4.53 (CI runs it in .venv-faesm)")
+    size = ctx.sizes["parity"]
+    errors, limits = backend_parity(ctx, attention, size)
+    summary, metrics = parity_result(errors, limits, f"vs eager, {size['model']}, padded")
+    if not ctx.is_cuda:  # tokens/s of the tiny model would say nothing
+        return f"{summary}; throughput on CUDA only", metrics
+    size = ctx.sizes["throughput"]
+    model = build_model(esm2_config(size["model"]), attention).to(ctx.device).train()
+    batch = protein_batch(size["batch"], size["length"], ctx.device, pad_last=False)
+    step = fwd_bwd_step(model, lambda: mlm_loss(model, batch), ctx.device)
+    if "flops" not in eager_flops:
+        eager = build_model(esm2_config(size["model"]), "eager").to(ctx.device).train()
+        eager_flops["flops"] = count_flops(fwd_bwd_step(eager, lambda: mlm_loss(eager, batch), ctx.device))
+        del eager
+    params = sum(p.numel() for p in model.parameters())
+    rate, rate_metrics = measure_throughput(ctx, step, batch["input_ids"].numel(), params, eager_flops["flops"])
+    return f"{summary}; {size['model']}: {rate}", {**metrics, **rate_metrics}
+
+
+def switch_case(ctx: Context) -> SwitchCase:
+    """The throughput model (dropout off) and batch; switches: `trainer.apply_speed_switches`, what
+    `training.compile` (scope blocks) and `training.activation_checkpointing` call."""
+    try:
+        from trainer import apply_speed_switches
+    except ImportError as error:
+        raise CheckSkipped(f"esm2_fa has no training.compile switch here ({error})") from None
+    size = ctx.sizes["throughput"]
+    attention = resolve_attention("auto")
+    batch = protein_batch(size["batch"], size["length"], ctx.device, pad_last=False)
+    config = esm2_config(size["model"], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+    def apply(model: torch.nn.Module, compile: bool, activation_checkpointing: bool) -> None:
+        apply_speed_switches(model, activation_checkpointing, "blocks" if compile else None)
+
+    return SwitchCase(
+        build=lambda: build_model(config, attention).to(ctx.device).train(),
+        loss=lambda model: mlm_loss(model, batch),
+        apply=apply,
+        tokens=batch["input_ids"].numel(),
+        what=f"{size['model']} attention={attention}",
+    )
 
 
 def preprocess(ctx: Context) -> Path:
@@ -116,7 +191,12 @@ def train(ctx: Context) -> tuple[str, dict]:
 
 
 def main() -> int:
-    run_standard_checks("esm2_fa", parity, throughput, train)
+    ctx, recorder = run_standard_checks("esm2_fa", parity, throughput, train)
+    eager_flops: dict = {}
+    for attention in BACKENDS:
+        recorder.run(f"attention {attention}", lambda a=attention: backend_row(ctx, a, eager_flops))
+    recorder.run("compile", lambda: compile_row(ctx, switch_case(ctx)))
+    recorder.run("activation checkpointing", lambda: checkpointing_row(ctx, switch_case(ctx)))
     return 0
 
 

@@ -1,4 +1,6 @@
-"""geneformer: bf16 SDPA vs fp32, `106m` throughput at 2,048 genes, a CLI training run, FP8 (torchao or TE) vs BF16.
+"""geneformer: bf16 SDPA vs fp32, `106m` throughput at 2,048 genes, a CLI training run, FP8 (torchao or TE) vs BF16,
+the V2 configs at 4,096, `data.batching` random vs length_grouped vs packed at 2,048 and 4,096, compile and
+activation checkpointing.
 
 Run with recipes/geneformer as cwd."""
 
@@ -29,23 +31,31 @@ from gpu_check.common import (
     run_standard_checks,
     train_and_resume,
 )
+from gpu_check.switches import SwitchCase, checkpointing_row, compile_row
 from model import BertForMaskedLM, geneformer_config
 
 V1_VOCAB = 25426  # Geneformer V1 gene vocabulary (the bundled sample has a 767-gene one)
+V2_VOCAB = 20275  # the upstream V2 vocabulary (~20k protein-coding genes + specials)
 FP8_LOSS_TOLERANCE = 0.05  # relative gap of FP8 from BF16 in the mean of the last 3 logged losses (same batches)
 
 
-def build(config_name: str, layers: int | None, device: torch.device) -> BertForMaskedLM:
-    """The named config's architecture (optionally fewer layers) with the V1 vocabulary, on `device`."""
+def build(
+    config_name: str, layers: int | None, device: torch.device, vocab: int = V1_VOCAB, dropout: float | None = None
+) -> BertForMaskedLM:
+    """The named config's architecture (optionally fewer layers, another dropout) with a vocabulary of `vocab`."""
     model_cfg = dict(load_config(config_name).model)
     model_cfg.pop("vocab_size")
     if layers is not None:
         model_cfg["num_hidden_layers"] = layers
-    return BertForMaskedLM(geneformer_config(V1_VOCAB, **model_cfg)).to(device)
+    if dropout is not None:
+        model_cfg["hidden_dropout_prob"] = model_cfg["attention_probs_dropout_prob"] = dropout
+    return BertForMaskedLM(geneformer_config(vocab, **model_cfg)).to(device)
 
 
-def cell_batch(batch: int, length: int, device: torch.device, pad_last: bool = True) -> dict[str, torch.Tensor]:
-    ids = torch.randint(2, V1_VOCAB, (batch, length))
+def cell_batch(
+    batch: int, length: int, device: torch.device, pad_last: bool = True, vocab: int = V1_VOCAB
+) -> dict[str, torch.Tensor]:
+    ids = torch.randint(2, vocab, (batch, length))
     mask = torch.ones_like(ids)
     if pad_last and batch > 1:
         ids[-1, length // 2 :] = 0  # <pad>
@@ -128,10 +138,60 @@ def fp8_vs_bf16(ctx: Context, spec: dict) -> tuple[str, dict]:
     return summary, metrics
 
 
+def v2_throughput(ctx: Context, config_name: str) -> tuple[str, dict]:
+    """A V2 config (<cls> + 4,094 genes + <eos>) at its full 4,096 positions with the upstream V2 vocabulary."""
+    if not (Path("hydra_config") / f"{config_name}.yaml").is_file():
+        raise CheckSkipped(f"hydra_config/{config_name}.yaml is not in this checkout")
+    size = ctx.sizes["v2"]
+    model = build(config_name, size["layers"], ctx.device, vocab=V2_VOCAB).train()
+    length = min(size["length"], model.config.max_position_embeddings)
+    batch = cell_batch(size["batch"], length, ctx.device, pad_last=False, vocab=V2_VOCAB)
+    step = fwd_bwd_step(model, lambda: model(**batch, masked_logits_only=True).loss, ctx.device)
+    summary, metrics = measure_throughput(ctx, step, batch["input_ids"].numel(), model.num_parameters())
+    layers = f" x {size['layers']} layers" if size["layers"] else ""
+    return f"{config_name}{layers} at {length}: {summary}", metrics
+
+
+def switch_case(ctx: Context) -> SwitchCase:
+    """The throughput model (dropout off) and batch; switches: `configure_layers`, what `training.compile` /
+    `training.activation_checkpointing` call."""
+    from model import configure_layers
+
+    size = ctx.sizes["throughput"]
+    batch = cell_batch(size["batch"], size["length"], ctx.device, pad_last=False)
+
+    def apply(model: BertForMaskedLM, compile: bool, activation_checkpointing: bool) -> None:
+        configure_layers(model, compile=compile, activation_checkpointing=activation_checkpointing)
+
+    return SwitchCase(
+        build=lambda: build(size["config"], size["layers"], ctx.device, dropout=0.0).train(),
+        loss=lambda model: model(**batch, masked_logits_only=True).loss,
+        apply=apply,
+        tokens=batch["input_ids"].numel(),
+        what=f"{size['config']} at {size['length']}",
+    )
+
+
+def batching(ctx: Context, spec: dict) -> tuple[str, dict]:
+    config_file = Path("hydra_config") / f"{spec['config']}.yaml"
+    if not config_file.is_file():
+        raise CheckSkipped(f"{config_file} is not in this checkout")
+    from gpu_check.geneformer_batching import batching_row
+
+    vocab = V2_VOCAB if spec["config"].startswith("v2") else V1_VOCAB
+    return batching_row(ctx, spec, lambda name, layers, device, v: build(name, layers, device, v), vocab)
+
+
 def main() -> int:
     ctx, recorder = run_standard_checks("geneformer", parity, throughput, train)
     for spec in ctx.sizes["fp8"]:
         recorder.run(spec["name"], lambda spec=spec: fp8_vs_bf16(ctx, spec))
+    for config_name in ctx.sizes["v2"]["configs"]:
+        recorder.run(config_name, lambda name=config_name: v2_throughput(ctx, name))
+    for spec in ctx.sizes["batching"]:
+        recorder.run(spec["name"], lambda spec=spec: batching(ctx, spec))
+    recorder.run("compile", lambda: compile_row(ctx, switch_case(ctx)))
+    recorder.run("activation checkpointing", lambda: checkpointing_row(ctx, switch_case(ctx)))
     return 0
 
 

@@ -24,6 +24,7 @@ from gpu_check.common import (
     run_standard_checks,
     train_and_resume,
 )
+from gpu_check.switches import SwitchCase, checkpointing_row, compile_row
 from model import CurricularFace, EmbedderConfig, GenomeFragmentEmbedder, mamba_ssm_available
 
 N_CLASSES = 1000  # genomes in the CurricularFace head of the throughput model
@@ -98,8 +99,35 @@ def train(ctx: Context) -> tuple[str, dict]:
     return train_and_resume(ctx, spec, timeout=ctx.sizes["budget_s"])
 
 
+def switch_case(ctx: Context) -> SwitchCase:
+    """The throughput embedder + CurricularFace head; switches: `set_speed_switches`, what `train.compile` /
+    `train.activation_checkpointing` call. The embedder has no dropout."""
+    from model import set_speed_switches
+
+    size = ctx.sizes["throughput"]
+    tokens = fragments(size, EmbedderConfig().pad_token, pad_last=False).to(ctx.device)
+    labels = torch.randint(0, N_CLASSES, (size["batch"],), device=ctx.device)
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        head = CurricularFace(size["d_model"], N_CLASSES, scale=30.0)
+        return torch.nn.ModuleDict({"embedder": embedder(size), "head": head}).to(ctx.device).train()
+
+    def loss(both: torch.nn.Module) -> torch.Tensor:
+        return F.cross_entropy(both["head"](both["embedder"](tokens), labels), labels)
+
+    def apply(both: torch.nn.Module, compile: bool, activation_checkpointing: bool) -> None:
+        set_speed_switches(both["embedder"], compile, activation_checkpointing)
+
+    backend = "mamba_ssm" if mamba_ssm_available() else "mambapy"
+    what = f"{size['d_model']} x {size['n_layers']} {backend}, {size['length']} tokens"
+    return SwitchCase(build=build, loss=loss, apply=apply, tokens=tokens.numel(), what=what)
+
+
 def main() -> int:
-    run_standard_checks("gtdb_mamba", parity, throughput, train)
+    ctx, recorder = run_standard_checks("gtdb_mamba", parity, throughput, train)
+    recorder.run("compile", lambda: compile_row(ctx, switch_case(ctx)))
+    recorder.run("activation checkpointing", lambda: checkpointing_row(ctx, switch_case(ctx)))
     return 0
 
 

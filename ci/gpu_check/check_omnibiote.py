@@ -22,6 +22,7 @@ from gpu_check.common import (
     run_standard_checks,
     train_and_resume,
 )
+from gpu_check.switches import SwitchCase, checkpointing_row, compile_row
 from model import OmniBioTA, OmniBioTAConfig
 
 
@@ -116,8 +117,30 @@ def train(ctx: Context) -> tuple[str, dict]:
     return train_and_resume(ctx, spec, timeout=ctx.sizes["budget_s"])
 
 
+def switch_case(ctx: Context) -> SwitchCase:
+    """The throughput model and packed batch; switches: `enable_speedups`, what `--compile` /
+    `--activation_checkpointing` call. The model has no dropout."""
+    size = ctx.sizes["throughput"]
+    ids, doc_ids = packed_batch(size, ctx.device)
+    labels = torch.where(torch.rand(ids.shape, device=ctx.device) < 0.15, ids, torch.full_like(ids, -100))
+    labels[doc_ids < 0] = -100
+
+    def apply(model: OmniBioTA, compile: bool, activation_checkpointing: bool) -> None:
+        model.enable_speedups(compile_blocks=compile, activation_checkpointing=activation_checkpointing)
+
+    return SwitchCase(
+        build=lambda: build(size, "auto").to(ctx.device).train(),
+        loss=lambda model: model(ids, doc_ids, labels),
+        apply=apply,
+        tokens=int((doc_ids >= 0).sum()),
+        what=f"{size['n_layer']} x {size['n_embd']} at {size['length']}",
+    )
+
+
 def main() -> int:
-    run_standard_checks("omnibiote", parity, throughput, train)
+    ctx, recorder = run_standard_checks("omnibiote", parity, throughput, train)
+    recorder.run("compile", lambda: compile_row(ctx, switch_case(ctx)))
+    recorder.run("activation checkpointing", lambda: checkpointing_row(ctx, switch_case(ctx)))
     return 0
 
 

@@ -22,6 +22,7 @@ from gpu_check.common import (
     run_standard_checks,
     train_and_resume,
 )
+from gpu_check.switches import SwitchCase, checkpointing_row, compile_row
 from model import VOCAB_SIZE, PlantLM, blocked_local_attention, dense_local_attention
 
 N_SPECIES = 3
@@ -100,8 +101,30 @@ def train(ctx: Context) -> tuple[str, dict]:
     return train_and_resume(ctx, spec, timeout=ctx.sizes["budget_s"])
 
 
+def switch_case(ctx: Context) -> SwitchCase:
+    """The throughput model (dropout off) and batch; switches: `compile_blocks()` and `activation_checkpointing`,
+    what `--compile` / `--activation_checkpointing` set."""
+    size = ctx.sizes["throughput"]
+    ids, targets, species = windows(size, ctx.device)
+
+    def apply(model: PlantLM, compile: bool, activation_checkpointing: bool) -> None:
+        if compile:
+            model.compile_blocks()
+        model.activation_checkpointing = activation_checkpointing
+
+    return SwitchCase(
+        build=lambda: build(size, ctx.device, dropout=0.0).train(),
+        loss=lambda model: model(ids, species, targets)["loss"],
+        apply=apply,
+        tokens=ids.numel(),
+        what=f"d{size['d_model']} x {size['n_layers']}, context {size['length']}",
+    )
+
+
 def main() -> int:
-    run_standard_checks("plant_lm", parity, throughput, train)
+    ctx, recorder = run_standard_checks("plant_lm", parity, throughput, train)
+    recorder.run("compile", lambda: compile_row(ctx, switch_case(ctx)))
+    recorder.run("activation checkpointing", lambda: checkpointing_row(ctx, switch_case(ctx)))
     return 0
 
 

@@ -155,13 +155,17 @@ def count_flops(step: Callable[[], None]) -> int:
     return int(counter.get_total_flops())
 
 
-def measure_throughput(ctx: Context, step: Callable[[], None], tokens_per_step: int, params: int) -> tuple[str, dict]:
+def measure_throughput(
+    ctx: Context, step: Callable[[], None], tokens_per_step: int, params: int, flops: int | None = None
+) -> tuple[str, dict]:
     """tokens/s, achieved TFLOP/s, MFU against ctx.peak_tflops and peak memory of `step` (forward + backward).
 
-    FLOPs are counted once by FlopCounterMode (matmul and SDPA FLOPs; elementwise work such as Mamba's scan is
-    not counted, as usual for MFU); time is the median of `repeats` timed steps after `warmup` untimed ones."""
+    `tokens_per_step` counts real tokens only (never padding). FLOPs are counted once by FlopCounterMode (matmul and
+    SDPA FLOPs; elementwise work such as Mamba's scan is not counted, as usual for MFU) unless `flops` gives the
+    FLOPs of the real tokens (padded batches, compiled models); time is the median of `repeats` timed steps after
+    `warmup` untimed ones."""
     warmup, repeats = ctx.sizes["warmup"], ctx.sizes["repeats"]
-    flops = count_flops(step)
+    flops = count_flops(step) if flops is None else flops
     for _ in range(warmup):
         step()
     synchronize(ctx.device)

@@ -9,6 +9,7 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,3 +137,65 @@ def test_carried_wheels_come_first_and_the_dry_run_hides_gpus(tmp_path, monkeypa
     assert "no wheels in" in run.install_wheels(tmp_path / "empty", tmp_path / "site")
     with pytest.raises(SystemExit):
         run.parse_args(["--only", "esm2_fa,nope"])
+
+
+class ToyBlocks(torch.nn.Module):
+    """Two blocks with the switches the recipes have: `.compile()` per block and an activation_checkpointing flag."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU()) for _ in "ab")
+        self.activation_checkpointing = False
+
+    def forward(self, x):
+        for block in self.blocks:
+            use = self.activation_checkpointing and torch.is_grad_enabled()
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if use else block(x)
+        return x.square().mean()
+
+
+def toy_case(apply=None):
+    from gpu_check.switches import SwitchCase
+
+    def switches(model, compile, activation_checkpointing):
+        if compile:
+            for block in model.blocks:
+                block.compile()
+        model.activation_checkpointing = activation_checkpointing
+
+    batch = torch.randn(4, 8)
+    return SwitchCase(ToyBlocks, lambda model: model(batch), apply or switches, tokens=4, what="toy")
+
+
+def cpu_context(tmp_path):
+    return common.Context("toy", torch.device("cpu"), tmp_path, float("nan"), sizes.sizes_for("cpu", "plant_lm"))
+
+
+def test_switch_rows_check_parity_through_the_recipe_switch(tmp_path):
+    from gpu_check import switches
+
+    original = torch.compile
+    summary, metrics = switches.compile_row(cpu_context(tmp_path), toy_case())
+    assert torch.compile is original  # the dry-run backend is patched in for the row only
+    assert metrics["backend"] == "eager" and metrics["rel_err"]["compiled loss"] <= 1e-6
+    assert "speed on CUDA only" in summary
+    summary, metrics = switches.checkpointing_row(cpu_context(tmp_path), toy_case())
+    assert metrics["rel_err"] == {"checkpointed loss": 0.0, "checkpointed grads": 0.0}
+
+    def wrong_switch(model, compile, activation_checkpointing):  # a switch that changes the math must fail
+        with torch.no_grad():
+            model.blocks[0][0].weight.mul_(1.1)
+
+    with pytest.raises(common.CheckFailed, match="checkpointed loss"):
+        switches.checkpointing_row(cpu_context(tmp_path), toy_case(wrong_switch))
+
+
+def test_genecorpus_like_lengths_and_real_flops():
+    from gpu_check.geneformer_batching import cell_lengths, real_flops
+
+    lengths = cell_lengths(20000, 2048)
+    assert 0.05 < (lengths == 2048).mean() < 0.09  # ~7% at the cap, as Genecorpus-30M at 2,048
+    assert 900 < np.median(lengths) < 1100
+    config = type("Config", (), {"hidden_size": 4, "num_hidden_layers": 2, "intermediate_size": 8, "vocab_size": 10})
+    # 6 x 2 layers x (4*16 + 2*32) per token + 6 x 4 x 10 x 0.5 per token, + 12 x 2 x 4 x (1 + 9) for attention
+    assert real_flops(config, np.array([1, 3]), 0.5) == 1536 * 4 + 120 * 4 + 960
