@@ -16,7 +16,7 @@ SIZES = {
     "cuda": {
         "peak": {"n": 8192, "repeats": 10},
         "esm2_fa": {
-            "budget_s": 130,
+            "budget_s": 150,
             "parity": {"model": "esm2_t12_35M", "batch": 4, "length": 512},
             "throughput": {"model": "esm2_t33_650M", "batch": 8, "length": 1024},
             "train": {"steps": 60, "bf16": True},
@@ -50,19 +50,19 @@ SIZES = {
             ],
         },
         "gtdb_mamba": {
-            "budget_s": 90,
+            "budget_s": 80,
             "parity": {"d_model": 256, "n_layers": 2, "batch": 4, "length": 512},
             "throughput": {"d_model": 1536, "n_layers": 8, "batch": 8, "length": 512},
             "train": {"steps": 60, "overrides": []},
         },
         "omnibiote": {
-            "budget_s": 80,
+            "budget_s": 75,
             "parity": {"n_layer": 2, "n_head": 8, "n_embd": 256, "vocab": 512, "batch": 4, "length": 512},
             "throughput": {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab": 65536, "batch": 16, "length": 1024},
             "train": {"token_budget": 240000, "stop_step": 20},
         },
         "plant_lm": {
-            "budget_s": 70,
+            "budget_s": 65,
             "parity": {"d_model": 256, "n_heads": 4, "n_layers": 2, "batch": 4, "length": 256, "window": 32},
             "throughput": {"d_model": 512, "n_heads": 8, "n_layers": 6, "batch": 16, "length": 64, "window": 32},
             "train": {"steps_per_epoch": 30},
