@@ -27,9 +27,11 @@ class ModelConfig:
     model_name: str = "esm2_t6_8M"  # ESM-2 size name (see model.ESM2_SIZES) or a local checkpoint dir
     max_position_embeddings: int = 1026  # incl. <cls>/<eos>; must match the architecture
     max_batch_size: int = 16384  # token budget per batch (rows x longest row): preprocessing packs to it, train checks
-    attention: str = "auto"  # auto | flash | sdpa | eager (transformers' EsmForMaskedLM)
+    # auto (flash_attention_2 where flash-attn imports on CUDA, else sdpa) | sdpa | flash_attention_2 |
+    # flex_attention (no backward on CPU) | eager: transformers' EsmForMaskedLM; faesm: its own environment
+    attention: str = "auto"
     hidden_dropout_prob: float | None = None  # None keeps the architecture's value (0.0 for ESM-2)
-    attention_probs_dropout_prob: float | None = None  # > 0 only with attention: eager (faesm ignores it)
+    attention_probs_dropout_prob: float | None = None  # > 0 not with attention: faesm (it ignores it)
 
 
 @dataclass
@@ -69,7 +71,10 @@ class TrainingConfig:
     greater_is_better: bool = False
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     seed: int = 42
-    report_to: str = "none"  # none | wandb | tensorboard (passed to TrainingArguments; the package must be installed)
+    report_to: str = "none"  # none | wandb | tensorboard (the package must be installed)
+    compile: bool = False  # torch.compile (off by default: see BENCHMARKS.md for the CPU figure)
+    compile_scope: str = "blocks"  # blocks: each transformer layer; model: the whole EsmForMaskedLM
+    activation_checkpointing: bool = False  # recompute each layer's activations in the backward pass
 
 
 @dataclass
@@ -104,7 +109,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 REPORT_TO_CHOICES = ("none", "wandb", "tensorboard")
 MIXED_PRECISION_CHOICES = ("bf16", "fp16", "no")
-METRIC_CHOICES = ("eval_loss", "loss", "eval_perplexity", "perplexity")  # what trainer.evaluate() reports
+METRIC_CHOICES = ("eval_loss", "loss", "eval_perplexity", "perplexity")  # "loss" means eval_loss (as in HF)
+COMPILE_SCOPES = ("blocks", "model")
 
 
 def setting_checks(cfg: RecipeConfig) -> list[tuple[str, object, str]]:
@@ -157,11 +163,13 @@ def _validate(cfg: RecipeConfig, path: Path) -> None:
         )
     if t.mixed_precision not in MIXED_PRECISION_CHOICES:
         raise ConfigError(f"{path}: training.mixed_precision must be bf16, fp16 or no, got {t.mixed_precision!r}")
-    if t.metric_for_best_model not in METRIC_CHOICES:  # HF would raise a KeyError at the first evaluation
+    if t.metric_for_best_model not in METRIC_CHOICES:  # else a KeyError at the first evaluation
         raise ConfigError(
             f"{path}: training.metric_for_best_model must be one of {', '.join(METRIC_CHOICES)}, "
             f"got {t.metric_for_best_model!r}"
         )
+    if t.compile_scope not in COMPILE_SCOPES:
+        raise ConfigError(f"{path}: training.compile_scope must be blocks or model, got {t.compile_scope!r}")
     if t.early_stopping.enabled and not t.load_best_model_at_end:
         raise ConfigError(f"{path}: training.early_stopping needs training.load_best_model_at_end: true")
     if t.load_best_model_at_end and t.save_steps % t.eval_steps:

@@ -180,7 +180,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--token_budget", type=int, default=DEFAULT_TOKEN_BUDGET, help="rows x longest per batch")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--fp32", action="store_true", help="on GPU, compute in float32 instead of bfloat16")
-    parser.add_argument("--attention", default="auto", help="auto | flash | sdpa | eager (model.py)")
+    parser.add_argument(
+        "--attention",
+        default="auto",
+        help="auto | sdpa | flash_attention_2 | flex_attention | eager | faesm (model.py)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     return parser.parse_args(argv)
 

@@ -1,22 +1,26 @@
 """ESM-2 masked-LM model: architecture table, the 33-token ESM vocabulary and the attention back-ends.
 
 There is no model hub at run time, so the recipe carries what `facebook/esm2_*` configs would have given:
-the layer/width/head table and the vocabulary. `build_model` returns faesm's `FAEsmForMaskedLM` (flash-attn
-when installed, PyTorch SDPA otherwise) or transformers' `EsmForMaskedLM`; both share one state-dict layout,
-so a checkpoint written by either loads in the other.
+the layer/width/head table and the vocabulary. `build_model` returns transformers' own `EsmForMaskedLM` with the
+chosen attention (`sdpa`, `flash_attention_2`, `flex_attention`, `eager`), so published ESM-2 folders load as they
+are and exports load in transformers; `faesm` (its own environment, transformers <= 4.53) builds faesm's
+`FAEsmForMaskedLM`, which has the same state-dict keys, so a checkpoint written by any back-end loads in every other.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import tempfile
 from pathlib import Path
 
 import torch
+import transformers
+from packaging.version import Version
 from safetensors.torch import load_file
-from transformers import EsmConfig, EsmForMaskedLM, EsmTokenizer
+from transformers import AutoModelForMaskedLM, EsmConfig, EsmTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +75,11 @@ ESM2_SIZES = {
     "esm2_tiny": (2, 64, 4),
 }
 ESM2_MAX_POSITIONS = 1026  # 1022 residues + <cls> + <eos>
-ATTENTION_CHOICES = ("auto", "flash", "sdpa", "eager")
-# Buffers that one back-end stores and the other rebuilds itself (rotary frequencies, position ids).
+# transformers' own attention implementations of EsmForMaskedLM, then faesm (its own environment: transformers <= 4.53).
+HF_ATTENTION = ("sdpa", "flash_attention_2", "flex_attention", "eager")
+ATTENTION_CHOICES = ("auto", *HF_ATTENTION, "faesm")
+# Buffers that a back-end or transformers version stores and another rebuilds itself (rotary frequencies, position
+# ids): transformers 5 keeps one `esm.rotary_embeddings.inv_freq`, 4.x one per layer.
 _REBUILT_BUFFERS = ("position_ids", "inv_freq")
 
 
@@ -87,6 +94,11 @@ def flash_attn_available() -> bool:
     except Exception:  # a broken CUDA build raises more than ImportError
         return False
     return torch.cuda.is_available()
+
+
+def transformers_has_sdpa_esm() -> bool:
+    """transformers' ESM has SDPA (and the attention-interface back-ends) from 4.56 on."""
+    return Version(transformers.__version__) >= Version("4.56")
 
 
 def faesm_available() -> bool:
@@ -134,7 +146,12 @@ def esm2_config(
             initializer_range=0.02,
             layer_norm_eps=1e-5,
             position_embedding_type="rotary",
+            rope_theta=10000.0,  # ESM-2's rotary base (a field since transformers 5)
             use_cache=False,
+            is_decoder=False,
+            add_cross_attention=False,
+            chunk_size_feed_forward=0,
+            bos_token_id=None,
             emb_layer_norm_before=False,
             token_dropout=True,
             is_folding_model=False,
@@ -170,72 +187,110 @@ def save_tokenizer(out_dir: str | Path) -> EsmTokenizer:
 
 
 def resolve_attention(attention: str) -> str:
-    """Map `auto` to the fastest back-end that imports here: flash (faesm+flash-attn), sdpa (faesm) or eager."""
+    """The back-end to build: `auto` is flash_attention_2 where flash-attn imports on CUDA, else sdpa.
+
+    Raises ModelConfigError (one line) for an unknown name or a back-end that cannot run here.
+    """
     if attention not in ATTENTION_CHOICES:
-        raise ModelConfigError(f"model.attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
+        hint = " (faesm's flash/SDPA paths are now model.attention=faesm)" if attention == "flash" else ""
+        raise ModelConfigError(
+            f"model.attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}{hint}"
+        )
     if attention == "auto":
-        if faesm_available():
-            return "flash" if flash_attn_available() else "sdpa"
-        return "eager"
-    if attention in ("flash", "sdpa") and not faesm_available():
-        raise ModelConfigError(f"model.attention={attention} needs the faesm package (pip install faesm==0.1.1)")
-    if attention == "flash" and not flash_attn_available():
-        raise ModelConfigError("model.attention=flash needs flash-attn and a CUDA GPU")
+        if not transformers_has_sdpa_esm():  # transformers <= 4.55 (the faesm environment): faesm's SDPA path
+            return "faesm" if faesm_available() else "eager"
+        return "flash_attention_2" if flash_attn_available() else "sdpa"
+    if attention == "faesm" and not faesm_available():
+        raise ModelConfigError(
+            "model.attention=faesm needs faesm 0.1.1, which imports only with transformers <= 4.53: use its own "
+            "environment (make setup-faesm; requirements-faesm.txt), or model.attention=sdpa"
+        )
+    if attention == "flash_attention_2" and not flash_attn_available():
+        raise ModelConfigError("model.attention=flash_attention_2 needs flash-attn and a CUDA GPU (use sdpa here)")
     return attention
 
 
 def check_attention_dropout(config: EsmConfig, backend: str, attention: str | None = None) -> None:
     """Refuse attention dropout on a back-end that would silently drop it.
 
-    faesm 0.1.1 never passes dropout_p to SDPA or flash-attn, so only transformers' eager attention applies it.
+    faesm 0.1.1 never passes dropout_p to SDPA or flash-attn; transformers' own back-ends all apply it.
     """
     p = config.attention_probs_dropout_prob or 0.0
-    if p > 0 and backend != "eager":
-        how = f"attention={backend}" + (f" (from {attention})" if attention and attention != backend else "")
+    if p > 0 and backend == "faesm":
         raise ModelConfigError(
-            f"model.attention_probs_dropout_prob={p} would be ignored: faesm's {how} applies no attention dropout; "
-            "use model.attention: eager, or set model.attention_probs_dropout_prob to 0"
+            f"model.attention_probs_dropout_prob={p} would be ignored: faesm applies no attention dropout; "
+            "use model.attention: sdpa (or eager), or set model.attention_probs_dropout_prob to 0"
         )
 
 
 def build_model(
     config: EsmConfig, attention: str = "auto", weights: str | Path | None = None, for_training: bool = True
 ) -> torch.nn.Module:
-    """Instantiate the masked-LM with the chosen attention back-end; optionally load a safetensors state dict."""
+    """transformers' EsmForMaskedLM with the chosen attention (faesm's model for `faesm`); optional weights file.
+
+    The config is copied: transformers records the attention implementation in the config it is given.
+    Raises ModelConfigError (one line) for a back-end that cannot run here or weights that do not fit.
+    """
     backend = resolve_attention(attention)
-    if for_training:  # dropout is off at inference, so a faesm back-end computes the same thing there
+    if for_training:  # dropout is off at inference, so faesm computes the same thing there
         check_attention_dropout(config, backend, attention)
-    if backend == "eager":
-        model = EsmForMaskedLM(config)
+    config = copy.deepcopy(config)
+    if backend == "faesm":
+        model = _build_faesm(config)
     else:
-        fa_esm_cls = _import_faesm()
-        config.use_fa = backend == "flash"
-        # faesm builds its tokenizer from config._name_or_path; point it at a throwaway local copy (no hub).
-        previous_name = config._name_or_path
-        with tempfile.TemporaryDirectory() as tokenizer_dir:
-            save_tokenizer(tokenizer_dir)
-            config._name_or_path = tokenizer_dir
-            # faesm overwrites hidden_dropout_prob with its `dropout` argument (default 0.1): pass ours through.
-            model = fa_esm_cls(config, dropout=config.hidden_dropout_prob)
-        config._name_or_path = previous_name
+        try:
+            model = AutoModelForMaskedLM.from_config(config, attn_implementation=backend)
+        except (ValueError, ImportError) as err:  # e.g. sdpa with transformers < 4.56: a multi-line message
+            raise ModelConfigError(
+                f"model.attention={backend}: transformers {transformers.__version__} cannot build it "
+                f"({str(err).splitlines()[0][:160]})"
+            ) from err
     log.info("model: %s, attention=%s, %.1fM parameters", type(model).__name__, backend, count_parameters(model) / 1e6)
     if weights is not None:
-        state = read_state_dict(weights)
-        # Checkpoints written with tied embeddings may store the decoder weight once; re-tie after loading.
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k != "lm_head.decoder.weight" and not k.endswith(_REBUILT_BUFFERS)]
-        unexpected = [k for k in unexpected if not k.endswith(_REBUILT_BUFFERS)]
-        if missing or unexpected:
-            raise ModelConfigError(
-                f"{weights}: state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})"
-            )
-        model.tie_weights()
+        load_weights(model, weights)
     return model
+
+
+def _build_faesm(config: EsmConfig) -> torch.nn.Module:
+    """faesm's FAEsmForMaskedLM: flash-attn where it imports on CUDA, else its SDPA path; same state-dict keys."""
+    config.use_fa = flash_attn_available()
+    # faesm builds its tokenizer from config._name_or_path; point it at a throwaway local copy (no hub).
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        save_tokenizer(tokenizer_dir)
+        config._name_or_path = tokenizer_dir
+        # faesm overwrites hidden_dropout_prob with its `dropout` argument (default 0.1): pass ours through.
+        model = _import_faesm()(config, dropout=config.hidden_dropout_prob)
+    model.config._name_or_path = ""
+    return model
+
+
+def load_weights(model: torch.nn.Module, weights: str | Path) -> None:
+    """Load a weights file into `model` (tied decoder and rebuilt buffers may be absent); ModelConfigError if unfit."""
+    state = read_state_dict(weights)
+    expected = model.state_dict()
+    wrong = [k for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong:
+        raise ModelConfigError(f"{weights}: shapes do not fit the model config (e.g. {wrong[0]})")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "lm_head.decoder.weight" and not k.endswith(_REBUILT_BUFFERS)]
+    unexpected = [k for k in unexpected if not k.endswith(_REBUILT_BUFFERS)]
+    if missing or unexpected:
+        raise ModelConfigError(f"{weights}: state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+
+
+def _plain_key(name: str) -> str:
+    # transformers 5's save_pretrained writes LayerNorm weight/bias under the legacy names gamma/beta (and maps
+    # them back when it loads); the module's state dict and the published ESM-2 folders use weight/bias.
+    for legacy, plain in ((".gamma", ".weight"), (".beta", ".bias")):
+        if name.endswith(legacy):
+            return name[: -len(legacy)] + plain
+    return name
 
 
 def read_state_dict(weights: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of `model.safetensors` or a `pytorch_model.bin` state dict (torch.load(weights_only=True): no pickle
-    code runs). Raises ModelConfigError (one line) for a file that cannot be read."""
+    code runs), keys in the module's weight/bias naming. Raises ModelConfigError (one line) for an unreadable file."""
     weights = Path(weights)
     try:
         if weights.suffix == ".safetensors":
@@ -246,7 +301,7 @@ def read_state_dict(weights: str | Path) -> dict[str, torch.Tensor]:
         raise ModelConfigError(f"{weights}: cannot be read as weights ({str(err).splitlines()[0]})") from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelConfigError(f"{weights}: not a state dict of tensors")
-    return state
+    return {_plain_key(k): v for k, v in state.items()}
 
 
 def weights_file(model_dir: str | Path) -> Path | None:
@@ -264,6 +319,20 @@ def load_pretrained(model_dir: str | Path, attention: str = "auto") -> torch.nn.
     if weights is None:
         raise ModelConfigError(f"{model_dir}: holds neither model.safetensors nor pytorch_model.bin")
     return build_model(esm2_config(str(model_dir)), attention, weights=weights, for_training=False)
+
+
+def export_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights to write (checkpoints, final_model): the module's own keys, without rebuilt buffers."""
+    return {k: v for k, v in model.state_dict().items() if not k.endswith(_REBUILT_BUFFERS)}
+
+
+def export_config(model: torch.nn.Module) -> dict:
+    """config.json of an export: what transformers' EsmForMaskedLM reads (faesm's extras dropped)."""
+    config = model.config.to_dict()
+    config["architectures"] = ["EsmForMaskedLM"]
+    for key in ("use_fa", "_name_or_path", "_attn_implementation_autoset"):
+        config.pop(key, None)
+    return config
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -1,4 +1,4 @@
-"""ESM-2 masked-LM pretraining with HF Trainer + accelerate on token-budget shards.
+"""ESM-2 masked-LM pretraining on token-budget shards: transformers' EsmForMaskedLM, a plain PyTorch loop (DDP).
 
     accelerate launch src/train.py --train_dir data/train --val_dir data/val
     torchrun --nproc_per_node=8 src/train.py --train_dir data/train --val_dir data/val training.max_steps=1000
@@ -12,74 +12,85 @@ starts fresh (refused when checkpoints exist); a path resumes exactly that check
 
 from __future__ import annotations
 
+# isort: off
+import biorecipes_shared.stop_signals  # noqa: F401  (first: a SIGTERM during the imports below sets a flag)
+
+# isort: on
 import argparse
 import json
 import shutil
-import sys
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import EarlyStoppingCallback, EsmConfig, set_seed
+import torch
+from safetensors.torch import save_file
+from transformers import EsmConfig
 from transformers.integrations import is_tensorboard_available, is_wandb_available
-from transformers.trainer_callback import PrinterCallback, TrainerState
 
-from biorecipes_shared.checkpoint import PreemptionHandler
-from biorecipes_shared.distributed import read_launch_env, teardown_distributed
-from biorecipes_shared.files import TMP_PREFIX, WriteError, describe_write_error, swap_into_place
-from biorecipes_shared.logging_utils import MetricsWriter, get_logger, plot_loss_curve
-from biorecipes_shared.run import (
-    RunLayout,
-    finished_message,
-    finished_run,
-    mark_finished,
-    resolve_resume,
-    run_cli,
+from biorecipes_shared.distributed import (
+    DistributedContext,
+    all_reduce_mean,
+    exit_process,
+    read_launch_env,
+    seed_everything,
+    setup_distributed,
+    teardown_distributed,
 )
+from biorecipes_shared.files import TMP_PREFIX, WriteError, describe_write_error, swap_into_place
+from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, plot_loss_curve
+from biorecipes_shared.preemption import PreemptionHandler
+from biorecipes_shared.run import RunLayout, finished_message, finished_run, mark_finished, resolve_resume, run_cli
 from config import ConfigError, ModelConfig, RecipeConfig, load_config
 from data_processing import PACKING_FILE, FastaError, read_packing
-from dataset import DataDirError, ShardStream, check_data_fingerprints, check_shards
-from hf_checkpoint import check_stream_state, checkpoint_step, read_loss_window, run_was_over
+from dataset import DataDirError, ShardStream, check_data_fingerprints, check_shards, make_train_loader
 from model import (
     ModelConfigError,
     build_model,
     check_attention_dropout,
     esm2_config,
+    export_config,
+    export_state_dict,
     resolve_attention,
     save_tokenizer,
     weights_file,
 )
+from run_state import load_best_weights, restore, save, stream_layout
 from trainer import (  # noqa: F401  (esm2_lr_lambda, masked_lm_loss, fused_adamw_supported: the recipe's public names)
-    EsmMlmTrainer,
-    MetricsCallback,
-    PreemptionCallback,
+    MaskedLMLoss,
+    Progress,
+    Window,
+    apply_speed_switches,
     esm2_lr_lambda,
+    evaluate,
     fused_adamw_supported,
+    make_optimizer,
     masked_lm_loss,
-    training_arguments,
+    metric_key,
+    train_step,
 )
 
 log = get_logger("esm2_fa")
 USER_ERRORS = (DataDirError, ModelConfigError, FastaError)
 
 
-def export_final_model(trainer: EsmMlmTrainer, out_dir: Path) -> None:
-    """save_pretrained (safetensors) + tokenizer into out_dir, written under a temp name and then swapped in.
+def export_final_model(model: torch.nn.Module, out_dir: Path) -> None:
+    """final_model/: model.safetensors + config.json (transformers' EsmForMaskedLM layout) + tokenizer files,
+    written under a temp name and swapped in (rank 0 only).
 
     Raises WriteError (one line) when the disk is full or the folder unwritable; the temp dir is removed and an
     earlier export stays as it was.
     """
     tmp = out_dir.with_name(f"{TMP_PREFIX}{out_dir.name}")
     try:
-        trainer.save_model(str(tmp))  # every rank: under DDP/FSDP the weights may need gathering
-        if trainer.is_world_process_zero():
-            save_tokenizer(tmp)
-            config_file = tmp / "config.json"
-            config = json.loads(config_file.read_text())
-            config["architectures"] = ["EsmForMaskedLM"]  # save_pretrained wrote faesm's class; same weights
-            config_file.write_text(json.dumps(config, indent=2) + "\n")
-            (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the export stays pickle-free
-            swap_into_place(tmp, out_dir)
-    except (OSError, RuntimeError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        # Copies: safetensors refuses the tied decoder/embedding pair that shares one storage.
+        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in export_state_dict(model).items()}
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(export_config(model), indent=2, sort_keys=True) + "\n")
+        save_tokenizer(tmp)
+        swap_into_place(tmp, out_dir)
+    except Exception as err:  # OSError, and safetensors' own error on a full disk
         shutil.rmtree(tmp, ignore_errors=True)
         raise WriteError(describe_write_error(err, out_dir)) from err
 
@@ -121,17 +132,7 @@ def check_packing(data_dir: str | Path, what: str, model_cfg: ModelConfig) -> No
         )
 
 
-@dataclass
-class Resume:
-    """Where this run starts: a checkpoint (None: fresh), its step, batches each rank consumed, the loss window."""
-
-    checkpoint: Path | None = None
-    step: int = 0
-    consumed: int = 0
-    loss_window: tuple[float, int] | None = None
-
-
-def check_inputs(cfg: RecipeConfig) -> tuple[EsmConfig, str]:
+def check_inputs(cfg: RecipeConfig, device: torch.device) -> tuple[EsmConfig, str]:
     """Every check on user input that needs more than the config; runs before anything is written."""
     t, m = cfg.training, cfg.model
     output_dir = Path(t.output_dir)
@@ -145,117 +146,197 @@ def check_inputs(cfg: RecipeConfig) -> tuple[EsmConfig, str]:
     config = esm2_config(m.model_name, m.max_position_embeddings, m.hidden_dropout_prob, m.attention_probs_dropout_prob)
     backend = resolve_attention(m.attention)
     check_attention_dropout(config, backend, m.attention)
+    if backend == "flex_attention" and device.type == "cpu":
+        raise ConfigError("model.attention=flex_attention has no backward pass on CPU (torch 2.13): use sdpa")
+    if t.mixed_precision == "fp16" and device.type == "cpu":
+        raise ConfigError("training.mixed_precision=fp16 needs a CUDA GPU: use bf16 or no on CPU")
     return config, backend
 
 
-def find_resume(cfg: RecipeConfig, layout: RunLayout, resume: str | None, world: tuple[int, int]) -> Resume:
-    """The checkpoint to continue (shared policy: auto / none / a path), checked against this run's world size."""
-    checkpoint = resolve_resume(resume, layout.checkpoints)
-    if checkpoint is None:
-        return Resume()
-    consumed = check_stream_state(checkpoint, world[1], cfg.data.num_workers)
-    return Resume(checkpoint, checkpoint_step(checkpoint), consumed, read_loss_window(checkpoint, world[0]))
+@dataclass
+class Run:
+    """What a run builds once: the bare model (checkpoints, export), what the loop calls, optimizer and outputs."""
+
+    cfg: RecipeConfig
+    layout: RunLayout
+    ctx: DistributedContext
+    model: torch.nn.Module
+    wrapped: torch.nn.Module  # MaskedLMLoss around the model, under DDP when distributed
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    writer: MetricsWriter | None = None
+
+    def save(self, progress: Progress, consumed: int, window: Window) -> Path:
+        t = self.cfg.training
+        layout = stream_layout(self.ctx.world_size, self.cfg.data.num_workers, t.seed)
+        rank_state = {"batches_consumed": consumed, "window": window.as_dict()}
+        return save(
+            self.layout.checkpoints,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.scaler,
+            progress,
+            rank_state,
+            {"stream": layout},
+            t.save_total_limit,
+        )
 
 
-def build_trainer(cfg, config, backend, stream, resume: Resume, world, writer, preemption) -> EsmMlmTrainer:
-    """Model (initial weights: the seed, or model.model_name's published weights) and the Trainer around it."""
+def build(cfg: RecipeConfig, config: EsmConfig, backend: str, layout: RunLayout, ctx: DistributedContext) -> Run:
+    """Model (the seed's initial weights, or model.model_name's published ones), speed switches, DDP, optimizer."""
     t = cfg.training
-    set_seed(t.seed)  # identical initial weights on every rank
-    model = build_model(config, backend, weights=weights_file(cfg.model.model_name))
-    for param in model.esm.contact_head.parameters():  # not used by MLM; frozen so DDP sees no unused grads
-        param.requires_grad_(False)
-    callbacks = [preemption]
-    if t.early_stopping.enabled:
-        callbacks.append(EarlyStoppingCallback(t.early_stopping.patience, t.early_stopping.threshold))
-    trainer = EsmMlmTrainer(
-        model=model,
-        args=training_arguments(cfg, RunLayout(t.output_dir).checkpoints),
-        train_dataset=stream,
-        eval_dataset=stream,  # placeholder: evaluate() reads the val shards itself
-        callbacks=callbacks,
-        train_stream=stream,
-        recipe=cfg,
-        world=world,
-        loss_window=resume.loss_window,
+    seed_everything(t.seed)  # identical initial weights on every rank
+    model = build_model(config, backend, weights=weights_file(cfg.model.model_name)).to(ctx.device)
+    seed_everything(t.seed + ctx.rank)  # then each rank its own dropout stream
+    if getattr(model.esm, "contact_head", None) is not None:  # not used by MLM; frozen so DDP sees no unused grads
+        model.esm.contact_head.requires_grad_(False)
+    apply_speed_switches(model, t.activation_checkpointing, t.compile_scope if t.compile else None)
+    wrapped = MaskedLMLoss(model)
+    if ctx.is_distributed:
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=device_ids)
+    optimizer, scheduler = make_optimizer(model, cfg, ctx.device)
+    scaler = torch.amp.GradScaler("cuda") if t.mixed_precision == "fp16" else None
+    return Run(cfg, layout, ctx, model, wrapped, optimizer, scheduler, scaler)
+
+
+def over(cfg: RecipeConfig, progress: Progress) -> str | None:
+    """Why the run has nothing left to do (max_steps, early stopping), or None."""
+    t = cfg.training
+    if progress.step >= t.max_steps:
+        return "max_steps reached"
+    if t.early_stopping.enabled and progress.patience_counter >= t.early_stopping.patience:
+        return f"early stopping (no {t.metric_for_best_model} improvement)"
+    return None
+
+
+def log_window(run: Run, progress: Progress, window: Window, meter: ThroughputMeter, grad_norm: float) -> None:
+    """One training line: mean loss over the window and ranks, LR, grad norm, real tokens/s, useful-token fraction."""
+    loss = all_reduce_mean(window.loss_sum / max(window.steps, 1))
+    rates = meter.rates()  # wall-clock rates of this process; the fraction comes from the (resumable) window
+    rates["useful_token_fraction"] = window.tokens / max(window.positions, 1)
+    lr = run.scheduler.get_last_lr()[0]
+    run.writer.log(progress.step, loss=loss, learning_rate=lr, grad_norm=grad_norm, **rates)
+    log.info(
+        "step %d/%d  loss %.4f  lr %.2e  tokens/s %.0f  useful tokens %.3f",
+        progress.step,
+        run.cfg.training.max_steps,
+        loss,
+        lr,
+        rates["tokens_per_s"],
+        rates["useful_token_fraction"],
     )
-    trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(MetricsCallback(writer, trainer))
-    return trainer
 
 
-def train_or_restore(trainer: EsmMlmTrainer, cfg: RecipeConfig, start: Resume, preemption) -> bool:
-    """Train from `start`; False when preempted before the end (a checkpoint was saved).
+def train_loop(run: Run, stream: ShardStream, progress: Progress, consumed: int, window: Window, resumed: bool) -> bool:
+    """Step until the run is over (True) or a stop signal arrives (False); a checkpoint covers where it stopped."""
+    t, ctx = run.cfg.training, run.ctx
+    stream.start_batch = consumed  # batches this rank consumed before: skipped without reading
+    batches, meter = iter(make_train_loader(stream, run.cfg.data.num_workers)), ThroughputMeter()
+    saved_step = progress.step if resumed else None
+    run.wrapped.train()
+    with PreemptionHandler() as preemption:
+        while True:
+            stop = over(run.cfg, progress) is None and preemption.should_stop()  # checked before the first step too
+            if over(run.cfg, progress) or stop:
+                if saved_step != progress.step and progress.step > 0:
+                    run.save(progress, consumed, window)
+                return not stop
+            micro = [next(batches) for _ in range(t.gradient_accumulation_steps)]
+            loss, grad_norm = train_step(
+                run.wrapped, micro, run.optimizer, run.scheduler, run.scaler, run.cfg, ctx.device
+            )
+            progress.step, consumed = progress.step + 1, consumed + len(micro)
+            window.loss_sum, window.steps = window.loss_sum + loss, window.steps + 1
+            for batch in micro:
+                window.add(0.0, batch)
+                meter.update(
+                    samples=batch["input_ids"].size(0),
+                    tokens=int(batch["attention_mask"].sum()),
+                    positions=batch["attention_mask"].numel(),
+                )
+            if progress.step % t.logging_steps == 0:
+                log_window(run, progress, window, meter, grad_norm)
+                window = Window()
+            if progress.step % t.eval_steps == 0:
+                metrics = evaluate(run.wrapped, run.cfg, ctx.rank, ctx.world_size, ctx.device)
+                run.writer.log(progress.step, **metrics)
+                log.info("step %d  eval_loss %.4f", progress.step, metrics["eval_loss"])
+                progress.record_evaluation(
+                    metrics[metric_key(t.metric_for_best_model)], t.greater_is_better, t.early_stopping.threshold
+                )
+            if progress.step % t.save_steps == 0:
+                run.save(progress, consumed, window)
+                saved_step = progress.step
 
-    A checkpoint saved when the run was already over (killed before `run_finished.json`) is not trained on: its
-    state and (best) weights are restored for the export.
-    """
-    t = cfg.training
-    patience = t.early_stopping.patience if t.early_stopping.enabled else None
-    if start.checkpoint is not None and run_was_over(start.checkpoint, t.max_steps, patience):
-        trainer.state = TrainerState.load_from_json(str(start.checkpoint / "trainer_state.json"))
-        if t.load_best_model_at_end:
-            trainer._load_best_model()
-        else:
-            trainer._load_from_checkpoint(str(start.checkpoint))
-        return True
-    trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
-    return preemption.stopped_at is None or trainer.state.global_step >= t.max_steps
 
-
-def finish(trainer: EsmMlmTrainer, cfg: RecipeConfig, layout: RunLayout, writer: MetricsWriter) -> Path:
-    """Export final_model/, plot the loss, and mark the run finished (after the model is written)."""
-    step, max_steps = trainer.state.global_step, cfg.training.max_steps
-    export_final_model(trainer, layout.final_model)
-    writer.close()
-    if trainer.is_world_process_zero():
+def finish(run: Run, progress: Progress) -> Path:
+    """Export final_model/ (the best weights when asked), plot the loss, then mark the run finished."""
+    t, layout = run.cfg.training, run.layout
+    if t.load_best_model_at_end:
+        load_best_weights(run.model, layout.checkpoints, progress.best_step)
+    if run.ctx.is_main:
+        export_final_model(run.model, layout.final_model)
         try:
-            plot_loss_curve(writer.jsonl_path, layout.loss_curve)
+            plot_loss_curve(layout.metrics, layout.loss_curve)
         except (OSError, ValueError) as err:  # e.g. max_steps < logging_steps: nothing to plot
             log.warning("no loss curve: %s", err)
-    early = step < max_steps
-    reason = f"early stopping (no {cfg.training.metric_for_best_model} improvement)" if early else "max_steps reached"
-    mark_finished(layout, step, reason, early_stopped=early, best_metric=trainer.state.best_metric)
+    reason = over(run.cfg, progress)
+    mark_finished(
+        layout, progress.step, reason, early_stopped=reason.startswith("early"), best_metric=progress.best_metric
+    )
     return layout.final_model
+
+
+def writer_for(cfg: RecipeConfig, layout: RunLayout, ctx: DistributedContext, step: int) -> MetricsWriter:
+    """metrics.jsonl (records after `step` dropped: they are logged again), plus wandb when asked."""
+    wandb_args = {"project": "esm2_fa", "dir": str(layout.output_dir)} if cfg.training.report_to == "wandb" else None
+    return MetricsWriter(layout.output_dir, ctx, wandb_init_args=wandb_args, resume_step=step)
 
 
 def run(cfg: RecipeConfig, resume: str | None = "auto") -> Path | None:
     """Train according to cfg; returns the final export dir (None: nothing to do, or preempted after saving)."""
-    rank, _, world_size = read_launch_env()
     layout = RunLayout(cfg.training.output_dir)
     record = finished_run(layout, cfg.training.max_steps)
     if record is not None:
-        if rank == 0:
+        if read_launch_env()[0] == 0:
             print(finished_message(layout, record), flush=True)
         return None
-    config, backend = check_inputs(cfg)  # nothing is written before these pass
-    stream = ShardStream(
-        cfg.data.train_dir, rank, world_size, cfg.data.num_workers, cfg.training.mlm_probability, cfg.training.seed
-    )
-    training_arguments(cfg, layout.checkpoints)  # starts torch.distributed under torchrun/accelerate
-    get_logger("esm2_fa")  # now that the process group exists: INFO on rank 0 only
-    start = find_resume(cfg, layout, resume, (rank, world_size))
-    stream.start_batch = start.consumed
-    writer = MetricsWriter(layout.output_dir, resume_step=start.step)
-    with PreemptionHandler() as handler:
-        preemption = PreemptionCallback(handler)
-        trainer = build_trainer(cfg, config, backend, stream, start, (rank, world_size), writer, preemption)
-        if start.checkpoint is not None:
-            log.info("resuming from %s (step %d, data-stream batch %d per rank)", *astuple(start)[:3])
-        if not train_or_restore(trainer, cfg, start, preemption):
-            writer.close()
-            if rank == 0:
-                print(
-                    f"preempted at step {trainer.state.global_step}: checkpoint saved in {layout.checkpoints}; "
-                    "rerun the same command to continue",
-                    flush=True,
-                )
-            return None
-        final_dir = finish(trainer, cfg, layout, writer)
-    if rank == 0:
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    config, backend = check_inputs(cfg, device)  # nothing is written before these pass
+    rank, _, world_size = read_launch_env()
+    t = cfg.training
+    stream = ShardStream(cfg.data.train_dir, rank, world_size, cfg.data.num_workers, t.mlm_probability, t.seed)
+    ctx = setup_distributed(seed=cfg.training.seed)
+    get_logger("esm2_fa", ctx)  # now that the process group exists: INFO on rank 0 only
+    checkpoint = resolve_resume(resume, layout.checkpoints)
+    run_ = build(cfg, config, backend, layout, ctx)
+    progress, consumed, window = Progress(), 0, Window()
+    if checkpoint is not None:
+        layout_now = stream_layout(world_size, cfg.data.num_workers, cfg.training.seed)
+        progress, rank_state = restore(checkpoint, run_.model, run_.optimizer, run_.scheduler, run_.scaler, layout_now)
+        consumed, window = rank_state["batches_consumed"], rank_state["window"]
+        log.info("resuming from %s (step %d, data-stream batch %d per rank)", checkpoint, progress.step, consumed)
+    with writer_for(cfg, layout, ctx, progress.step) as run_.writer:
+        finished = train_loop(run_, stream, progress, consumed, window, resumed=checkpoint is not None)
+    if not finished:
+        if ctx.is_main and progress.step == 0:
+            print("stopped by a signal before the first step: nothing to save; rerun the same command", flush=True)
+        elif ctx.is_main:
+            print(
+                f"preempted at step {progress.step}: checkpoint saved in {layout.checkpoints}; "
+                "rerun the same command to continue",
+                flush=True,
+            )
+        return None
+    final_dir = finish(run_, progress)
+    if ctx.is_main:
         print(
-            f"done at step {trainer.state.global_step} (best {cfg.training.metric_for_best_model} "
-            f"{trainer.state.best_metric}): outputs in {layout.output_dir}: final_model/, checkpoints/, "
-            "metrics.jsonl, loss_curve.png, run_finished.json",
+            f"done at step {progress.step} (best {cfg.training.metric_for_best_model} {progress.best_metric}): "
+            f"outputs in {layout.output_dir}: final_model/, checkpoints/, metrics.jsonl, loss_curve.png, "
+            "run_finished.json",
             flush=True,
         )
     return final_dir
@@ -295,4 +376,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Not sys.exit: interpreter finalization restores the default SIGTERM action, so a scheduler's second SIGTERM
+    # landing then would still turn a clean exit 0 into -15. exit_process runs the atexit handlers and skips it.
+    exit_process(main())

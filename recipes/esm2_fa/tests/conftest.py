@@ -52,3 +52,17 @@ def tiny_shards(tmp_path_factory):
     preprocess_fasta(train_fa, root / "train", shard_size=90, **common)
     preprocess_fasta(val_fa, root / "val", shard_size=1000, **common)
     return root / "train", root / "val"
+
+
+def padded_batch():
+    """(input_ids [3, 40], attention_mask [3, 40]): ESM-2 rows with <cls>/<eos>, one padded, one with <mask>s."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 24, (3, 40), generator=generator)
+    ids[:, 0] = 0
+    ids[:, -1] = 2
+    ids[1, 25:] = 1  # a shorter sequence: <eos> then padding
+    ids[1, 24] = 2
+    ids[2, 5:9] = 32  # masked tokens exercise token_dropout's rescaling
+    return ids, (ids != 1).long()

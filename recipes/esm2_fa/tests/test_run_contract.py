@@ -1,4 +1,4 @@
-"""The run contract on HF Trainer: one command for first run and requeue, complete-or-absent checkpoints, exact
+"""The run contract of the training loop: one command for first run and requeue, complete-or-absent checkpoints, exact
 resume (weights, metrics, early-stopping state), preemption, finished runs, world-size changes, write errors."""
 
 import errno
@@ -14,11 +14,11 @@ import torch
 from conftest import RECIPE_DIR, TINY_CONFIG
 from safetensors.torch import load_file
 
+import biorecipes_shared.checkpoint as shared_checkpoint
 from biorecipes_shared.checkpoint import verify_checkpoint
 from biorecipes_shared.testing import child_env, kill_around_saves, run_command, torchrun_command
 from config import load_config
 from train import main, run
-from trainer import EsmMlmTrainer
 
 TRAIN = RECIPE_DIR / "src" / "train.py"
 # One shape of run for the subprocess tests, so they share one uninterrupted reference.
@@ -42,10 +42,13 @@ def cli_command(tiny_shards, out_dir, *extra):
     return [sys.executable, str(TRAIN), *cli_args(tiny_shards, out_dir, *extra)]
 
 
+WALL_CLOCK = ("tokens_per_s", "samples_per_s")  # differ between any two runs; useful_token_fraction does not
+
+
 def step_records(out_dir):
-    """metrics.jsonl without the wall-clock rates (they differ between any two runs)."""
+    """metrics.jsonl without the wall-clock rates."""
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.endswith("_rank0")} for r in records]
+    return [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in records]
 
 
 def assert_same_run(a, b):
@@ -92,6 +95,9 @@ def test_sigterm_saves_exits_0_and_the_rerun_is_the_uninterrupted_run(tiny_shard
     while not first.is_dir() and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)  # a second signal, as schedulers send, lands during the preemption save
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate()
     assert proc.returncode == 0, stderr.decode()[-3000:]
     assert "preempted at step" in stdout.decode() and "received SIGTERM" in stderr.decode()
@@ -150,14 +156,14 @@ def test_early_stopping_patience_survives_a_resume(tiny_shards, tmp_path):
 
 
 def test_checkpoint_write_error_is_one_line_and_the_next_run_resumes(tiny_shards, tmp_path, capsys, monkeypatch):
-    original = EsmMlmTrainer._save_rng_state
+    original = shared_checkpoint.save_file
 
-    def disk_full_at_step_4(self, output_dir):
-        if self.state.global_step == 4:
-            raise OSError(errno.ENOSPC, "No space left on device", f"{output_dir}/rng_state.pth")
-        return original(self, output_dir)
+    def disk_full_at_step_4(tensors, filename, *args, **kwargs):
+        if ".tmp-step_00000004" in str(filename):
+            raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+        return original(tensors, filename, *args, **kwargs)
 
-    monkeypatch.setattr(EsmMlmTrainer, "_save_rng_state", disk_full_at_step_4)
+    monkeypatch.setattr(shared_checkpoint, "save_file", disk_full_at_step_4)
     args = cli_args(tiny_shards, tmp_path, "training.max_steps=6", "training.eval_steps=2", "training.save_steps=2")
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -166,7 +172,7 @@ def test_checkpoint_write_error_is_one_line_and_the_next_run_resumes(tiny_shards
     checkpoints = tmp_path / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000002"]  # no temp dir left
     assert verify_checkpoint(checkpoints / "step_00000002")["step"] == 2
-    monkeypatch.setattr(EsmMlmTrainer, "_save_rng_state", original)
+    monkeypatch.setattr(shared_checkpoint, "save_file", original)
     assert main(args) == 0
     assert json.loads((tmp_path / "run_finished.json").read_text())["step"] == 6
 
@@ -217,3 +223,61 @@ def test_killed_after_the_last_save_the_rerun_only_exports(tiny_shards, tmp_path
     assert json.loads((tmp_path / "run_finished.json").read_text())["step"] == 4
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
     assert (tmp_path / "metrics.jsonl").read_text() == metrics
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tiny_shards, tmp_path_factory):
+    """A run stopped after its step-2 checkpoint (module-scoped: the tamper cases copy it)."""
+    out = tmp_path_factory.mktemp("two_step") / "run"
+    args = cli_args(tiny_shards, out, "training.max_steps=2", "training.eval_steps=2", "training.save_steps=2")
+    assert main(args) == 0
+    (out / "run_finished.json").unlink()  # so that a longer rerun resumes from step 2
+    return out
+
+
+class Payload:
+    """A pickle that would run code when unpickled without weights_only."""
+
+    def __reduce__(self):
+        return (print, ("tampered",))
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("training_state.pt", {"optimizer": Payload()}),
+        ("rank_0.pt", {"python": Payload()}),
+        ("training_state.pt", {"step": 2}),  # loads, but holds no optimizer state
+        ("rank_0.pt", {"junk": torch.zeros(1)}),  # loads, but is no RNG state
+    ],
+)
+def test_a_tampered_checkpoint_file_with_a_rehashed_manifest_is_one_line_exit_1(
+    tiny_shards, two_step_run, tmp_path, capsys, name, content
+):
+    out = tmp_path / "run"
+    shutil.copytree(two_step_run, out)
+    checkpoint = out / "checkpoints" / "step_00000002"
+    torch.save(content, checkpoint / name)
+    (checkpoint / "manifest.json").unlink()
+    shared_checkpoint.write_manifest(checkpoint, 2)  # the manifest matches the tampered file
+    verify_checkpoint(checkpoint)
+    args = cli_args(tiny_shards, out, "training.max_steps=4", "training.eval_steps=2", "training.save_steps=2")
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in captured.err, err
+    assert str(checkpoint) in err[0] and "tampered" not in captured.out
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002"]  # nothing trained
+
+
+@pytest.mark.slow
+def test_sigterm_before_the_loop_exits_0_and_saves_nothing(tiny_shards, tmp_path):
+    out = tmp_path / "early"
+    command = cli_command(tiny_shards, out, *RUN_SETTINGS)
+    proc = subprocess.Popen(command, cwd=RECIPE_DIR, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(1.0)  # the interpreter is up and importing torch: the stop flag is installed, the loop not reached
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stderr.decode()[-3000:]
+    assert "before the first step" in stdout.decode(), stdout.decode()
+    assert not list((out / "checkpoints").glob("step_*")) if (out / "checkpoints").exists() else True

@@ -14,7 +14,7 @@ from transformers.integrations import is_wandb_available
 from biorecipes_shared.testing import run_command, torchrun_command
 from config import ConfigError, load_config
 from data_processing import PACKING_FILE
-from model import faesm_available
+from model import faesm_available, load_pretrained
 from train import check_packing, main, run
 from trainer import esm2_lr_lambda, fused_adamw_supported
 
@@ -61,7 +61,7 @@ def test_cli_errors_are_one_line_and_exit_1(tiny_shards, tmp_path, capsys):
     args = [*base, "--train_dir", str(train_dir), "--val_dir", str(val_dir), "--resume_from_checkpoint", "nope/step_1"]
     assert main([*args, "training.max_steps=1"]) == 1
     assert "resume checkpoint nope/step_1 does not exist" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [".run.lock"]  # the run-folder lock, nothing else
 
 
 def assert_refused(args, out_dir, capsys, *fragments):
@@ -93,21 +93,18 @@ def assert_refused(args, out_dir, capsys, *fragments):
         (["training.report_to=wandb", "training.max_steps=1"], ["report_to=wandb", "needs the wandb package"]),
         (["training.report_to=tensorbord"], ["training.report_to must be one of"]),
         (["model.max_batch_size=512", "training.max_steps=1"], ["token budget of 1024", "max_batch_size is 512"]),
-        (
-            ["model.attention=sdpa", "model.attention_probs_dropout_prob=0.1", "training.max_steps=1"],
-            ["model.attention_probs_dropout_prob=0.1", "model.attention: eager"],
-        ),
-        (
-            ["model.attention_probs_dropout_prob=0.1", "training.max_steps=1"],
-            ["model.attention_probs_dropout_prob=0.1", "(from auto)"],
-        ),
+        (["model.attention=flash", "training.max_steps=1"], ["model.attention must be one of", "attention=faesm"]),
+        (["model.attention=flex_attention", "training.max_steps=1"], ["flex_attention has no backward pass on CPU"]),
+        (["training.mixed_precision=fp16", "training.max_steps=1"], ["fp16 needs a CUDA GPU"]),
+        (["training.compile_scope=layer"], ["training.compile_scope must be blocks or model"]),
+        (["model.attention=faesm", "training.max_steps=1"], ["model.attention=faesm needs faesm 0.1.1"]),
     ],
 )
 def test_bad_training_input_is_one_error_line_and_no_output_dir(tiny_shards, tmp_path, capsys, overrides, fragments):
     if "report_to=wandb" in fragments and is_wandb_available():
         pytest.skip("wandb is installed here")
-    if "model.attention_probs_dropout_prob=0.1" in fragments and not faesm_available():
-        pytest.skip("without faesm, attention resolves to eager, which applies attention dropout")
+    if "model.attention=faesm" in overrides and faesm_available():
+        pytest.skip("faesm imports here")
     train_dir, val_dir = tiny_shards
     out = tmp_path / "out"
     args = ["--config", str(TINY_CONFIG), "--train_dir", str(train_dir), "--val_dir", str(val_dir)]
@@ -175,7 +172,8 @@ def test_tiny_training_loss_falls_and_exports_a_loadable_model(tiny_shards, tmp_
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
     assert len(losses) == 20 and len(evals) == 2
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
-    assert (tmp_path / "checkpoints" / "step_00000040" / "stream_state.json").is_file()
+    assert (tmp_path / "checkpoints" / "step_00000040" / "manifest.json").is_file()
+    assert all(0.5 < r["useful_token_fraction"] <= 1.0 and r["tokens_per_s"] > 0 for r in records if "loss" in r)
     assert (tmp_path / "loss_curve.png").is_file() and (tmp_path / "run_finished.json").is_file()
     model = EsmForMaskedLM.from_pretrained(final)  # plain transformers loads the export
     assert model.config.num_hidden_layers == 2 and (final / "vocab.txt").is_file()
@@ -206,8 +204,30 @@ def test_two_process_torchrun_on_cpu(tiny_shards, tmp_path):
     cmd += ["--val_dir", str(val_dir), "--output_dir", str(tmp_path), "training.max_steps=6", "training.eval_steps=3"]
     cmd += ["training.save_steps=3", "training.logging_steps=2", "data.num_workers=1"]
     run_command(cmd, cwd=tmp_path)
-    state = json.loads((tmp_path / "checkpoints" / "step_00000006" / "stream_state.json").read_text())
-    assert state == {"batches_consumed_per_rank": 6, "world_size": 2, "num_workers": 1, "seed": 42}
+    checkpoint = tmp_path / "checkpoints" / "step_00000006"
+    extra = torch.load(checkpoint / "training_state.pt", weights_only=True)["extra"]
+    assert extra["stream"] == {"world_size": 2, "num_workers": 1, "seed": 42}
+    for rank in (0, 1):  # each rank's own position in its own part of the stream
+        assert torch.load(checkpoint / f"rank_{rank}.pt", weights_only=True)["data_state"]["batches_consumed"] == 6
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert sum("eval_loss" in r for r in records) == 2  # written once (rank 0), not once per rank
     assert (tmp_path / "final_model" / "model.safetensors").is_file()
+
+
+@pytest.mark.faesm
+def test_faesm_trains_resumes_exactly_and_its_export_loads_in_transformers(tiny_shards, tmp_path):
+    pytest.importorskip("faesm.esm", reason="faesm needs transformers <= 4.53: .venv-faesm", exc_type=ImportError)
+    common = ["model.attention=faesm", "training.eval_steps=2", "training.save_steps=2", "data.num_workers=0"]
+    common += ["training.early_stopping.enabled=false", "training.load_best_model_at_end=false"]
+    final = run(tiny_cfg(*tiny_shards, tmp_path / "straight", "training.max_steps=4", *common))
+    run(tiny_cfg(*tiny_shards, tmp_path / "resumed", "training.max_steps=2", *common))  # "preempted" after step 2
+    run(tiny_cfg(*tiny_shards, tmp_path / "resumed", "training.max_steps=4", *common))
+    a = load_file(tmp_path / "straight" / "final_model" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "final_model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    model = EsmForMaskedLM.from_pretrained(final).eval()  # the export is transformers' layout
+    assert model.config.architectures == ["EsmForMaskedLM"] and not hasattr(model.config, "use_fa")
+    ids = torch.tensor([[0, 5, 6, 7, 32, 9, 2]])
+    with torch.no_grad():
+        expected = load_pretrained(final, attention="faesm").eval()(input_ids=ids)["logits"]
+        assert torch.allclose(model(input_ids=ids).logits, expected, atol=1e-5)
