@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ from dictionaries import (  # noqa: F401  (DataError and read_vocab are imported
     read_vocab,
 )
 from readers import expand_inputs, open_source
-from tokenize_cells import Encoder, GeneColumns, MedianAccumulator, nonzero_values, normalise
+from tokenize_cells import Encoder, GeneColumns, MedianAccumulator, lookup_tables, nonzero_values, normalise
 
 log = logging.getLogger("geneformer.preprocess")
 CELLS_PER_SHARD = 10_000  # one read block = one output shard: ~40 MB of uint16 tokens at 2,048 tokens per cell
@@ -93,11 +94,12 @@ def median_block(unit: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
 
 
 _JOB: Job | None = None
+_NEXT = None  # multiprocessing.Value shared by the processes of run_blocks: index of the next unclaimed block
 
 
-def _set_job(job: Job) -> None:
-    global _JOB
-    _JOB = job
+def _set_job(job: Job, next_block=None) -> None:
+    global _JOB, _NEXT
+    _JOB, _NEXT = job, next_block
 
 
 def tokenize_block(unit: tuple[int, int, int]) -> dict:
@@ -126,16 +128,56 @@ def tokenize_block(unit: tuple[int, int, int]) -> dict:
 
 
 def run_blocks(job: Job, work, units: list[tuple[int, int, int]], num_proc: int) -> list:
-    """`work(unit)` for every block, results in order, on num_proc processes (spawned: h5py and pyarrow threads do
-    not survive a fork)."""
+    """`work(unit)` for every block, results in unit order, on num_proc processes: this one and num_proc - 1 workers,
+    each claiming the next block from a shared counter (so a slow or late-starting process takes fewer blocks) and
+    reading and writing it itself; only counters come back. Workers are spawned (h5py handles and pyarrow threads do
+    not survive a fork), and are this process' children, so its rusage counts their CPU time."""
     if num_proc <= 1 or len(units) <= 1:
         _set_job(job)
         return [work(unit) for unit in units]
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        min(num_proc, len(units)), mp_context=context, initializer=_set_job, initargs=(job,)
-    ) as pool:
-        return list(pool.map(work, units))
+    next_block = context.Value("q", 0)
+    helpers = min(num_proc, len(units)) - 1
+    with ProcessPoolExecutor(helpers, mp_context=context, initializer=_set_job, initargs=(job, next_block)) as pool:
+        futures = [pool.submit(_drain, work, units) for _ in range(helpers)]
+        _set_job(job, next_block)
+        try:
+            outcomes, cpu = _drain(work, units)
+        finally:
+            with next_block.get_lock():  # an interrupt here: the workers claim nothing more
+                next_block.value = len(units)
+        shares = [(len(outcomes), cpu)]
+        for future in futures:
+            theirs, cpu = future.result()
+            outcomes += theirs
+            shares.append((len(theirs), cpu))
+    # bench_scale.py reads this line: per-process CPU shows the balance whatever else the machine runs
+    log.info(
+        f"blocks per process: {[n for n, _ in shares]}; CPU seconds per process: {[round(c, 2) for _, c in shares]}"
+    )
+    failed = sorted((index, error) for index, _, error in outcomes if error is not None)
+    if failed:
+        raise failed[0][1]  # the first failing block in unit order: the error one process would have stopped at
+    return [result for _, result, _ in sorted(outcomes, key=lambda outcome: outcome[0])]
+
+
+def _drain(work, units: list) -> tuple[list[tuple[int, object, Exception | None]], float]:
+    """(index, result, None) for each block this process claims until none is left, or (index, None, error) for a
+    failed one, after which no process claims another (blocks already claimed finish, so every block before the
+    first failure is done); and this process' CPU seconds so far."""
+    done = []
+    while True:
+        with _NEXT.get_lock():
+            index = _NEXT.value
+            _NEXT.value = index + 1
+        if index >= len(units):
+            return done, time.process_time()
+        try:
+            done.append((index, work(units[index]), None))
+        except Exception as error:  # DataError, OSError, ...: reported by the parent in unit order
+            with _NEXT.get_lock():
+                _NEXT.value = len(units)
+            return done + [(index, None, error)], time.process_time()
 
 
 def summarise(sources: list, encoders: list[Encoder], stats: list[dict], units: list, max_unmapped: float) -> list:
@@ -228,7 +270,8 @@ def preprocess(
     check_settings(style, max_length, max_unmapped_fraction, num_proc, cells_per_shard)
     job = open_inputs(counts_path, gene_id_column, keep_version, cells_per_shard)
     vocab, medians = load_dictionaries(vocab_path, gene_medians_path, job, style, num_proc)
-    job.encoders = [Encoder.of(c.genes, vocab, medians, style, max_length, keep_version) for c in job.columns]
+    tables = lookup_tables(vocab, medians, keep_version)
+    job.encoders = [Encoder.of(c.genes, vocab, medians, style, max_length, keep_version, tables) for c in job.columns]
     for source, encoder in zip(job.sources, job.encoders):
         if encoder.n_unmapped == len(encoder.column_token):
             raise DataError(f"{source.path}: none of the genes is in the vocabulary / median dictionary")

@@ -86,8 +86,20 @@ def _unreadable(path: Path, kind: str, error: Exception) -> DataError:
 
 
 def _bad_counts(values: np.ndarray) -> np.ndarray:
-    """Mask of values that are not non-negative integers (raw UMI / read counts are)."""
+    """Mask of values that are not non-negative integers (raw UMI / read counts are), within 1e-6."""
     return (values < 0) | (np.abs(values - np.round(values)) > 1e-6) | ~np.isfinite(values)
+
+
+def _all_counts(values: np.ndarray) -> bool:
+    """Whether every value is a raw count (no _bad_counts), checked in the stored dtype: the common exact case in
+    three passes, integer types by their sign alone; the full mask only for inexact floats."""
+    if values.dtype.kind in "ub" or values.size == 0:
+        return True
+    if values.dtype.kind == "i":
+        return bool(values.min() >= 0)
+    if bool((values >= 0).all()) and bool((np.rint(values) == values).all()) and bool(np.isfinite(values.max())):
+        return True
+    return not _bad_counts(values).any()
 
 
 def filter_mask(values, path: Path) -> np.ndarray:
@@ -131,8 +143,8 @@ def keep_passing(counts, ids: list[str], totals, keep: np.ndarray | None) -> Cou
 
 def check_raw_counts(counts: sp.csr_matrix, cell_ids: list[str], path: Path) -> None:
     """DataError naming the first cell with a negative, fractional or non-finite count."""
-    bad = _bad_counts(counts.data)
-    if bad.any():
+    if not _all_counts(counts.data):
+        bad = _bad_counts(counts.data)
         row = int(np.searchsorted(counts.indptr, int(np.argmax(bad)), side="right") - 1)
         raise DataError(f"{path}: cell {cell_ids[row]!r} has non-integer or negative counts; raw counts needed")
 
@@ -174,9 +186,10 @@ class _HDF5Source(abc.ABC):
 
     def read_block(self, start: int, stop: int) -> CountBlock:
         """Rows [start, stop): only the cells passing `filter_pass`, with their n_counts when the file has them."""
-        counts = sp.csr_matrix(self._rows(start, stop), dtype=np.float64)
+        counts = sp.csr_matrix(self._rows(start, stop))
         ids = self.cell_ids[start:stop]
-        check_raw_counts(counts, ids, self.path)
+        check_raw_counts(counts, ids, self.path)  # in the stored dtype (often float32 or int32): half the bytes
+        counts = counts.astype(np.float64)
         totals = None if self.n_counts is None else self.n_counts[start:stop]
         return keep_passing(counts, ids, totals, None if self.filter_pass is None else self.filter_pass[start:stop])
 
@@ -203,7 +216,7 @@ class H5adSource(_HDF5Source):
         for name in candidates:
             self.matrix = name
             probe = sp.csr_matrix(self._rows(0, min(PROBE_ROWS, self.n_rows)))
-            if not _bad_counts(probe.data).any():
+            if _all_counts(probe.data):
                 break
         else:
             tried = ", ".join({"layers/counts": "layers['counts']", "raw/X": "raw.X"}.get(c, c) for c in candidates)

@@ -54,20 +54,52 @@ def test_many_h5ad_files_read_in_blocks_equal_the_whole_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_num_proc_two_writes_identical_files(tmp_path):
+def test_num_proc_two_and_three_write_identical_files(tmp_path):
+    """Medians pass and tokenizing pass on 1, 2 and 3 processes (this one and 0-2 workers claiming blocks)."""
     split = split_sample(tmp_path / "split")
-    for n in (1, 2):
+    for n in (1, 2, 3):
         code = preprocess_main(
             [str(split), "--out-dir", str(tmp_path / f"p{n}"), "--num_proc", str(n)] + ["--cells-per-shard", "100"]
         )
         assert code == 0
-    compare = filecmp.dircmp(tmp_path / "p1", tmp_path / "p2")
-    assert not compare.diff_files and not compare.left_only and not compare.right_only
     shards = sorted(p.name for p in (tmp_path / "p1" / "cells.parquet").iterdir())
     assert len(shards) == 6
-    for name in shards:
-        assert filecmp.cmp(tmp_path / "p1" / "cells.parquet" / name, tmp_path / "p2" / "cells.parquet" / name, False)
+    for n in (2, 3):
+        compare = filecmp.dircmp(tmp_path / "p1", tmp_path / f"p{n}")
+        assert not compare.diff_files and not compare.left_only and not compare.right_only
+        for name in shards:
+            assert filecmp.cmp(
+                tmp_path / "p1" / "cells.parquet" / name, tmp_path / f"p{n}" / "cells.parquet" / name, False
+            )
     assert token_rows(tmp_path / "p2" / "cells.parquet") == token_rows(SAMPLE_DIR / "cells.parquet")
+
+
+@pytest.mark.slow
+def test_num_proc_two_reports_the_first_bad_block_like_one_process(tmp_path, capsys):
+    """A bad n_counts in the second and third files (found when a block is tokenized): both process counts name the
+    first bad cell in input order."""
+    split = split_sample(tmp_path / "split")
+    for part, row in ((1, 150), (2, 3)):
+        adata = anndata.read_h5ad(split / f"part_{part}.h5ad")
+        adata.obs["n_counts"] = np.asarray(adata.X.sum(axis=1)).ravel().astype(float)
+        adata.obs.iloc[row, adata.obs.columns.get_loc("n_counts")] = 0.0
+        adata.write_h5ad(split / f"part_{part}.h5ad")
+    args = ["--vocab", str(SAMPLE_DIR / "vocab.txt"), "--gene-medians", str(SAMPLE_DIR / "gene_medians.json")]
+    errors = []
+    for n in (1, 2):
+        out = tmp_path / f"p{n}"
+        assert (
+            preprocess_main([str(split), "--out-dir", str(out), "--num_proc", str(n), "--cells-per-shard", "50", *args])
+            == 1
+        )
+        errors.append(capsys.readouterr().err.strip().splitlines())
+        assert not out.exists() and not list(tmp_path.glob(".p*"))
+    bad_cell = anndata.read_h5ad(split / "part_1.h5ad").obs_names[150]
+    assert (
+        errors[0]
+        == errors[1]
+        == [f"error: {split / 'part_1.h5ad'}: cell {bad_cell!r} has n_counts 0.0; it must be positive"]
+    )
 
 
 def write_loom(path, counts, gene_ids, cell_ids):
