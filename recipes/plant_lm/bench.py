@@ -4,6 +4,8 @@
 2. Per-token cost of a training step (forward + backward + bucket memory update) with a global context of
    2k vs 200k tokens; for reference, a naive memory update that re-averages a history buffer.
 3. Local attention at 4k tokens: blocked sliding window vs SDPA with a dense banded mask (time, peak memory).
+3b. The switches: torch.compile per block on/off (real tokens/s), activation checkpointing on/off (peak RSS of a
+   step in a fresh process per variant, and tokens/s at the same batch).
 4. Scale (`bench_scale.py`, also runnable alone): one-line vs wrapped chromosome, peak RSS at 1x / 10x, streaming
    throughput at 1 and 2 processes against the gunzip ceiling, extrapolation to maize.
 Every comparison is interleaved (A, B, A, B, ...) after one warm-up, and reports the median of 7 repeats.
@@ -17,6 +19,7 @@ import math
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -181,6 +184,89 @@ def bench_local_attention() -> tuple[float, float]:
     return med["dense"] / med["blocked"], peak["dense"] / max(peak["blocked"], 1)
 
 
+# Switches (issue 20): a mid-size model whose step is dominated by the transformer blocks, as in training.
+SWITCH_MODEL = dict(d_model=128, n_heads=4, n_layers=4, dropout=0.0, local_attn_window=32, max_positions=64)
+SWITCH_BATCH, SWITCH_CONTEXT = 16, 64
+
+
+def switch_step(compiled: bool = False, checkpointed: bool = False):
+    """A training step (fwd + bwd + AdamW + memory commit) of SWITCH_MODEL on fixed windows; returns (step, tokens).
+
+    Every window is whole (no padding), so the real tokens per step are batch x context."""
+    torch.manual_seed(0)
+    model = PlantLM(3, **SWITCH_MODEL)
+    model.activation_checkpointing = checkpointed
+    if compiled:
+        model.compile_blocks()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, VOCAB_SIZE, (SWITCH_BATCH, SWITCH_CONTEXT + 1), generator=torch.Generator().manual_seed(1))
+    species = torch.arange(SWITCH_BATCH) % 3
+    losses = []
+
+    def step():
+        out = model(ids[:, :-1], species, ids[:, 1:], memory_write_len=SWITCH_CONTEXT // 2)
+        out["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.memory.commit(200_000, 1000)
+        losses.append(out["loss"].item())
+
+    return step, SWITCH_BATCH * SWITCH_CONTEXT, losses
+
+
+def bench_compile() -> tuple[float, float]:
+    """Real tokens/s of a training step with each block torch.compile'd vs eager; the compiled first step (the
+    compilation) is timed apart, and gives the number of steps after which compiling has paid for itself."""
+    eager, tokens, eager_losses = switch_step()
+    compiled, _, compiled_losses = switch_step(compiled=True)
+    first = {}
+    for name, step in (("eager", eager), ("compiled", compiled)):
+        start = time.perf_counter()
+        step()
+        first[name] = time.perf_counter() - start
+    med = interleaved_medians({"eager": eager, "compiled": compiled}, repeats=5)
+    # Same weights, same data: the two runs must agree before their speeds mean anything.
+    torch.testing.assert_close(torch.tensor(compiled_losses), torch.tensor(eager_losses), rtol=1e-4, atol=0)
+    ratio = med["eager"] / med["compiled"]
+    gain = med["eager"] - med["compiled"]
+    break_even = (first["compiled"] - first["eager"]) / gain if gain > 0 else math.inf
+    print(f"| train step, {tokens} real tokens, compile off | {tokens / med['eager']:.0f} tokens/s | on | "
+          f"{tokens / med['compiled']:.0f} tokens/s (first step {first['compiled']:.0f} s vs "
+          f"{first['eager']:.1f} s) | {ratio:.2f}x, pays off after {break_even:.0f} steps |")  # fmt: skip
+    return ratio, break_even
+
+
+def switch_memory_child(variant: str) -> None:
+    """Run in a fresh process: peak RSS (MiB) of two training steps above the RSS before the first one, with or
+    without activation checkpointing. Measured from before the first step because the allocator keeps freed
+    activations mapped: a warm-up step would hide the peak the second step reuses."""
+    step, _, _ = switch_step(checkpointed=variant == "ac")
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # reset the high-water mark VmHWM to the current RSS
+    before = _proc_status_mib("VmRSS")
+    step()
+    step()
+    print(json.dumps({"peak_mib": _proc_status_mib("VmHWM") - before}))
+
+
+def bench_activation_checkpointing() -> tuple[float, float]:
+    """Peak RSS of a step (fresh process per variant) and real tokens/s (interleaved) with and without AC."""
+    plain, tokens, plain_losses = switch_step()
+    checkpointed, _, checkpointed_losses = switch_step(checkpointed=True)
+    med = interleaved_medians({"plain": plain, "ac": checkpointed}, repeats=5)
+    assert checkpointed_losses == plain_losses  # recompute is exact: identical losses
+    peak = {}
+    for name in ("plain", "ac"):
+        out = subprocess.run([sys.executable, __file__, "--switch-memory", name], capture_output=True, text=True,
+                             check=True, cwd=HERE)  # fmt: skip
+        peak[name] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+    print(f"| train step, batch {SWITCH_BATCH} x {SWITCH_CONTEXT}, activation checkpointing off | "
+          f"{tokens / med['plain']:.0f} tokens/s, peak +{peak['plain']:.0f} MiB | on | {tokens / med['ac']:.0f} "
+          f"tokens/s, peak +{peak['ac']:.0f} MiB | {peak['ac'] / peak['plain']:.2f}x memory, "
+          f"{med['plain'] / med['ac']:.2f}x speed |")  # fmt: skip
+    return peak["ac"] / peak["plain"], med["plain"] / med["ac"]
+
+
 def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {REPEATS} interleaved repeats\n")
@@ -188,12 +274,19 @@ def main() -> None:
     speedup = bench_tokenizer()
     context_ratio = bench_global_context()
     attention_speedup, attention_memory = bench_local_attention()
+    compile_speedup, compile_break_even = bench_compile()
+    ac_memory, ac_speed = bench_activation_checkpointing()
     print(f"\ntokenisation speed-up vs pure Python: {speedup:.0f}x (goal >= 50x)")
     print(f"per-token step cost, global context 200k / 2k: {context_ratio:.2f}x (goal <= 1.3x)")
     print(
         f"local attention at 4k tokens, blocked vs dense mask: {attention_speedup:.1f}x time, "
         f"{attention_memory:.0f}x peak memory"
     )
+    print(
+        f"torch.compile per block, tokens/s on / off: {compile_speedup:.2f}x (pays off after {compile_break_even:.0f} "
+        "steps)"
+    )
+    print(f"activation checkpointing, peak step memory on / off: {ac_memory:.2f}x at {ac_speed:.2f}x the speed")
     assert math.isfinite(speedup)
     bench_scale.main()
 
@@ -201,5 +294,7 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--peak-memory":
         peak_memory_child(sys.argv[2])
+    elif len(sys.argv) == 3 and sys.argv[1] == "--switch-memory":
+        switch_memory_child(sys.argv[2])
     else:
         main()

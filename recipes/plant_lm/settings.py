@@ -64,7 +64,9 @@ class Config:
     wandb_project: str = "plant_lm"
     num_threads: int = 0  # torch CPU threads; 0 = torch default
     # execution switches (results unchanged; checkpoints interchangeable between on and off)
-    compile: bool = False  # torch.compile each transformer block (off: slower on CPU here, see BENCHMARKS.md)
+    # torch.compile each transformer block. Off by default: on CPU 1.5x faster per step but ~2 min of compilation at
+    # every start, which short runs (the sample, tests) never earn back (BENCHMARKS.md)
+    compile: bool = False
     activation_checkpointing: bool = False  # recompute each block in backward: less activation memory, more time
 
 
