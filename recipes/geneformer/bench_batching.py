@@ -160,10 +160,23 @@ def real_corpus() -> tuple[Path, Path] | None:
     return None
 
 
-def batching_rows(micro_batch_size: int = 2, repeats: int = 5, cells: int = CELLS, real: bool = True) -> list[dict]:
-    """The table's rows: synthetic corpus, then (when present) the real Genecorpus cells."""
+def print_rows(rows: list[dict]) -> None:
+    for row in rows:
+        print(
+            f"{row['corpus']:<15} {row['batching']:<15} {row['useful_fraction']:>7.3f} "
+            f"{row['useful_fraction_mbs10']:>10.3f} {row['tokens_per_s']:>11.0f} {row['ratio']:>9.2f}x",
+            flush=True,
+        )
+
+
+def batching_rows(
+    micro_batch_size: int = 2, repeats: int = 5, cells: int = CELLS, real: bool = True, show=lambda rows: None
+) -> list[dict]:
+    """The table's rows: synthetic corpus, then (when present) the real Genecorpus cells; `show` gets each corpus'
+    rows as soon as they are measured."""
     synthetic = SyntheticCells(genecorpus_like_lengths(cells), len(V1_VOCAB))
     rows = corpus_rows("synthetic", synthetic, V1_VOCAB, micro_batch_size, repeats)
+    show(rows)
     found = real_corpus() if real else None
     if real and found is None:
         print("real Genecorpus cells not found (../shared/data/genecorpus_500 or $BIORECIPES_SHARED_DATA): skipped")
@@ -171,6 +184,7 @@ def batching_rows(micro_batch_size: int = 2, repeats: int = 5, cells: int = CELL
         vocab = read_vocab(found[1])
         dataset = CellDataset(found[0], len(vocab), MAX_LENGTH)
         rows += corpus_rows("genecorpus_500", dataset, vocab, micro_batch_size, repeats)
+        show(rows[len(BATCHING_MODES) :])
     return rows
 
 
@@ -180,18 +194,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per mode, after one warm-up")
     parser.add_argument("--cells", type=int, default=CELLS, help="synthetic corpus size")
     parser.add_argument("--no-real", action="store_true", help="skip the real Genecorpus cells")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    # known args only: bench.py calls main() under its own command line (--no-scale, ...)
+    args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     print(
         f"data.batching, Geneformer 10m at {MAX_LENGTH} (fp32, train step), micro-batch {args.micro_batch_size}, "
-        f"median of {args.repeats} interleaved steps, {torch.get_num_threads()} CPU threads"
+        f"median of {args.repeats} interleaved steps, {torch.get_num_threads()} CPU threads",
+        flush=True,
     )
-    rows = batching_rows(args.micro_batch_size, args.repeats, args.cells, not args.no_real)
     print(f"{'corpus':<15} {'batching':<15} {'useful':>7} {'useful@10':>10} {'real tok/s':>11} {'vs random':>10}")
-    for row in rows:
-        print(
-            f"{row['corpus']:<15} {row['batching']:<15} {row['useful_fraction']:>7.3f} "
-            f"{row['useful_fraction_mbs10']:>10.3f} {row['tokens_per_s']:>11.0f} {row['ratio']:>9.2f}x"
-        )
+    rows = batching_rows(args.micro_batch_size, args.repeats, args.cells, not args.no_real, show=print_rows)
     synthetic = {row["batching"]: row for row in rows if row["corpus"] == "synthetic"}
     print(
         f"headline: synthetic real tokens/s length_grouped {synthetic['length_grouped']['ratio']:.2f}x, packed "

@@ -17,7 +17,7 @@ from transformers import BertConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import MaskedLMOutput
 
-from packed_attention import attention, attention_spec
+from packed_attention import Segments, attention, attention_spec
 
 try:
     import transformer_engine.pytorch as te
@@ -199,6 +199,10 @@ class BertEncoderModel(nn.Module):
     ) -> torch.Tensor:
         """`position_ids`, `segment_ids` [batch, seq]: packed rows (MaskingCollator.pack); None for one cell a row."""
         keep = attention_spec(attention_mask, segment_ids)
+        if segment_ids is not None and not isinstance(keep, Segments):
+            # packed rows of one cell each (a corpus at the length cap): positions 0..len-1 as unpacked, which the
+            # slice path gives without an index lookup; padding positions never reach a real token
+            position_ids = None
         hidden = self.embeddings(input_ids, position_ids)
         for layer in self.encoder["layer"]:
             if self.activation_checkpointing and torch.is_grad_enabled():

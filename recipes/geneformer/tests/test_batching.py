@@ -106,6 +106,19 @@ def test_a_packed_batch_has_the_loss_and_gradients_of_the_same_cells_unpacked(mo
         torch.testing.assert_close(packed_grads[name], grads[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
+def test_packed_rows_of_one_cell_each_compute_as_unpacked():
+    """A corpus at the length cap packs one cell a row: then no segment mask and no position lookup, same numbers."""
+    packed, unpacked = packed_and_unpacked([cells([40]), cells([25])])
+    spec = packed_attention.attention_spec(packed["attention_mask"], packed["segment_ids"])
+    assert not isinstance(spec, packed_attention.Segments)
+    model = tiny_model()
+    packed_loss, packed_grads = loss_and_grads(model, packed)
+    loss, grads = loss_and_grads(model, unpacked)
+    torch.testing.assert_close(packed_loss, loss, atol=1e-5, rtol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(packed_grads[name], grads[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
 def test_packed_cls_embeddings_equal_those_of_each_cell_alone():
     """V2 pools each cell at its <cls>: the block-diagonal attention keeps that embedding the cell's own."""
     rows = [cells([15, 9, 30], cls=True), cells([33, 20], cls=True)]
