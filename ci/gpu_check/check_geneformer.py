@@ -146,9 +146,15 @@ def v2_throughput(ctx: Context, config_name: str) -> tuple[str, dict]:
     model = build(config_name, size["layers"], ctx.device, vocab=V2_VOCAB).train()
     length = min(size["length"], model.config.max_position_embeddings)
     batch = cell_batch(size["batch"], length, ctx.device, pad_last=False, vocab=V2_VOCAB)
+    layers = f" x {size['layers']} layers" if size["layers"] else ""
+    if not ctx.is_cuda:  # the dry run builds the config and trains one step; its tokens/s would say nothing
+        loss = model(**batch, masked_logits_only=True).loss
+        loss.backward()
+        if not math.isfinite(float(loss)):
+            raise CheckFailed(f"{config_name}: loss {float(loss)}")
+        return f"{config_name}{layers} at {length}: one step, loss {float(loss):.3f}; throughput on CUDA only", {}
     step = fwd_bwd_step(model, lambda: model(**batch, masked_logits_only=True).loss, ctx.device)
     summary, metrics = measure_throughput(ctx, step, batch["input_ids"].numel(), model.num_parameters())
-    layers = f" x {size['layers']} layers" if size["layers"] else ""
     return f"{config_name}{layers} at {length}: {summary}", metrics
 
 
