@@ -138,3 +138,13 @@ def test_faesm_job_counts_and_fails_the_run(tmp_path, case):
         assert result.returncode == 1, result.stdout
         expected = {"failing": "esm2_fa-faesm", "skipped": "esm2_fa-faesm-vacuous"}[case]
         assert expected in total[1].split()
+
+
+def test_the_main_environment_lists_no_faesm():
+    """faesm next to transformers 5 fails at import: only esm2_fa's faesm files may name it."""
+    main = sorted(ROOT.glob("recipes/*/requirements.txt")) + sorted(ROOT.glob("recipes/*/requirements-nodeps.txt"))
+    pins = [line.partition("#")[0].strip().lower() for p in main for line in p.read_text().splitlines()]
+    assert any(pin.startswith("transformers==") for pin in pins) and not [
+        pin for pin in pins if pin.startswith("faesm")
+    ]
+    assert "faesm==" in (ROOT / "recipes" / "esm2_fa" / "requirements-faesm-nodeps.txt").read_text()
