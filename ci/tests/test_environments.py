@@ -144,7 +144,6 @@ def test_the_main_environment_lists_no_faesm():
     """faesm next to transformers 5 fails at import: only esm2_fa's faesm files may name it."""
     main = sorted(ROOT.glob("recipes/*/requirements.txt")) + sorted(ROOT.glob("recipes/*/requirements-nodeps.txt"))
     pins = [line.partition("#")[0].strip().lower() for p in main for line in p.read_text().splitlines()]
-    assert any(pin.startswith("transformers==") for pin in pins) and not [
-        pin for pin in pins if pin.startswith("faesm")
-    ]
+    faesm = [pin for pin in pins if pin.startswith("faesm")]
+    assert any(pin.startswith("transformers==") for pin in pins) and not faesm
     assert "faesm==" in (ROOT / "recipes" / "esm2_fa" / "requirements-faesm-nodeps.txt").read_text()
