@@ -1,21 +1,25 @@
-"""Checkpoints of a run on the shared contract (biorecipes_shared.checkpoint): complete or absent, verified, resumed
+"""What a run writes: checkpoints on the shared contract (biorecipes_shared.checkpoint): complete or absent, verified, resumed
 exactly, rotated without losing the best one.
 
 A checkpoint `checkpoints/step_N/` (N zero-padded to 8 digits) holds model.safetensors (the bare EsmForMaskedLM's
 keys), training_state.pt (optimizer, LR schedule, grad scaler, `Progress`: step, best metric, early stopping's
 patience, and the data-stream layout), rank_R.pt per rank (RNG states, batches this rank consumed, its loss window)
 and manifest.json, written last. Everything is read back with safetensors or torch.load(weights_only=True); a file
-that fails that (a tampered or foreign pickle) is refused in one line.
+that fails that (a tampered or foreign pickle) is refused in one line. Also the final export and the metrics
+writer with TensorBoard.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from biorecipes_shared.checkpoint import (
     MANIFEST,
@@ -28,8 +32,9 @@ from biorecipes_shared.checkpoint import (
     verify_checkpoint,
 )
 from biorecipes_shared.distributed import barrier, is_main_process
-from biorecipes_shared.files import fsync_dir
-from model import ModelConfigError, load_weights
+from biorecipes_shared.files import TMP_PREFIX, WriteError, describe_write_error, fsync_dir, swap_into_place
+from biorecipes_shared.logging_utils import MetricsWriter
+from model import ModelConfigError, export_config, export_state_dict, load_weights, save_tokenizer
 from trainer import Progress, Window
 
 log = logging.getLogger("esm2_fa")
@@ -146,3 +151,49 @@ def load_best_weights(model: torch.nn.Module, checkpoints: Path, best_step: int 
     except ModelConfigError as err:
         raise CheckpointError(str(err)) from err
     log.info("loaded the best weights (step %d)", best_step)
+
+
+def export_final_model(model: torch.nn.Module, out_dir: Path) -> None:
+    """final_model/: model.safetensors + config.json (transformers' EsmForMaskedLM layout) + tokenizer files,
+    written under a temp name and swapped in (rank 0 only).
+
+    Raises WriteError (one line) when the disk is full or the folder unwritable; the temp dir is removed and an
+    earlier export stays as it was.
+    """
+    tmp = out_dir.with_name(f"{TMP_PREFIX}{out_dir.name}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        # Copies: safetensors refuses the tied decoder/embedding pair that shares one storage.
+        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in export_state_dict(model).items()}
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(export_config(model), indent=2, sort_keys=True) + "\n")
+        save_tokenizer(tmp)
+        swap_into_place(tmp, out_dir)
+    except Exception as err:  # OSError, and safetensors' own error on a full disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise WriteError(describe_write_error(err, out_dir)) from err
+
+
+class TensorBoardWriter(MetricsWriter):
+    """metrics.jsonl plus the same scalars in `<output_dir>/tensorboard/` (rank 0; needs the tensorboard package)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._board = None
+        if self.enabled:
+            from torch.utils.tensorboard import SummaryWriter  # optional: only with report_to=tensorboard
+
+            self._board = SummaryWriter(str(self.out_dir / "tensorboard"))
+
+    def log(self, step: int, **metrics) -> None:
+        super().log(step, **metrics)
+        if self._board is not None:
+            for key, value in metrics.items():
+                self._board.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        super().close()
+        if self._board is not None:
+            self._board.close()
+            self._board = None

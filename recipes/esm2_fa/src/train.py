@@ -17,13 +17,10 @@ import biorecipes_shared.stop_signals  # noqa: F401  (first: a SIGTERM during th
 
 # isort: on
 import argparse
-import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from transformers import EsmConfig
 from transformers.integrations import is_tensorboard_available, is_wandb_available
 
@@ -36,7 +33,6 @@ from biorecipes_shared.distributed import (
     setup_distributed,
     teardown_distributed,
 )
-from biorecipes_shared.files import TMP_PREFIX, WriteError, describe_write_error, swap_into_place
 from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, plot_loss_curve
 from biorecipes_shared.preemption import PreemptionHandler
 from biorecipes_shared.run import RunLayout, finished_message, finished_run, mark_finished, resolve_resume, run_cli
@@ -48,13 +44,17 @@ from model import (
     build_model,
     check_attention_dropout,
     esm2_config,
-    export_config,
-    export_state_dict,
     resolve_attention,
-    save_tokenizer,
     weights_file,
 )
-from run_state import load_best_weights, restore, save, stream_layout
+from run_state import (  # noqa: F401  (export_final_model: a public name of the recipe)
+    TensorBoardWriter,
+    export_final_model,
+    load_best_weights,
+    restore,
+    save,
+    stream_layout,
+)
 from trainer import (  # noqa: F401  (esm2_lr_lambda, masked_lm_loss, fused_adamw_supported: the recipe's public names)
     MaskedLMLoss,
     Progress,
@@ -71,28 +71,6 @@ from trainer import (  # noqa: F401  (esm2_lr_lambda, masked_lm_loss, fused_adam
 
 log = get_logger("esm2_fa")
 USER_ERRORS = (DataDirError, ModelConfigError, FastaError)
-
-
-def export_final_model(model: torch.nn.Module, out_dir: Path) -> None:
-    """final_model/: model.safetensors + config.json (transformers' EsmForMaskedLM layout) + tokenizer files,
-    written under a temp name and swapped in (rank 0 only).
-
-    Raises WriteError (one line) when the disk is full or the folder unwritable; the temp dir is removed and an
-    earlier export stays as it was.
-    """
-    tmp = out_dir.with_name(f"{TMP_PREFIX}{out_dir.name}")
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        # Copies: safetensors refuses the tied decoder/embedding pair that shares one storage.
-        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in export_state_dict(model).items()}
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(export_config(model), indent=2, sort_keys=True) + "\n")
-        save_tokenizer(tmp)
-        swap_into_place(tmp, out_dir)
-    except Exception as err:  # OSError, and safetensors' own error on a full disk
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise WriteError(describe_write_error(err, out_dir)) from err
 
 
 def check_report_to(report_to: str) -> None:
@@ -291,8 +269,11 @@ def finish(run: Run, progress: Progress) -> Path:
 
 
 def writer_for(cfg: RecipeConfig, layout: RunLayout, ctx: DistributedContext, step: int) -> MetricsWriter:
-    """metrics.jsonl (records after `step` dropped: they are logged again), plus wandb when asked."""
-    wandb_args = {"project": "esm2_fa", "dir": str(layout.output_dir)} if cfg.training.report_to == "wandb" else None
+    """metrics.jsonl (records after `step` dropped: they are logged again), plus wandb or TensorBoard when asked."""
+    report_to = cfg.training.report_to
+    if report_to == "tensorboard":
+        return TensorBoardWriter(layout.output_dir, ctx, resume_step=step)
+    wandb_args = {"project": "esm2_fa", "dir": str(layout.output_dir)} if report_to == "wandb" else None
     return MetricsWriter(layout.output_dir, ctx, wandb_init_args=wandb_args, resume_step=step)
 
 
