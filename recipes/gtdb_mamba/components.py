@@ -15,6 +15,8 @@ from biorecipes_shared.checkpoint import CheckpointError
 from biorecipes_shared.distributed import all_reduce_mean
 from biorecipes_shared.logging_utils import plot_loss_curve
 from biorecipes_shared.run import ConfigError
+from data import KmerTokenizer
+from exports import check_fits, read_export_config
 from metrics import same_genome_auc, write_distance_histogram
 from model import CurricularFace, EmbedderConfig, GenomeFragmentEmbedder, set_speed_switches
 
@@ -120,3 +122,15 @@ def compile_error(cfg: DictConfig, err: Exception) -> Exception:
         return err
     reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
     return ConfigError(f"train.compile=true: torch.compile failed here ({reason}); set train.compile=false")
+
+
+def embedder_config(cfg: DictConfig) -> EmbedderConfig:
+    """The embedder's hyper-parameters: `model.*` plus the vocabulary of `data.kmer`."""
+    tokenizer = KmerTokenizer(cfg.data.kmer)
+    return EmbedderConfig(vocab_size=tokenizer.vocab_size, pad_token=tokenizer.pad_token, **cfg.model)
+
+
+def check_init_from(cfg: DictConfig) -> None:
+    """`train.init_from` must be an export of this recipe that fits this model (RunError, one line)."""
+    path = Path(cfg.train.init_from)
+    check_fits(read_export_config(path), embedder_config(cfg), cfg.data.kmer, path)

@@ -56,7 +56,9 @@ from components import (
     EmbedderWithHead,
     autocast,
     build_model,
+    check_init_from,
     compile_error,
+    embedder_config,
     plot_curve,
     refuse_other_world_size,
     resume_error,
@@ -148,6 +150,8 @@ def run(cfg: DictConfig, sweep_job: SweepJob | None = None, keep_process_group: 
             if dist_ctx.is_main:
                 print(finished_message(layout, done), flush=True)
             return {"finished": True, "step": int(done["step"]), "start_step": int(done["step"])}
+        if cfg.train.get("init_from") and not any(layout.checkpoints.glob("step_*")):
+            check_init_from(cfg)  # a fresh start: refuse an export that does not fit before the run folder is made
         resume_from = resolve_resume(cfg.train.resume, layout.checkpoints)
         if resume_from is not None:
             refuse_other_world_size(resume_from, dist_ctx.world_size)
@@ -173,12 +177,10 @@ def run(cfg: DictConfig, sweep_job: SweepJob | None = None, keep_process_group: 
 def set_up(cfg: DictConfig, dist_ctx, log, layout: RunLayout, fresh: bool) -> Setup:
     """Data, validation fragments, model, optimizer (and `train.init_from` weights on a fresh start)."""
     tokenizer = KmerTokenizer(cfg.data.kmer)
-    model_config = EmbedderConfig(vocab_size=tokenizer.vocab_size, pad_token=tokenizer.pad_token, **cfg.model)
+    model_config = embedder_config(cfg)
     init_path = cfg.train.get("init_from") if fresh else None
     if init_path:  # check the record before the (slow) index build; load the weights after the model exists
-        from exports import check_fits, read_export_config
-
-        check_fits(read_export_config(init_path), model_config, cfg.data.kmer, Path(init_path))
+        check_init_from(cfg)
     split, train_sampler, val_sampler = prepare_data(cfg, dist_ctx, log)
     val_tokens, val_labels = validation_fragments(
         val_sampler,
