@@ -18,7 +18,6 @@ import dataclasses
 import logging
 import logging.handlers
 import math
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from biorecipes_shared.run import (
     resolve_resume,
     run_cli,
 )
+from biorecipes_shared.run_lock import LOCK_NAME, release_run_folders
 from checkpointing import (
     check_compatible,
     load_training_state,
@@ -136,7 +136,12 @@ def train(cfg: Config) -> dict:
             if ctx.is_main:
                 print(finished_message(layout, done), flush=True)
             return {"losses": [], "finished": True, "checkpoint": None, "bad_files": {}, "species": []}
-        run = set_up(cfg, ctx, log, layout, resolve_resume(cfg.resume, layout.checkpoints))
+        created = missing_folders(layout.output_dir) if ctx.is_main else []
+        try:
+            run = set_up(cfg, ctx, log, layout, resolve_resume(cfg.resume, layout.checkpoints))
+        except BaseException:
+            remove_lock_only_folders(created, layout.output_dir)
+            raise
         file_handler = open_run_log(log, layout.output_dir / "logs", ctx.is_main)
         startup_lines.setTarget(file_handler)
         startup_lines.flush()
@@ -155,6 +160,27 @@ def train(cfg: Config) -> dict:
             log.removeHandler(file_handler)
             file_handler.close()
         teardown_distributed()
+
+
+def missing_folders(output_dir: Path) -> list[Path]:
+    """`output_dir` and those of its parents that do not exist yet (innermost first): what the run lock creates."""
+    missing, folder = [], output_dir.resolve()
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def remove_lock_only_folders(created: list[Path], output_dir: Path) -> None:
+    """A start-up refusal leaves nothing behind: the run lock (`resolve_resume`) is released and the folders it
+    created are removed, as long as they hold nothing else (set-up reads files but writes none)."""
+    if not created:
+        return
+    release_run_folders()
+    (output_dir / LOCK_NAME).unlink(missing_ok=True)
+    for folder in created:  # innermost first; rmdir refuses a folder that holds anything
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def set_up(cfg: Config, ctx, log: logging.Logger, layout: RunLayout, resume_from: Path | None) -> Run:
@@ -373,8 +399,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_code = main()
-    # Interpreter shutdown restores the default action of SIGTERM/SIGUSR1 (death by signal, -15) while it unloads
-    # torch; blocked from here on, a late signal stays pending and ends with the process, which exits with its code.
-    signal.pthread_sigmask(signal.SIG_BLOCK, biorecipes_shared.stop_signals.STOP_SIGNALS)
-    sys.exit(exit_code)
+    sys.exit(main())  # run_cli ignores stop signals from its return on: a late one cannot make the exit code -15

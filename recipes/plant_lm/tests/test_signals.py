@@ -14,6 +14,7 @@ from pathlib import Path
 from test_train import RECIPE_DIR, assert_same_weights, cli_args, losses_of, tiny_config
 
 import train as train_module
+from biorecipes_shared import stop_signals
 from biorecipes_shared.checkpoint import verify_checkpoint
 from biorecipes_shared.testing import child_env, run_command
 from train import train
@@ -73,6 +74,7 @@ def test_sigterm_during_imports_and_set_up_exits_0_without_training(data_dir, tm
 def test_signal_during_set_up_of_a_resumed_run_stops_at_the_first_check(data_dir, tmp_path, monkeypatch):
     """In process: the signal arrives inside set_up (checkpoint loaded, model built); the loop's check before its
     first step stops the run, the checkpoint it resumed from stays the newest, and the rerun finishes as usual."""
+    stop_signals.install()  # as `python train.py` starts (an earlier run_cli in this process ignores the signals)
     cfg = tiny_config(data_dir, tmp_path / "run", n_epochs=2, steps_per_epoch=1)
     train(tiny_config(data_dir, tmp_path / "run", n_epochs=1, steps_per_epoch=1))  # step_1; more epochs continue it
     original_set_up = train_module.set_up
