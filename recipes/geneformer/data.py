@@ -369,3 +369,10 @@ def batch_token_counts(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
     """(real tokens, token positions computed) of a batch, padded or packed: what `ThroughputMeter.update(tokens=,
     positions=)` takes, so the logged useful_token_fraction is the share of the compute spent on cells."""
     return int(batch["attention_mask"].sum()), batch["input_ids"].numel()
+
+
+def batch_cells(batch: dict[str, torch.Tensor]) -> int:
+    """Cells in a batch: its rows, or for a packed batch the cells its rows hold (for samples_per_s)."""
+    if "segment_ids" not in batch:
+        return batch["input_ids"].shape[0]
+    return int(batch["segment_ids"].amax(dim=1).sum())

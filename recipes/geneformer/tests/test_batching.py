@@ -21,7 +21,7 @@ from batching import BATCHING_MODES, MEGABATCH_BATCHES, epoch_order, length_grou
 from bench_batching import genecorpus_like_lengths
 from biorecipes_shared.testing import kill_around_saves, run_command
 from config import ConfigError, _check_batching, load_config
-from data import MaskingCollator, batch_token_counts
+from data import MaskingCollator, batch_cells, batch_token_counts
 from model import IGNORE_INDEX, BertForMaskedLM, geneformer_config
 
 VOCAB = ["<pad>", "<mask>", "<cls>", "<eos>"] + [f"G{i}" for i in range(60)]
@@ -164,6 +164,7 @@ def test_batch_token_counts_counts_real_tokens_and_computed_positions():
     collator = MaskingCollator(VOCAB)
     assert batch_token_counts(collator(cells([20, 7]))) == (27, 2 * 32)
     assert batch_token_counts(collator.pack([cells([20, 7]), cells([3])])) == (30, 2 * 32)
+    assert batch_cells(collator(cells([20, 7]))) == 2 and batch_cells(collator.pack([cells([20, 7]), cells([3])])) == 3
 
 
 def test_batching_settings_are_checked():
