@@ -8,6 +8,7 @@ The holder's pid, host and start time are written into the file for the refusal 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -20,6 +21,7 @@ from .distributed import all_reduce_max, is_main_process
 
 LOCK_NAME = ".run.lock"
 _held: dict[Path, int] = {}  # folder -> open descriptor holding its lock, for the life of this process
+_created: dict[Path, list[Path]] = {}  # folder -> the folders taking its lock created (innermost first)
 
 
 class RunFolderBusy(RuntimeError):
@@ -44,14 +46,36 @@ def hold_run_folder(output_dir: str | Path) -> None:
 
 
 def release_run_folders() -> None:
-    """Drop every lock this process holds (the end of a run; the kernel also drops them when the process ends)."""
-    for descriptor in _held.values():
+    """Drop every lock this process holds (the end of a run; the kernel also drops them when the process ends).
+
+    A run refused during set-up leaves nothing behind: a folder that taking the lock created and that holds nothing
+    but the lock file is removed again (with the parents it created), while the lock is still held."""
+    for folder, descriptor in _held.items():
+        created = _created.get(folder, [])
+        if created and _only_the_lock_in(folder):
+            (folder / LOCK_NAME).unlink(missing_ok=True)
+            for made in created:  # innermost first; rmdir refuses a folder that holds anything
+                with contextlib.suppress(OSError):
+                    made.rmdir()
         os.close(descriptor)
     _held.clear()
+    _created.clear()
+
+
+def _only_the_lock_in(folder: Path) -> bool:
+    try:
+        return [entry.name for entry in os.scandir(folder)] == [LOCK_NAME]
+    except OSError:
+        return False
 
 
 def _acquire(folder: Path) -> int:
+    missing, parent = [], folder
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
     folder.mkdir(parents=True, exist_ok=True)
+    _created[folder] = missing
     path = folder / LOCK_NAME
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

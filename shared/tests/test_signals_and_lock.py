@@ -13,7 +13,7 @@ from pathlib import Path
 from conftest import toy_command
 
 from biorecipes_shared.checkpoint import latest_checkpoint, verify_checkpoint
-from biorecipes_shared.run import ConfigError, run_cli
+from biorecipes_shared.run import ConfigError, resolve_resume, run_cli
 
 
 def start_toy(tmp_path, *extra):
@@ -138,3 +138,25 @@ def test_a_refusal_under_torchrun_is_one_line_and_names_the_cause_in_torchruns_s
     # torchrun's own failure report quotes the cause for every rank instead of pointing at a web page
     assert result.stderr.count("traceback : error: --steps=0") == 2, result.stderr[-1500:]
     assert "To enable traceback" not in result.stderr
+
+
+def test_a_run_refused_during_set_up_leaves_no_folder_behind(tmp_path):
+    output_dir = tmp_path / "runs" / "new"
+
+    def refused_after_taking_the_folder():
+        resolve_resume("auto", output_dir / "checkpoints")
+        assert (output_dir / ".run.lock").is_file()
+        raise ConfigError("the checkpoint was trained with another vocabulary")
+
+    assert run_cli(refused_after_taking_the_folder) == 1
+    assert not (tmp_path / "runs").exists()
+
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "metrics.jsonl").write_text("{}\n")  # a folder with the user's files stays as it was
+
+    def refused_in_an_existing_folder():
+        resolve_resume("auto", tmp_path / "kept" / "checkpoints")
+        raise ConfigError("no")
+
+    assert run_cli(refused_in_an_existing_folder) == 1
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == [".run.lock", "metrics.jsonl"]
