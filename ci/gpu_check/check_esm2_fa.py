@@ -6,6 +6,9 @@ Run with recipes/esm2_fa as cwd (its modules live in src/)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,22 +17,31 @@ import torch.nn.functional as F
 
 from gpu_check.common import (
     BF16_TOLERANCE,
+    CheckFailed,
     CheckSkipped,
     Context,
+    Recorder,
     TrainSpec,
     bf16_autocast,
     count_flops,
     fwd_bwd_step,
     measure_throughput,
     parity_result,
+    parse_context,
     relative_error,
     run_cli,
     run_standard_checks,
     train_and_resume,
 )
+from gpu_check.sizes import FAESM_SITE_VARIABLE
 from gpu_check.switches import SwitchCase, checkpointing_row, compile_row
 
 sys.path.insert(0, str(Path.cwd() / "src"))
+FAESM_ROW_FLAG = "--faesm-row"
+if FAESM_ROW_FLAG in sys.argv:
+    # transformers 4.53 imports `kernels` wherever one is installed, and kernels 0.19 needs huggingface-hub >= 1,
+    # which the faesm site replaces with 0.36: hide it (None in sys.modules reads as "not installed").
+    sys.modules.setdefault("kernels", None)
 
 from model import CLS_ID, EOS_ID, MASK_ID, PAD_ID, build_model, esm2_config, resolve_attention  # noqa: E402
 
@@ -114,7 +126,7 @@ def backend_row(ctx: Context, attention: str, eager_flops: dict) -> tuple[str, d
             "transformers compiles flex_attention with inductor: ~1 min on CPU; esm2_fa's tests check it"
         )
     if attention == "faesm" and not faesm_available():
-        raise CheckSkipped("faesm 0.1.1 imports only with transformers <= 4.53 (CI runs it in .venv-faesm)")
+        raise CheckSkipped("faesm 0.1.1 imports only with transformers <= 4.53: no faesm site here (CI: .venv-faesm)")
     size = ctx.sizes["parity"]
     errors, limits = backend_parity(ctx, attention, size)
     summary, metrics = parity_result(errors, limits, f"vs eager, {size['model']}, padded")
@@ -190,13 +202,52 @@ def train(ctx: Context) -> tuple[str, dict]:
     return train_and_resume(ctx, spec, timeout=ctx.sizes["budget_s"])
 
 
+def faesm_row(ctx: Context) -> tuple[str, dict]:
+    """The faesm backend: here when faesm imports, else in a child process with the faesm site (transformers 4.53)
+    first on PYTHONPATH, which runs only this row (FAESM_ROW_FLAG) and leaves it in its own rows.json."""
+    from model import faesm_available
+
+    site = os.environ.get(FAESM_SITE_VARIABLE)
+    if faesm_available() or not site:
+        return backend_row(ctx, "faesm", {})
+    out = ctx.out_dir / "faesm"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([site, os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "gpu_check.check_esm2_fa", FAESM_ROW_FLAG, "--device", ctx.device.type]
+    command += ["--out", str(out), "--peak-tflops", str(ctx.peak_tflops)]
+    with open(ctx.out_dir / "faesm_row.log", "w") as log:
+        subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+    rows = json.loads((out / "rows.json").read_text()) if (out / "rows.json").is_file() else []
+    if not rows:
+        lines = (ctx.out_dir / "faesm_row.log").read_text(errors="replace").strip().splitlines()
+        raise CheckFailed(f"the faesm row's process wrote no row: {lines[-1] if lines else 'no output'}")
+    row = rows[0]
+    summary = f"{row['summary']} (transformers {row['metrics'].get('transformers', '?')} from {site})"
+    if row["status"] == "SKIP":
+        raise CheckSkipped(summary)
+    if row["status"] == "FAIL":
+        raise CheckFailed(summary)
+    return summary, row["metrics"]
+
+
 def main() -> int:
+    if FAESM_ROW_FLAG in sys.argv:  # the child of faesm_row, in the faesm site
+        sys.argv.remove(FAESM_ROW_FLAG)
+        ctx = parse_context("esm2_fa")
+        import transformers
+
+        def row() -> tuple[str, dict]:
+            summary, metrics = backend_row(ctx, "faesm", {})
+            return summary, {**metrics, "transformers": transformers.__version__}
+
+        Recorder("esm2_fa", ctx.out_dir).run("attention faesm", row)
+        return 0
     ctx, recorder = run_standard_checks("esm2_fa", parity, throughput, train)
     eager_flops: dict = {}
-    for attention in BACKENDS:
+    for attention in BACKENDS[:-1]:
         recorder.run(f"attention {attention}", lambda a=attention: backend_row(ctx, a, eager_flops))
     recorder.run("compile", lambda: compile_row(ctx, switch_case(ctx)))
     recorder.run("activation checkpointing", lambda: checkpointing_row(ctx, switch_case(ctx)))
+    recorder.run("attention faesm", lambda: faesm_row(ctx))  # last: a process of its own
     return 0
 
 

@@ -26,7 +26,7 @@ ROOT = CI_DIR.parent
 sys.path.insert(0, str(CI_DIR))
 
 from gpu_check.report import write_reports  # noqa: E402
-from gpu_check.sizes import CHECKS, RECIPES, SIZES, TOTAL_BUDGET_S  # noqa: E402
+from gpu_check.sizes import CHECKS, FAESM_SITE_VARIABLE, RECIPES, SIZES, TOTAL_BUDGET_S  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -157,11 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     site = None
     install_note = "not installed (CPU dry run uses the current environment)"
+    faesm_site = args.site.with_name(args.site.name + "_faesm")
     if args.device == "cuda":
         install_note = install_wheels(args.wheels, args.site)
         site = args.site if args.site.is_dir() else None
+        # esm2_fa's faesm row: transformers 4.53 in a site of its own, put first for that row's process only
+        install_note += "; faesm row: " + install_wheels(args.wheels / "faesm", faesm_site)
     print(install_note, flush=True)
     env = child_env(args.device, site)
+    if args.device == "cuda" and faesm_site.is_dir():
+        env[FAESM_SITE_VARIABLE] = str(faesm_site)
     peak = measure_peak(args.device, env, args.out)
     print(f"bf16 matmul peak: {peak.get('peak_tflops', float('nan')):.4g} TFLOP/s on {peak.get('device')}", flush=True)
     rows, total = [], TOTAL_BUDGET_S[args.device]

@@ -127,6 +127,9 @@ SIZES = {
         },
     },
 }
+# esm2_fa's faesm row runs in a process of its own with this folder (transformers 4.53 + faesm, from
+# .whl/faesm) first on PYTHONPATH; run.py sets it on CUDA. Without it the row SKIPs (CI runs faesm in .venv-faesm).
+FAESM_SITE_VARIABLE = "GPU_CHECK_FAESM_SITE"
 # Timing repeats for the throughput rows (median of `repeats` after `warmup`).
 TIMING = {"cuda": {"warmup": 3, "repeats": 7}, "cpu": {"warmup": 1, "repeats": 3}}
 RECIPES = ("esm2_fa", "geneformer", "gtdb_mamba", "omnibiote", "plant_lm")

@@ -199,3 +199,21 @@ def test_genecorpus_like_lengths_and_real_flops():
     config = type("Config", (), {"hidden_size": 4, "num_hidden_layers": 2, "intermediate_size": 8, "vocab_size": 10})
     # 6 x 2 layers x (4*16 + 2*32) per token + 6 x 4 x 10 x 0.5 per token, + 12 x 2 x 4 x (1 + 9) for attention
     assert real_flops(config, np.array([1, 3]), 0.5) == 1536 * 4 + 120 * 4 + 960
+
+
+def test_the_faesm_site_carries_esm2_fa_faesm_pins():
+    """The faesm row's own site (transformers 4.53) holds the versions of esm2_fa's faesm environment."""
+    pins = {}
+    for req in sorted((ROOT / "recipes" / "esm2_fa").glob("requirements-faesm*.txt")):
+        for line in req.read_text().splitlines():
+            name, _, version = line.partition("#")[0].strip().lower().partition("==")
+            pins[name] = version
+    carried = {}
+    for line in (ROOT / "ci" / "gpu_wheels_faesm.txt").read_text().splitlines():
+        requirement, _, comment = line.partition("#")
+        if requirement.strip():
+            name, version = requirement.strip().lower().split("==")
+            carried[name] = version
+            assert "esm2_fa" in comment, line
+    assert set(carried) == {"transformers", "tokenizers", "huggingface-hub", "faesm"}
+    assert all(pins[name] == version for name, version in carried.items()), (carried, pins)
