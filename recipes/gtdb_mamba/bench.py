@@ -6,6 +6,9 @@
    (Python loop over pairs, then sklearn) and vs sklearn on vectorised pairs. Goal >= 10x over the pair loop.
 3. Training tokens/s (forward + backward) of the pure-PyTorch parallel scan vs the sequential recurrence.
 4. Only on CUDA with mamba_ssm installed: its fused kernels vs the pure path (numbers go to BENCHMARKS.md).
+6. `train.compile` on/off: training tokens/s of the embedder + head (compile time reported apart), interleaved;
+   `train.activation_checkpointing` on/off: peak RSS and tokens/s at the same batch, each variant in a fresh process
+   (peak RSS is per process), the variants alternating.
 5. Scale (`bench_scale.py`, also runnable alone): parallel genome-index build at 1 and 2 workers vs the gunzip
    ceiling, peak RSS at 1x / 10x, per-genome decode cost and the extrapolated cold start for 75k genomes.
 
@@ -14,10 +17,14 @@ Baselines run in the same process on the same data, interleaved, after a warm-up
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import resource
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,9 +38,18 @@ from mambapy.mamba import MambaBlock, MambaConfig  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 import bench_scale  # noqa: E402
+from biorecipes_shared.logging_utils import interleaved_medians  # noqa: E402
+from components import EmbedderWithHead  # noqa: E402
 from make_fixture import make_fixture  # noqa: E402
 from metrics import pairwise_distances, same_genome_auc  # noqa: E402
-from model import EmbedderConfig, make_mixer, mamba_ssm_available  # noqa: E402
+from model import (  # noqa: E402
+    CurricularFace,
+    EmbedderConfig,
+    GenomeFragmentEmbedder,
+    make_mixer,
+    mamba_ssm_available,
+    set_speed_switches,
+)
 from train import run  # noqa: E402
 
 REPEATS = 5
@@ -163,6 +179,99 @@ def gpu_kernel_throughput() -> dict[str, float]:
     return {name: x.shape[0] * x.shape[1] / _median(values) for name, values in seconds.items()}
 
 
+# Section 6: a small embedder at the training crop (512 tokens); the full model's figures need a GPU.
+SWITCH_MODEL = {"d_model": 64, "n_layers": 4, "d_state": 16}
+SWITCH_BATCH = (8, 512)  # fragments x tokens, no padding (training crops are full)
+
+
+def _switch_setup(compile_blocks: bool, activation_checkpointing: bool):
+    """The same initial model, optimizer and batch for every variant; returns a function doing one training step."""
+    torch.manual_seed(0)
+    config = EmbedderConfig(**SWITCH_MODEL)
+    model = EmbedderWithHead(GenomeFragmentEmbedder(config), CurricularFace(config.d_model, 100, scale=30.0))
+    set_speed_switches(model.embedder, compile_blocks, activation_checkpointing)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tokens = torch.randint(0, 1024, SWITCH_BATCH)
+    labels = torch.randint(0, 100, (SWITCH_BATCH[0],))
+
+    def step() -> None:
+        torch.nn.functional.cross_entropy(model(tokens, labels), labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def compile_throughput() -> tuple[dict[str, float], float]:
+    """Training tokens/s with and without compiled blocks (interleaved, after warm-up), and the compile seconds."""
+    eager, compiled = _switch_setup(False, False), _switch_setup(True, False)
+    start = time.perf_counter()
+    compiled()  # the first call compiles forward and backward
+    compile_s = time.perf_counter() - start
+    seconds = interleaved_medians({"eager": eager, "compiled blocks": compiled}, repeats=REPEATS, warmup=1)
+    tokens = SWITCH_BATCH[0] * SWITCH_BATCH[1]
+    return {name: tokens / value for name, value in seconds.items()}, compile_s
+
+
+def checkpointing_child(activation_checkpointing: bool) -> None:
+    """In a fresh process: one warm-up step, then 2 timed ones; prints peak RSS (MiB) and the median step seconds."""
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    step = _switch_setup(False, activation_checkpointing)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    step()
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    print(json.dumps({"peak_rss_mib": peak, "setup_rss_mib": before, "step_s": statistics.median(times)}))
+
+
+def checkpointing_memory(rounds: int = 3) -> dict[str, dict[str, float]]:
+    """Activation checkpointing off/on, each in `rounds` fresh processes taken in turns; medians per variant."""
+    runs: dict[str, list[dict]] = {"off": [], "on": []}
+    for _ in range(rounds):
+        for name in runs:
+            out = subprocess.run(
+                [sys.executable, __file__, "--checkpointing-child", name],
+                cwd=HERE,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    tokens = SWITCH_BATCH[0] * SWITCH_BATCH[1]
+    return {
+        name: {
+            "peak_rss_mib": _median([r["peak_rss_mib"] for r in results]),
+            "setup_rss_mib": _median([r["setup_rss_mib"] for r in results]),
+            "tokens_per_s": tokens / _median([r["step_s"] for r in results]),
+        }
+        for name, results in runs.items()
+    }
+
+
+def speed_switches() -> None:
+    """Section 6: prints the compile and activation-checkpointing table and their headline ratios."""
+    size = f"width {SWITCH_MODEL['d_model']}, {SWITCH_MODEL['n_layers']} blocks, {SWITCH_BATCH[0]} x {SWITCH_BATCH[1]}"
+    memory = checkpointing_memory()
+    print(f"\n6. training switches on CPU ({size} tokens, fp32)")
+    print(f"   {'activation checkpointing':<26} {'peak RSS MiB':>13} {'after setup':>12} {'tokens/s':>10}")
+    for name, row in memory.items():
+        print(f"   {name:<26} {row['peak_rss_mib']:>13.0f} {row['setup_rss_mib']:>12.0f} {row['tokens_per_s']:>10.0f}")
+    rates, compile_s = compile_throughput()
+    print(f"   {'torch.compile':<26} {'tokens/s':>13}")
+    for name, rate in rates.items():
+        print(f"   {name:<26} {rate:>13.0f}")
+    print(f"   compile time of the first step: {compile_s:.0f} s")
+    off, on = memory["off"], memory["on"]
+    grown = (on["peak_rss_mib"] - on["setup_rss_mib"]) / (off["peak_rss_mib"] - off["setup_rss_mib"])
+    print(f"   AC on / off: peak RSS {on['peak_rss_mib'] / off['peak_rss_mib']:.2f}x (growth over setup {grown:.2f}x), "
+          f"tokens/s {on['tokens_per_s'] / off['tokens_per_s']:.2f}x")  # fmt: skip
+    print(f"   compiled / eager tokens/s: {rates['compiled blocks'] / rates['eager']:.2f}x")
+
+
 def main() -> None:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     logging.getLogger("gtdb_mamba").setLevel(logging.WARNING)
@@ -213,8 +322,15 @@ def main() -> None:
     if mamba_ssm_available():
         ratio = gpu["mamba_ssm kernels"] / gpu["pure PyTorch (mambapy)"]
         print(f"   GPU: mamba_ssm kernels / pure PyTorch:    {ratio:.1f}x tokens/s")
+    speed_switches()
     bench_scale.main()
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--checkpointing-child"]:
+        checkpointing_child(sys.argv[2] == "on")
+    elif sys.argv[1:2] == ["--switches"]:  # only section 6
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        speed_switches()
+    else:
+        main()
