@@ -11,7 +11,9 @@ Every mode is a function of (seed, epoch, lengths, micro_batch_size) only, never
 takes the next `world_size × micro_batch_size` units (cells, or rows when packed) of the stream and rank r gets the
 r-th block. The position `{"epoch": e, "cells_done": n}` counts the cells of epoch e in the units already taken, so a
 run resumed under any world size continues with the next unit, nothing replayed or skipped. Lengths come from the
-corpus offsets (`CellDataset.lengths`), not from reading the cells.
+corpus offsets (`CellDataset.lengths`), not from reading the cells. Changing data.batching (or, for length_grouped,
+micro_batch_size) between a save and its resume keeps the count, not the order, of the epoch under way: until it ends,
+some of its cells may repeat or be skipped.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from dictionaries import DataError
 
 BATCHING_MODES = ("random", "length_grouped", "packed")
 MEGABATCH_BATCHES = 50  # transformers' LengthGroupedSampler megabatch_mult
-# Cells packed together. Measured on the Genecorpus-like length model (bench_batching.py): 100 cells fill rows to
-# 0.958, 1,000 to 0.982, 2,000 to 0.984; a fixed count keeps the stream independent of the batch size.
+# Cells packed together. pack_rows on the Genecorpus-like lengths (bench_batching.genecorpus_like_lengths): windows
+# of 100 cells fill rows to 0.958, 1,000 to 0.982, 2,000 to 0.984; a fixed count keeps the stream independent of the
+# batch size.
 PACK_WINDOW_CELLS = 1000
 
 
