@@ -37,7 +37,7 @@ from biorecipes_shared.run import (
     resolve_resume,
     run_cli,
 )
-from biorecipes_shared.run_lock import LOCK_NAME, release_run_folders
+from biorecipes_shared.run_lock import release_run_folders
 from checkpointing import (
     check_compatible,
     load_training_state,
@@ -136,11 +136,10 @@ def train(cfg: Config) -> dict:
             if ctx.is_main:
                 print(finished_message(layout, done), flush=True)
             return {"losses": [], "finished": True, "checkpoint": None, "bad_files": {}, "species": []}
-        created = missing_folders(layout.output_dir) if ctx.is_main else []
         try:
             run = set_up(cfg, ctx, log, layout, resolve_resume(cfg.resume, layout.checkpoints))
         except BaseException:
-            remove_lock_only_folders(created, layout.output_dir)
+            release_run_folders()  # a refused start leaves nothing behind: the folders the run lock made go again
             raise
         file_handler = open_run_log(log, layout.output_dir / "logs", ctx.is_main)
         startup_lines.setTarget(file_handler)
@@ -160,27 +159,6 @@ def train(cfg: Config) -> dict:
             log.removeHandler(file_handler)
             file_handler.close()
         teardown_distributed()
-
-
-def missing_folders(output_dir: Path) -> list[Path]:
-    """`output_dir` and those of its parents that do not exist yet (innermost first): what the run lock creates."""
-    missing, folder = [], output_dir.resolve()
-    while not folder.exists():
-        missing.append(folder)
-        folder = folder.parent
-    return missing
-
-
-def remove_lock_only_folders(created: list[Path], output_dir: Path) -> None:
-    """A start-up refusal leaves nothing behind: the run lock (`resolve_resume`) is released and the folders it
-    created are removed, as long as they hold nothing else (set-up reads files but writes none)."""
-    if not created:
-        return
-    release_run_folders()
-    (output_dir / LOCK_NAME).unlink(missing_ok=True)
-    for folder in created:  # innermost first; rmdir refuses a folder that holds anything
-        with contextlib.suppress(OSError):
-            folder.rmdir()
 
 
 def set_up(cfg: Config, ctx, log: logging.Logger, layout: RunLayout, resume_from: Path | None) -> Run:
