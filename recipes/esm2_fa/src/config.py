@@ -116,8 +116,8 @@ COMPILE_SCOPES = ("blocks", "model")
 def setting_checks(cfg: RecipeConfig) -> list[tuple[str, object, str]]:
     """Every numeric setting with its rule (biorecipes_shared.run.check_settings): the one list of range checks.
 
-    A 0, negative or non-finite value would otherwise surface deep inside the Trainer as a traceback (or silently
-    mean "epochs" for max_steps) after the output folder exists.
+    A 0, negative or non-finite value would otherwise surface deep inside the loop as a traceback, after the output
+    folder exists.
     """
     m, t, d = cfg.model, cfg.training, cfg.data
     o, e = t.optimizer, t.early_stopping

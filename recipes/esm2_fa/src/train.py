@@ -74,7 +74,7 @@ USER_ERRORS = (DataDirError, ModelConfigError, FastaError)
 
 
 def check_report_to(report_to: str) -> None:
-    """The logging integration must import now: the Trainer would otherwise fail after creating the output dir."""
+    """The logging integration must import now, not after the output dir exists."""
     available = {"none": True, "wandb": is_wandb_available(), "tensorboard": is_tensorboard_available()}
     if not available.get(report_to, False):
         raise ConfigError(
