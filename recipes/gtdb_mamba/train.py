@@ -17,7 +17,6 @@ from __future__ import annotations
 import biorecipes_shared.stop_signals  # noqa: F401  (first: a SIGTERM during the imports below sets a flag)
 
 # isort: on
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -391,9 +390,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_code = main()
-    # The run is over. CPython's finalization puts SIG_DFL back for signals with a Python handler, so a SIGTERM
-    # landing in the exit (e.g. a second one ~0.3 s after the first) would kill the process with -15: ignore them.
-    for signum in biorecipes_shared.stop_signals.STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-    sys.exit(exit_code)
+    sys.exit(main())  # run_cli ignores stop signals from its return on: a late one cannot make the exit code -15
