@@ -151,7 +151,7 @@ def set_up(cfg: DictConfig, layout: RunLayout, logger_factory=get_logger) -> Run
         raise ConfigError(
             "training.use_fsdp=true shards over several processes: launch with torchrun --nproc_per_node>1"
         )
-    check_fills_a_batch(dataset, cfg.data.micro_batch_size, dist_ctx.world_size)
+    check_fills_a_batch(dataset, cfg.data.micro_batch_size, dist_ctx.world_size, cfg.data.batching)
     resume_from = resolve_resume(cfg.training.resume_from_checkpoint, layout.checkpoints)
     log = logger_factory("geneformer", dist_ctx)
     if dataset.num_truncated and dist_ctx.is_main:

@@ -19,7 +19,6 @@ import biorecipes_shared.stop_signals  # noqa: F401  (first: a SIGTERM during th
 # isort: on
 import contextlib
 import math
-import signal
 import sys
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_
 from biorecipes_shared.preemption import PreemptionHandler
 from biorecipes_shared.run import RunLayout, finished_message, finished_run, mark_finished, run_cli
 from config import LR_SCHEDULES, check_config, config_from_argv, recipe_path
-from data import batch_token_counts, iterate_batches
+from data import batch_cells, batch_token_counts, iterate_batches
 from fp8 import fp8_autocast
 from model import BertForMaskedLM, te_to_hf_state_dict
 from preprocess import DataError
@@ -131,7 +130,7 @@ def train_loop(run: Run, state: RunState, metrics: MetricsWriter) -> None:
             loss, grad_norm = train_step(run, batch)
             state.step += 1
             tokens, positions = batch_token_counts(batch)
-            meter.update(samples=batch["input_ids"].shape[0], tokens=tokens, positions=positions)
+            meter.update(samples=batch_cells(batch), tokens=tokens, positions=positions)
             last = state.step == training.num_train_steps
             if state.step % training.log_every_n_steps == 0 or last:
                 log_step(run, state, loss, grad_norm, meter, metrics)
@@ -225,10 +224,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_code = main()
-    # Interpreter shutdown puts back the default action of a signal that has a Python handler (death by signal, -15)
-    # while it unloads torch; an ignored one it leaves alone. The run is over here: a late stop signal has nothing to
-    # stop (blocking it would not do: torch's threads would still take it).
-    for signum in biorecipes_shared.stop_signals.STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-    sys.exit(exit_code)
+    sys.exit(main())  # run_cli ignores stop signals from its return on: a late one cannot make the exit code -15
