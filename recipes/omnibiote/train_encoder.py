@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import importlib.util
 import json
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -365,9 +364,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    exit_code = run_cli(main, user_errors=(OmniBioteError,))
-    # Interpreter shutdown puts back the default action (death by signal, -15) of signals that have a Python handler,
-    # and torch's threads do not share a main-thread sigmask; an ignored signal stays ignored through shutdown.
-    for signum in biorecipes_shared.stop_signals.STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-    sys.exit(exit_code)
+    # run_cli ignores stop signals from its return on: a late one cannot make the exit code -15
+    sys.exit(run_cli(main, user_errors=(OmniBioteError,)))
