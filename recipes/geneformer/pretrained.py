@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from biorecipes_shared.run import ConfigError
+from dictionaries import read_text
 
 # Keys that define the network: taken from the folder, and an explicit model.* override that differs is an error.
 ARCHITECTURE_KEYS = (
@@ -95,11 +96,11 @@ def check_folder_vocab(folder: str | Path, vocab: list[str], vocab_path: str | P
 
 def _folder_tokens(folder: Path) -> tuple[list[str] | None, Path | None]:
     if (folder / "vocab.txt").is_file():
-        return (folder / "vocab.txt").read_text().splitlines(), folder / "vocab.txt"
+        return read_text(folder / "vocab.txt", "vocabulary").splitlines(), folder / "vocab.txt"
     path = folder / "token_dictionary.json"
     if path.is_file():
         try:
-            ids = json.loads(path.read_text())
+            ids = json.loads(read_text(path, "token dictionary"))
             tokens = [None] * len(ids)
             for token, index in ids.items():
                 tokens[int(index)] = token

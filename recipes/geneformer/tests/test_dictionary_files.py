@@ -145,3 +145,11 @@ def test_embed_and_evaluate(model_dir, tmp_path, capsys):
     ] * 3, lines
     assert all("is not UTF-8 text" in line for line in lines)
     assert not list(tmp_path.glob("e.*"))
+
+
+def test_a_published_folder_with_a_garbled_vocabulary_is_one_line(tmp_path):
+    from pretrained import check_folder_vocab
+
+    (tmp_path / "vocab.txt").write_bytes(bad_vocab_bytes("latin-1"))
+    with pytest.raises(DataError, match=r"vocab.txt: the vocabulary file is not UTF-8 text"):
+        check_folder_vocab(tmp_path, ["<pad>", "<mask>", "g"], tmp_path / "data_vocab.txt", 3)
