@@ -17,6 +17,7 @@ import biorecipes_shared.stop_signals  # noqa: F401  (first: a SIGTERM during th
 
 # isort: on
 import argparse
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,6 @@ from transformers.integrations import is_tensorboard_available, is_wandb_availab
 from biorecipes_shared.distributed import (
     DistributedContext,
     all_reduce_mean,
-    exit_process,
     read_launch_env,
     seed_everything,
     setup_distributed,
@@ -357,6 +357,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Not sys.exit: interpreter finalization restores the default SIGTERM action, so a scheduler's second SIGTERM
-    # landing then would still turn a clean exit 0 into -15. exit_process runs the atexit handlers and skips it.
-    exit_process(main())
+    sys.exit(main())  # run_cli ignores stop signals from its return on: a late one cannot make the exit code -15
