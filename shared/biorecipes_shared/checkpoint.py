@@ -35,17 +35,16 @@ from .checkpoint_files import (  # noqa: F401  (re-exported: the public API is b
     TMP_PREFIX,
     TRASH_PREFIX,
     CheckpointError,
-    _publish,
-    _rotate,
-    _write_manifest,
     clean_incomplete,
     latest_checkpoint,
     publish,
+    rotate_checkpoints,
+    training_state,
     verify_checkpoint,
     write_manifest,
 )
 from .distributed import all_reduce_max, barrier
-from .export import _tensor_state_dict, export_safetensors, unwrap_model
+from .export import export_safetensors, tensor_state_dict, unwrap_model
 from .files import WriteError, write_failure_reason
 from .preemption import PreemptionHandler
 
@@ -152,16 +151,6 @@ def _raise_if_any_rank_failed(error: BaseException | None, tmp_dir: Path, rank: 
     raise CheckpointWriteError(f"cannot write {where}: {write_failure_reason(error, tmp_dir)}") from error
 
 
-def _training_state(optimizer, scheduler, scaler, step: int, extra: dict | None) -> dict[str, Any]:
-    return {
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "step": step,
-        "extra": extra or {},
-    }
-
-
 def _finish_save(
     tmp_dir: Path, final_dir: Path, step: int, world_size: int, rank: int, keep_last_k: int, sharded: bool
 ) -> Path:
@@ -169,13 +158,13 @@ def _finish_save(
     error = None
     if rank == 0:
         try:
-            _write_manifest(tmp_dir, step, world_size, sharded)
-            _publish(tmp_dir, final_dir)
+            write_manifest(tmp_dir, step, world_size, sharded)
+            publish(tmp_dir, final_dir)
         except Exception as err:  # every rank must learn of it, or the others wait in the next collective
             error = err
     _raise_if_any_rank_failed(error, tmp_dir, rank)
     if rank == 0:
-        _rotate(final_dir.parent, keep_last_k, final_dir)
+        rotate_checkpoints(final_dir.parent, keep_last_k, final_dir)
     barrier()
     return final_dir
 
@@ -183,11 +172,11 @@ def _finish_save(
 def _write_dense_parts(tmp_dir: Path, rank: int, model, optimizer, scheduler, scaler, step, extra) -> None:
     if rank == 0:
         save_file(
-            _tensor_state_dict(unwrap_model(model).state_dict()),
+            tensor_state_dict(unwrap_model(model).state_dict()),
             tmp_dir / "model.safetensors",
             metadata={"format": "pt"},
         )
-        torch.save(_training_state(optimizer, scheduler, scaler, step, extra), tmp_dir / "training_state.pt")
+        torch.save(training_state(optimizer, scheduler, scaler, step, extra), tmp_dir / "training_state.pt")
 
 
 def save_checkpoint(

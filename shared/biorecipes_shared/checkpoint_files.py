@@ -53,11 +53,6 @@ def _write_manifest(tmp_dir: Path, step: int, world_size: int, sharded: bool) ->
     fsync_dir(tmp_dir)
 
 
-def _publish(tmp_dir: Path, final_dir: Path) -> None:
-    """Rename the finished temp dir into place; a re-save of the same step replaces the old one only after."""
-    swap_into_place(tmp_dir, final_dir)
-
-
 def write_manifest(directory: str | Path, step: int, world_size: int = 1, sharded: bool = False) -> Path:
     """Fsync every file under `directory` and write `manifest.json` (sizes + sha256) last; returns its path.
 
@@ -71,7 +66,7 @@ def write_manifest(directory: str | Path, step: int, world_size: int = 1, sharde
 
 def publish(tmp_dir: str | Path, final_dir: str | Path) -> Path:
     """Rename a complete temporary checkpoint dir (manifest written) to its final name, atomically."""
-    _publish(Path(tmp_dir), Path(final_dir))
+    swap_into_place(Path(tmp_dir), Path(final_dir))  # a re-save of the same step replaces the old one only after
     return Path(final_dir)
 
 
@@ -132,7 +127,7 @@ def clean_incomplete(checkpoint_dir: str | Path) -> list[Path]:
     return removed
 
 
-def _rotate(checkpoint_dir: Path, keep_last_k: int, current: Path) -> None:
+def rotate_checkpoints(checkpoint_dir: Path, keep_last_k: int, current: Path) -> None:
     """Keep the newest `keep_last_k` valid checkpoints (rename first, so a kill never half-deletes a `step_*`)."""
     if keep_last_k > 0:
         valid = [path for _, path in _step_dirs(checkpoint_dir) if (path / MANIFEST).is_file()]
@@ -142,3 +137,14 @@ def _rotate(checkpoint_dir: Path, keep_last_k: int, current: Path) -> None:
                 path.rename(trash)
     fsync_dir(checkpoint_dir)
     clean_incomplete(checkpoint_dir)
+
+
+def training_state(optimizer, scheduler, scaler, step: int, extra: dict | None) -> dict[str, Any]:
+    """The non-weight part of a checkpoint (`training_state.pt`), for the dense and the sharded writer alike."""
+    return {
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "step": step,
+        "extra": extra or {},
+    }

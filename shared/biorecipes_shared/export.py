@@ -26,7 +26,7 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def _tensor_state_dict(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
+def tensor_state_dict(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
     """CPU, contiguous copies; tied tensors are cloned so safetensors stores each name (it refuses shared storage)."""
     tensors, seen = {}, set()
     for name, value in state_dict.items():
@@ -63,7 +63,7 @@ def export_safetensors(
     try:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         tmp_dir.mkdir(parents=True)
-        save_file(_tensor_state_dict(state_dict), tmp_dir / "model.safetensors", metadata={"format": "pt"})
+        save_file(tensor_state_dict(state_dict), tmp_dir / "model.safetensors", metadata={"format": "pt"})
         (tmp_dir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True, default=str))
         for name in ("model.safetensors", "config.json"):
             with open(tmp_dir / name, "rb") as handle:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, _training_state
+from .checkpoint_files import CheckpointError, training_state
 
 __all__ = ["gather_full_state_dict", "read_sharded_parts", "write_sharded_parts"]
 
@@ -24,7 +24,7 @@ def write_sharded_parts(tmp_dir: Path, rank: int, model, optimizer, scheduler, s
     model_state, optim_state = get_state_dict(model, optimizers)
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp_dir / "sharded"))
     if rank == 0:
-        torch.save(_training_state(None, scheduler, scaler, step, extra), tmp_dir / "training_state.pt")
+        torch.save(training_state(None, scheduler, scaler, step, extra), tmp_dir / "training_state.pt")
 
 
 def read_sharded_parts(path: Path, model: torch.nn.Module, optimizer=None) -> None:
