@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run every test suite: shared/, each recipe in-tree, esm2_fa's faesm tests in their own venv, then each recipe
-# exported to a temp dir (fast tests only), then the GPU check's CPU dry run.
+# Run every test suite: the tooling (README commands included), shared/, each recipe in-tree followed by its exported
+# copy's `smoke` tests (the standalone copy imports, trains, resumes; the in-tree run already ran everything), with
+# esm2_fa's faesm tests in their own venv, and the GPU check's CPU dry run. All suites: two lanes side by side.
 # Usage: [FAESM_BIN=.venv-faesm/bin] ci/run_tests.sh VENV_BIN [RECIPE]. Prints "tests: N passed, N failed, N skipped".
 set -uo pipefail
 bin=$(cd "$1" && pwd)  # absolute: suites run from inside their folders
@@ -58,27 +59,52 @@ for dir in recipes/*/; do
   [ -n "$only" ] && [ "$name" != "$only" ] && continue
   [ -d "$dir/tests" ] && recipes+=("$name")
 done
-if [ -z "$only" ]; then
-  run_suite tooling ci/tests
-  run_suite shared shared
-fi
 
-for name in "${recipes[@]}"; do
+run_recipe() {  # name: in-tree suite (+ esm2_fa's faesm job), then the exported copy's smoke tests
+  local name=$1 dest where
   run_suite "$name" "recipes/$name"
   [ "$name" = esm2_fa ] && run_faesm_suite
-done
-for name in "${recipes[@]}"; do
   dest=$(mktemp -d)/"$name"
-  bash ci/export_recipe.sh "$name" "$dest" >/dev/null || { failed_suites+=("export-$name"); continue; }
+  bash ci/export_recipe.sh "$name" "$dest" >/dev/null || { failed_suites+=("export-$name"); return; }
   # The exported copy must import its vendored shared package, not this checkout's.
   where=$(cd "$dest" && PYTHONPATH="$dest/shared" "$bin/python" -c "import biorecipes_shared; print(biorecipes_shared.__file__)")
   case "$where" in "$dest"/*) ;; *) echo "export-$name imports shared from $where"; failed_suites+=("export-$name-import");; esac
-  PYTHONPATH="$dest/shared" run_suite "export-$name" "$dest" -m "not slow"
+  PYTHONPATH="$dest/shared" run_suite "export-$name" "$dest" -m smoke
   rm -rf "$(dirname "$dest")"
-done
+}
 
-# The GPU check's CPU dry run (tiny sizes, same code paths): one junit testcase per check row.
-[ -z "$only" ] && { "$bin/python" ci/gpu_check/run.py --device cpu --out "$reports/gpu_check" --junit "$reports/gpu-check.xml" || failed_suites+=(gpu-check-dry-run); }
+gpu_dry_run() {  # the GPU check's CPU dry run (tiny sizes, same code paths): one junit testcase per check row
+  "$bin/python" ci/gpu_check/run.py --device cpu --out "$reports/gpu_check" --junit "$reports/gpu-check.xml" \
+    || failed_suites+=(gpu-check-dry-run)
+}
+
+run_lane() {  # lane number, jobs...: runs the jobs in order, its log and failed suites into $reports
+  local lane=$1 job
+  shift
+  for job in "$@"; do $job; done >"$reports/lane$lane.log" 2>&1
+  printf '%s\n' "${failed_suites[@]}" >"$reports/lane$lane.failed"
+}
+
+if [ -n "$only" ]; then
+  for name in "${recipes[@]}"; do run_recipe "$name"; done
+else
+  # Two lanes on two cores (one thread each): the suites share no folders (README blocks and exports run in
+  # temporary copies), so running them side by side halves CI's wall time.
+  export OMP_NUM_THREADS=1
+  lane_of() { case $1 in esm2_fa | omnibiote) echo 1 ;; *) echo 2 ;; esac; }
+  lane1=("run_suite tooling ci/tests") lane2=("run_suite shared shared")
+  for name in "${recipes[@]}"; do
+    if [ "$(lane_of "$name")" = 1 ]; then lane1+=("run_recipe $name"); else lane2+=("run_recipe $name"); fi
+  done
+  lane1+=(gpu_dry_run)
+  run_lane 1 "${lane1[@]}" &
+  run_lane 2 "${lane2[@]}" &
+  wait
+  for lane in 1 2; do
+    cat "$reports/lane$lane.log"
+    while read -r suite; do [ -n "$suite" ] && failed_suites+=("$suite"); done <"$reports/lane$lane.failed"
+  done
+fi
 
 "$bin/python" - "$reports" <<'PY'
 import sys

@@ -111,17 +111,26 @@ FAESM_TESTS = {
 }
 
 
-@pytest.mark.parametrize("case", ["passing", "failing", "skipped"])
-def test_faesm_job_counts_and_fails_the_run(tmp_path, case):
-    repo = tmp_path / "repo"
+@pytest.fixture(scope="module")
+def faesm_job_repo(tmp_path_factory):
+    """ci/ and shared/ with a stand-in esm2_fa: one ordinary test (also the export's smoke test) and one faesm test."""
+    repo = tmp_path_factory.mktemp("faesm_job") / "repo"
     shutil.copytree(ROOT / "ci", repo / "ci", ignore=shutil.ignore_patterns("__pycache__", "tests", "gpu_check"))
     shutil.copytree(ROOT / "shared", repo / "shared", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     shutil.copytree(ROOT / "docker", repo / "docker")
     tests = repo / "recipes" / "esm2_fa" / "tests"
     tests.mkdir(parents=True)
-    (tests.parent / "pytest.ini").write_text("[pytest]\ntestpaths = tests\nmarkers =\n    faesm: faesm backend\n")
-    (tests / "test_main.py").write_text("def test_main():\n    pass\n")
-    (tests / "test_faesm.py").write_text("import pytest\n\npytestmark = pytest.mark.faesm\n\n\n" + FAESM_TESTS[case])
+    markers = "markers =\n    faesm: faesm backend\n    smoke: the exported copy runs these\n"
+    (tests.parent / "pytest.ini").write_text("[pytest]\ntestpaths = tests\n" + markers)
+    (tests / "test_main.py").write_text("import pytest\n\n\n@pytest.mark.smoke\ndef test_main():\n    pass\n")
+    return repo
+
+
+@pytest.mark.parametrize("case", ["passing", "failing", "skipped"])
+def test_faesm_job_counts_and_fails_the_run(faesm_job_repo, case):
+    repo = faesm_job_repo
+    test_file = repo / "recipes" / "esm2_fa" / "tests" / "test_faesm.py"
+    test_file.write_text("import pytest\n\npytestmark = pytest.mark.faesm\n\n\n" + FAESM_TESTS[case])
     bin_dir = str(Path(sys.executable).parent)  # the faesm job runs in this same venv here
     result = subprocess.run(
         ["bash", str(repo / "ci" / "run_tests.sh"), bin_dir, "esm2_fa"],
@@ -132,8 +141,9 @@ def test_faesm_job_counts_and_fails_the_run(tmp_path, case):
     total = result.stdout.strip().splitlines()[-2:]
     if case == "passing":
         assert result.returncode == 0, result.stdout
-        # in-tree 2 (this stand-in does not skip its faesm test in the main venv), the faesm job 1, the export 2
-        assert total[0] == "tests: 5 passed, 0 failed, 0 skipped" and total[1] == "all suites passed"
+        # in-tree 2 (this stand-in does not skip its faesm test in the main venv), the faesm job 1, the export's
+        # smoke test 1
+        assert total[0] == "tests: 4 passed, 0 failed, 0 skipped" and total[1] == "all suites passed"
     else:
         assert result.returncode == 1, result.stdout
         expected = {"failing": "esm2_fa-faesm", "skipped": "esm2_fa-faesm-vacuous"}[case]
