@@ -13,13 +13,13 @@ from typing import Any
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "checkpoint": ("CheckpointError", "CheckpointState", "latest_checkpoint", "load_checkpoint", "save_checkpoint",
-                   "verify_checkpoint"),
+    "checkpoint": ("CheckpointError", "CheckpointState", "latest_checkpoint", "load_checkpoint", "peek_checkpoint",
+                   "save_checkpoint", "verify_checkpoint"),
     "config": ("load_config", "rename_keys", "rename_overrides"),
     "distributed": ("DistributedContext", "all_reduce_max", "all_reduce_mean", "barrier", "is_main_process",
-                    "seed_everything", "setup_distributed", "teardown_distributed"),
+                    "read_launch_env", "seed_everything", "setup_distributed", "teardown_distributed"),
     "export": ("export_safetensors", "unwrap_model"),
-    "files": ("WriteError", "atomic_dir", "atomic_write", "atomic_write_json"),
+    "files": ("WriteError", "atomic_dir", "atomic_write", "atomic_write_json", "describe_write_error"),
     "logging_utils": ("MetricsWriter", "ThroughputMeter", "get_logger", "interleaved_medians", "peak_memory",
                       "plot_loss_curve", "read_metrics"),
     "preemption": ("PreemptionHandler",),

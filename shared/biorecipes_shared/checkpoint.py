@@ -20,6 +20,7 @@ from __future__ import annotations
 import random
 import shutil
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ __all__ = [
     "export_safetensors",
     "latest_checkpoint",
     "load_checkpoint",
+    "peek_checkpoint",
     "publish",
     "save_checkpoint",
     "write_manifest",
@@ -152,7 +154,13 @@ def _raise_if_any_rank_failed(error: BaseException | None, tmp_dir: Path, rank: 
 
 
 def _finish_save(
-    tmp_dir: Path, final_dir: Path, step: int, world_size: int, rank: int, keep_last_k: int, sharded: bool
+    tmp_dir: Path,
+    final_dir: Path,
+    step: int,
+    world_size: int,
+    rank: int,
+    keep: tuple[int, Iterable[int]],
+    sharded: bool,
 ) -> Path:
     barrier()
     error = None
@@ -164,7 +172,7 @@ def _finish_save(
             error = err
     _raise_if_any_rank_failed(error, tmp_dir, rank)
     if rank == 0:
-        rotate_checkpoints(final_dir.parent, keep_last_k, final_dir)
+        rotate_checkpoints(final_dir.parent, keep[0], final_dir, keep[1])
     barrier()
     return final_dir
 
@@ -191,9 +199,11 @@ def save_checkpoint(
     extra: dict | None = None,
     keep_last_k: int = 2,
     sharded: bool = False,
+    keep_steps: Iterable[int] = (),
 ) -> Path:
     """Save a complete, resumable checkpoint as `checkpoint_dir/step_{step:08d}`; every rank must call it.
 
+    Rotation keeps the newest `keep_last_k` (0: all) and, outside that count, the checkpoints of `keep_steps`.
     sharded=True (FSDP2): model and optimizer through torch.distributed.checkpoint, each rank its shards.
     Raises CheckpointWriteError (one line: path and cause, e.g. a full disk) after removing the temp dir; earlier
     checkpoints are untouched.
@@ -212,7 +222,7 @@ def save_checkpoint(
     except Exception as err:  # full disk: OSError, torch's RuntimeError, safetensors' own SafetensorError
         error = err
     _raise_if_any_rank_failed(error, tmp_dir, rank)
-    return _finish_save(tmp_dir, final_dir, step, world_size, rank, keep_last_k, sharded=sharded)
+    return _finish_save(tmp_dir, final_dir, step, world_size, rank, (keep_last_k, keep_steps), sharded=sharded)
 
 
 def _load_weights_only(path: Path, map_location) -> Any:
@@ -267,6 +277,23 @@ def _load_common(
     rank_state = _load_weights_only(rank_file, "cpu")
     if own:  # another rank's RNG streams would duplicate that rank's dropout and masking: keep this rank's seeds
         _restore_rank_state(rank_state, generators, restore_rng)
+    return CheckpointState(
+        step=int(training_state["step"]),
+        path=path,
+        data_state=rank_state["data_state"],
+        extra=training_state.get("extra") or {},
+        world_size=saved_world_size,
+    )
+
+
+def peek_checkpoint(path: str | Path) -> CheckpointState:
+    """What `load_checkpoint` would hand back (step, this rank's data state, extra, world size), restoring nothing:
+    for checks against the current settings before a model is built. Raises CheckpointError (one line)."""
+    path = Path(path)
+    manifest = verify_checkpoint(path)
+    training_state = _load_weights_only(path / "training_state.pt", "cpu")
+    saved_world_size = int(manifest.get("world_size", 1))
+    rank_state = _load_weights_only(_rank_file(path, saved_world_size)[0], "cpu")
     return CheckpointState(
         step=int(training_state["step"]),
         path=path,

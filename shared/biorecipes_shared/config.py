@@ -62,11 +62,27 @@ def _one_line(err: Exception) -> str:
     return f"{key}: {message}" if key and key not in message else message
 
 
+def _replace_mappings(base: Any, layer: Any) -> None:
+    """A mapping-valued setting (a `dict[str, X]` field, not a section) that a layer gives replaces the default
+    mapping instead of adding keys to it (OmegaConf's merge would union them); sections still merge key by key."""
+    from omegaconf import DictConfig, OmegaConf
+
+    for key in list(layer.keys()):
+        node = base._get_node(key) if key in base else None
+        if not isinstance(node, DictConfig) or not OmegaConf.is_dict(layer[key]):
+            continue
+        if OmegaConf.get_type(node) is dict:
+            base[key] = layer.pop(key)
+        else:
+            _replace_mappings(node, layer[key])
+
+
 def _merge(base: Any, layer: Any, where: str) -> Any:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     try:
+        _replace_mappings(base, layer)
         return OmegaConf.merge(base, layer)
     except OmegaConfBaseException as err:
         raise ConfigError(f"{where}: {_one_line(err)}") from None

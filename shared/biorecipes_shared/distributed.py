@@ -1,4 +1,9 @@
-"""One call to set up a training process under torchrun, SLURM srun or plain python."""
+"""One call to set up a training process under torchrun, SLURM srun or plain python.
+
+torch is imported inside the functions that build things: the queries (`is_main_process`, `barrier`, …) answer
+from `sys.modules`, because a process that never imported torch has no process group. So tools that only use the
+run contract (preprocessing, the run-folder lock) start without torch's seconds of import.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,12 @@ import random
 import re
 import sys
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
-import torch
-import torch.distributed as dist
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,8 @@ def read_launch_env(environ: dict[str, str] | None = None) -> tuple[int, int, in
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and CUDA) with one value."""
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -83,6 +91,9 @@ def setup_distributed(
     seed: int | None = 0, backend: str | None = None, timeout_minutes: int = 30
 ) -> DistributedContext:
     """Initialise the process group when launched on several processes, pick the device and seed per rank."""
+    import torch
+    import torch.distributed as dist
+
     rank, local_rank, world_size = read_launch_env()
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -105,21 +116,32 @@ def setup_distributed(
     return DistributedContext(rank, local_rank, world_size, device, chosen_backend)
 
 
+def _process_group():
+    """torch.distributed when this process has a live process group, else None (without importing torch)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
 def is_main_process() -> bool:
     """True on rank 0, and in a process that is not part of a process group."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    dist = _process_group()
+    return dist is None or dist.get_rank() == 0
 
 
 def barrier() -> None:
     """Wait for every rank; a no-op without a process group."""
-    if dist.is_available() and dist.is_initialized():
+    dist = _process_group()
+    if dist is not None:
         dist.barrier()
 
 
 def all_reduce_mean(value: float | torch.Tensor) -> float | torch.Tensor:
     """Mean of a number or tensor over all ranks (returned as the same kind); identity without a process group."""
-    if not (dist.is_available() and dist.is_initialized()):
+    dist = _process_group()
+    if dist is None:
         return value
+    import torch
+
     is_tensor = isinstance(value, torch.Tensor)
     # gloo reduces CPU tensors, nccl CUDA ones.
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -133,8 +155,11 @@ def all_reduce_mean(value: float | torch.Tensor) -> float | torch.Tensor:
 
 def all_reduce_max(value: float) -> float:
     """Max of a number over all ranks; identity without a process group."""
-    if not (dist.is_available() and dist.is_initialized()):
+    dist = _process_group()
+    if dist is None:
         return value
+    import torch
+
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     tensor = torch.tensor(float(value), dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
@@ -147,7 +172,8 @@ _process_group_used = False  # set by teardown_distributed; read by process_grou
 def teardown_distributed() -> None:
     """Destroy the process group if one exists (safe to call twice)."""
     global _process_group_used
-    if dist.is_available() and dist.is_initialized():
+    dist = _process_group()
+    if dist is not None:
         _process_group_used = True
         dist.barrier()
         dist.destroy_process_group()
@@ -155,7 +181,7 @@ def teardown_distributed() -> None:
 
 def process_group_was_used() -> bool:
     """True once this process has run a process group (torn down or not)."""
-    return _process_group_used or (dist.is_available() and dist.is_initialized())
+    return _process_group_used or _process_group() is not None
 
 
 def exit_process(code: int) -> NoReturn:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from . import stop_signals
-from .checkpoint import CheckpointError, clean_incomplete, latest_checkpoint, verify_checkpoint
+from .checkpoint_files import CheckpointError, clean_incomplete, latest_checkpoint, verify_checkpoint
 from .distributed import barrier, exit_process, is_main_process, process_group_was_used
 from .files import WriteError, atomic_write_json
 from .run_lock import RunFolderBusy, hold_run_folder, release_run_folders

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointState, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointState, load_checkpoint, peek_checkpoint, save_checkpoint
 from .distributed import barrier, is_main_process
 from .logging_utils import plot_loss_curve
 from .preemption import PreemptionHandler
@@ -45,6 +45,7 @@ class _Parts:
     scaler: Any = None
     data_state: Callable[[], Any] | None = None
     extra: Callable[[], dict] | None = None
+    keep: Callable[[], list[int]] | None = None
     generators: dict[str, torch.Generator] = field(default_factory=dict)
 
 
@@ -54,7 +55,8 @@ class TrainingRun:
     max_steps: the step the run ends at; save_every: checkpoint interval in steps (0: only at the end and on a stop
     signal); keep_last: checkpoints kept; resume: "auto" | "none" | a checkpoint path; data_position: "global" (the
     data state is a job-wide position: another world size continues) or "per_rank" (refused in one line);
-    sharded: FSDP2 checkpoints through torch.distributed.checkpoint.
+    sharded: FSDP2 checkpoints through torch.distributed.checkpoint; strict=False: resume tolerates weights the
+    model lacks or does not hold (buffers a model rebuilds itself), never a shape mismatch.
     """
 
     def __init__(
@@ -66,10 +68,12 @@ class TrainingRun:
         resume: Any = "auto",
         data_position: str = "global",
         sharded: bool = False,
+        strict: bool = True,
     ) -> None:
         self.layout = RunLayout(output_dir)
         self.max_steps, self.save_every, self.keep_last = int(max_steps), int(save_every), int(keep_last)
-        self.resume_choice, self.data_position, self.sharded = resume, data_position, sharded
+        self.resume_choice, self.data_position, self.sharded, self.strict = resume, data_position, sharded, strict
+        self._resolved: tuple[Path | None] | None = None  # the checkpoint resume() loads, once chosen
         self.step = 0
         self.stopped = False  # a stop signal reached every rank: the run saved and ends without finishing
         self.preemption = PreemptionHandler()
@@ -90,21 +94,34 @@ class TrainingRun:
         data_state: Callable[[], Any] | None = None,
         extra: Callable[[], dict] | None = None,
         generators: dict[str, torch.Generator] | None = None,
+        keep: Callable[[], list[int]] | None = None,
     ) -> None:
         """What a checkpoint holds. `data_state()` / `extra()` are called at each save, so they see the loop's
-        current position; generators are saved and restored in place (the sampler's, the loader's, the model's)."""
-        self._parts = _Parts(model, optimizer, scheduler, scaler, data_state, extra, dict(generators or {}))
+        current position; generators are saved and restored in place (the sampler's, the loader's, the model's).
+        `keep()` names steps rotation must not remove (e.g. the best checkpoint so far)."""
+        self._parts = _Parts(model, optimizer, scheduler, scaler, data_state, extra, keep, dict(generators or {}))
+
+    def _checkpoint_to_resume(self) -> Path | None:
+        if self._resolved is None:
+            self._resolved = (resolve_resume(self.resume_choice, self.layout.checkpoints),)
+        return self._resolved[0]
+
+    def peek(self) -> CheckpointState | None:
+        """The checkpoint `resume()` will load (taking the run folder first), read without restoring anything, so a
+        recipe can check it against its settings before building the model; None for a fresh start."""
+        path = self._checkpoint_to_resume()
+        return None if path is None else peek_checkpoint(path)
 
     def resume(self, map_location: str | torch.device = "cpu") -> CheckpointState | None:
         """Take the run folder (one live run per folder), then restore the newest valid checkpoint into the
         registered parts; None for a fresh start. Raises CheckpointError / RunFolderBusy as one line."""
-        path = resolve_resume(self.resume_choice, self.layout.checkpoints)
+        path = self._checkpoint_to_resume()
         if path is None:
             return None
         parts = self._parts
         state = load_checkpoint(
             path, parts.model, parts.optimizer, parts.scheduler, parts.scaler, generators=parts.generators,
-            map_location=map_location, data_position=self.data_position,
+            map_location=map_location, data_position=self.data_position, strict=self.strict,
         )  # fmt: skip
         self.step = state.step
         return state
@@ -131,6 +148,7 @@ class TrainingRun:
             self.layout.checkpoints, step, parts.model, parts.optimizer, parts.scheduler, parts.scaler,
             data_state=parts.data_state() if parts.data_state else None, generators=parts.generators,
             extra=parts.extra() if parts.extra else None, keep_last_k=self.keep_last, sharded=self.sharded,
+            keep_steps=parts.keep() if parts.keep else (),
         )  # fmt: skip
 
     def finish(self, export: Callable[[Path], Any] | None = None, reason: str = "max steps reached", **record) -> bool:

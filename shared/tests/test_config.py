@@ -18,6 +18,7 @@ class Train:
 class Settings:
     train: Train = field(default_factory=Train)
     seed: int = 0
+    weights: dict[str, float] = field(default_factory=lambda: {"a": 1.0, "b": 2.0})
 
 
 RENAMED = {"train.num_steps": "train.max_steps"}
@@ -65,3 +66,13 @@ def test_bad_settings_are_one_line(tmp_path, yaml_text, overrides, expected):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml: no such config file"):
         load_config(Settings, tmp_path / "nope.yaml")
+
+
+def test_a_mapping_setting_is_replaced_not_merged(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("weights:\n  c: 3\ntrain:\n  lr: 0.1\n")
+    cfg = load_config(Settings, path)
+    assert cfg.weights == {"c": 3.0} and cfg.train.max_steps == 10 and cfg.train.lr == 0.1
+    assert load_config(Settings, path, ["weights={d: 4}"]).weights == {"d": 4.0}
+    with pytest.raises(ConfigError, match="weights.c"):
+        load_config(Settings, None, ["weights={c: x}"])

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-from biorecipes_shared import stop_signals
+from biorecipes_shared import CheckpointError, stop_signals
 from biorecipes_shared.logging_utils import MetricsWriter
 from biorecipes_shared.training_run import TrainingRun
 
@@ -72,3 +73,42 @@ def test_a_stopped_run_does_not_finish(tmp_path):
     run.stopped = True
     assert not run.finish(export=lambda folder: (_ for _ in ()).throw(AssertionError("exported")))
     assert not (tmp_path / "run_finished.json").exists()
+
+
+def test_rotation_keeps_the_steps_the_recipe_names_and_peek_restores_nothing(tmp_path):
+    model, optimizer = parts()
+    best = {"step": 2}
+    run = TrainingRun(tmp_path, max_steps=10, save_every=2, keep_last=1)
+    run.register(model, optimizer, data_state=lambda: {"seen": run.step}, keep=lambda: [best["step"]])
+    run.resume()
+    for step in (2, 4, 6):
+        run.should_save(step)
+        run.save(step)
+    assert sorted(p.name for p in run.layout.checkpoints.glob("step_*")) == ["step_00000002", "step_00000006"]
+
+    other_model, _ = parts(seed=1)
+    before = {k: v.clone() for k, v in other_model.state_dict().items()}
+    again = TrainingRun(tmp_path, max_steps=10, save_every=2, keep_last=1)
+    again.register(other_model)
+    peeked = again.peek()
+    assert (peeked.step, peeked.data_state) == (6, {"seen": 6})
+    assert all(torch.equal(before[k], v) for k, v in other_model.state_dict().items())  # nothing restored yet
+    assert again.resume().path == peeked.path and again.step == 6
+
+
+def test_strict_false_tolerates_a_buffer_the_model_rebuilds(tmp_path):
+    model, optimizer = parts()
+    model.register_buffer("inv_freq", torch.ones(2))
+    run = TrainingRun(tmp_path, max_steps=2)
+    run.register(model, optimizer)
+    run.resume()
+    run.should_save(2)
+    run.save(2)
+    plain, _ = parts(seed=1)  # no inv_freq buffer
+    strict = TrainingRun(tmp_path, max_steps=4)
+    strict.register(plain)
+    with pytest.raises(CheckpointError, match="unexpected \\['inv_freq'\\]"):
+        strict.resume()
+    lenient = TrainingRun(tmp_path, max_steps=4, strict=False)
+    lenient.register(plain)
+    assert lenient.resume().step == 2 and torch.equal(plain.weight, model.weight)
