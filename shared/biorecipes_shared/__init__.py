@@ -19,6 +19,7 @@ _PUBLIC = {
     "distributed": ("DistributedContext", "all_reduce_max", "all_reduce_mean", "barrier", "is_main_process",
                     "read_launch_env", "seed_everything", "setup_distributed", "teardown_distributed"),
     "export": ("export_safetensors", "unwrap_model"),
+    "fsdp_checkpoint": ("gather_full_state_dict",),
     "files": ("WriteError", "atomic_dir", "atomic_write", "atomic_write_json", "describe_write_error"),
     "logging_utils": ("MetricsWriter", "ThroughputMeter", "get_logger", "interleaved_medians", "peak_memory",
                       "plot_loss_curve", "read_metrics"),

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from .checkpoint import CheckpointState, load_checkpoint, peek_checkpoint, save_checkpoint
-from .distributed import barrier, is_main_process
+from .distributed import barrier, is_main_process, read_launch_env
 from .logging_utils import plot_loss_curve
 from .preemption import PreemptionHandler
 from .run import RunLayout, finished_message, finished_run, mark_finished, resolve_resume
@@ -84,6 +84,14 @@ class TrainingRun:
         record = finished_run(self.layout, self.max_steps)
         return finished_message(self.layout, record) if record else None
 
+    def report_finished(self) -> bool:
+        """True when the run is already finished; rank 0 of the launch (known before any process group exists)
+        has then printed the rerun line, so a rerun under torchrun prints it once."""
+        message = self.finished_message()
+        if message and read_launch_env()[0] == 0:
+            print(message, flush=True)
+        return message is not None
+
     def register(
         self,
         model: torch.nn.Module,
@@ -133,10 +141,16 @@ class TrainingRun:
     def __exit__(self, *exc_info) -> None:
         self.preemption.__exit__(*exc_info)
 
+    def stop_requested(self) -> bool:
+        """Whether a stop signal arrived on any rank (a collective: every rank calls it), e.g. during imports or
+        set-up, before the first step; once true, `finish()` does nothing and the checkpoint is the state."""
+        self.stopped = self.stopped or self.preemption.should_stop()
+        return self.stopped
+
     def should_save(self, step: int) -> bool:
         """True at the interval, at the last step, and (on every rank alike) once a stop signal arrived anywhere."""
         self.step = step
-        self.stopped = self.stopped or self.preemption.should_stop()
+        self.stop_requested()
         on_interval = self.save_every > 0 and step % self.save_every == 0
         return self.stopped or step >= self.max_steps or on_interval
 

@@ -29,6 +29,11 @@ def test_it_saves_on_the_interval_at_the_last_step_and_on_a_stop_signal(tmp_path
         stop_signals._handle(15, None)  # what SIGTERM does
         assert run.should_save(2) and run.stopped
     assert not stop_signals.requested()  # acted on: a later run in this process starts unflagged
+    run = TrainingRun(tmp_path, max_steps=10, save_every=4)
+    with run:
+        assert not run.stop_requested()
+        stop_signals._handle(15, None)  # during set-up, before the first step
+        assert run.stop_requested() and run.stopped and not run.finish()
 
 
 def test_resume_restores_the_registered_parts_and_the_data_position(tmp_path):
@@ -50,7 +55,7 @@ def test_resume_restores_the_registered_parts_and_the_data_position(tmp_path):
     assert all(torch.equal(saved[k], v) for k, v in other_model.state_dict().items())
 
 
-def test_finish_exports_plots_and_marks_a_run_that_is_then_finished(tmp_path):
+def test_finish_exports_plots_and_marks_a_run_that_is_then_finished(tmp_path, capsys):
     model, optimizer = parts()
     run = TrainingRun(tmp_path, max_steps=3)
     run.register(model, optimizer)
@@ -58,6 +63,7 @@ def test_finish_exports_plots_and_marks_a_run_that_is_then_finished(tmp_path):
     with MetricsWriter(tmp_path, None) as metrics:
         for step in (1, 2, 3):
             metrics.log(step, loss=1.0 / step)
+    assert not run.report_finished()
     run.should_save(3)
     exported = []
     assert run.finish(export=lambda folder: exported.append(folder))
@@ -65,6 +71,7 @@ def test_finish_exports_plots_and_marks_a_run_that_is_then_finished(tmp_path):
     assert (tmp_path / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     message = TrainingRun(tmp_path, max_steps=3).finished_message()
     assert message and "already finished at step 3" in message
+    assert TrainingRun(tmp_path, max_steps=3).report_finished() and message in capsys.readouterr().out
     assert TrainingRun(tmp_path, max_steps=6).finished_message() is None  # more steps asked: it continues
 
 
