@@ -89,13 +89,9 @@ def throughput(ctx: Context) -> tuple[str, dict]:
 def train(ctx: Context) -> tuple[str, dict]:
     per_epoch = ctx.sizes["train"]["steps_per_epoch"]
 
-    def command(run_dir: Path) -> list[str]:  # --resume auto is the default
-        argv = ["train.py", "--data_dir", "sample_data", "--output_dir", str(run_dir)]
-        argv += ["--species_distribution", "arabidopsis_thaliana=1.0,arabidopsis_lyrata=0.8,arabidopsis_arenosa=0.6"]
-        argv += ["--d_model", "128", "--n_heads", "4", "--n_layers", "2", "--dropout", "0.0", "--batch_size", "16"]
-        argv += ["--accumulation_steps", "1", "--context_size", "64", "--learning_rate", "2e-3", "--n_epochs", "2"]
-        argv += ["--warmup_steps", str(max(1, per_epoch // 3)), "--steps_per_epoch", str(per_epoch)]
-        return argv + ["--global_context", "20000", "--memory_normalize_every", "50"]
+    def command(run_dir: Path) -> list[str]:  # the sample's settings; --resume auto is the default
+        argv = ["train.py", "--config", "configs/sample.yaml", "--output_dir", str(run_dir)]
+        return argv + ["--warmup_steps", str(max(1, per_epoch // 3)), "--steps_per_epoch", str(per_epoch)]
 
     spec = TrainSpec(full=command)
     return train_and_resume(ctx, spec, timeout=ctx.sizes["budget_s"])

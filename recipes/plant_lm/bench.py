@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import bench_scale
-from biorecipes_shared.logging_utils import interleaved_medians
+from biorecipes_shared import interleaved_medians
 from data import tokenize
 from model import VOCAB_SIZE, PlantLM, blocked_local_attention, dense_local_attention
 

@@ -25,10 +25,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from biorecipes_shared.files import atomic_write
-from biorecipes_shared.run import ConfigError, RunError, check_settings, run_cli
+from biorecipes_shared import ConfigError, RunError, atomic_write, check_settings, run_cli
 from data import BASE_CODES, INVALID, KMER, PlantDataError, kmer_ids, stream_chunks, window_stride
-from exports import load_export
+from export import load_export
 
 
 def token_runs(chunk: bytes) -> Iterator[tuple[int, np.ndarray]]:

@@ -87,6 +87,7 @@ def stream_windows(stream: SpeciesStream, n: int, start: int = 0):
     return [next(it).tolist() for _ in range(n)]
 
 
+@pytest.mark.smoke
 def test_overlapping_windows_and_targets(tmp_path):
     seq = random_dna(6 * 100, 7) + "N" + random_dna(6 * 40, 8)
     path = write_fasta(tmp_path / "sp" / "x.fa", {"x": seq})

@@ -10,10 +10,10 @@ import torch
 from conftest import random_dna, write_fasta
 
 import embed
+from config import Config
 from data import tokenize
-from exports import load_export, write_export
+from export import load_export, write_export
 from model import PlantLM
-from settings import Config
 
 
 @pytest.fixture
@@ -64,6 +64,7 @@ def test_window_starts_cover_every_token():
     assert embed.window_starts(30, 12, 6) == [0, 6, 12, 18]
 
 
+@pytest.mark.smoke
 def test_embed_ids_locate_each_window_and_padding_is_never_pooled(fasta, export, tmp_path, capsys):
     out = tmp_path / "emb" / "x"
     assert embed.main([str(fasta), "--model", str(export), "--out", str(out), "--batch_size", "4"]) == 0

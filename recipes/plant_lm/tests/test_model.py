@@ -50,6 +50,7 @@ def fill_memory(model: PlantLM, buckets: int = 2000) -> None:
     model.memory.counts[:buckets] = torch.rand(buckets) + 0.5
 
 
+@pytest.mark.smoke
 def test_model_is_causal():
     model = tiny_model()
     fill_memory(model)

@@ -11,11 +11,11 @@ import threading
 import time
 from pathlib import Path
 
-from test_train import RECIPE_DIR, assert_same_weights, cli_args, losses_of, tiny_config
+import pytest
+from conftest import RECIPE_DIR, assert_same_weights, cli_args, losses_of, tiny_config
 
 import train as train_module
-from biorecipes_shared import stop_signals
-from biorecipes_shared.checkpoint import verify_checkpoint
+from biorecipes_shared import stop_signals, verify_checkpoint
 from biorecipes_shared.testing import child_env, run_command
 from train import train
 
@@ -71,20 +71,21 @@ def test_sigterm_during_imports_and_set_up_exits_0_without_training(data_dir, tm
     assert not (tmp_path / "run" / "final_model").exists() and "Traceback" not in err
 
 
+@pytest.mark.smoke
 def test_signal_during_set_up_of_a_resumed_run_stops_at_the_first_check(data_dir, tmp_path, monkeypatch):
-    """In process: the signal arrives inside set_up (checkpoint loaded, model built); the loop's check before its
+    """In process: the signal arrives inside build_run (checkpoint loaded, model built); the loop's check before its
     first step stops the run, the checkpoint it resumed from stays the newest, and the rerun finishes as usual."""
     stop_signals.install()  # as `python train.py` starts (an earlier run_cli in this process ignores the signals)
     cfg = tiny_config(data_dir, tmp_path / "run", n_epochs=2, steps_per_epoch=1)
     train(tiny_config(data_dir, tmp_path / "run", n_epochs=1, steps_per_epoch=1))  # step_1; more epochs continue it
-    original_set_up = train_module.set_up
+    original_build_run = train_module.build_run
 
-    def set_up_then_signal(*args):
-        run = original_set_up(*args)
+    def build_run_then_signal(*args):
+        built = original_build_run(*args)
         os.kill(os.getpid(), signal.SIGTERM)
-        return run
+        return built
 
-    monkeypatch.setattr(train_module, "set_up", set_up_then_signal)
+    monkeypatch.setattr(train_module, "build_run", build_run_then_signal)
     stopped = train(cfg)
     monkeypatch.undo()
     assert stopped["losses"] == [] and stopped["step"] == 1 and not stopped["finished"]

@@ -10,12 +10,13 @@ import signal
 
 import pytest
 import torch
+from conftest import assert_same_weights, tiny_config
 from safetensors.torch import load_file
-from test_train import assert_same_weights, tiny_config
 from torch.utils.checkpoint import checkpoint
 
 import model as model_module
 import train as train_module
+from biorecipes_shared import ThroughputMeter
 from model import PlantLM
 from train import train
 
@@ -99,9 +100,9 @@ def stop_after_step(monkeypatch, step: int):
     """A real SIGUSR1 (as SLURM sends) right after `step` is logged: the run saves there and stops."""
     original = train_module.log_step
 
-    def log_then_signal(*args):
-        original(*args)
-        if args[4] == step:
+    def log_then_signal(run, state, *args):
+        original(run, state, *args)
+        if state.step == step:
             os.kill(os.getpid(), signal.SIGUSR1)
 
     monkeypatch.setattr(train_module, "log_step", log_then_signal)
@@ -143,12 +144,13 @@ def test_training_with_activation_checkpointing_is_the_same_run_and_logs_real_to
     batches (windows are whole: no padding, fraction 1)."""
     updates = []
 
-    class RecordingMeter(train_module.ThroughputMeter):
-        def update(self, samples=0, tokens=0, positions=None):
-            updates.append((samples, tokens, positions))
-            super().update(samples, tokens, positions)
+    update = ThroughputMeter.update
 
-    monkeypatch.setattr(train_module, "ThroughputMeter", RecordingMeter)
+    def recording_update(self, samples=0, tokens=0, positions=None):
+        updates.append((samples, tokens, positions))
+        update(self, samples, tokens, positions)
+
+    monkeypatch.setattr(ThroughputMeter, "update", recording_update)
     recomputed_blocks = []
 
     def counting_checkpoint(function, *args, **kwargs):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,18 +98,16 @@ def test_fingerprint_recorded_checked_and_old_runs_warned(tmp_path, data_dir, ca
     assert data_fingerprint(["b", "a"], 8, 0.5, 10_000)["species_ids"] == {"a": 0, "b": 1}
 
 
-def test_training_resume_refuses_other_data_settings(data_dir, tmp_path, capsys):
-    from test_train import tiny_config
+def test_training_resume_refuses_other_data_settings(straight_run, capsys):
+    from train import main
 
-    from train import main, train
-
-    out = tmp_path / "run"
-    train(tiny_config(data_dir, out, n_epochs=1))
+    cfg, _ = straight_run
+    out = Path(cfg.output_dir)
     recorded = json.loads((out / "data_fingerprint.json").read_text())
     assert recorded["window_tokens"] == 17 and recorded["species_ids"] == {"arabidopsis": 0, "oryza_sativa": 1}
-    args = ["--data_dir", str(data_dir), "--output_dir", str(out), "--d_model", "32", "--n_heads", "4"]
+    args = ["--data_dir", cfg.data_dir, "--output_dir", str(out), "--d_model", "32", "--n_heads", "4"]
     args += ["--n_layers", "1", "--batch_size", "4", "--context_size", "16", "--steps_per_epoch", "3"]
-    args += ["--n_epochs", "2", "--species_distribution", "", "--overlap_ratio", "0.25"]
+    args += ["--n_epochs", "3", "--species_distribution", "", "--overlap_ratio", "0.25"]
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: {out / 'data_fingerprint.json'}: the checkpoints were trained on other data")

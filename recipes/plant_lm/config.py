@@ -1,5 +1,9 @@
-"""The training settings: `Config` (every field is a command-line flag of the same name) and every check of them,
-in one place (`check_config`), run before anything is read or written."""
+"""The training settings: `Config`, the typed schema (every field is a `--field value` flag, a YAML key and a
+`field=value` override of the same name), `load` (defaults < `--config FILE` < flags and overrides, in the order
+given) and every check of them in `validate`, run before anything is read or written.
+
+    python train.py --config configs/sample.yaml --output_dir outputs/run --n_epochs 3 learning_rate=1e-3
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,15 @@ import argparse
 import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from biorecipes_shared.run import ConfigError, check_settings
+from biorecipes_shared import ConfigError, check_settings, load_config
 from data import parse_distribution
+
+# Deprecated names (flags, YAML keys, overrides) -> today's; each use prints a one-line note.
+RENAMED = {"keep_checkpoints": "keep_last", "save_every_steps": "save_every"}
 
 
 class TrainingSetupError(ConfigError):
@@ -58,8 +66,8 @@ class Config:
     output_dir: str = "."
     resume: str = "auto"  # auto (newest valid checkpoints/step_N, else fresh) | none | a checkpoint path
     init_from: str = ""  # a final_model/ export of this recipe to start from (same species and model shape)
-    keep_checkpoints: int = 3  # newest N checkpoints (and dna_model/ epoch files) kept; 0 keeps all
-    save_every_steps: int = 0  # also save mid-epoch every N steps (0: at epoch ends and on SIGTERM/SIGUSR1 only)
+    keep_last: int = 3  # newest N checkpoints (and dna_model/ epoch files) kept; 0 keeps all
+    save_every: int = 0  # also save mid-epoch every N steps (0: at epoch ends and on SIGTERM/SIGUSR1 only)
     wandb: bool = False
     wandb_project: str = "plant_lm"
     num_threads: int = 0  # torch CPU threads; 0 = torch default
@@ -69,22 +77,49 @@ class Config:
     compile: bool = False
     activation_checkpointing: bool = False  # recompute each block in backward: less activation memory, more time
 
+    @property
+    def max_steps(self) -> int:
+        """The optimizer step the run ends at: n_epochs x steps_per_epoch (computed here only)."""
+        return self.n_epochs * self.steps_per_epoch
 
-def parse_config(argv: list[str] | None = None) -> Config:
-    """Build a Config from `--field value` flags (dict fields as name=weight,name=weight)."""
+
+def build_parser() -> argparse.ArgumentParser:
+    """`--config FILE`, one `--field VALUE` flag per Config field (and per deprecated name), `field=value` overrides.
+    No flag has a default: the defaults are the dataclass's."""
     parser = argparse.ArgumentParser(
-        description="Train the plant DNA language model (python train.py --help lists every flag)."
+        description="Train the plant DNA language model (python train.py --help lists every setting).",
+        epilog="species_distribution is written name=weight,name=weight ('' weights every species folder equally).",
     )
+    parser.add_argument("--config", type=Path, help="YAML file of settings (e.g. configs/sample.yaml)")
     for f in dataclasses.fields(Config):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if isinstance(default, bool):
-            kind = lambda text: text.lower() in ("1", "true", "yes", "on")  # noqa: E731
-        elif isinstance(default, dict):
-            kind = parse_distribution
-        else:
-            kind = type(default)
-        parser.add_argument(f"--{f.name}", type=kind, default=default, metavar=type(default).__name__.upper())
-    return Config(**vars(parser.parse_args(argv)))
+        parser.add_argument(f"--{f.name}", metavar="VALUE", default=argparse.SUPPRESS)
+    for old, new in RENAMED.items():
+        parser.add_argument(f"--{old}", metavar="VALUE", default=argparse.SUPPRESS, help=f"old name of --{new}")
+    parser.add_argument("overrides", nargs="*", metavar="FIELD=VALUE", help="settings as dotted overrides")
+    return parser
+
+
+def load(argv: list[str] | None = None) -> Config:
+    """The Config of a command line; ConfigError (one line) for an unknown setting, a wrong type or a bad file."""
+    args = vars(build_parser().parse_intermixed_args(argv))
+    config_file, positional = args.pop("config", None), args.pop("overrides")
+    # Flag values are quoted for YAML so that `--init_from ""` stays a string and `--resume none` stays 'none'.
+    overrides = [f"{name}='{str(value).replace(chr(39), chr(39) * 2)}'" for name, value in args.items()] + positional
+    # OmegaConf merges a mapping into the default mapping key by key; a species_distribution the user gives
+    # replaces the default one instead, so it is set after loading.
+    given = [item for item in overrides if item.partition("=")[0].strip() == "species_distribution"]
+    overrides = [item for item in overrides if item not in given]
+    cfg = load_config(Config, config_file, overrides, renamed=RENAMED)
+    if given:
+        text = given[-1].partition("=")[2].strip()
+        cfg.species_distribution = parse_distribution(text[1:-1].replace("''", "'") if text[:1] == "'" else text)
+    elif config_file is not None:
+        from omegaconf import OmegaConf
+
+        in_file = OmegaConf.load(config_file).get("species_distribution")  # read and type-checked by load_config
+        if in_file is not None:
+            cfg.species_distribution = {name: cfg.species_distribution[name] for name in in_file}
+    return cfg
 
 
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
@@ -98,13 +133,13 @@ def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if setting == "bf16" else torch.float16
 
 
-# (flag, rule) for biorecipes_shared.run.check_settings: counts must be >= 1 (0 divides by zero or trains nothing).
+# (flag, rule) for biorecipes_shared.check_settings: counts must be >= 1 (0 divides by zero or trains nothing).
 SETTING_RULES = (
     *((name, "count") for name in (
         "d_model", "n_heads", "n_layers", "local_attn_window", "global_context", "memory_normalize_every",
         "batch_size", "accumulation_steps", "n_epochs", "steps_per_epoch", "context_size", "chunk_size",
     )),
-    *((name, "count0") for name in ("warmup_steps", "keep_checkpoints", "save_every_steps", "num_threads")),
+    *((name, "count0") for name in ("warmup_steps", "keep_last", "save_every", "num_threads")),
     ("learning_rate", "non_negative"),  # 0 is a frozen run (e.g. to check that an --init_from export round-trips)
     ("weight_decay", "non_negative"),
     ("grad_clip", "positive"),
@@ -114,7 +149,7 @@ SETTING_RULES = (
 )  # fmt: skip
 
 
-def check_config(cfg: Config) -> None:
+def validate(cfg: Config) -> None:
     """Every settings check, before anything is read or written; ConfigError (one line naming the flag)."""
     check_settings((f"--{name}", getattr(cfg, name), rule) for name, rule in SETTING_RULES)
     check_settings(

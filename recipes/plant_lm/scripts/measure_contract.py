@@ -1,6 +1,6 @@
 """Measure the run contract from outside, like a user, on the bundled sample (not a test; run by hand):
 
-    cd recipes/plant_lm && python tests/measure_contract.py [--kills 15] [--tmpfs]   (--tmpfs needs root)
+    cd recipes/plant_lm && python scripts/measure_contract.py [--kills 15] [--tmpfs]   (--tmpfs needs root)
 
 Prints one line per check: kill -9 around saves (clean resumes / failures, final weights == uninterrupted),
 SIGTERM (exit code, identity), rerun of a finished run, resume with another world size, disk full (tmpfs).
@@ -56,7 +56,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="plant_contract_"))
     run_command(command(work / "reference"), cwd=RECIPE)
 
-    report = kill_around_saves(command(work / "killed", "--save_every_steps", "1"), work / "killed/checkpoints",
+    report = kill_around_saves(command(work / "killed", "--save_every", "1"), work / "killed/checkpoints",
                                kills=args.kills, cwd=RECIPE)  # fmt: skip
     print(f"kill -9 x{report.kills}: {report.clean_resumes} clean runs, failures {report.failures}, "
           f"final weights equal: {same_final(work / 'reference', work / 'killed')}")  # fmt: skip
@@ -92,7 +92,7 @@ def main() -> None:
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(disk)], check=True)
         try:
             for attempt in (1, 2):
-                result = run_command(command(disk / "run", "--save_every_steps", "5"), cwd=RECIPE, check=False)
+                result = run_command(command(disk / "run", "--save_every", "5"), cwd=RECIPE, check=False)
                 left = sorted(str(p.relative_to(disk)) for p in disk.rglob("*") if ".tmp" in p.name)
                 lines = result.stderr.strip().splitlines()
                 print(f"disk full run {attempt}: exit {result.returncode}, {len(lines)} stderr lines, last "

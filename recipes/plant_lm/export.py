@@ -1,20 +1,25 @@
-"""The exported model (`<output_dir>/final_model/`): what it records, reading it back, and `--init_from`.
+"""What a run writes for use outside training: the exported model (`<output_dir>/final_model/`: what it records,
+reading it back, `--init_from`) and the seed's per-epoch files (`<output_dir>/dna_model/model_epoch_N.pt`).
 
 `config.json` records what the weights depend on: the recipe, the k-mer size (6-mers: the vocabulary and the
 bucket memory), the species list (rows of the species embedding, in order) and the model config. `--init_from` and
 `embed.py` refuse an export whose record does not fit, in one line.
+
+The seed's users read `dna_model/model_epoch_N.pt` (a weights-only torch dict); it is written after every epoch,
+atomically, and is not used to resume (the shared checkpoints are).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from biorecipes_shared.checkpoint import export_safetensors
-from biorecipes_shared.run import RunError
+from biorecipes_shared import RunError, WriteError, atomic_write, export_safetensors
+from biorecipes_shared.files import describe_write_error
 from data import KMER
 from model import PlantLM
 
@@ -95,3 +100,33 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[P
     model = PlantLM(len(record["species"]), max_positions=record["context_size"], **record["model"])
     load_weights(path, model)
     return model.to(device).eval(), record
+
+
+def write_epoch_file(run, path: Path, epochs_done: int, step: int) -> None:
+    """The seed's `dna_model/model_epoch_N.pt` (rank 0 only) of a `run_state.Run`, written to a temporary name and
+    renamed; WriteError (one line) when it cannot be written."""
+    state = {
+        "model_state_dict": run.model.state_dict(),  # includes the bucket memory (memory.sums/counts/commits)
+        "optimizer_state_dict": run.optimizer.state_dict(),
+        "scheduler_state_dict": run.scheduler.state_dict(),
+        "epoch": epochs_done,
+        "step": step,
+        "config": dataclasses.asdict(run.cfg),
+        "species": list(run.mixture.species),
+        "data_positions": dict(run.mixture.positions),
+    }
+    try:
+        with atomic_write(path, "wb") as handle:
+            torch.save(state, handle)
+    except RuntimeError as err:  # torch's writer reports a full disk as RuntimeError("... iostream error")
+        if isinstance(err, WriteError):
+            raise
+        raise WriteError(describe_write_error(err, path)) from None
+
+
+def rotate_epoch_files(epoch_dir: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` epoch files (0 keeps all), as the checkpoints are rotated."""
+    if keep_last > 0:
+        files = sorted(epoch_dir.glob("model_epoch_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+        for old in files[:-keep_last]:
+            old.unlink(missing_ok=True)
