@@ -103,23 +103,26 @@ def load(argv: list[str] | None = None) -> Config:
     """The Config of a command line; ConfigError (one line) for an unknown setting, a wrong type or a bad file."""
     args = vars(build_parser().parse_intermixed_args(argv))
     config_file, positional = args.pop("config", None), args.pop("overrides")
-    # Flag values are quoted for YAML so that `--init_from ""` stays a string and `--resume none` stays 'none'.
-    overrides = [f"{name}='{str(value).replace(chr(39), chr(39) * 2)}'" for name, value in args.items()] + positional
-    # OmegaConf merges a mapping into the default mapping key by key; a species_distribution the user gives
-    # replaces the default one instead, so it is set after loading.
-    given = [item for item in overrides if item.partition("=")[0].strip() == "species_distribution"]
-    overrides = [item for item in overrides if item not in given]
-    cfg = load_config(Config, config_file, overrides, renamed=RENAMED)
-    if given:
-        text = given[-1].partition("=")[2].strip()
-        cfg.species_distribution = parse_distribution(text[1:-1].replace("''", "'") if text[:1] == "'" else text)
-    elif config_file is not None:
-        from omegaconf import OmegaConf
+    overrides = [flag_override(name, value) for name, value in args.items()]
+    for item in positional:
+        key, _, value = item.partition("=")
+        seed_form = key.strip() == "species_distribution" and not value.strip().startswith("{")
+        overrides.append(distribution_override(value) if seed_form else item)
+    return load_config(Config, config_file, overrides, renamed=RENAMED)
 
-        in_file = OmegaConf.load(config_file).get("species_distribution")  # read and type-checked by load_config
-        if in_file is not None:
-            cfg.species_distribution = {name: cfg.species_distribution[name] for name in in_file}
-    return cfg
+
+def flag_override(name: str, value: str) -> str:
+    """`--name value` as the override `name=value`, quoted for YAML so that `--init_from ""` stays a string and
+    `--resume none` stays 'none'."""
+    if name == "species_distribution":
+        return distribution_override(value)
+    return f"{name}='{value.replace(chr(39), chr(39) * 2)}'"
+
+
+def distribution_override(text: str) -> str:
+    """The seed's `name=weight,name=weight` ('' = every species folder alike) as a YAML mapping override."""
+    weights = parse_distribution(text)
+    return "species_distribution={" + ", ".join(f"'{name}': {weight!r}" for name, weight in weights.items()) + "}"
 
 
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:

@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from biorecipes_shared import RunError, WriteError, atomic_write, export_safetensors
-from biorecipes_shared.files import describe_write_error
+from biorecipes_shared import RunError, WriteError, atomic_write, describe_write_error, export_safetensors
 from data import KMER
 from model import PlantLM
 

@@ -29,7 +29,6 @@ from biorecipes_shared import (
     MetricsWriter,
     ThroughputMeter,
     TrainingRun,
-    resolve_resume,
 )
 from config import Config, amp_dtype
 from data import SpeciesMixture, build_mixture, check_data_fingerprint
@@ -86,21 +85,6 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
 
 
-def peek_checkpoint(cfg: Config, output_dir: Path) -> CheckpointState | None:
-    """The checkpoint `TrainingRun.resume()` will load (the same choice; takes the run-folder lock), with its
-    `extra` and rank 0's data position, read before the model exists: the data stream starts from that position and
-    another architecture or species list is refused by name, not by tensor shapes."""
-    path = resolve_resume(cfg.resume, output_dir / "checkpoints")
-    if path is None:
-        return None
-    try:
-        training = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
-        rank0 = torch.load(path / "rank_0.pt", map_location="cpu", weights_only=True)
-    except Exception as err:  # a file the manifest check passed but torch cannot read
-        raise CheckpointError(f"{path}: cannot be read ({type(err).__name__}: {str(err).splitlines()[0]})") from err
-    return CheckpointState(int(training["step"]), path, rank0["data_state"], training.get("extra") or {})
-
-
 def check_compatible(saved: CheckpointState, cfg: Config, species: list[str]) -> None:
     """Refuse to resume a checkpoint whose architecture or species list differs from this run's (one line)."""
     before = saved.extra.get("architecture", {})
@@ -129,7 +113,9 @@ def build_run(cfg: Config, training: TrainingRun, ctx: DistributedContext, log: 
     """Check data and checkpoint, build model and optimizer, restore or initialise; returns (Run, RunState).
     Reads files but creates none (the run-folder lock aside): every refusal comes before any output."""
     output_dir = training.layout.output_dir
-    saved = peek_checkpoint(cfg, output_dir)
+    # The checkpoint resume() will load, read first: the data stream starts from its position, and another
+    # architecture or species list is refused by name, not by tensor shapes.
+    saved = training.peek()
     mixture = build_mixture(
         cfg.data_dir, cfg.species_distribution, cfg.default_species_weight, cfg.context_size, cfg.overlap_ratio,
         cfg.chunk_size, cfg.seed, ctx.rank, ctx.world_size,

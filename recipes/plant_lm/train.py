@@ -42,16 +42,14 @@ def train(cfg: Config) -> dict:
     training = TrainingRun(
         cfg.output_dir, cfg.max_steps, cfg.save_every, cfg.keep_last, cfg.resume, data_position="global"
     )
+    if training.report_finished():  # a finished run stays finished: nothing is built
+        return {"losses": [], "finished": True, "checkpoint": None, "bad_files": {}, "species": []}
     ctx = setup_distributed(cfg.seed)
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     log = get_logger("plant_lm", ctx)
     run_log = RunLog(log, training.layout.output_dir / "logs", ctx.is_main)
     try:
-        if message := training.finished_message():
-            if ctx.is_main:
-                print(message, flush=True)
-            return {"losses": [], "finished": True, "checkpoint": None, "bad_files": {}, "species": []}
         run, state = build_run(cfg, training, ctx, log)  # a refusal leaves nothing: run_cli releases the lock
         run_log.start()
         with open_metrics(run, state), run.training:
@@ -66,8 +64,7 @@ def train_epochs(run: Run, state: RunState) -> None:
     """The loop: epochs of `steps_per_epoch` steps until `max_steps`, or until a stop signal (then it saves and
     `run.training.stopped`). A checkpoint at every epoch end, every `save_every` steps and on a stop signal."""
     cfg, training = run.cfg, run.training
-    if training.preemption.should_stop():  # signalled during imports or set-up: the state is the one resumed from
-        training.stopped = True
+    if training.stop_requested():  # signalled during imports or set-up: the state is the one resumed from
         run.log.warning("stopped on a preemption signal before the first step (at step %d): nothing new to save; "
                         "run the same command again to continue", state.step)  # fmt: skip
         return
