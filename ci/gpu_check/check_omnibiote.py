@@ -89,29 +89,10 @@ def train(ctx: Context) -> tuple[str, dict]:
     size = ctx.sizes["train"]
 
     def command(run_dir: Path, stop: bool = False) -> list[str]:
-        argv = ["train_encoder.py", "--base_dir", "sample_data/encoded", "--out_dir", str(run_dir.parent)]
-        argv += ["--save_name", run_dir.name, "--n_layer", "2", "--n_head", "4", "--n_embd", "128", "--ctx_len", "256"]
-        argv += [
-            "--mini_batch_size",
-            "8",
-            "--batch_size",
-            "16",
-            "--lr",
-            "0.08",
-            "--token_budget",
-            str(size["token_budget"]),
-        ]
-        argv += [
-            "--test_freq",
-            "0",
-            "--save_freq",
-            "0",
-            "--log_freq",
-            "1",
-            "--source_weights",
-            "genbank=0.5,uniprot=0.5",
-        ]
-        return argv + (["--max_steps", str(size["stop_step"])] if stop else [])
+        # the sample settings (configs/sample.yaml) with this check's budget, checkpointing only at the end
+        argv = ["train_encoder.py", "--config", "configs/sample.yaml", f"output_dir={run_dir}"]
+        argv += [f"token_budget={size['token_budget']}", "test_freq=0", "save_freq=0", "log_freq=1"]
+        return argv + ([f"max_steps={size['stop_step']}"] if stop else [])
 
     spec = TrainSpec(full=command, stop=lambda run_dir: command(run_dir, stop=True))
     return train_and_resume(ctx, spec, timeout=ctx.sizes["budget_s"])

@@ -1,84 +1,91 @@
-"""The training settings: one typed dataclass built from the original's command-line flags, checked in one place.
+"""The training settings: one typed dataclass (`TrainConfig`, every default written once, here), filled from an
+optional YAML file (`--config configs/sample.yaml`), the original's flags and dotted `key=value` overrides, and
+checked in one place (`validate`, through the shared `check_settings`).
 
-Every flag check lives in `check_config` (through `biorecipes_shared.run.check_settings`), so a bad value is one
-`error:` line before any data is read or any output folder exists.
+    python train_encoder.py --config configs/sample.yaml max_steps=20      # YAML + overrides
+    python train_encoder.py --base_dir data/encoded --save_name omni_small --n_layer 12 ...   # the original's flags
+
+Each flag is the setting of the same name (`--lr 0.02` is `lr=0.02`); `--out_dir` / `--save_name` (the original's run
+folder `<out_dir>/<save_name>`) set the parent and the name of `output_dir`. Later wins: the file, then the flags,
+then the `key=value` overrides. A bad value is one `error:` line before any data is read or any folder exists.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 
-from biorecipes_shared.run import ConfigError, RunLayout, check_settings
+from biorecipes_shared import ConfigError, check_settings, load_config
 
 DESCRIPTION = """Train OmniBioTA with masked-language modelling on encoded DNA/RNA/protein tokens.
 
     torchrun --nnodes=1 --nproc_per_node=4 train_encoder.py --base_dir data/encoded --save_name omni_small \\
         --n_layer 12 --n_head 12 --n_embd 768 --ctx_len 1024 --mini_batch_size 16 --batch_size 1024 \\
         --lr 0.01 --token_budget 10_000_000_000
+    python train_encoder.py --config configs/sample.yaml output_dir=runs/sample max_steps=20
 
-Outputs go to <out_dir>/<save_name>/: checkpoints/step_XXXXXXXX (the same command resumes from the newest valid one),
-metrics.jsonl, log_file.txt, loss_curve.png, final_model/ (config.json, model.safetensors, tokenizer.model) and
-run_finished.json once the run is over.
+Outputs go to output_dir (= <out_dir>/<save_name>): checkpoints/step_XXXXXXXX (the same command resumes from the
+newest valid one), metrics.jsonl, log_file.txt, loss_curve.png, final_model/ (config.json, model.safetensors,
+tokenizer.model) and run_finished.json once the run is over.
 """
 
 # Settings that fix the data stream and the step plan: a resumed run must share them with its checkpoint.
-PLAN_FIELDS = (
-    "batch_size",
-    "mini_batch_size",
-    "token_budget",
-    "ramp_fraction",
-    "warmup_fraction",
-    "seed",
-    "source_weights",
-)
+PLAN_FIELDS = ("batch_size", "mini_batch_size", "token_budget", "ramp_fraction", "warmup_fraction", "seed",
+               "source_weights")  # fmt: skip
+
+# Deprecated setting names (still accepted, with a one-line note).
+RENAMED = {"keep_last_k": "keep_last"}
 
 
-@dataclasses.dataclass(frozen=True)
+def setting(default, doc: str = ""):
+    return dataclasses.field(default=default, metadata={"help": doc})
+
+
+@dataclasses.dataclass
 class TrainConfig:
-    """All settings of one training run (flag names and meanings of the original train_encoder.py, plus ours)."""
+    """All settings of one training run (names and meanings of the original train_encoder.py's flags, plus ours).
 
-    base_dir: Path
-    mini_batch_size: int = 16
-    batch_size: int = 1024
-    n_head: int = 12
-    n_embd: int = 768
-    n_layer: int = 12
-    ctx_len: int = 1024
-    dropout: float = 0.0
-    lr: float = 1e-2
-    beta1: float = 0.9
-    beta2: float = 0.98
-    epsilon: float = 1e-8
-    weight_decay: float = 0.01
-    token_budget: float = 1e9
-    test_freq: float = 1e7
-    save_freq: float = 1e8
-    save_name: str = "omnibiota"
-    disable_flash: bool = False
-    wandb_project_name: str | None = None
-    force_lr: bool = False
+    Units: token_budget, test_freq, save_freq in tokens (summed over ranks); batch sizes in sequences."""
+
+    # the flags of the original train_encoder.py, same names and meanings
+    mini_batch_size: int = setting(16, "sequences per rank per micro-step")
+    batch_size: int = setting(1024, "global batch in sequences (after the ramp)")
+    n_head: int = setting(12)
+    n_embd: int = setting(768)
+    n_layer: int = setting(12)
+    ctx_len: int = setting(1024, "tokens per row; at most the smallest source's tokens")
+    dropout: float = setting(0.0)
+    lr: float = setting(1e-2, "muP base LR, scaled by sqrt(batch_size)/32 unless --force_lr")
+    beta1: float = setting(0.9)
+    beta2: float = setting(0.98)
+    epsilon: float = setting(1e-8)
+    weight_decay: float = setting(0.01)
+    token_budget: float = setting(1e9, "tokens to train on, ramp included (approx.)")
+    test_freq: float = setting(1e7, "validate every this many tokens (0: at the end)")
+    save_freq: float = setting(1e8, "checkpoint every this many tokens (0: at the end)")
+    disable_flash: bool = setting(False, "use the plain math attention path")
+    wandb_project_name: str | None = setting(None, "log to this wandb project (off when unset)")
+    base_dir: Path | None = setting(None, "encoded data: train/, val/ and tokenizer.model (required)")
+    force_lr: bool = setting(False, "use --lr as given, without the batch-size scaling")
     # additions of this recipe
-    tokenizer: Path | None = None
-    out_dir: Path = Path("runs")
-    ramp_fraction: float = 0.05
-    warmup_fraction: float = 0.0
-    grad_clip: float = 1.0
-    source_weights: str | None = None
-    val_batches: int = 8
-    log_freq: int = 10
-    seed: int = 0
-    max_steps: int | None = None
-    resume: str = "auto"
-    init_from: Path | None = None
-    keep_last_k: int = 2
-    compile: bool = False
-    activation_checkpointing: bool = False
-
-    @property
-    def layout(self) -> RunLayout:
-        return RunLayout(Path(self.out_dir) / self.save_name)
+    output_dir: Path = setting(Path("runs/omnibiota"), "the run folder (= <out_dir>/<save_name>)")
+    tokenizer: Path | None = setting(None, "sentencepiece model (default: <base_dir>/tokenizer.model)")
+    ramp_fraction: float = setting(0.05, "share of steps over which the batch grows")
+    warmup_fraction: float = setting(0.0, "share of steps of linear LR warmup")
+    grad_clip: float = setting(1.0, "max gradient norm (0: off)")
+    source_weights: str | None = setting(None, "e.g. genbank=0.8,uniprot=0.2 (default: by token count)")
+    val_batches: int = setting(8, "mini-batches per rank in each validation")
+    log_freq: int = setting(10, "log the training loss every this many steps")
+    seed: int = setting(0)
+    max_steps: int | None = setting(None, "end the run at this step (final model written)")
+    resume: str = setting("auto", "auto: newest valid checkpoint, else fresh; none: fresh (refused when checkpoints"
+                          " exist); or a checkpoint folder")  # fmt: skip
+    init_from: Path | None = setting(None, "final_model/ folder whose weights start a fresh run")
+    keep_last: int = setting(2, "checkpoints kept (older ones are removed)")
+    compile: bool = setting(False, "torch.compile each transformer block (off: slower on CPU, BENCHMARKS)")
+    activation_checkpointing: bool = setting(False, "recompute each block's activations in backward")
 
     @property
     def tokenizer_file(self) -> Path:
@@ -89,109 +96,76 @@ class TrainConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """One flag per setting, generated from TrainConfig (defaults stay in the dataclass: flags left out are not
+    set), plus the original's run-folder flags and the deprecated `--keep_last_k`."""
     p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # the flags of the original train_encoder.py, same names and meanings
-    p.add_argument("--mini_batch_size", type=int, default=16, help="sequences per rank per micro-step")
-    p.add_argument("--batch_size", type=int, default=1024, help="global batch in sequences (after the ramp)")
-    p.add_argument("--n_head", type=int, default=12)
-    p.add_argument("--n_embd", type=int, default=768)
-    p.add_argument("--n_layer", type=int, default=12)
-    p.add_argument("--ctx_len", type=int, default=1024, help="tokens per row; at most the smallest source's tokens")
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument(
-        "--lr", type=float, default=1e-2, help="muP base LR, scaled by sqrt(batch_size)/32 unless --force_lr"
-    )
-    p.add_argument("--beta1", type=float, default=0.9)
-    p.add_argument("--beta2", type=float, default=0.98)
-    p.add_argument("--epsilon", type=float, default=1e-8)
-    p.add_argument("--weight_decay", type=float, default=0.01)
-    p.add_argument("--token_budget", type=float, default=1e9, help="tokens to train on, ramp included (approx.)")
-    p.add_argument("--test_freq", type=float, default=1e7, help="validate every this many tokens (0: at the end)")
-    p.add_argument("--save_freq", type=float, default=1e8, help="checkpoint every this many tokens (0: at the end)")
-    p.add_argument("--save_name", default="omnibiota", help="run name: outputs go to <out_dir>/<save_name>")
-    p.add_argument("--disable_flash", action="store_true", help="use the plain math attention path")
-    p.add_argument("--wandb_project_name", default=None, help="log to this wandb project (off when unset)")
-    p.add_argument("--base_dir", type=Path, required=True, help="encoded data: train/, val/ and tokenizer.model")
-    p.add_argument("--force_lr", action="store_true", help="use --lr as given, without the batch-size scaling")
-    # additions of this recipe
-    p.add_argument(
-        "--tokenizer", type=Path, default=None, help="sentencepiece model (default: <base_dir>/tokenizer.model)"
-    )
-    p.add_argument("--out_dir", type=Path, default=Path("runs"), help="parent folder of the run folder")
-    p.add_argument("--ramp_fraction", type=float, default=0.05, help="share of steps over which the batch grows")
-    p.add_argument("--warmup_fraction", type=float, default=0.0, help="share of steps of linear LR warmup")
-    p.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    p.add_argument("--source_weights", default=None, help="e.g. genbank=0.8,uniprot=0.2 (default: by token count)")
-    p.add_argument("--val_batches", type=int, default=8, help="mini-batches per rank in each validation")
-    p.add_argument("--log_freq", type=int, default=10, help="log the training loss every this many steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (final model written)")
-    p.add_argument(
-        "--resume",
-        default="auto",
-        help="auto (default): newest valid checkpoint of the run folder, else a fresh start; none: fresh start"
-        " (refused when checkpoints exist); or a checkpoint folder",
-    )
-    p.add_argument("--init_from", type=Path, default=None, help="final_model/ folder whose weights start a fresh run")
-    p.add_argument("--keep_last_k", type=int, default=2, help="checkpoints kept (older ones are removed)")
-    p.add_argument(
-        "--compile", action="store_true", help="torch.compile each transformer block (off: slower on CPU, BENCHMARKS)"
-    )
-    p.add_argument(
-        "--activation_checkpointing",
-        action="store_true",
-        help="recompute each block's activations in backward: less memory, about a third more compute",
-    )
+    p.add_argument("--config", type=Path, default=None, help="YAML file of settings (e.g. configs/sample.yaml)")
+    for field in dataclasses.fields(TrainConfig):
+        help = f"{field.metadata['help']} (default: {field.default})".lstrip()
+        if field.type == "bool":
+            p.add_argument(f"--{field.name}", action="store_true", default=argparse.SUPPRESS, help=help)
+        else:
+            p.add_argument(f"--{field.name}", type=flag_type(field), default=argparse.SUPPRESS, help=help)
+    p.add_argument("--out_dir", type=Path, default=argparse.SUPPRESS, help="parent folder of the run folder")
+    p.add_argument("--save_name", default=argparse.SUPPRESS, help="run name: the run folder is <out_dir>/<save_name>")
+    p.add_argument("--keep_last_k", type=int, default=argparse.SUPPRESS, help="old name of --keep_last")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. max_steps=20")
     return p
 
 
+def flag_type(field: dataclasses.Field):
+    """The argparse type of a field annotated as e.g. "int | None" (annotations are strings here)."""
+    name = field.type.split("|")[0].strip()
+    return {"int": int, "float": float, "str": str, "Path": Path}[name]
+
+
+def as_override(key: str, value) -> str:
+    # strings are quoted so that YAML keeps e.g. "yes", "1e3" or "null" as the text the user typed
+    text = json.dumps(str(value)) if isinstance(value, (str, Path)) else repr(value)
+    return f"{key}={text}"
+
+
 def parse_config(argv=None) -> TrainConfig:
-    """Flags → a checked TrainConfig; raises ConfigError (one line) for any impossible value."""
-    args = build_parser().parse_args(argv)
-    config = TrainConfig(**vars(args))
-    check_config(config)
+    """Flags (and --config, key=value overrides) → a checked TrainConfig; raises ConfigError (one line)."""
+    args = vars(build_parser().parse_args(argv))
+    config_file, overrides = args.pop("config"), args.pop("overrides")
+    out_dir, save_name = args.pop("out_dir", None), args.pop("save_name", None)
+    flags = [as_override(key, value) for key, value in args.items()]
+    config = load_config(TrainConfig, config_file, [*flags, *overrides], renamed=RENAMED)
+    if save_name is not None and (not save_name or Path(save_name).name != save_name):
+        raise ConfigError(f"--save_name {save_name!r} must be a plain folder name")
+    if out_dir is not None or save_name is not None:
+        parent = Path(out_dir) if out_dir is not None else Path(config.output_dir).parent
+        config.output_dir = parent / (save_name if save_name is not None else Path(config.output_dir).name)
+    validate(config)
     return config
 
 
-def check_config(config: TrainConfig) -> None:
-    """Every check of the flags alone (the data-dependent ones follow once the data is open), in one place."""
-    c = config
+def validate(c: TrainConfig) -> None:
+    """Every check of the settings alone (the data-dependent ones follow once the data is open), in one place."""
+    if c.base_dir is None:
+        raise ConfigError("--base_dir is required (the encoded data: train/, val/, tokenizer.model)")
     check_settings(
-        [
-            ("--mini_batch_size", c.mini_batch_size, "count"),
-            ("--batch_size", c.batch_size, "count"),
-            ("--n_head", c.n_head, "count"),
-            ("--n_embd", c.n_embd, "count"),
-            ("--n_layer", c.n_layer, "count"),
-            ("--ctx_len", c.ctx_len, "count"),
-            ("--val_batches", c.val_batches, "count"),
-            ("--log_freq", c.log_freq, "count"),
-            ("--keep_last_k", c.keep_last_k, "count"),
-            ("--token_budget", c.token_budget, "positive"),
-            ("--lr", c.lr, "non_negative"),  # 0 freezes the weights (a check of --init_from)
-            ("--epsilon", c.epsilon, "non_negative"),
-            ("--weight_decay", c.weight_decay, "non_negative"),
-            ("--grad_clip", c.grad_clip, "non_negative"),
-            ("--test_freq", c.test_freq, "non_negative"),
-            ("--save_freq", c.save_freq, "non_negative"),
-            ("--dropout", c.dropout, "unit_interval_right_open"),
-            ("--beta1", c.beta1, "unit_interval_right_open"),
-            ("--beta2", c.beta2, "unit_interval_right_open"),
-            ("--ramp_fraction", c.ramp_fraction, "unit_interval_right_open"),
-            ("--warmup_fraction", c.warmup_fraction, "unit_interval_right_open"),
-            ("--seed", c.seed, "count0"),
-        ]
-    )
-    if c.max_steps is not None:
-        check_settings([("--max_steps", c.max_steps, "count")])
+        [(f"--{name}", getattr(c, name), "count") for name in
+         ("mini_batch_size", "batch_size", "n_head", "n_embd", "n_layer", "ctx_len", "val_batches", "log_freq",
+          "keep_last")]
+        + [("--token_budget", c.token_budget, "positive")]
+        # --lr 0 freezes the weights (a check of --init_from)
+        + [(f"--{name}", getattr(c, name), "non_negative") for name in
+           ("lr", "epsilon", "weight_decay", "grad_clip", "test_freq", "save_freq")]
+        + [(f"--{name}", getattr(c, name), "unit_interval_right_open") for name in
+           ("dropout", "beta1", "beta2", "ramp_fraction", "warmup_fraction")]
+        + [("--seed", c.seed, "count0")]
+        + ([("--max_steps", c.max_steps, "count")] if c.max_steps is not None else [])
+    )  # fmt: skip
     if c.ctx_len < 2:  # a window needs its modality token and at least one residue to mask
         raise ConfigError(f"--ctx_len={c.ctx_len} must be at least 2")
     if c.n_embd % c.n_head or (c.n_embd // c.n_head) % 2:
         raise ConfigError(f"--n_embd {c.n_embd} must split into {c.n_head} heads of even size (rotary)")
     if c.batch_size % c.mini_batch_size:
         raise ConfigError(f"--batch_size {c.batch_size} must be a multiple of --mini_batch_size {c.mini_batch_size}")
-    if not c.save_name or Path(c.save_name).name != c.save_name:
-        raise ConfigError(f"--save_name {c.save_name!r} must be a plain folder name")
+    if c.resume == "":
+        raise ConfigError("--resume must be auto, none or a checkpoint folder")
     if c.init_from is not None and not (Path(c.init_from) / "model.safetensors").is_file():
         raise ConfigError(f"--init_from {c.init_from}: no model.safetensors there (give a final_model/ folder)")
 

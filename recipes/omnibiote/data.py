@@ -6,10 +6,18 @@ record gets that record's modality token as its first token, so every stretch of
 protein. 15% of ordinary tokens are replaced by <mask> and predicted (the original always uses the mask token).
 Sampling draws only from the batcher's own torch.Generator, which the checkpoint saves, so a resume is exact.
 check_fingerprint compares each split's meta.json with the tokenizer given to training before anything is trained.
+
+Data position: the run counts the sequences it has drawn, summed over ranks (`samples_seen`, the same on every rank).
+The k-th mini-batch of the whole run is drawn from a generator seeded by (seed, k) alone (`draw_batch`), and each
+optimizer step takes a fixed number of these mini-batches (the step plan is computed for one process), spread over
+the ranks (`micro_batches`). So the data of a step does not depend on how many processes share it: a run saved by 2
+processes continues with 1 (or the other way round) on exactly the mini-batches an uninterrupted run would have used.
 """
 
+import hashlib
 import json
 import logging
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -157,3 +165,31 @@ class PackedMLMBatcher:
     def fixed_batches(self, n_batches: int) -> list[dict[str, torch.Tensor]]:
         """n batches drawn once, e.g. the validation set evaluated at every --test_freq."""
         return [self.next_batch() for _ in range(n_batches)]
+
+
+def stream_seed(seed: int, stream: str, index: int) -> int:
+    """A 63-bit generator seed for mini-batch `index` of `stream` ("train"/"val"); independent of the world size."""
+    digest = hashlib.blake2b(f"{seed}:{stream}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def draw_batch(batcher: PackedMLMBatcher, seed: int, stream: str, index: int) -> dict[str, torch.Tensor]:
+    """Mini-batch `index` of a stream: (mini_batch_size, ctx_len) input_ids / doc_ids / labels, always the same."""
+    batcher.generator = torch.Generator().manual_seed(stream_seed(seed, stream, index))
+    return batcher.next_batch()
+
+
+def micro_batches(units: int, world_size: int, rank: int, first_unit: int) -> list[tuple[int, float]]:
+    """(global mini-batch index, loss weight) of this rank's micro-batches in a step of `units` mini-batches.
+
+    Unit k of the step goes to rank k % world_size. DDP averages gradients over ranks, so a weight of
+    world_size / units makes the step's gradient the mean over its units whatever the world size. A rank left
+    without a unit (during the batch ramp, when units is not a multiple of world_size) runs a weight-0 copy of the
+    step's first unit, because every rank must join each gradient all-reduce.
+    """
+    per_rank = math.ceil(units / world_size)
+    plan = []
+    for micro in range(per_rank):
+        k = micro * world_size + rank
+        plan.append((first_unit + k, world_size / units) if k < units else (first_unit, 0.0))
+    return plan

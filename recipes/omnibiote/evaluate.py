@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 
 from biorecipes_shared.run import check_settings, run_cli
-from data import PackedMLMBatcher, load_split, parse_source_weights
+from data import PackedMLMBatcher, draw_batch, load_split, parse_source_weights
 from errors import OmniBioteError
 from model import OmniBioTA
-from run_state import draw_batch
 from tokenizer import OmniTokenizer
 
 

@@ -2,11 +2,15 @@
 
 The global batch (--batch_size sequences) is world_size x mini_batch_size x accumulation steps. During the first
 ramp_fraction of the steps, the number of accumulated micro-batches grows linearly from 1 to its full value (a
-small batch early is cheaper and as good), and the token budget counts those smaller steps.
+small batch early is cheaper and as good), and the token budget counts those smaller steps. The LR schedule is
+torch's (`lr_schedule`).
 """
 
 import dataclasses
 import math
+
+import torch
+from torch.optim.lr_scheduler import LinearLR, SequentialLR
 
 from errors import ConfigError
 
@@ -74,13 +78,18 @@ def plan_training(
     return TrainingPlan(steps, ramp_steps, round(warmup_fraction * steps), full, tokens_per_micro_step, tokens)
 
 
-def lr_multiplier(plan: TrainingPlan):
-    """LR factor per step for LambdaLR: linear warmup from 0, then linear decay to 0 at the last step."""
+def lr_schedule(optimizer: torch.optim.Optimizer, plan: TrainingPlan) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warmup over plan.warmup_steps (factor (step+1)/warmup_steps), then linear decay to 0 at the last step
+    (factor (total_steps - step)/(total_steps - warmup_steps)), as torch schedulers: the factor multiplies each
+    param group's own LR, so MuAdamW's per-width LRs keep their ratios.
 
-    def multiplier(step: int) -> float:
-        if step < plan.warmup_steps:
-            return (step + 1) / plan.warmup_steps
-        remaining = plan.total_steps - step
-        return max(0.0, remaining / max(1, plan.total_steps - plan.warmup_steps))
-
-    return multiplier
+    The factors equal the original closed formula to float rounding at every step that trains; only when the warmup
+    covers every step is the (unused) LR after the last step the full one instead of 0.
+    """
+    warmup, total = plan.warmup_steps, plan.total_steps
+    decay = LinearLR(optimizer, start_factor=1.0, end_factor=0.0, total_iters=max(1, total - warmup))
+    if warmup == 0:
+        return decay
+    # start=end=1 when warmup_steps is 1, so the max(1, ...) only keeps LinearLR from dividing by zero
+    ramp = LinearLR(optimizer, start_factor=1.0 / warmup, end_factor=1.0, total_iters=max(1, warmup - 1))
+    return SequentialLR(optimizer, [ramp, decay], milestones=[warmup])

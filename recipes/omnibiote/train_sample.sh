@@ -5,7 +5,5 @@
 # run_finished.json). Rerunning with the same --save_name resumes (or, once finished, says so and exits 0).
 set -euo pipefail
 cd "$(dirname "$0")"
-python train_encoder.py --base_dir sample_data/encoded --out_dir runs --save_name "sample_$(date +%Y%m%d_%H%M%S)" \
-    --n_layer 2 --n_head 4 --n_embd 128 --ctx_len 256 --mini_batch_size 8 --batch_size 16 \
-    --lr 0.08 --token_budget 200000 --test_freq 40000 --save_freq 100000 --log_freq 5 \
-    --source_weights genbank=0.5,uniprot=0.5 "$@"
+# the settings are configs/sample.yaml; --save_name gives each run its own folder runs/sample_<time>
+python train_encoder.py --config configs/sample.yaml --save_name "sample_$(date +%Y%m%d_%H%M%S)" "$@"

@@ -1,5 +1,6 @@
 """Shared fixtures: paths of the bundled sample data, and of the optional shared real data beside the checkout."""
 
+import logging
 import os
 from pathlib import Path
 
@@ -7,6 +8,15 @@ import pytest
 
 RECIPE_DIR = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = RECIPE_DIR / "sample_data"
+
+
+@pytest.fixture(autouse=True)
+def fresh_logger():
+    """The trainer's log handler holds the stderr of the test that made it: give each test its own."""
+    logger = logging.getLogger("omnibiote")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    yield
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ def test_window_inside_a_record_keeps_its_modality_token(sample_base_dir, sample
     assert records[0] == 0 and all(ids[b - start] == ids[0] for b in boundaries)  # each record starts <protein>
 
 
+@pytest.mark.smoke
 def test_batches_are_masked_mlm_batches(sample_base_dir, sample_tokenizer):
     sources = load_split(sample_base_dir, "train")
     batcher = PackedMLMBatcher(

@@ -27,7 +27,7 @@ def cli(argv) -> int:
     return run_cli(lambda: main(argv), user_errors=(OmniBioteError,))
 
 
-@pytest.mark.parametrize("pooling", ["mean", "first", "last", "max", "all"])
+@pytest.mark.parametrize("pooling", [pytest.param("mean", marks=pytest.mark.smoke), "first", "last", "max", "all"])
 def test_an_embedding_does_not_depend_on_its_batch_mates(final_model, pooling):
     model = OmniBioTA.from_pretrained(final_model).eval()
     rng = np.random.default_rng(0)

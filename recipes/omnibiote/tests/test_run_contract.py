@@ -3,7 +3,6 @@ run stays finished, another world size continues from the global data position, 
 
 import errno
 import json
-import logging
 import signal
 import socket
 import subprocess
@@ -20,23 +19,14 @@ from biorecipes_shared.checkpoint import latest_checkpoint, verify_checkpoint
 from biorecipes_shared.run import run_cli
 from biorecipes_shared.run_lock import LOCK_NAME
 from biorecipes_shared.testing import child_env, kill_around_saves, run_command, torchrun_command
+from data import micro_batches
 from errors import OmniBioteError
 from model import OmniBioTA, OmniBioTAConfig
-from run_state import micro_batches
 from train_encoder import main
 
 TINY = "--n_layer 1 --n_head 2 --n_embd 32 --ctx_len 64 --mini_batch_size 2 --batch_size 8 --force_lr --lr 0.03"
 TINY += " --val_batches 2 --log_freq 1 --source_weights genbank=0.5,uniprot=0.5 --ramp_fraction 0.3 --dropout 0.1"
-BUDGET = 8 * 64 * 10  # 11 steps: a ramp of 1..4 mini-batches of 2, then 4
-
-
-@pytest.fixture(autouse=True)
-def fresh_logger():
-    """The trainer's log handler holds the stderr of the test that made it: give each test its own."""
-    logger = logging.getLogger("omnibiote")
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-    yield
+BUDGET = 8 * 64 * 10  # 12 steps: a ramp of 1..4 mini-batches of 2, then 4
 
 
 def run_args(base_dir, out_dir, name, *extra, budget=BUDGET):
@@ -78,6 +68,15 @@ def uninterrupted(tmp_path_factory, sample_base_dir, recipe_dir):
     """The reference: the same command run once, to the end, in a fresh process."""
     out = tmp_path_factory.mktemp("reference")
     run_command([sys.executable, "train_encoder.py", *run_args(sample_base_dir, out, "run")], cwd=recipe_dir)
+    return out / "run"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_without_dropout(tmp_path_factory, sample_base_dir, recipe_dir):
+    """The reference of the world-size tests (dropout 0: the ranks' dropout streams differ by design)."""
+    out = tmp_path_factory.mktemp("reference_no_dropout")
+    args = run_args(sample_base_dir, out, "run", "--dropout", "0")
+    run_command([sys.executable, "train_encoder.py", *args], cwd=recipe_dir)
     return out / "run"
 
 
@@ -179,6 +178,27 @@ def test_init_from_with_lr_0_exports_the_same_weights(tmp_path, sample_base_dir,
     assert cli(wrong) == 1
 
 
+@pytest.mark.smoke
+def test_max_steps_below_the_plan_validates_and_logs_its_last_step_then_more_steps_continue_exactly(
+    tmp_path, sample_base_dir, recipe_dir, uninterrupted
+):
+    """Before (issue 21): the end of the run was worked out in three places, so a run stopped by --max_steps below
+    the plan logged its last step but skipped the final validation. (Fresh processes, as the reference: one thread
+    each, so the sums are the same.)"""
+    command = [sys.executable, "train_encoder.py", *run_args(sample_base_dir, tmp_path, "run")]
+    run_command([*command, "--max_steps", "5", "--log_freq", "4"], cwd=recipe_dir)
+    records = training_records(tmp_path / "run")
+    assert [r["step"] for r in records if "loss" in r] == [4, 5]  # every --log_freq steps, and the last step once
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 5]  # the initial and the final validation
+    finished = json.loads((tmp_path / "run" / "run_finished.json").read_text())
+    assert finished["step"] == 5 and finished["reason"] == "--max_steps reached"
+    assert (tmp_path / "run" / "checkpoints" / "step_00000005").is_dir()
+    run_command(command, cwd=recipe_dir)  # no --max_steps: the run continues from step 5 to the plan's end
+    assert_same_weights(weights(uninterrupted), weights(tmp_path / "run"))
+    later = [r for r in training_records(tmp_path / "run") if r["step"] > 5]
+    assert later == [r for r in training_records(uninterrupted) if r["step"] > 5]
+
+
 @pytest.mark.slow
 def test_kill_9_around_saves_then_rerun_equals_the_uninterrupted_run(
     tmp_path, sample_base_dir, recipe_dir, uninterrupted
@@ -201,10 +221,16 @@ def test_sigterm_exits_0_and_the_rerun_equals_the_uninterrupted_run(
         if "step 3/" in line:
             process.send_signal(signal.SIGTERM)
             break
+    time.sleep(0.3)  # a second signal while the stop save runs (before: the process died with -15)
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
     _, rest = process.communicate()
     assert process.returncode == 0, rest[-2000:]
-    assert "rerun the same command to continue" in rest
+    assert "received SIGTERM" in rest and "rerun the same command to continue" in rest
     assert not (tmp_path / "run" / "final_model").exists()
+    (checkpoint,) = (tmp_path / "run" / "checkpoints").iterdir()
+    verify_checkpoint(checkpoint, check_hashes=True)
+    assert int(checkpoint.name.split("_")[1]) >= 3
     run_command(command, cwd=recipe_dir)
     assert_same_weights(weights(uninterrupted), weights(tmp_path / "run"))
     assert training_records(tmp_path / "run") == training_records(uninterrupted)
@@ -213,29 +239,34 @@ def test_sigterm_exits_0_and_the_rerun_equals_the_uninterrupted_run(
 @pytest.mark.slow
 @pytest.mark.parametrize("first, second", [(2, 1), (1, 2)])
 def test_another_world_size_continues_from_the_global_position(
-    tmp_path, sample_base_dir, recipe_dir, uninterrupted, first, second
+    tmp_path, sample_base_dir, recipe_dir, uninterrupted_without_dropout, first, second
 ):
     def launch(nproc, *extra):
         args = run_args(sample_base_dir, tmp_path, "run", "--dropout", "0", *extra)
         if nproc == 1:
             return run_command([sys.executable, "train_encoder.py", *args], cwd=recipe_dir)
-        return run_command(torchrun_command("train_encoder.py", args, nproc=nproc), cwd=recipe_dir)
+        # the two-process run also recomputes activations: bitwise the same math, and it must work under DDP
+        return run_command(torchrun_command("train_encoder.py", [*args, "--activation_checkpointing"], nproc=nproc),
+                           cwd=recipe_dir)  # fmt: skip
 
-    launch(first, "--max_steps", "4")
+    started = launch(first, "--max_steps", "4")
+    if first == 2:
+        assert "4 mini-batches of 2 per step over 2 rank(s)" in started.stderr
+        files = {p.name for p in (tmp_path / "run" / "checkpoints" / "step_00000004").iterdir()}
+        assert {"rank_0.pt", "rank_1.pt", "model.safetensors"} <= files
     result = launch(second)
     assert f"saved by {first} process(es), resumed by {second}" in result.stderr
-    reference_dir = tmp_path / "reference"
-    run_command(
-        [sys.executable, "train_encoder.py", *run_args(sample_base_dir, reference_dir, "run", "--dropout", "0")],
-        cwd=recipe_dir,
-    )
+    reference = uninterrupted_without_dropout
     # the same mini-batches in every step: only the order of the gradient sums differs (DDP all-reduce)
-    assert_same_weights(weights(reference_dir / "run"), weights(tmp_path / "run"), atol=2e-4)
-    ours, reference = training_records(tmp_path / "run"), training_records(reference_dir / "run")
-    assert [(r["step"], r.get("tokens")) for r in ours] == [(r["step"], r.get("tokens")) for r in reference]
-    for mine, theirs in zip(ours, reference):
+    assert_same_weights(weights(reference), weights(tmp_path / "run"), atol=2e-4)
+    ours, theirs = training_records(tmp_path / "run"), training_records(reference)
+    # the stop at --max_steps 4 validated its last step; the uninterrupted run validates only at its end
+    assert [r["step"] for r in ours if "val_loss" in r] == [0, 4, theirs[-1]["step"]]
+    ours = [r for r in ours if not ("val_loss" in r and r["step"] == 4)]
+    assert [(r["step"], r.get("tokens")) for r in ours] == [(r["step"], r.get("tokens")) for r in theirs]
+    for mine, reference_record in zip(ours, theirs):
         if "loss" in mine:
-            assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-3)
+            assert mine["loss"] == pytest.approx(reference_record["loss"], abs=1e-3)
 
 
 def wait_until_sigterm_is_caught(pid: int) -> None:

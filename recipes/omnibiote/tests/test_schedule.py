@@ -1,9 +1,10 @@
 """Accumulation arithmetic, the batch-size ramp, the token budget and the LR schedule."""
 
 import pytest
+import torch
 
 from errors import ConfigError
-from schedule import accumulation_steps, lr_multiplier, plan_training, ramp_accumulation
+from schedule import accumulation_steps, lr_schedule, plan_training, ramp_accumulation
 
 
 def test_accumulation_steps_follow_world_size_and_mini_batch():
@@ -44,16 +45,45 @@ def test_token_budget_counts_the_ramp():
     assert ramped.accumulation(0) == 1 and ramped.accumulation(ramped.ramp_steps) == ramped.full_accumulation
 
 
+def closed_formula(plan, step: int) -> float:
+    """The LR factor of the hand-written LambdaLR this recipe used before torch's schedulers (the reference)."""
+    if step < plan.warmup_steps:
+        return (step + 1) / plan.warmup_steps
+    return max(0.0, (plan.total_steps - step) / max(1, plan.total_steps - plan.warmup_steps))
+
+
+def scheduled_lrs(plan, base_lrs=(0.3, 0.007)) -> list[list[float]]:
+    """Each param group's LR at steps 0 .. total_steps + 2 (two groups: muP gives hidden matrices their own LR)."""
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr} for lr in base_lrs]
+    optimizer = torch.optim.AdamW(groups)
+    scheduler = lr_schedule(optimizer, plan)
+    lrs = []
+    for _ in range(plan.total_steps + 3):
+        lrs.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+@pytest.mark.parametrize("steps, warmup_fraction", [(100, 0.1), (10, 0.0), (7, 0.3), (3, 0.5), (50, 0.02)])
+def test_lr_schedule_equals_the_closed_formula(steps, warmup_fraction):
+    plan = plan_training(64 * 128 * steps, 64, 8, 1, 128, ramp_fraction=0.0, warmup_fraction=warmup_fraction)
+    assert plan.total_steps == steps
+    for step, lrs in enumerate(scheduled_lrs(plan)):
+        want = [base * closed_formula(plan, step) for base in (0.3, 0.007)]
+        assert lrs == pytest.approx(want, rel=1e-6, abs=1e-12), (step, lrs, want)
+
+
 def test_lr_warms_up_then_decays_to_zero():
     plan = plan_training(64 * 128 * 100, 64, 8, 1, 128, ramp_fraction=0.0, warmup_fraction=0.1)
-    multiplier = lr_multiplier(plan)
+    factors = [lrs[0] / 0.3 for lrs in scheduled_lrs(plan)]
     assert plan.total_steps == 100 and plan.warmup_steps == 10
-    warmup = [multiplier(step) for step in range(10)]
-    assert warmup[0] == pytest.approx(0.1) and warmup[-1] == pytest.approx(1.0)
-    decay = [multiplier(step) for step in range(10, 101)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    decay = factors[10:101]
     assert all(a > b for a, b in zip(decay, decay[1:]))
-    assert multiplier(100) == 0.0
-    assert lr_multiplier(plan_training(64 * 128 * 10, 64, 8, 1, 128))(0) == 1.0  # no warmup: start at full LR
+    assert factors[100] == 0.0
+    no_warmup = plan_training(64 * 128 * 10, 64, 8, 1, 128)
+    assert scheduled_lrs(no_warmup)[0][0] == 0.3  # no warmup: start at full LR
 
 
 def test_bad_budget_and_fractions_are_config_errors():

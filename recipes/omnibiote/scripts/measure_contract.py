@@ -1,6 +1,6 @@
 """Measure the run contract from outside, like a user, on the bundled sample (figures for the issue note).
 
-    python measure_contract.py [--kills 15] [--tmpfs]    # --tmpfs mounts a 2 MB tmpfs (needs root) for the disk-full row
+    python scripts/measure_contract.py [--kills 15] [--tmpfs]    # --tmpfs mounts a 2 MB tmpfs (needs root) for the disk-full row
 
 Prints one table row per check: kill -9 around saves, SIGTERM, world size 2 -> 1 and 1 -> 2, rerun of a finished run,
 disk full, and the longest function of the recipe. Not a test: it takes minutes and may need root.
@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from biorecipes_shared.testing import child_env, kill_around_saves, run_command, torchrun_command
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # the recipe folder: the commands run from there
 TINY = "--n_layer 1 --n_head 2 --n_embd 32 --ctx_len 64 --mini_batch_size 2 --batch_size 8 --force_lr --lr 0.03"
 TINY += " --val_batches 2 --log_freq 1 --source_weights genbank=0.5,uniprot=0.5 --ramp_fraction 0.3"
 
@@ -53,7 +53,7 @@ def same_metrics(a: Path, b: Path) -> bool:
 
 def longest_function() -> tuple[str, int]:
     best = ("", 0)
-    for path in HERE.glob("*.py"):
+    for path in [*HERE.glob("*.py"), *HERE.glob("preprocessing/*.py"), *HERE.glob("scripts/*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 length = node.end_lineno - node.lineno + 1

