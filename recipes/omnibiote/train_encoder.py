@@ -143,16 +143,14 @@ def train(cfg: TrainConfig, dist_ctx) -> Path | None:
     """The training run; returns the final_model/ folder (None when stopped by a signal: rerun to continue)."""
     log = get_logger("omnibiote", dist_ctx)
     plan, training = open_run(cfg)
-    if done := training.finished_message():
-        if dist_ctx.is_main:  # one line, not one per rank
-            print(done, flush=True)
+    if training.report_finished():  # a finished run stays finished: one line (rank 0), exit 0
         return training.layout.final_model
     run, state = build_run(cfg, dist_ctx, plan, training, log)
     log.info("model %.2fM parameters; %d steps (ramp %d, warmup %d), %d mini-batches of %d per step over %d rank(s)",
              run.model.num_parameters() / 1e6, plan.total_steps, plan.ramp_steps, plan.warmup_steps,
              plan.full_accumulation, cfg.mini_batch_size, dist_ctx.world_size)  # fmt: skip
     with training:
-        if training.preemption.should_stop():  # signalled during imports or set-up: stop before writing anything
+        if training.stop_requested():  # signalled during imports or set-up: stop before writing anything
             log.info("stopped before the first step; rerun the same command to continue")
             return None
         open_metrics(run, state)
