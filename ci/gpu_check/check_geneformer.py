@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import shutil
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -43,7 +44,7 @@ def build(
     config_name: str, layers: int | None, device: torch.device, vocab: int = V1_VOCAB, dropout: float | None = None
 ) -> BertForMaskedLM:
     """The named config's architecture (optionally fewer layers, another dropout) with a vocabulary of `vocab`."""
-    model_cfg = dict(load_config(config_name).model)
+    model_cfg = asdict(load_config(config_name).model)
     model_cfg.pop("vocab_size")
     if layers is not None:
         model_cfg["num_hidden_layers"] = layers
@@ -97,9 +98,9 @@ def train(ctx: Context) -> tuple[str, dict]:
             "train.py",
             "--config-name",
             "l0_sanity",
-            f"training.num_train_steps={steps}",
+            f"training.max_steps={steps}",
             f"training.log_every_n_steps={max(1, steps // 10)}",
-            f"training.save_every_n_steps={steps // 2}",
+            f"training.save_every={steps // 2}",
             f"training.bf16={str(bf16).lower()}",
             f"training.output_dir={run_dir}",
         ]
@@ -119,9 +120,9 @@ def fp8_vs_bf16(ctx: Context, spec: dict) -> tuple[str, dict]:
         run_dir = ctx.out_dir / f"{spec['name'].replace(' ', '_')}_{label}"
         shutil.rmtree(run_dir, ignore_errors=True)
         argv = ["train.py", "--config-name", spec["config"], *spec["overrides"], "training.use_fsdp=false"]
-        argv += [f"training.num_train_steps={spec['steps']}", "training.warmup_steps=10", "training.bf16=true"]
+        argv += [f"training.max_steps={spec['steps']}", "training.warmup_steps=10", "training.bf16=true"]
         argv += [f"training.log_every_n_steps={max(1, spec['steps'] // 10)}", f"data.micro_batch_size={spec['batch']}"]
-        argv += [f"training.save_every_n_steps={spec['steps']}", f"training.output_dir={run_dir}", *extra]
+        argv += [f"training.save_every={spec['steps']}", f"training.output_dir={run_dir}", *extra]
         run_cli(argv, ctx.out_dir / f"{run_dir.name}.log", timeout=ctx.sizes["budget_s"])
         tail = [loss for _, loss in read_losses(run_dir)][-3:]  # the last 3 logged losses: one batch is noisy
         results[label] = {"loss": sum(tail) / len(tail), "tokens_per_s": median_metric(run_dir, "tokens_per_s")}
@@ -140,8 +141,8 @@ def fp8_vs_bf16(ctx: Context, spec: dict) -> tuple[str, dict]:
 
 def v2_throughput(ctx: Context, config_name: str) -> tuple[str, dict]:
     """A V2 config (<cls> + 4,094 genes + <eos>) at its full 4,096 positions with the upstream V2 vocabulary."""
-    if not (Path("hydra_config") / f"{config_name}.yaml").is_file():
-        raise CheckSkipped(f"hydra_config/{config_name}.yaml is not in this checkout")
+    if not (Path("configs") / f"{config_name}.yaml").is_file():
+        raise CheckSkipped(f"configs/{config_name}.yaml is not in this checkout")
     size = ctx.sizes["v2"]
     model = build(config_name, size["layers"], ctx.device, vocab=V2_VOCAB).train()
     length = min(size["length"], model.config.max_position_embeddings)
@@ -179,7 +180,7 @@ def switch_case(ctx: Context) -> SwitchCase:
 
 
 def batching(ctx: Context, spec: dict) -> tuple[str, dict]:
-    config_file = Path("hydra_config") / f"{spec['config']}.yaml"
+    config_file = Path("configs") / f"{spec['config']}.yaml"
     if not config_file.is_file():
         raise CheckSkipped(f"{config_file} is not in this checkout")
     from gpu_check.geneformer_batching import batching_row

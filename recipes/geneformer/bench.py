@@ -32,7 +32,7 @@ import transformers
 RECIPE_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(RECIPE_DIR))
 
-from biorecipes_shared.logging_utils import interleaved_medians  # noqa: E402
+from biorecipes_shared import interleaved_medians  # noqa: E402
 from data import CellDataset, MaskingCollator  # noqa: E402
 from dictionaries import read_gene_medians, read_vocab  # noqa: E402
 from model import BertForMaskedLM, configure_layers, geneformer_config  # noqa: E402

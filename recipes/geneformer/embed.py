@@ -30,8 +30,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from biorecipes_shared.files import atomic_write
-from biorecipes_shared.run import ConfigError, run_cli
+from biorecipes_shared import ConfigError, atomic_write, run_cli
 from corpus import fingerprint, list_shards, read_shard_metadata
 from model import BertForMaskedLM, geneformer_config
 from preprocess import CLS, DataError, read_gene_medians, read_vocab, tokenize_file

@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from biorecipes_shared.files import atomic_write_json
-from biorecipes_shared.run import ConfigError, run_cli
+from biorecipes_shared import ConfigError, atomic_write_json, run_cli
 from embed import embed_cells, load_model, tokenize_h5ad
 from model import BertForMaskedLM
 from preprocess import DataError, read_gene_medians, read_vocab

@@ -8,6 +8,7 @@
 - `auto` (default): `te` when Transformer Engine imports, `torchao` otherwise.
 Both need a CUDA GPU of compute capability >= 8.9 (FP8 tensor cores: Ada, Hopper and later).
 
+`cfg` is the run's settings (config.GeneformerConfig; not imported here, config.py imports this module).
 train.py calls three hooks: `fp8_backend(cfg)` while checking the config, `convert_for_fp8(model, cfg)` after
 building the model and before sharding it, and `fp8_autocast(cfg)` around each forward pass.
 """
@@ -18,11 +19,10 @@ import contextlib
 from collections.abc import Callable
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
 import model as model_module
-from config import ConfigError
+from biorecipes_shared import ConfigError
 
 FP8_BACKENDS = ("auto", "te", "torchao")
 MIN_CAPABILITY = (8, 9)
@@ -58,12 +58,12 @@ def check_fp8_device() -> None:
         raise ConfigError(f"training.use_fp8=true needs compute capability >= 8.9 (this GPU has {capability})")
 
 
-def fp8_backend(cfg: DictConfig, check_device: bool = True) -> str | None:
+def fp8_backend(cfg, check_device: bool = True) -> str | None:
     """The FP8 backend this config runs with: "te", "torchao", or None when FP8 is off; ConfigError if it cannot run.
 
     Configs written before `training.fp8_backend` existed mean `auto`."""
     training = cfg.training
-    requested = training.get("fp8_backend", "auto")
+    requested = getattr(training, "fp8_backend", "auto")
     if requested not in FP8_BACKENDS:
         raise ConfigError(f"training.fp8_backend={requested!r}: use one of {', '.join(FP8_BACKENDS)}")
     if not training.use_fp8:
@@ -114,7 +114,7 @@ def fp8_eligible_layers(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if is_fp8_eligible(module, name)]
 
 
-def convert_for_fp8(model: nn.Module, cfg: DictConfig, converter: Callable | None = None) -> list[str]:
+def convert_for_fp8(model: nn.Module, cfg, converter: Callable | None = None) -> list[str]:
     """Prepare `model` in place for the configured FP8 backend; returns the names of the converted modules.
 
     torchao: eligible nn.Linear -> Float8Linear (call before sharding). te: nothing to do (TE layers are FP8
@@ -128,7 +128,7 @@ def convert_for_fp8(model: nn.Module, cfg: DictConfig, converter: Callable | Non
     return names
 
 
-def fp8_autocast(cfg: DictConfig) -> contextlib.AbstractContextManager:
+def fp8_autocast(cfg) -> contextlib.AbstractContextManager:
     """The FP8 context for a forward pass: TE's autocast for `te`; none needed for `torchao` or FP8 off."""
     if fp8_backend(cfg, check_device=False) != "te":
         return contextlib.nullcontext()

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from biorecipes_shared.run import ConfigError
+from biorecipes_shared import ConfigError
 from dictionaries import read_text
 
 # Keys that define the network: taken from the folder, and an explicit model.* override that differs is an error.

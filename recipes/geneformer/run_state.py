@@ -1,24 +1,30 @@
-"""Setting up one training run: data, model (fresh or from a published folder), optimizer, and the resume point.
+"""What one training run builds once (`Run`) and what its loop advances (`RunState`).
 
-`set_up` builds what stays fixed for the run (`Run`); `restore` gives the small mutable `RunState` the loop advances,
-from the newest valid checkpoint when there is one (the run contract: `biorecipes_shared.run.resolve_resume`).
+`build_run(cfg, training)` reads and checks the data, builds the model (fresh or from a published folder), shards
+it, makes the optimizer and schedule, registers them with the shared `TrainingRun` (`run.training`) and restores the
+newest valid checkpoint through `TrainingRun.resume()` (the run contract: one command for every requeue).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from logging import Logger
-from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from transformers import get_scheduler
 
-from biorecipes_shared.checkpoint import CheckpointError, load_checkpoint
-from biorecipes_shared.distributed import DistributedContext, seed_everything, setup_distributed
-from biorecipes_shared.logging_utils import get_logger
-from biorecipes_shared.run import ConfigError, RunLayout, resolve_resume
-from config import recipe_path
+from biorecipes_shared import (
+    CheckpointError,
+    ConfigError,
+    DistributedContext,
+    MetricsWriter,
+    ThroughputMeter,
+    TrainingRun,
+    get_logger,
+    seed_everything,
+    setup_distributed,
+)
+from config import GeneformerConfig, recipe_path
 from data import CellDataset, MaskingCollator, check_corpus_fingerprint, check_fills_a_batch
 from fp8 import convert_for_fp8
 from model import BertForMaskedLM, configure_layers, geneformer_config, hf_to_te_state_dict
@@ -28,10 +34,10 @@ from pretrained import check_folder_vocab, load_folder_weights
 
 @dataclass
 class Run:
-    """What a run builds once and never changes."""
+    """What a run builds once and never replaces (the optimizer and schedule advance inside)."""
 
-    cfg: DictConfig
-    layout: RunLayout
+    cfg: GeneformerConfig
+    training: TrainingRun  # the shared run contract: save interval, stop signals, rotation, finish
     dist_ctx: DistributedContext
     log: Logger
     vocab: list[str]
@@ -41,11 +47,8 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     collator: MaskingCollator
-    resume_from: Path | None
-
-    @property
-    def generators(self) -> dict[str, torch.Generator]:
-        return {"masking": self.collator.generator}
+    metrics: MetricsWriter | None = None  # opened once the resume step is known (it trims later records)
+    meter: ThroughputMeter = field(default_factory=ThroughputMeter)
 
 
 @dataclass
@@ -55,10 +58,9 @@ class RunState:
     step: int = 0
     position: dict = field(default_factory=lambda: {"epoch": 0, "cells_done": 0})
     losses: list[float] = field(default_factory=list)
-    preempted: bool = False
 
 
-def read_data(cfg: DictConfig) -> tuple[list[str], int, CellDataset]:
+def read_data(cfg: GeneformerConfig) -> tuple[list[str], int, CellDataset]:
     """Vocabulary, model vocab size and dataset, each checked (DataError / ConfigError, one line)."""
     vocab = read_vocab(recipe_path(cfg.data.vocab_path))
     vocab_size = cfg.model.vocab_size or len(vocab)
@@ -71,9 +73,9 @@ def read_data(cfg: DictConfig) -> tuple[list[str], int, CellDataset]:
     return vocab, vocab_size, dataset
 
 
-def build_model(cfg: DictConfig, vocab_size: int, device: torch.device) -> BertForMaskedLM:
+def build_model(cfg: GeneformerConfig, vocab_size: int, device: torch.device) -> BertForMaskedLM:
     """A fresh model (seeded, so identical on every rank without a broadcast), or the published folder's weights."""
-    model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k not in ("vocab_size", "init_from")}
+    model_kwargs = {k: v for k, v in asdict(cfg.model).items() if k not in ("vocab_size", "init_from")}
     seed_everything(cfg.training.seed)
     config = geneformer_config(vocab_size, **model_kwargs)
     if not cfg.model.init_from:
@@ -87,7 +89,7 @@ def build_model(cfg: DictConfig, vocab_size: int, device: torch.device) -> BertF
     return model.to(device)
 
 
-def shard_model(model: BertForMaskedLM, cfg: DictConfig, dist_ctx: DistributedContext) -> torch.nn.Module:
+def shard_model(model: BertForMaskedLM, cfg: GeneformerConfig, dist_ctx: DistributedContext) -> torch.nn.Module:
     """Wrap for data parallelism: FSDP2 per layer + root, megatron-fsdp, DDP, or nothing on one process."""
     if cfg.training.use_fsdp and cfg.training.fsdp_impl == "megatron":
         try:
@@ -108,7 +110,7 @@ def shard_model(model: BertForMaskedLM, cfg: DictConfig, dist_ctx: DistributedCo
     return model
 
 
-def make_optimizer(model: torch.nn.Module, cfg: DictConfig):
+def make_optimizer(model: torch.nn.Module, cfg: GeneformerConfig):
     """AdamW without weight decay on biases and LayerNorms (BERT practice), with warmup + decay."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -127,7 +129,7 @@ def make_optimizer(model: torch.nn.Module, cfg: DictConfig):
         training.lr_schedule,
         optimizer,
         num_warmup_steps=training.warmup_steps,
-        num_training_steps=training.num_train_steps,
+        num_training_steps=training.max_steps,
     )
     return optimizer, scheduler
 
@@ -143,8 +145,25 @@ def _warn_truncation(log: Logger, dataset: CellDataset, vocab: list[str], max_le
     )
 
 
-def set_up(cfg: DictConfig, layout: RunLayout, logger_factory=get_logger) -> Run:
-    """Everything before the first step; reads and checks inputs but writes nothing (no output folder yet)."""
+def build_model_and_optimizer(run_parts: dict, cfg: GeneformerConfig, vocab_size: int) -> None:
+    """Model (fp8 conversion, compile/checkpointing and sharding applied in that order), optimizer, schedule."""
+    dist_ctx, log = run_parts["dist_ctx"], run_parts["log"]
+    model = build_model(cfg, vocab_size, dist_ctx.device)
+    seed_everything(cfg.training.seed + dist_ctx.rank)  # then different dropout per rank
+    if converted := convert_for_fp8(model, cfg):  # torchao: Linear -> Float8Linear, before sharding
+        log.info(f"fp8 (torchao): {len(converted)} Linear layers converted")
+    configure_layers(model, cfg.training.compile, cfg.training.activation_checkpointing)  # before sharding wraps them
+    source = f" from {cfg.model.init_from}" if cfg.model.init_from else ""
+    count = len(run_parts["dataset"])
+    log.info(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters{source}, {count} cells")
+    wrapped = shard_model(model, cfg, dist_ctx)
+    optimizer, scheduler = make_optimizer(wrapped, cfg)
+    run_parts.update(model=model, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler)
+
+
+def build_run(cfg: GeneformerConfig, training: TrainingRun, logger_factory=get_logger) -> tuple[Run, RunState]:
+    """Everything before the first step, then the resume point. Reads and checks every input before the run folder
+    is taken or written; raises ConfigError / DataError / CheckpointError / RunFolderBusy (one line each)."""
     vocab, vocab_size, dataset = read_data(cfg)
     dist_ctx = setup_distributed(seed=cfg.training.seed)
     if cfg.training.use_fsdp and not dist_ctx.is_distributed:
@@ -152,46 +171,35 @@ def set_up(cfg: DictConfig, layout: RunLayout, logger_factory=get_logger) -> Run
             "training.use_fsdp=true shards over several processes: launch with torchrun --nproc_per_node>1"
         )
     check_fills_a_batch(dataset, cfg.data.micro_batch_size, dist_ctx.world_size, cfg.data.batching)
-    resume_from = resolve_resume(cfg.training.resume_from_checkpoint, layout.checkpoints)
     log = logger_factory("geneformer", dist_ctx)
     if dataset.num_truncated and dist_ctx.is_main:
         _warn_truncation(log, dataset, vocab, cfg.data.max_seq_length)
-    model = build_model(cfg, vocab_size, dist_ctx.device)
-    seed_everything(cfg.training.seed + dist_ctx.rank)  # then different dropout per rank
-    if converted := convert_for_fp8(model, cfg):  # torchao: Linear -> Float8Linear, before sharding
-        log.info(f"fp8 (torchao): {len(converted)} Linear layers converted")
-    configure_layers(model, cfg.training.compile, cfg.training.activation_checkpointing)  # before sharding wraps them
-    source = f" from {cfg.model.init_from}" if cfg.model.init_from else ""
-    log.info(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters{source}, {len(dataset)} cells")
-    wrapped = shard_model(model, cfg, dist_ctx)
-    optimizer, scheduler = make_optimizer(wrapped, cfg)
+    parts = {"cfg": cfg, "training": training, "dist_ctx": dist_ctx, "log": log, "vocab": vocab, "dataset": dataset}
+    build_model_and_optimizer(parts, cfg, vocab_size)
     mask_generator = torch.Generator().manual_seed(cfg.training.seed + 1000 * (dist_ctx.rank + 1))
     collator = MaskingCollator(
-        vocab,
-        cfg.data.mlm_probability,
-        cfg.data.pad_to_multiple_of,
-        mask_generator,
+        vocab, cfg.data.mlm_probability, cfg.data.pad_to_multiple_of, mask_generator,
         max_length=cfg.model.max_position_embeddings,  # never pad past the position table
-    )
-    return Run(cfg, layout, dist_ctx, log, vocab, dataset, model, wrapped, optimizer, scheduler, collator, resume_from)
+    )  # fmt: skip
+    run = Run(**parts, collator=collator)
+    return run, restore(run)
 
 
 def restore(run: Run) -> RunState:
-    """A fresh RunState, or the one of `run.resume_from` (model, optimizer, schedule, masks, data position restored).
+    """Register what a checkpoint holds with `run.training`, then resume: a fresh RunState, or the saved one (model,
+    optimizer, schedule, masks, data position restored).
 
     The data position is global (identical on every rank), so a checkpoint of another world size continues exactly
     from the next cell of the stream (with a warning: masks and dropout then differ from an uninterrupted run)."""
-    if run.resume_from is None:
-        return RunState()
+    state = RunState()
+    run.training.register(
+        run.wrapped, run.optimizer, run.scheduler,
+        data_state=lambda: dict(state.position),
+        extra=lambda: {"data_position": dict(state.position), "world_size": run.dist_ctx.world_size},
+        generators={"masking": run.collator.generator},
+    )  # fmt: skip
     try:
-        saved = load_checkpoint(
-            run.resume_from,
-            run.wrapped,
-            run.optimizer,
-            run.scheduler,
-            generators=run.generators,
-            data_position="global",
-        )
+        saved = run.training.resume()
     except CheckpointError as error:
         if "shape mismatch" not in str(error):
             raise
@@ -199,5 +207,7 @@ def restore(run: Run) -> RunState:
         raise CheckpointError(
             f"{error}; the model config differs from the run that saved it: use a new training.output_dir"
         ) from None
-    run.log.info(f"resumed from {run.resume_from} at step {saved.step}; continuing with step {saved.step + 1}")
-    return RunState(step=saved.step, position=dict(saved.data_state))
+    if saved is not None:
+        run.log.info(f"resumed from {saved.path} at step {saved.step}; continuing with step {saved.step + 1}")
+        state.step, state.position = saved.step, dict(saved.data_state)
+    return state

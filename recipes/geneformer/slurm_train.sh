@@ -5,7 +5,7 @@
 # preemption): each rank saves a checkpoint and exits 0, so the job ends as COMPLETED, not FAILED. A torchrun launcher
 # that received the signal would exit 1 even after every worker saved. If the run is not finished yet the job
 # requeues itself; the same command then resumes from the newest valid checkpoint (the default,
-# training.resume_from_checkpoint=true). A finished run exits 0 at once without training.
+# training.resume=true). A finished run exits 0 at once without training.
 #SBATCH --job-name=geneformer
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8

@@ -15,12 +15,11 @@ from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from biorecipes_shared import ConfigError
 from biorecipes_shared.distributed import read_launch_env
-from biorecipes_shared.run import ConfigError
-from config import check_config, load_config, parse_cli, recipe_path
+from config import GeneformerConfig, load_config, parse_cli, recipe_path, show_config, validate
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
 OUTPUT_DIR_KEY = "training.output_dir"
@@ -53,7 +52,7 @@ def _swept_output_dir(overrides: list[str]) -> bool:
     return False
 
 
-def sweep_configs(argv: list[str]) -> tuple[str | None, list[tuple[list[str], DictConfig]]]:
+def sweep_configs(argv: list[str]) -> tuple[str | None, list[tuple[list[str], GeneformerConfig]]]:
     """(--cfg value, [(job overrides, checked config)]) for a `-m` command line; ConfigError (one line) for any
     job's bad value, for run folders that two jobs would share, and under torchrun."""
     if read_launch_env()[2] > 1:
@@ -66,7 +65,7 @@ def sweep_configs(argv: list[str]) -> tuple[str | None, list[tuple[list[str], Di
         cfg = load_config(name, job)
         if not own_dirs:
             cfg.training.output_dir = str(Path(cfg.training.output_dir) / str(number))
-        check_config(cfg)
+        validate(cfg)
         configs.append((job, cfg))
     folders = [recipe_path(cfg.training.output_dir).resolve() for _, cfg in configs]
     shared = sorted({str(folder) for folder in folders if folders.count(folder) > 1})
@@ -77,9 +76,9 @@ def sweep_configs(argv: list[str]) -> tuple[str | None, list[tuple[list[str], Di
     return show, configs
 
 
-def print_configs(configs: list[tuple[list[str], DictConfig]], show: str) -> None:
-    if show not in ("job", "all"):
+def print_configs(configs: list[tuple[list[str], GeneformerConfig]], show: str) -> None:
+    if show not in ("job", "all"):  # before any job is printed
         raise ConfigError(f"--cfg takes job or all, not {show!r}")
     for number, (job, cfg) in enumerate(configs):
         print(f"# job {number}: {' '.join(job)}")
-        print(OmegaConf.to_yaml(cfg), end="")
+        show_config(cfg, show)

@@ -8,6 +8,6 @@ set -euo pipefail
 cd "$(dirname "$0")"
 run_dir="runs/train_sample_$(date +%Y%m%d_%H%M%S)"
 python train.py --config-name "${config:-l0_sanity}" \
-    training.num_train_steps=400 training.log_every_n_steps=20 training.save_every_n_steps=200 \
+    training.max_steps=400 training.log_every_n_steps=20 training.save_every=200 \
     training.output_dir="$run_dir" "$@"
 echo "metrics: $run_dir/metrics.jsonl  loss curve: $run_dir/loss_curve.png  model: $run_dir/final_model"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -38,9 +39,9 @@ def tiny_overrides(output_dir: Path, steps: int = 6, **extra) -> list[str]:
     """l0_sanity shrunk further for tests: short cells, small batches, every step logged."""
     values = {
         "training.output_dir": str(output_dir),
-        "training.num_train_steps": steps,
+        "training.max_steps": steps,
         "training.log_every_n_steps": 1,
-        "training.save_every_n_steps": steps,
+        "training.save_every": steps,
         "data.max_seq_length": 64,
         "data.micro_batch_size": 4,
         "model.hidden_size": 32,
@@ -49,6 +50,52 @@ def tiny_overrides(output_dir: Path, steps: int = 6, **extra) -> list[str]:
         **extra,
     }
     return [f"{key}={value}" for key, value in values.items()]
+
+
+def published_folder(path: Path, safe=True, with_vocab=True, vocab_file=SAMPLE_DIR / "vocab.txt", seed=3, **config):
+    """A tiny BertForMaskedLM saved by transformers itself, as a published Geneformer folder would be (`config`
+    changes its BertConfig), with `vocab_file` as its vocab.txt."""
+    import torch
+    import transformers
+
+    values = dict(
+        vocab_size=len(vocab_file.read_text().splitlines()),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        hidden_act="relu",
+        layer_norm_eps=1e-12,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    model = transformers.BertForMaskedLM(transformers.BertConfig(**{**values, **config}))
+    with torch.no_grad():  # non-zero biases, so a reset to the recipe's init would show
+        for param in model.parameters():
+            param.add_(0.01 * torch.randn_like(param))
+    transformers.utils.logging.disable_progress_bar()  # transformers 5 draws one on stderr while saving
+    model.save_pretrained(path, safe_serialization=safe)
+    if with_vocab:
+        shutil.copy(vocab_file, path / "vocab.txt")
+    return path
+
+
+@pytest.fixture(scope="session")
+def finished_two_step_run(tmp_path_factory) -> Path:
+    """One finished 2-step tiny run (checkpoints/step_00000002, final_model/, metrics), built once for every test that
+    only reads it or starts from a copy of it (`copy_run`)."""
+    import train
+
+    run_dir = tmp_path_factory.mktemp("two_steps") / "run"
+    assert train.main(tiny_overrides(run_dir, steps=2)) == 0
+    return run_dir
+
+
+def copy_run(run_dir: Path, to: Path) -> Path:
+    """A copy of a finished run folder, to resume or break without touching the shared one."""
+    shutil.copytree(run_dir, to, ignore=shutil.ignore_patterns(".run.lock"))
+    return to
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,7 @@ import train
 from batching import BATCHING_MODES, MEGABATCH_BATCHES, epoch_order, length_grouped_order, pack_rows
 from bench_batching import genecorpus_like_lengths
 from biorecipes_shared.testing import kill_around_saves, run_command
-from config import ConfigError, _check_batching, load_config
+from config import ConfigError, check_batching, load_config, validate
 from data import MaskingCollator, batch_cells, batch_token_counts
 from model import IGNORE_INDEX, BertForMaskedLM, geneformer_config
 
@@ -169,11 +169,11 @@ def test_batch_token_counts_counts_real_tokens_and_computed_positions():
 
 def test_batching_settings_are_checked():
     with pytest.raises(ConfigError, match="data.batching='sorted': use one of random, length_grouped, packed"):
-        train.check_config(load_config("l0_sanity", ["data.batching=sorted"]))
+        validate(load_config("l0_sanity", ["data.batching=sorted"]))
     te_packed = load_config("l0_sanity", ["data.batching=packed"])
     te_packed.model.use_te_layers = True
     with pytest.raises(ConfigError, match="data.batching=packed needs the plain layers"):
-        _check_batching(te_packed.model, te_packed.data)
+        check_batching(te_packed.model, te_packed.data)
     assert load_config("l0_sanity").data.batching == "length_grouped"
 
 
@@ -207,7 +207,7 @@ DROPOUT = {"model.hidden_dropout_prob": 0.1, "model.attention_probs_dropout_prob
 @pytest.mark.parametrize("mode", BATCHING_MODES)
 def test_resume_is_bitwise_in_every_batching_mode(tmp_path, mode):
     """Stop after step 3 (only step_3 kept, as after a kill), resume in a fresh run: the same losses and weights."""
-    corpus, extra = varied_corpus(tmp_path), {"training.save_every_n_steps": 3, "training.keep_last_k": 5}
+    corpus, extra = varied_corpus(tmp_path), {"training.save_every": 3, "training.keep_last": 5}
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     train.train(load_config("l0_sanity", overrides(full, corpus, mode, 6, **extra)))
     shutil.copytree(full / "checkpoints" / "step_00000003", resumed / "checkpoints" / "step_00000003")
@@ -225,7 +225,7 @@ def test_kill_9_during_a_save_then_a_packed_rerun_equals_an_uninterrupted_run(tm
     corpus = varied_corpus(tmp_path)
 
     def command(run_dir):
-        extra = {"training.save_every_n_steps": 2}
+        extra = {"training.save_every": 2}
         return [sys.executable, str(RECIPE_DIR / "train.py"), *overrides(run_dir, corpus, mode, 6, **extra)]
 
     run_command(command(tmp_path / "straight"), cwd=tmp_path)

@@ -1,4 +1,5 @@
-"""Two processes under torchrun on gloo: DDP, and FSDP2 with a sharded checkpoint resumed exactly (both with\nactivation checkpointing on)."""
+"""Two processes under torchrun on gloo: FSDP2 with a sharded checkpoint resumed exactly (activation checkpointing on;
+DDP and world-size changes: test_run_contract.py)."""
 
 from __future__ import annotations
 
@@ -22,21 +23,13 @@ def losses_by_step(output_dir) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_ddp_two_processes(tmp_path):
-    torchrun(tiny_overrides(tmp_path, steps=4, **{"training.activation_checkpointing": "true"}))
-    assert sorted(losses_by_step(tmp_path)) == [1, 2, 3, 4]
-    assert (tmp_path / "checkpoints" / "step_00000004" / "rank_1.pt").is_file()
-    assert (tmp_path / "final_model" / "model.safetensors").is_file()
-
-
-@pytest.mark.slow
 def test_fsdp2_two_processes_resume_exactly(tmp_path):
     overrides = tiny_overrides(
         tmp_path,
         steps=6,
         **{
             "training.use_fsdp": "true",
-            "training.save_every_n_steps": 3,
+            "training.save_every": 3,
             "model.hidden_dropout_prob": 0.1,
             "training.activation_checkpointing": "true",  # per layer, inside FSDP2's per-layer units
         },

@@ -12,7 +12,7 @@ import torch
 from conftest import SAMPLE_DIR
 
 import embed
-import train
+import export
 from model import BertForMaskedLM, geneformer_config
 from preprocess import preprocess
 
@@ -37,7 +37,7 @@ def tiny_model(tmp_path, vocab_size: int):
         hidden_act="relu",
     )
     model = BertForMaskedLM(config)
-    train.export_final_model(model, model.state_dict(), tmp_path / "final_model")
+    export.export_final_model(model, model.state_dict(), tmp_path / "final_model")
     return tmp_path / "final_model"
 
 
@@ -47,6 +47,7 @@ def sample_cells(count: int) -> embed.Cells:
     return embed.Cells(tokens, table.column("cell_id").to_pylist(), "sample")
 
 
+@pytest.mark.smoke
 def test_a_cell_alone_equals_the_same_cell_in_a_padded_batch(model_dir):
     model = embed.load_model(model_dir)
     cells = sample_cells(12)

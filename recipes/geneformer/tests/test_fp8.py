@@ -10,9 +10,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import fp8
-from config import ConfigError, load_config
+from config import ConfigError, load_config, validate
 from model import BertForMaskedLM, geneformer_config
-from train import check_config
 
 
 def make_cfg(*overrides: str):
@@ -59,7 +58,7 @@ def test_cpu_is_refused_in_one_line(monkeypatch, backend):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = make_cfg("training.use_fp8=true", f"training.fp8_backend={backend}")
     with pytest.raises(ConfigError, match="needs a CUDA GPU with compute capability >= 8.9 \\(running on CPU\\)"):
-        check_config(cfg)
+        validate(cfg)
 
 
 def test_old_gpu_is_refused(monkeypatch):
@@ -101,7 +100,7 @@ def test_impossible_choices_name_the_fix(hopper, monkeypatch, te, torchao, overr
 
 def test_configs_without_the_key_mean_auto(hopper, monkeypatch):
     set_backends(monkeypatch, te=False, torchao=True)
-    values = OmegaConf.to_container(make_cfg("training.use_fp8=true"))
+    values = OmegaConf.to_container(OmegaConf.structured(make_cfg("training.use_fp8=true")))
     del values["training"]["fp8_backend"]  # a config saved before the key existed
     cfg = OmegaConf.create(values)
     assert fp8.fp8_backend(cfg) == "torchao"

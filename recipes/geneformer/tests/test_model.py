@@ -32,6 +32,7 @@ def padded_batch():
 
 
 @pytest.mark.parametrize("hidden_act", ["relu", "gelu"])
+@pytest.mark.smoke
 def test_same_logits_as_transformers_bert(hidden_act):
     torch.manual_seed(1)
     ours = BertForMaskedLM(tiny_config(hidden_act)).eval()

@@ -3,42 +3,15 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
-import transformers
-from conftest import SAMPLE_DIR, tiny_overrides
+from conftest import SAMPLE_DIR, published_folder, tiny_overrides
 from safetensors.torch import load_file
 
 import train
 
 VOCAB = (SAMPLE_DIR / "vocab.txt").read_text().splitlines()
-
-
-def published_folder(path, safe: bool = True, with_vocab: bool = True, **config):
-    """A tiny BertForMaskedLM saved by transformers itself, as a published Geneformer folder would be."""
-    values = dict(
-        vocab_size=len(VOCAB),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        hidden_act="relu",
-        layer_norm_eps=1e-12,
-        pad_token_id=0,
-    )
-    torch.manual_seed(3)
-    model = transformers.BertForMaskedLM(transformers.BertConfig(**{**values, **config}))
-    with torch.no_grad():  # non-zero biases, so a reset to the recipe's init would show
-        for param in model.parameters():
-            param.add_(0.01 * torch.randn_like(param))
-    transformers.utils.logging.disable_progress_bar()  # transformers 5 draws one on stderr while saving
-    model.save_pretrained(path, safe_serialization=safe)
-    if with_vocab:
-        shutil.copy(SAMPLE_DIR / "vocab.txt", path / "vocab.txt")
-    return path
 
 
 def folder_weights(folder):
@@ -48,7 +21,7 @@ def folder_weights(folder):
 
 
 def overrides(run_dir, folder, **extra):
-    values = {"model.init_from": str(folder), "training.learning_rate": 0, "training.save_every_n_steps": 1}
+    values = {"model.init_from": str(folder), "training.learning_rate": 0, "training.save_every": 1}
     return [o for o in tiny_overrides(run_dir, steps=1, **{**values, **extra}) if "intermediate_size" not in o]
 
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import RECIPE_DIR, tiny_overrides
+from conftest import RECIPE_DIR, copy_run, tiny_overrides
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -44,34 +44,35 @@ def data_position(run_dir, step: int) -> dict:
 DROPOUT = {"model.hidden_dropout_prob": 0.1, "model.attention_probs_dropout_prob": 0.1}
 
 
-@pytest.mark.slow
-def test_kill_9_around_saves_then_the_same_command_equals_an_uninterrupted_run(tmp_path):
-    def command(run_dir):
-        extra = {"training.save_every_n_steps": 2, "training.keep_last_k": 2, **DROPOUT}
-        return [sys.executable, TRAIN, *tiny_overrides(run_dir, steps=12, **extra)]
+def command(run_dir) -> list[str]:
+    """The command the interrupted runs and their uninterrupted reference share: 12 steps, a save every 2."""
+    extra = {"training.save_every": 2, "training.keep_last": 2, **DROPOUT}
+    return [sys.executable, TRAIN, *tiny_overrides(run_dir, steps=12, **extra)]
 
-    run_command(command(tmp_path / "straight"), cwd=tmp_path)
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted run of `command`, once for every interrupted one to equal."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    run_command(command(run_dir), cwd=run_dir.parent)
+    return run_dir
+
+
+@pytest.mark.slow
+def test_kill_9_around_saves_then_the_same_command_equals_an_uninterrupted_run(tmp_path, straight):
     report = kill_around_saves(command(tmp_path / "killed"), tmp_path / "killed" / "checkpoints", kills=3, seed=2)
     assert report.kills == 3 and report.failures == [], report
-    assert same_weights(tmp_path / "straight", tmp_path / "killed")
-    assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+    assert same_weights(straight, tmp_path / "killed")
+    assert losses(tmp_path / "killed") == losses(straight)
     leftovers = [p.name for p in (tmp_path / "killed" / "checkpoints").iterdir() if not p.name.startswith("step_")]
     assert leftovers == []
 
 
 @pytest.mark.slow
-def test_sigterm_saves_exits_0_and_the_rerun_equals_an_uninterrupted_run(tmp_path):
-    def command(run_dir):
-        return [
-            sys.executable,
-            TRAIN,
-            *tiny_overrides(run_dir, steps=40, **{"training.save_every_n_steps": 100, **DROPOUT}),
-        ]
-
-    run_command(command(tmp_path / "straight"), cwd=tmp_path)
+def test_sigterm_saves_exits_0_and_the_rerun_equals_an_uninterrupted_run(tmp_path, straight):
     proc = subprocess.Popen(command(tmp_path / "cut"), stderr=subprocess.PIPE, text=True, env=child_env(), cwd=tmp_path)
     for line in proc.stderr:
-        if "step 3/40" in line:
+        if "step 3/12" in line:
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.3)  # a scheduler that signals again while the preemption checkpoint is being written
             if proc.poll() is None:
@@ -79,12 +80,14 @@ def test_sigterm_saves_exits_0_and_the_rerun_equals_an_uninterrupted_run(tmp_pat
             break
     proc.communicate()
     assert proc.returncode == 0
-    saved = [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()]
-    assert len(saved) == 1 and saved[0] != "step_00000040" and not (tmp_path / "cut" / "final_model").exists()
-    verify_checkpoint(tmp_path / "cut" / "checkpoints" / saved[0])
+    saved = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())
+    stopped_at = max(step for step, _ in losses(tmp_path / "cut"))  # every step is logged
+    assert saved[-1] == f"step_{stopped_at:08d}" and stopped_at < 12, (saved, stopped_at)  # the stop step saved
+    assert not (tmp_path / "cut" / "final_model").exists()
+    verify_checkpoint(tmp_path / "cut" / "checkpoints" / saved[-1])
     run_command(command(tmp_path / "cut"), cwd=tmp_path)
-    assert losses(tmp_path / "cut") == losses(tmp_path / "straight")
-    assert same_weights(tmp_path / "straight", tmp_path / "cut")
+    assert losses(tmp_path / "cut") == losses(straight)
+    assert same_weights(straight, tmp_path / "cut")
 
 
 @pytest.mark.slow
@@ -100,8 +103,9 @@ def test_sigterm_during_imports_and_set_up_exits_0_before_the_first_step(tmp_pat
     assert not (checkpoints.exists() and any(checkpoints.iterdir())) and not (tmp_path / "run" / "final_model").exists()
 
 
-def test_a_finished_run_is_left_alone_and_says_so_in_one_line(tmp_path, capsys):
-    assert train.main(tiny_overrides(tmp_path, steps=2)) == 0
+@pytest.mark.smoke
+def test_a_finished_run_is_left_alone_and_says_so_in_one_line(tmp_path, capsys, finished_two_step_run):
+    tmp_path = copy_run(finished_two_step_run, tmp_path / "run")
     weights = tmp_path / "final_model" / "model.safetensors"
     before = (weights.stat().st_mtime_ns, weights.read_bytes(), sorted(p.name for p in tmp_path.rglob("*")))
     capsys.readouterr()
@@ -131,8 +135,10 @@ def safetensors_full_disk(monkeypatch):
 
 
 @pytest.mark.parametrize("fill_disk", [torch_full_disk, safetensors_full_disk])
-def test_a_full_disk_is_one_line_and_the_next_run_resumes_cleanly(tmp_path, capsys, monkeypatch, fill_disk):
-    assert train.main(tiny_overrides(tmp_path, steps=2)) == 0
+def test_a_full_disk_is_one_line_and_the_next_run_resumes_cleanly(
+    tmp_path, capsys, monkeypatch, fill_disk, finished_two_step_run
+):
+    tmp_path = copy_run(finished_two_step_run, tmp_path / "run")
     fill_disk(monkeypatch)
     capsys.readouterr()
     assert train.main(tiny_overrides(tmp_path, steps=4)) == 1
@@ -161,8 +167,8 @@ def test_an_unwritable_output_dir_is_one_line(tmp_path, capsys, monkeypatch):
     assert err == [f"error: {tmp_path / 'run'}: Permission denied"]
 
 
-def test_the_run_folder_has_one_shape(tmp_path):
-    assert train.main(tiny_overrides(tmp_path, steps=2)) == 0
+def test_the_run_folder_has_one_shape(finished_two_step_run):
+    tmp_path = finished_two_step_run
     names = sorted(p.name for p in tmp_path.iterdir() if p.name != ".run.lock")  # the shared run-folder lock
     assert names == ["checkpoints", "final_model", "loss.tsv", "loss_curve.png", "metrics.jsonl", "run_finished.json"]
     assert sorted(p.name for p in (tmp_path / "final_model").iterdir()) == [
@@ -174,18 +180,22 @@ def test_the_run_folder_has_one_shape(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
-def test_another_world_size_continues_the_global_data_position(tmp_path, before, after):
-    """4 steps on `before` processes, then 4 more on `after`: the data position is the sum of both runs' cells."""
+def test_ddp_and_another_world_size_continue_the_global_data_position(tmp_path):
+    """4 steps on 2 processes (DDP, activation checkpointing), to 8 on 1, to 12 on 2 again: each resume continues
+    the data position with the cells of every run before; DDP saves one file per rank and exports one model."""
 
     def launch(nproc: int, steps: int):
-        overrides = tiny_overrides(tmp_path, steps=steps, **{"training.save_every_n_steps": 4})
+        extra = {"training.save_every": 4, "training.activation_checkpointing": "true"}
+        overrides = tiny_overrides(tmp_path, steps=steps, **extra)
         command = torchrun_command(TRAIN, overrides, nproc) if nproc > 1 else [sys.executable, TRAIN, *overrides]
         return run_command(command, cwd=tmp_path)
 
-    launch(before, 4)
-    assert data_position(tmp_path, 4) == {"epoch": 0, "cells_done": 4 * 4 * before}
-    resumed = launch(after, 8)
-    assert f"saved by {before} process(es), resumed by {after}" in resumed.stderr
-    assert data_position(tmp_path, 8) == {"epoch": 0, "cells_done": 4 * 4 * (before + after)}
-    assert [step for step, _ in losses(tmp_path)] == list(range(1, 9))
+    launch(2, 4)
+    assert (tmp_path / "checkpoints" / "step_00000004" / "rank_1.pt").is_file()
+    assert data_position(tmp_path, 4) == {"epoch": 0, "cells_done": 4 * 4 * 2}
+    assert "saved by 2 process(es), resumed by 1" in launch(1, 8).stderr
+    assert data_position(tmp_path, 8) == {"epoch": 0, "cells_done": 4 * 4 * 3}
+    assert "saved by 1 process(es), resumed by 2" in launch(2, 12).stderr
+    assert data_position(tmp_path, 12) == {"epoch": 0, "cells_done": 4 * 4 * 5}
+    assert [step for step, _ in losses(tmp_path)] == list(range(1, 13))
+    assert (tmp_path / "final_model" / "model.safetensors").is_file()

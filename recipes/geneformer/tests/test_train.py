@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -14,13 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import transformers
-from conftest import RECIPE_DIR, tiny_overrides
+from conftest import RECIPE_DIR, copy_run, tiny_overrides
 
 import model as model_module
 import train
-from biorecipes_shared import stop_signals
-from config import load_config
+from config import LR_SCHEDULES, load_config, validate
 from model import BertForMaskedLM, check_te_config, geneformer_config
+from run_state import make_optimizer
 
 
 def logged_losses(output_dir) -> dict[int, float]:
@@ -46,11 +45,12 @@ def test_l0_sanity_loss_falls_and_export_loads(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.smoke
 def test_resume_gives_identical_losses(tmp_path):
     """Stop after step 4 (only step_4 survives, as after a kill), resume in a fresh run: same losses as without stop."""
     extra = {
-        "training.save_every_n_steps": 4,
-        "training.keep_last_k": 5,
+        "training.save_every": 4,
+        "training.keep_last": 5,
         "model.hidden_dropout_prob": 0.1,
         "model.attention_probs_dropout_prob": 0.1,
     }
@@ -85,20 +85,20 @@ def run_main(capsys, args):
     [
         (["--config-name", "nope"], "error: unknown config name 'nope'"),
         (["training.foo=1"], "error: Could not override 'training.foo'."),
-        (["training.num_train_steps=many"], "error: Error merging override training.num_train_steps=many"),
+        (["training.max_steps=many"], "error: Error merging override training.max_steps=many"),
         (["training.use_fp8=true"], "error: training.use_fp8=true needs a CUDA GPU"),
         (["data.train_path=/nonexistent/cells.parquet"], "error: /nonexistent/cells.parquet: no such data file"),
         (["data.vocab_path=/nonexistent/vocab.txt"], "error: /nonexistent/vocab.txt: no such vocabulary file"),
         (["model.use_te_layers=true"], "error: model.use_te_layers=true needs transformer_engine"),
         (["training.use_fsdp=true"], "error: training.use_fsdp=true shards over several processes"),
-        (["training.save_every_n_steps=0"], "error: training.save_every_n_steps=0 must be an integer >= 1"),
+        (["training.save_every=0"], "error: training.save_every=0 must be an integer >= 1"),
         (["training.learning_rate=-1"], "error: training.learning_rate=-1.0 must be >= 0"),
         (["training.learning_rate=nan"], "error: training.learning_rate=nan must be a finite number"),
         (["training.learning_rate=inf"], "error: training.learning_rate=inf must be a finite number"),
         (["data.mlm_probability=1.5"], "error: data.mlm_probability=1.5 must be in (0, 1)"),
         (["data.mlm_probability=0"], "error: data.mlm_probability=0.0 must be in (0, 1)"),
         (["model.hidden_dropout_prob=1.0"], "error: model.hidden_dropout_prob=1.0 must be in [0, 1)"),
-        (["training.keep_last_k=-2"], "error: training.keep_last_k=-2 must be an integer >= 1"),
+        (["training.keep_last=-2"], "error: training.keep_last=-2 must be an integer >= 1"),
         (["training.warmup_steps=-1"], "error: training.warmup_steps=-1 must be an integer >= 0"),
         (["training.checkpoint_dir=/elsewhere"], "error: training.checkpoint_dir='/elsewhere' is no longer used"),
         (["model.hidden_act=foo"], "error: model.hidden_act='foo' is unknown"),
@@ -138,16 +138,28 @@ def test_te_refuses_exact_gelu(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("schedule", train.LR_SCHEDULES)
+@pytest.mark.parametrize("schedule", LR_SCHEDULES)
 def test_every_accepted_lr_schedule_builds_and_steps(schedule):
     warmup = 0 if schedule == "constant" else 2
     cfg = load_config("l0_sanity", [f"training.lr_schedule={schedule}", f"training.warmup_steps={warmup}"])
-    train.check_config(cfg)
-    optimizer, scheduler = train.make_optimizer(torch.nn.Linear(2, 2), cfg)
+    validate(cfg)
+    optimizer, scheduler = make_optimizer(torch.nn.Linear(2, 2), cfg)
     for _ in range(3):
         optimizer.step()
         scheduler.step()
     assert scheduler.get_last_lr()[0] > 0
+
+
+def test_the_default_linear_schedule_follows_its_closed_formula():
+    """transformers' linear schedule as train.py steps it: warmup from 0 over warmup_steps, then down to 0 at
+    max_steps (lr * step / W, then lr * (T - step) / (T - W))."""
+    overrides = ["training.max_steps=20", "training.warmup_steps=5", "training.learning_rate=0.01"]
+    optimizer, scheduler = make_optimizer(torch.nn.Linear(2, 2), load_config("l0_sanity", overrides))
+    for step in range(1, 21):
+        optimizer.step()
+        scheduler.step()
+        expected = 0.01 * (step / 5 if step < 5 else (20 - step) / 15)
+        assert scheduler.get_last_lr()[0] == pytest.approx(expected, rel=1e-6, abs=1e-12), step
 
 
 def test_too_few_cells_is_an_error_before_any_output(tmp_path, capsys):
@@ -170,27 +182,30 @@ def test_cells_longer_than_max_seq_length_are_warned_once(tmp_path, caplog):
 
 
 @pytest.mark.slow
-def test_checkpoint_of_another_model_size_is_one_line_error(tmp_path, capsys):
-    assert train.main(tiny_overrides(tmp_path, steps=2)) == 0
+def test_checkpoint_of_another_model_size_is_one_line_error(tmp_path, capsys, finished_two_step_run):
+    tmp_path = copy_run(finished_two_step_run, tmp_path / "run")
     code, lines = run_main(capsys, tiny_overrides(tmp_path, steps=4) + ["model.hidden_size=64"])
     assert code == 1 and lines[-1].startswith("error: ") and "shape mismatches" in lines[-1]
     assert lines[-1].endswith("the model config differs from the run that saved it: use a new training.output_dir")
     assert not (tmp_path / "checkpoints" / "step_00000004").exists()
 
 
-def test_leftover_of_a_killed_save_is_removed_and_resume_false_refuses_checkpoints(tmp_path, capsys):
-    (tmp_path / "checkpoints" / "step_00000004").mkdir(parents=True)  # a save that never finished: no manifest
+def test_leftover_of_a_killed_save_is_removed_and_resume_false_refuses_checkpoints(
+    tmp_path, capsys, finished_two_step_run
+):
+    tmp_path = copy_run(finished_two_step_run, tmp_path / "run")
+    (tmp_path / "checkpoints" / "step_00000004").mkdir()  # a save that never finished: no manifest
     (tmp_path / "checkpoints" / ".tmp-step_00000006").mkdir()
     with pytest.warns(UserWarning, match="removed 2 incomplete checkpoint"):
-        assert train.main(tiny_overrides(tmp_path, steps=2)) == 0
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002"]
-    code, lines = run_main(capsys, tiny_overrides(tmp_path, steps=4) + ["training.resume_from_checkpoint=false"])
+        assert train.main(tiny_overrides(tmp_path, steps=3)) == 0
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
+    code, lines = run_main(capsys, tiny_overrides(tmp_path, steps=4) + ["training.resume=false"])
     assert code == 1 and "already holds checkpoints and resume is 'none'" in lines[-1]
 
 
 @pytest.mark.slow
-def test_corrupt_checkpoint_is_an_error_not_a_restart(tmp_path, capsys):
-    assert train.main(tiny_overrides(tmp_path, steps=2)) == 0
+def test_corrupt_checkpoint_is_an_error_not_a_restart(tmp_path, capsys, finished_two_step_run):
+    tmp_path = copy_run(finished_two_step_run, tmp_path / "run")
     weights = tmp_path / "checkpoints" / "step_00000002" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
@@ -200,10 +215,18 @@ def test_corrupt_checkpoint_is_an_error_not_a_restart(tmp_path, capsys):
     assert not (tmp_path / "checkpoints" / "step_00000004").exists()
 
 
-def test_cfg_prints_the_composed_config(capsys):
-    assert train.main(["--config-name", "4b", "--cfg", "job", "training.num_train_steps=7"]) == 0
-    shown = capsys.readouterr().out
-    assert "hidden_size: 2560" in shown and "num_hidden_layers: 36" in shown and "num_train_steps: 7" in shown
+@pytest.mark.smoke
+def test_cfg_prints_the_composed_config_and_old_names_still_work(capsys):
+    assert (
+        train.main(["--config-name", "4b", "--cfg", "job", "training.num_train_steps=7", "training.keep_last=3"]) == 0
+    )
+    shown, err = capsys.readouterr()
+    assert "hidden_size: 2560" in shown and "num_hidden_layers: 36" in shown and "max_steps: 7" in shown
+    assert "keep_last: 3" in shown and "num_train_steps" not in shown
+    assert err.splitlines() == [
+        "note: command line: 'training.num_train_steps' is now called 'training.max_steps'; the old name still works "
+        "for now"
+    ]
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path):
@@ -211,26 +234,3 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
         [sys.executable, str(RECIPE_DIR / "train.py"), "model.nope=3"], capture_output=True, text=True, cwd=tmp_path
     )
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and "Key 'nope' not in" in bad.stderr
-
-
-@pytest.mark.slow
-def test_preemption_saves_stops_and_resumes_identically(tmp_path, monkeypatch):
-    """SIGTERM (as SLURM sends) at step 3: checkpoint, stop without export; the rerun matches an uninterrupted run."""
-
-    class SignalAtStep3(train.PreemptionHandler):
-        calls = 0
-
-        def should_stop(self):
-            SignalAtStep3.calls += 1
-            if SignalAtStep3.calls == 4:  # the first check is before step 1
-                stop_signals._handle(signal.SIGTERM, None)
-            return super().should_stop()
-
-    extra = {"training.save_every_n_steps": 100, "model.hidden_dropout_prob": 0.1}
-    train.train(load_config("l0_sanity", tiny_overrides(tmp_path / "full", steps=6, **extra)))
-    monkeypatch.setattr(train, "PreemptionHandler", SignalAtStep3)
-    train.train(load_config("l0_sanity", tiny_overrides(tmp_path / "cut", steps=6, **extra)))
-    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step_00000003"]
-    monkeypatch.undo()
-    train.train(load_config("l0_sanity", tiny_overrides(tmp_path / "cut", steps=6, **extra)))
-    assert logged_losses(tmp_path / "cut") == logged_losses(tmp_path / "full")

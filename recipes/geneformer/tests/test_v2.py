@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 import transformers
-from conftest import SAMPLE_DIR, tiny_overrides
-from omegaconf import OmegaConf
+from conftest import SAMPLE_DIR, published_folder, tiny_overrides
 from safetensors.torch import load_file
 
 import train
-from config import load_config
+from config import load_config, validate
 from model import BertForMaskedLM, geneformer_config
 
 V2_DIR = SAMPLE_DIR / "v2"
@@ -30,8 +30,8 @@ def test_v2_configs_have_the_upstream_sizes(name, sizes, millions):
     model = cfg.model
     assert (model.num_hidden_layers, model.hidden_size, model.num_attention_heads, model.intermediate_size) == sizes
     assert (model.hidden_act, model.max_position_embeddings, cfg.data.max_seq_length) == ("gelu", 4096, 4096)
-    train.check_config(cfg)
-    kwargs = {k: v for k, v in OmegaConf.to_container(model).items() if k not in ("vocab_size", "init_from")}
+    validate(cfg)
+    kwargs = {k: v for k, v in asdict(model).items() if k not in ("vocab_size", "init_from")}
     with torch.device("meta"):  # sizes only: no memory
         built = BertForMaskedLM(geneformer_config(UPSTREAM_V2_VOCAB, **kwargs))
     assert sum(p.numel() for p in built.parameters()) / 1e6 == pytest.approx(millions, abs=0.1)
@@ -47,26 +47,9 @@ def test_the_v2_sample_wraps_every_cell_in_cls_and_eos():
 
 def v2_folder(path):
     """A tiny V2-layout BertForMaskedLM (GELU, 4,096 positions, the V2 sample vocabulary) saved by transformers."""
-    config = transformers.BertConfig(
-        vocab_size=len(V2_VOCAB),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=48,
-        max_position_embeddings=4096,
-        hidden_act="gelu",
-        layer_norm_eps=1e-12,
-        pad_token_id=0,
+    return published_folder(
+        path, vocab_file=V2_DIR / "vocab.txt", seed=5, max_position_embeddings=4096, hidden_act="gelu"
     )
-    torch.manual_seed(5)
-    model = transformers.BertForMaskedLM(config)
-    with torch.no_grad():  # non-zero biases, so a reset to the recipe's init would show
-        for param in model.parameters():
-            param.add_(0.01 * torch.randn_like(param))
-    transformers.utils.logging.disable_progress_bar()
-    model.save_pretrained(path)
-    (path / "vocab.txt").write_text("\n".join(V2_VOCAB) + "\n")
-    return path
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """Measure the run contract from outside, like a user, on the bundled sample (numbers for the issue note).
 
-    python scripts/measure_run_contract.py [--kills 15] [--tmpfs]      # --tmpfs needs root (mount -t tmpfs)
+    python scripts/measure_contract.py [--kills 15] [--tmpfs]      # --tmpfs needs root (mount -t tmpfs)
 
 Prints one table: kill -9 around saves, SIGTERM, world size 2 -> 1 and 1 -> 2, finished rerun, full disk, and the
 longest function of the recipe. Slow (every run is a fresh process); not a test.
@@ -37,8 +37,8 @@ SMALL = [
 def command(out: Path, steps: int, save_every: int, nproc: int = 1) -> list[str]:
     args = [
         f"training.output_dir={out}",
-        f"training.num_train_steps={steps}",
-        f"training.save_every_n_steps={save_every}",
+        f"training.max_steps={steps}",
+        f"training.save_every={save_every}",
         *SMALL,
     ]
     return torchrun_command(TRAIN, args, nproc) if nproc > 1 else [sys.executable, TRAIN, *args]
