@@ -17,8 +17,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from biorecipes_shared import ConfigError
-from biorecipes_shared.distributed import read_launch_env
+from biorecipes_shared import ConfigError, read_launch_env
 from config import GeneformerConfig, load_config, parse_cli, recipe_path, show_config, validate
 
 MULTIRUN_FLAGS = ("-m", "--multirun")

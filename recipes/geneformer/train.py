@@ -29,14 +29,13 @@ from biorecipes_shared import (
     MetricsWriter,
     TrainingRun,
     all_reduce_mean,
+    gather_full_state_dict,
     get_logger,
     peak_memory,
     run_cli,
     teardown_distributed,
     unwrap_model,
 )
-from biorecipes_shared.distributed import read_launch_env
-from biorecipes_shared.fsdp_checkpoint import gather_full_state_dict
 from config import GeneformerConfig, config_from_argv, recipe_path, validate
 from data import batch_cells, batch_token_counts, iterate_batches
 from export import export_final_model
@@ -94,9 +93,8 @@ def log_step(run: Run, state: RunState, loss: torch.Tensor, grad_norm) -> None:
 
 def stopped_before_start(run: Run, state: RunState) -> bool:
     """A signal during imports or set-up: the last saved state stands, nothing is saved or exported."""
-    if not run.training.preemption.should_stop():
+    if not run.training.stop_requested():  # a collective; once true, finish() leaves the run unfinished
         return False
-    run.training.stopped = True  # so that finish() leaves the run unfinished, as after a stop in the loop
     name = run.training.preemption.signal_name()
     run.log.warning(f"{name} before step {state.step + 1}: stopped; rerun the same command to continue")
     return True
@@ -153,9 +151,7 @@ def train(cfg: GeneformerConfig, logger_factory=get_logger) -> list[float]:
     Raises ConfigError / DataError / CheckpointError / WriteError (one line each) before any output for bad input."""
     validate(cfg)
     training = training_run(cfg)
-    if message := training.finished_message():  # before building anything: a finished run stays finished
-        if read_launch_env()[0] == 0:
-            print(message, flush=True)
+    if training.report_finished():  # before building anything: a finished run stays finished (rank 0 says so)
         return []
     run, state = build_run(cfg, training, logger_factory)
     tsv = {"loss.tsv": ["step", "loss"]}
