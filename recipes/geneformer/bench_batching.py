@@ -2,6 +2,7 @@
 
     python bench_batching.py                      # ~5 min on 2 quiet cores (much longer on a loaded machine)
     python bench_batching.py --micro-batch-size 4 --repeats 7 --no-real
+    python bench_batching.py --micro-batch-size 10 --repeats 3 --no-real   # the issue's figure: ~30 min under load
 
 Two corpora, the 10m model (6 x 256, 2,048 positions, fp32, its dropout) and train.py's step (forward, backward on the
 masked tokens, AdamW):
@@ -10,9 +11,10 @@ masked tokens, AdamW):
   real       the 500 Genecorpus-30M cells of ../shared/data/genecorpus_500 (99.4% at the cap: nothing to gain, and
              nothing may be lost); skipped with a message when absent.
 Columns: useful-token fraction (real tokens / positions computed) over one whole epoch, at the timed micro-batch size
-and at 10 (the configs' default); real tokens/s: median over `repeats` steps per mode after one warm-up step each,
-modes in turns, each step a different batch spread over the epoch (so length_grouped is not timed only on its long
-head); ratio against random.
+and at 10 (the configs' default); real tokens/s: median over `repeats` steps per mode after one warm-up step each
+(the first two rows of its first batch: it only pays first-call costs), modes in turns, each step a different batch
+spread over the epoch (so length_grouped is not timed only on its long head); ratio against random, from wall time
+and, as a cross-check on a shared machine whose share of the cores drifts, from this process' CPU time.
 """
 
 from __future__ import annotations
@@ -101,20 +103,24 @@ def spread_batches(dataset, collator, mode: str, micro_batch_size: int, batches:
     return chosen[:count]
 
 
-def interleaved_rates(model: BertForMaskedLM, batches: dict[str, list[dict]]) -> dict[str, float]:
-    """Median real tokens/s of a train step per mode; modes take turns, the first batch of each is a warm-up.
+def interleaved_rates(model: BertForMaskedLM, batches: dict[str, list[dict]]) -> dict[str, tuple[float, float]]:
+    """Median real tokens per wall second and per CPU second of a train step, per mode; modes take turns, the first
+    batch of each is a warm-up, cut to two rows (a full 10 x 2,048 step takes minutes on a loaded machine).
     Not logging_utils.interleaved_medians: every call here has its own batch and token count, so rates are per call."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    rates: dict[str, list[float]] = {mode: [] for mode in batches}
+    rates: dict[str, list[tuple[float, float]]] = {mode: [] for mode in batches}
     for index in range(len(next(iter(batches.values())))):
         for mode, steps in batches.items():
-            start = time.perf_counter()
-            model(**steps[index], masked_logits_only=True).loss.backward()
+            batch = steps[index] if index else {key: value[:2] for key, value in steps[0].items()}
+            start, cpu_start = time.perf_counter(), time.process_time()
+            model(**batch, masked_logits_only=True).loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             if index:
-                rates[mode].append(batch_token_counts(steps[index])[0] / (time.perf_counter() - start))
-    return {mode: statistics.median(values) for mode, values in rates.items()}
+                tokens = batch_token_counts(batch)[0]
+                rates[mode].append((tokens / wall, tokens / cpu))
+    return {mode: tuple(statistics.median(v[i] for v in values) for i in (0, 1)) for mode, values in rates.items()}
 
 
 def corpus_rows(name: str, dataset, vocab: list[str], micro_batch_size: int, repeats: int) -> list[dict]:
@@ -126,16 +132,12 @@ def corpus_rows(name: str, dataset, vocab: list[str], micro_batch_size: int, rep
         fractions[mode] = (fraction, epoch_fraction(dataset, collator, mode, 10)[0])
         timed[mode] = spread_batches(dataset, collator, mode, micro_batch_size, batches, repeats + 1)
     model_cfg = load_config("10m").model
-    sizes = {key: model_cfg[key] for key in ("hidden_size", "num_hidden_layers", "num_attention_heads")}
+    # attribute access only: the same for the config's DictConfig and a dataclass
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act")
+    keys += ("hidden_dropout_prob", "attention_probs_dropout_prob")
     torch.manual_seed(0)
     config = geneformer_config(
-        len(vocab),
-        **sizes,
-        intermediate_size=model_cfg.intermediate_size,
-        hidden_act=model_cfg.hidden_act,
-        max_position_embeddings=MAX_LENGTH,
-        hidden_dropout_prob=model_cfg.hidden_dropout_prob,
-        attention_probs_dropout_prob=model_cfg.attention_probs_dropout_prob,
+        len(vocab), max_position_embeddings=MAX_LENGTH, **{key: getattr(model_cfg, key) for key in keys}
     )
     model = BertForMaskedLM(config).train()
     rates = interleaved_rates(model, timed)
@@ -145,8 +147,10 @@ def corpus_rows(name: str, dataset, vocab: list[str], micro_batch_size: int, rep
             "batching": mode,
             "useful_fraction": fractions[mode][0],
             "useful_fraction_mbs10": fractions[mode][1],
-            "tokens_per_s": rates[mode],
-            "ratio": rates[mode] / rates["random"],
+            "tokens_per_s": rates[mode][0],
+            "ratio": rates[mode][0] / rates["random"][0],
+            "tokens_per_cpu_s": rates[mode][1],
+            "cpu_ratio": rates[mode][1] / rates["random"][1],
         }
         for mode in BATCHING_MODES
     ]
@@ -164,27 +168,36 @@ def print_rows(rows: list[dict]) -> None:
     for row in rows:
         print(
             f"{row['corpus']:<15} {row['batching']:<15} {row['useful_fraction']:>7.3f} "
-            f"{row['useful_fraction_mbs10']:>10.3f} {row['tokens_per_s']:>11.0f} {row['ratio']:>9.2f}x",
+            f"{row['useful_fraction_mbs10']:>10.3f} {row['tokens_per_s']:>11.0f} {row['ratio']:>9.2f}x "
+            f"{row['tokens_per_cpu_s']:>11.0f} {row['cpu_ratio']:>9.2f}x",
             flush=True,
         )
 
 
 def batching_rows(
-    micro_batch_size: int = 2, repeats: int = 5, cells: int = CELLS, real: bool = True, show=lambda rows: None
+    micro_batch_size: int = 2,
+    repeats: int = 5,
+    cells: int = CELLS,
+    real: bool = True,
+    show=lambda rows: None,
+    synthetic: bool = True,
 ) -> list[dict]:
     """The table's rows: synthetic corpus, then (when present) the real Genecorpus cells; `show` gets each corpus'
     rows as soon as they are measured."""
-    synthetic = SyntheticCells(genecorpus_like_lengths(cells), len(V1_VOCAB))
-    rows = corpus_rows("synthetic", synthetic, V1_VOCAB, micro_batch_size, repeats)
-    show(rows)
+    rows = []
+    if synthetic:
+        corpus = SyntheticCells(genecorpus_like_lengths(cells), len(V1_VOCAB))
+        rows += corpus_rows("synthetic", corpus, V1_VOCAB, micro_batch_size, repeats)
+        show(rows)
     found = real_corpus() if real else None
     if real and found is None:
         print("real Genecorpus cells not found (../shared/data/genecorpus_500 or $BIORECIPES_SHARED_DATA): skipped")
     if found is not None:
         vocab = read_vocab(found[1])
         dataset = CellDataset(found[0], len(vocab), MAX_LENGTH)
-        rows += corpus_rows("genecorpus_500", dataset, vocab, micro_batch_size, repeats)
-        show(rows[len(BATCHING_MODES) :])
+        real_rows = corpus_rows("genecorpus_500", dataset, vocab, micro_batch_size, repeats)
+        show(real_rows)
+        rows += real_rows
     return rows
 
 
@@ -194,6 +207,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per mode, after one warm-up")
     parser.add_argument("--cells", type=int, default=CELLS, help="synthetic corpus size")
     parser.add_argument("--no-real", action="store_true", help="skip the real Genecorpus cells")
+    parser.add_argument("--no-synthetic", action="store_true", help="skip the synthetic corpus")
     # known args only: bench.py calls main() under its own command line (--no-scale, ...)
     args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     print(
@@ -201,9 +215,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"median of {args.repeats} interleaved steps, {torch.get_num_threads()} CPU threads",
         flush=True,
     )
-    print(f"{'corpus':<15} {'batching':<15} {'useful':>7} {'useful@10':>10} {'real tok/s':>11} {'vs random':>10}")
-    rows = batching_rows(args.micro_batch_size, args.repeats, args.cells, not args.no_real, show=print_rows)
+    print(
+        f"{'corpus':<15} {'batching':<15} {'useful':>7} {'useful@10':>10} {'real tok/s':>11} {'vs random':>10} "
+        f"{'tok/cpu-s':>11} {'cpu ratio':>10}"
+    )
+    rows = batching_rows(
+        args.micro_batch_size, args.repeats, args.cells, not args.no_real, print_rows, not args.no_synthetic
+    )
     synthetic = {row["batching"]: row for row in rows if row["corpus"] == "synthetic"}
+    if not synthetic:
+        return rows
     print(
         f"headline: synthetic real tokens/s length_grouped {synthetic['length_grouped']['ratio']:.2f}x, packed "
         f"{synthetic['packed']['ratio']:.2f}x random (useful fraction {synthetic['random']['useful_fraction']:.2f} -> "
