@@ -146,10 +146,10 @@ def backend_row(ctx: Context, attention: str, eager_flops: dict) -> tuple[str, d
 
 
 def switch_case(ctx: Context) -> SwitchCase:
-    """The throughput model (dropout off) and batch; switches: `trainer.apply_speed_switches`, what
+    """The throughput model (dropout off) and batch; switches: `model.apply_speed_switches`, what
     `training.compile` (scope blocks) and `training.activation_checkpointing` call."""
     try:
-        from trainer import apply_speed_switches
+        from model import apply_speed_switches
     except ImportError as error:
         raise CheckSkipped(f"esm2_fa has no training.compile switch here ({error})") from None
     size = ctx.sizes["throughput"]
@@ -187,7 +187,7 @@ def train(ctx: Context) -> tuple[str, dict]:
         f"training.max_steps={steps}",
         f"training.schedule_steps={steps}",
         f"training.warmup_steps={max(1, steps // 5)}",
-        f"training.save_steps={half}",
+        f"training.save_every={half}",
         f"training.eval_steps={half}",
         f"training.logging_steps={max(1, steps // 10)}",
         "training.early_stopping.enabled=false",
@@ -196,7 +196,7 @@ def train(ctx: Context) -> tuple[str, dict]:
     def command(run_dir: Path) -> list[str]:
         argv = ["src/train.py", "--config", TINY_CONFIG, "--train_dir", str(shards / "train")]
         argv += ["--val_dir", str(shards / "val"), "--output_dir", str(run_dir)]
-        return argv + overrides  # --resume_from_checkpoint auto is the default
+        return argv + overrides  # --resume auto is the default
 
     spec = TrainSpec(full=command)
     return train_and_resume(ctx, spec, timeout=ctx.sizes["budget_s"])

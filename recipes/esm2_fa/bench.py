@@ -35,10 +35,10 @@ sys.path.insert(0, str(RECIPE_DIR / "src"))
 
 import bench_scale  # noqa: E402
 import bench_switches  # noqa: E402
+from data import ShardStream  # noqa: E402
 from data_processing import chunk_protein, pack_batches, preprocess_fasta, read_fasta, tokenize  # noqa: E402
-from dataset import ShardStream  # noqa: E402
-from model import build_model, esm2_config, save_tokenizer  # noqa: E402
-from trainer import MaskedLMLoss, fused_adamw_supported, masked_lm_loss  # noqa: E402
+from model import MaskedLMLoss, build_model, esm2_config, masked_lm_loss, save_tokenizer  # noqa: E402
+from run_state import fused_adamw_supported  # noqa: E402
 
 SAMPLE = RECIPE_DIR / "sample_data" / "train.fasta"
 BUDGET, SAMPLE_BUDGET, MAX_AA, WINDOW, FIXED_BATCH = 16384, 4096, 1022, 10_000, 32
@@ -106,7 +106,7 @@ def bench_training(train_dir: Path, model_name: str, repeats: int, n_batches: in
     """Real tokens/s of the recipe's training step and evaluation forward vs plain transformers 5 with SDPA.
 
     Both are transformers' EsmForMaskedLM with SDPA, from the same weights, on the same real batches. The recipe's
-    step: loss from the LM head on the masked positions only (trainer.MaskedLMLoss) + fused AdamW (what
+    step: loss from the LM head on the masked positions only (model.MaskedLMLoss) + fused AdamW (what
     make_optimizer picks here); the baseline: `model(...).logits` over every position + torch's default AdamW.
     Inference: the masked-LM loss under no_grad, the same way round. Interleaved, medians of `repeats`.
     """

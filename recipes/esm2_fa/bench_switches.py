@@ -28,9 +28,8 @@ from biorecipes_shared.logging_utils import interleaved_medians
 RECIPE_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(RECIPE_DIR / "src"))
 
-from dataset import mask_tokens  # noqa: E402
-from model import build_model, esm2_config  # noqa: E402
-from trainer import MaskedLMLoss, apply_speed_switches  # noqa: E402
+from data import mask_tokens  # noqa: E402
+from model import MaskedLMLoss, apply_speed_switches, build_model, esm2_config  # noqa: E402
 
 
 def batch_of(rows: int, length: int, seed: int = 0) -> dict[str, torch.Tensor]:

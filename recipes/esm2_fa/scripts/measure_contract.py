@@ -24,7 +24,7 @@ from biorecipes_shared.testing import child_env, kill_around_saves, run_command,
 
 RECIPE = Path(__file__).resolve().parents[1]
 TRAIN = RECIPE / "src" / "train.py"
-SETTINGS = ["training.max_steps=160", "training.save_steps=10", "training.eval_steps=10", "training.logging_steps=10"]
+SETTINGS = ["training.max_steps=160", "training.save_every=10", "training.eval_steps=10", "training.logging_steps=10"]
 
 
 def shards(work: Path) -> tuple[Path, Path]:
@@ -115,7 +115,7 @@ def measure_disk_full(data, work) -> str:
     mount.mkdir(exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(mount)], check=True)
     try:
-        cmd = command(data, mount / "run", "training.save_total_limit=0")
+        cmd = command(data, mount / "run", "training.keep_last=0")
         first = run_command(cmd, cwd=RECIPE, check=False)
         left = sorted(p.name for p in (mount / "run" / "checkpoints").iterdir())
         second = run_command(cmd, cwd=RECIPE, check=False)

@@ -1,7 +1,11 @@
-"""Load `config.yaml` (or another YAML) into typed sections; unknown or mistyped keys fail loudly.
+"""The recipe's settings: a typed schema (the dataclasses below, defaults written once), filled from a YAML file
+(src/config.yaml unless --config names another) and `section.key=value` overrides by the shared loader, then
+checked in `validate()`.
 
-`get_model_config()` reads src/config.yaml; `get_training_config("my.yaml", ["training.max_steps=10"])` reads
-another file with a dot-list override; `load_config(...)` returns all three sections at once.
+    cfg = load("src/config_tiny_cpu.yaml", ["training.max_steps=10"])
+
+Every problem is one ConfigError line. The HF TrainingArguments names of the original still work, with a one-line
+note: training.save_steps -> save_every, save_total_limit -> keep_last, resume_from_checkpoint -> resume.
 """
 
 from __future__ import annotations
@@ -9,17 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from biorecipes_shared import ConfigError, check_settings, load_config
 
-from biorecipes_shared.run import ConfigError as SharedConfigError
-from biorecipes_shared.run import check_settings
+__all__ = ["ConfigError", "RecipeConfig", "load", "validate"]
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
-
-
-class ConfigError(SharedConfigError):
-    """The config file or an override is invalid (a ValueError; `run_cli` prints it as one line)."""
+RENAMED = {
+    "training.save_steps": "training.save_every",
+    "training.save_total_limit": "training.keep_last",
+    "training.resume_from_checkpoint": "training.resume",
+}
 
 
 @dataclass
@@ -62,15 +65,18 @@ class TrainingConfig:
     mixed_precision: str = "bf16"  # bf16 | fp16 | no
     gradient_clipping: float = 1.0  # -> max_grad_norm
     eval_steps: int = 1000
-    save_steps: int = 1000
+    save_every: int = 1000  # checkpoint interval in steps (was save_steps)
     logging_steps: int = 100
-    save_total_limit: int = 3
+    keep_last: int = 3  # newest checkpoints kept, plus the best one; 0 keeps all (was save_total_limit)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     load_best_model_at_end: bool = True
     metric_for_best_model: str = "eval_loss"
     greater_is_better: bool = False
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     seed: int = 42
+    # auto (latest = auto): newest complete checkpoint, else a fresh start; none: fresh start (refused when
+    # checkpoints exist); or a checkpoints/step_N dir (was --resume_from_checkpoint)
+    resume: str = "auto"
     report_to: str = "none"  # none | wandb | tensorboard (the package must be installed)
     compile: bool = False  # torch.compile (off by default: see BENCHMARKS.md for the CPU figure)
     compile_scope: str = "blocks"  # blocks: each transformer layer; model: the whole EsmForMaskedLM
@@ -91,19 +97,10 @@ class RecipeConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RecipeConfig:
-    """Merge the YAML file and `section.key=value` overrides onto the typed defaults and validate them."""
-    path = Path(path) if path else DEFAULT_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        merged = OmegaConf.merge(
-            OmegaConf.structured(RecipeConfig), OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides))
-        )
-        cfg: RecipeConfig = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"{path}: {err}".splitlines()[0]) from err
-    _validate(cfg, path)
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RecipeConfig:
+    """The YAML file (default src/config.yaml) and `section.key=value` overrides on the typed defaults, validated."""
+    cfg = load_config(RecipeConfig, path or DEFAULT_CONFIG, list(overrides), renamed=RENAMED)
+    validate(cfg)
     return cfg
 
 
@@ -114,7 +111,7 @@ COMPILE_SCOPES = ("blocks", "model")
 
 
 def setting_checks(cfg: RecipeConfig) -> list[tuple[str, object, str]]:
-    """Every numeric setting with its rule (biorecipes_shared.run.check_settings): the one list of range checks.
+    """Every numeric setting with its rule (biorecipes_shared.check_settings): the one list of range checks.
 
     A 0, negative or non-finite value would otherwise surface deep inside the loop as a traceback, after the output
     folder exists.
@@ -132,9 +129,9 @@ def setting_checks(cfg: RecipeConfig) -> list[tuple[str, object, str]]:
         ("training.max_steps", t.max_steps, "count"),
         ("training.gradient_clipping", t.gradient_clipping, "positive"),
         ("training.eval_steps", t.eval_steps, "count"),
-        ("training.save_steps", t.save_steps, "count"),
+        ("training.save_every", t.save_every, "count"),
         ("training.logging_steps", t.logging_steps, "count"),
-        ("training.save_total_limit", t.save_total_limit, "count0"),
+        ("training.keep_last", t.keep_last, "count0"),
         ("training.early_stopping.patience", e.patience, "count"),
         ("training.early_stopping.threshold", e.threshold, "non_negative"),
         ("training.optimizer.weight_decay", o.weight_decay, "non_negative"),
@@ -150,44 +147,35 @@ def setting_checks(cfg: RecipeConfig) -> list[tuple[str, object, str]]:
     return checks
 
 
-def _validate(cfg: RecipeConfig, path: Path) -> None:
-    """All settings checks, in one place, before anything is written."""
-    try:
-        check_settings(setting_checks(cfg))
-    except SharedConfigError as err:
-        raise ConfigError(f"{path}: {err}") from err
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    """ConfigError naming the setting and its allowed values when `value` is not one of them."""
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def validate(cfg: RecipeConfig) -> None:
+    """All settings checks, in one place, before anything is written; raises ConfigError (one line)."""
+    check_settings(setting_checks(cfg))
     t = cfg.training
-    if t.report_to not in REPORT_TO_CHOICES:
-        raise ConfigError(
-            f"{path}: training.report_to must be one of {', '.join(REPORT_TO_CHOICES)}, got {t.report_to!r}"
-        )
-    if t.mixed_precision not in MIXED_PRECISION_CHOICES:
-        raise ConfigError(f"{path}: training.mixed_precision must be bf16, fp16 or no, got {t.mixed_precision!r}")
-    if t.metric_for_best_model not in METRIC_CHOICES:  # else a KeyError at the first evaluation
-        raise ConfigError(
-            f"{path}: training.metric_for_best_model must be one of {', '.join(METRIC_CHOICES)}, "
-            f"got {t.metric_for_best_model!r}"
-        )
-    if t.compile_scope not in COMPILE_SCOPES:
-        raise ConfigError(f"{path}: training.compile_scope must be blocks or model, got {t.compile_scope!r}")
+    check_choice("training.report_to", t.report_to, REPORT_TO_CHOICES)
+    check_choice("training.mixed_precision", t.mixed_precision, MIXED_PRECISION_CHOICES)
+    check_choice("training.metric_for_best_model", t.metric_for_best_model, METRIC_CHOICES)  # else a KeyError later
+    check_choice("training.compile_scope", t.compile_scope, COMPILE_SCOPES)
     if t.early_stopping.enabled and not t.load_best_model_at_end:
-        raise ConfigError(f"{path}: training.early_stopping needs training.load_best_model_at_end: true")
-    if t.load_best_model_at_end and t.save_steps % t.eval_steps:
-        raise ConfigError(f"{path}: training.save_steps must be a multiple of eval_steps for load_best_model_at_end")
+        raise ConfigError("training.early_stopping needs training.load_best_model_at_end: true")
+    if t.load_best_model_at_end and t.save_every % t.eval_steps:
+        raise ConfigError("training.save_every must be a multiple of eval_steps for load_best_model_at_end")
     if t.warmup_steps > t.schedule_steps:
-        raise ConfigError(f"{path}: training.warmup_steps must not exceed schedule_steps")
+        raise ConfigError("training.warmup_steps must not exceed schedule_steps")
+    check_report_to(t.report_to)
 
 
-def get_model_config(path: str | Path | None = None, overrides=()) -> ModelConfig:
-    """The `model` section."""
-    return load_config(path, overrides).model
+def check_report_to(report_to: str) -> None:
+    """The logging integration must import now, not after the output dir exists."""
+    from transformers.integrations import is_tensorboard_available, is_wandb_available
 
-
-def get_training_config(path: str | Path | None = None, overrides=()) -> TrainingConfig:
-    """The `training` section."""
-    return load_config(path, overrides).training
-
-
-def get_data_config(path: str | Path | None = None, overrides=()) -> DataConfig:
-    """The `data` section."""
-    return load_config(path, overrides).data
+    available = {"none": True, "wandb": is_wandb_available(), "tensorboard": is_tensorboard_available()}
+    if not available[report_to]:
+        raise ConfigError(
+            f"training.report_to={report_to} needs the {report_to} package; install it or set training.report_to=none"
+        )

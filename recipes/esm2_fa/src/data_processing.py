@@ -12,7 +12,7 @@ each of the `--num_proc` worker processes writes its own shards and its part of 
 only finds the blocks' boundaries (workers read an uncompressed input themselves) and renames the results in input
 order. The output does not depend on the process count.
 `packing.json` beside the shards records what a consumer depends on (token budget, lengths, vocabulary sha256,
-special ids, format version); dataset.check_data_fingerprints compares it with the model before training.
+special ids, format version); data.check_data_fingerprints compares it with the model before training.
 """
 
 from __future__ import annotations
@@ -105,18 +105,7 @@ def preprocess_fasta(
     made = [p for p in output_dir.parents if not p.exists()]  # removed again if the run fails
     try:
         tmp_dir.mkdir(parents=True)
-        totals = collections.Counter()
-        per_group = windows_per_group(chunk_size, shard_size)
-        with open(tmp_refined, "wb") as refined, tqdm(desc="proteins", unit=" seq", disable=not progress) as bar:
-            for result in map_groups(input_fasta, chunk_size, per_group, work, num_proc):
-                for shard in result.shards:  # numbered in input order, whichever worker wrote them
-                    shard.rename(tmp_dir / f"shard-{totals['shards']:05d}")
-                    totals["shards"] += 1
-                append_file(result.refined, refined)
-                result.refined.unlink()
-                totals.update(batches=result.batches, rows=result.rows, real_tokens=result.real_tokens)
-                totals.update(padded_tokens=result.padded_tokens)
-                bar.update(result.n_records)
+        totals = write_groups(input_fasta, tmp_dir, tmp_refined, chunk_size, shard_size, work, num_proc, progress)
         # Inside tmp_dir, so it appears with the shards in the one rename; the loader checks it against its model.
         packing = packing_record(token_budget, max_aa_length, max_position_embeddings, input_fasta, totals)
         (tmp_dir / PACKING_FILE).write_text(json.dumps(packing, indent=2) + "\n")
@@ -146,8 +135,28 @@ def preprocess_fasta(
     }
 
 
+def write_groups(
+    input_fasta, tmp_dir, tmp_refined, chunk_size, shard_size, work, num_proc, progress
+) -> collections.Counter:
+    """Build every group of windows (in `num_proc` processes), number their shards in input order inside tmp_dir and
+    append their refined FASTA parts to tmp_refined; returns the totals (shards, batches, rows, tokens)."""
+    totals = collections.Counter()
+    per_group = windows_per_group(chunk_size, shard_size)
+    with open(tmp_refined, "wb") as refined, tqdm(desc="proteins", unit=" seq", disable=not progress) as bar:
+        for result in map_groups(input_fasta, chunk_size, per_group, work, num_proc):
+            for shard in result.shards:  # numbered in input order, whichever worker wrote them
+                shard.rename(tmp_dir / f"shard-{totals['shards']:05d}")
+                totals["shards"] += 1
+            append_file(result.refined, refined)
+            result.refined.unlink()
+            totals.update(batches=result.batches, rows=result.rows, real_tokens=result.real_tokens)
+            totals.update(padded_tokens=result.padded_tokens)
+            bar.update(result.n_records)
+    return totals
+
+
 def packing_record(token_budget, max_aa_length, max_position_embeddings, input_fasta: Path, totals) -> dict:
-    """packing.json: what a consumer of the shards depends on (checked by dataset.check_data_fingerprints)."""
+    """packing.json: what a consumer of the shards depends on (checked by data.check_data_fingerprints)."""
     return dict(
         token_budget=token_budget,
         max_aa_length=max_aa_length,
@@ -195,7 +204,7 @@ def read_packing(data_dir: str | Path) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: prints a one-line error and returns 1 on bad input."""
     from biorecipes_shared.run import run_cli
-    from config import ConfigError, load_config
+    from config import ConfigError, load
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input_fasta", required=True, type=Path, help="protein FASTA, plain or .gz")
@@ -214,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def run() -> None:
-        model_cfg = load_config(args.config).model
+        model_cfg = load(args.config).model
         positions = checked_max_positions(model_cfg)
         summary = preprocess_fasta(
             args.input_fasta,

@@ -2,7 +2,7 @@
 
     python src/evaluate.py --model outputs/tiny_cpu/final_model --fasta sample_data/val.fasta
 
-Both models see the same masks (BERT-style, dataset.mask_tokens, one seeded generator per batch). Perplexity is
+Both models see the same masks (BERT-style, data.mask_tokens, one seeded generator per batch). Perplexity is
 exp(mean cross-entropy over masked positions); accuracy is the share of masked positions whose arg-max token is
 the original residue. Prints a small table and one JSON line. A report figure, not a gate.
 """
@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from biorecipes_shared.run import run_cli
+from data import mask_tokens
 from data_processing import IGNORE_INDEX, FastaError, pack_batches
-from dataset import mask_tokens
 from embed import check_model_dir, pad_batch, read_proteins
 from model import ModelConfigError, build_model, esm2_config, load_pretrained
 

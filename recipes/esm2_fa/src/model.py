@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import transformers
 from packaging.version import Version
 from safetensors.torch import load_file
@@ -80,7 +81,8 @@ HF_ATTENTION = ("sdpa", "flash_attention_2", "flex_attention", "eager")
 ATTENTION_CHOICES = ("auto", *HF_ATTENTION, "faesm")
 # Buffers that a back-end or transformers version stores and another rebuilds itself (rotary frequencies, position
 # ids): transformers 5 keeps one `esm.rotary_embeddings.inv_freq`, 4.x one per layer.
-_REBUILT_BUFFERS = ("position_ids", "inv_freq")
+REBUILT_BUFFERS = ("position_ids", "inv_freq")
+IGNORE_INDEX = -100  # label of a position the loss skips (PyTorch cross_entropy's default ignore_index)
 
 
 class ModelConfigError(ValueError):
@@ -272,8 +274,8 @@ def load_weights(model: torch.nn.Module, weights: str | Path) -> None:
     if wrong:
         raise ModelConfigError(f"{weights}: shapes do not fit the model config (e.g. {wrong[0]})")
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "lm_head.decoder.weight" and not k.endswith(_REBUILT_BUFFERS)]
-    unexpected = [k for k in unexpected if not k.endswith(_REBUILT_BUFFERS)]
+    missing = [k for k in missing if k != "lm_head.decoder.weight" and not k.endswith(REBUILT_BUFFERS)]
+    unexpected = [k for k in unexpected if not k.endswith(REBUILT_BUFFERS)]
     if missing or unexpected:
         raise ModelConfigError(f"{weights}: state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.tie_weights()
@@ -321,20 +323,51 @@ def load_pretrained(model_dir: str | Path, attention: str = "auto") -> torch.nn.
     return build_model(esm2_config(str(model_dir)), attention, weights=weights, for_training=False)
 
 
-def export_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The weights to write (checkpoints, final_model): the module's own keys, without rebuilt buffers."""
-    return {k: v for k, v in model.state_dict().items() if not k.endswith(_REBUILT_BUFFERS)}
-
-
-def export_config(model: torch.nn.Module) -> dict:
-    """config.json of an export: what transformers' EsmForMaskedLM reads (faesm's extras dropped)."""
-    config = model.config.to_dict()
-    config["architectures"] = ["EsmForMaskedLM"]
-    for key in ("use_fa", "_name_or_path", "_attn_implementation_autoset"):
-        config.pop(key, None)
-    return config
-
-
 def count_parameters(model: torch.nn.Module) -> int:
     """Number of unique parameters (tied weights counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def masked_lm_loss(model, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over masked positions from the full logits [B, L, 33] (the plain-transformers way)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])["logits"]
+    return F.cross_entropy(
+        logits.float().view(-1, logits.size(-1)),
+        batch["labels"].view(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction=reduction,
+    )
+
+
+class MaskedLMLoss(torch.nn.Module):
+    """Wraps an ESM masked-LM so one forward returns the loss; DDP wraps this module.
+
+    The LM head (dense + GELU + LayerNorm + decoder) runs only on the masked positions (about 20% of the tokens)
+    instead of on every position as `EsmForMaskedLM.forward` does: the same loss, less work.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels, reduction: str = "mean") -> torch.Tensor:
+        """input_ids, attention_mask, labels: [B, L] int64; returns the mean (or summed) loss over masked tokens."""
+        hidden = self.model.esm(input_ids, attention_mask=attention_mask)[0]  # [B, L, hidden]
+        chosen = labels != IGNORE_INDEX
+        logits = self.model.lm_head(hidden[chosen])  # [n_masked, vocab]
+        return F.cross_entropy(logits.float(), labels[chosen], reduction=reduction)
+
+
+def apply_speed_switches(model: torch.nn.Module, activation_checkpointing: bool, compile_scope: str | None) -> None:
+    """Activation checkpointing per layer (transformers' own switch) and torch.compile, both in place.
+
+    `Module.compile()` compiles in place, so state-dict keys stay as they are: compiled and uncompiled runs read
+    each other's checkpoints. compile_scope: None (off), "blocks" (each encoder layer) or "model".
+    """
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if compile_scope == "blocks":
+        for layer in model.esm.encoder.layer:
+            layer.compile()
+    elif compile_scope == "model":
+        model.compile()

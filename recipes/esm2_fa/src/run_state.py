@@ -1,178 +1,300 @@
-"""What a run writes: checkpoints on the shared contract (biorecipes_shared.checkpoint): complete or absent, verified, resumed
-exactly, rotated without losing the best one.
+"""`Run`, what a training run builds once (settings, model, optimizer, LR schedule, data stream, the shared
+`TrainingRun`, metrics writer, throughput meter), and `RunState`, what the loop advances and checkpoints save.
 
-A checkpoint `checkpoints/step_N/` (N zero-padded to 8 digits) holds model.safetensors (the bare EsmForMaskedLM's
-keys), training_state.pt (optimizer, LR schedule, grad scaler, `Progress`: step, best metric, early stopping's
-patience, and the data-stream layout), rank_R.pt per rank (RNG states, batches this rank consumed, its loss window)
-and manifest.json, written last. Everything is read back with safetensors or torch.load(weights_only=True); a file
-that fails that (a tampered or foreign pickle) is refused in one line. Also the final export and the metrics
-writer with TensorBoard.
+A checkpoint `checkpoints/step_N/` is the shared one (biorecipes_shared.TrainingRun): model.safetensors (the bare
+EsmForMaskedLM's keys), training_state.pt (optimizer, LR schedule, grad scaler, and as `extra` the run's progress:
+step, best metric, early stopping's patience, plus the data-stream layout), rank_R.pt per rank (RNG states, the
+batches this rank consumed, its loss window) and manifest.json, written last. The newest `training.keep_last` are
+kept, and the best one too (load_best_model_at_end needs it).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import EsmConfig, get_cosine_with_min_lr_schedule_with_warmup
 
-from biorecipes_shared.checkpoint import (
-    MANIFEST,
-    STEP_PREFIX,
-    TRASH_PREFIX,
+from biorecipes_shared import (
     CheckpointError,
-    clean_incomplete,
-    load_checkpoint,
-    save_checkpoint,
-    verify_checkpoint,
+    ConfigError,
+    DistributedContext,
+    MetricsWriter,
+    ThroughputMeter,
+    TrainingRun,
+    barrier,
+    get_logger,
+    is_main_process,
+    latest_checkpoint,
+    seed_everything,
+    setup_distributed,
 )
-from biorecipes_shared.distributed import barrier, is_main_process
-from biorecipes_shared.files import TMP_PREFIX, WriteError, describe_write_error, fsync_dir, swap_into_place
-from biorecipes_shared.logging_utils import MetricsWriter
-from model import ModelConfigError, export_config, export_state_dict, load_weights, save_tokenizer
-from trainer import Progress, Window
+from biorecipes_shared.checkpoint import clean_incomplete
+from biorecipes_shared.distributed import read_launch_env
+from biorecipes_shared.files import fsync_dir
+from config import RecipeConfig
+from data import ShardStream, check_data_dirs
+from export import step_dir
+from model import (
+    MaskedLMLoss,
+    apply_speed_switches,
+    build_model,
+    check_attention_dropout,
+    esm2_config,
+    resolve_attention,
+    weights_file,
+)
 
 log = logging.getLogger("esm2_fa")
-_REBUILT = ("position_ids", "inv_freq")  # buffers a model rebuilds itself (and that differ across transformers)
 
 
-def step_dir(checkpoints: Path, step: int) -> Path:
-    """`checkpoints/step_{step:08d}` (the shared naming, so the shared resume code finds it)."""
-    return Path(checkpoints) / f"{STEP_PREFIX}{step:08d}"
+@dataclass
+class Window:
+    """What the loss line averages since the last log (per rank; saved in checkpoints so a resume logs the same)."""
+
+    loss_sum: float = 0.0
+    steps: int = 0
+    tokens: int = 0  # real (non-padding) tokens
+    positions: int = 0  # token positions computed on (real + padding)
+    samples: int = 0
+
+    def add(self, loss: float, batches: list[dict[str, torch.Tensor]]) -> None:
+        """One optimizer step: its loss and its micro-batches' attention masks ([B, L] each)."""
+        self.loss_sum, self.steps = self.loss_sum + loss, self.steps + 1
+        for batch in batches:
+            self.tokens += int(batch["attention_mask"].sum())
+            self.positions += batch["attention_mask"].numel()
+            self.samples += batch["attention_mask"].size(0)
 
 
-def stream_layout(world_size: int, num_workers: int, seed: int) -> dict[str, int]:
-    """What the data-stream position depends on: a resume must read the stream with the same layout."""
-    return {"world_size": world_size, "num_workers": max(1, num_workers), "seed": seed}
+@dataclass
+class RunState:
+    """What the loop advances: the global progress (identical on every rank) and this rank's data position."""
+
+    step: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    patience_counter: int = 0
+    evaluations: list = field(default_factory=list)
+    consumed: int = 0  # batches this rank took from its data stream
+    window: Window = field(default_factory=Window)
+
+    PROGRESS = ("step", "best_metric", "best_step", "patience_counter", "evaluations")
+
+    def progress(self) -> dict:
+        """The global part, as checkpoints store it (training_state.pt `extra["progress"]`)."""
+        return {name: getattr(self, name) for name in self.PROGRESS}
+
+    def rank_state(self) -> dict:
+        """This rank's part, as checkpoints store it (rank_R.pt `data_state`)."""
+        return {"batches_consumed": self.consumed, "window": asdict(self.window)}
+
+    def record_evaluation(self, metric: float, greater_is_better: bool, threshold: float) -> None:
+        """Update the best value and early stopping's patience as HF's EarlyStoppingCallback does."""
+        better = self.best_metric is None or (
+            metric > self.best_metric if greater_is_better else metric < self.best_metric
+        )
+        if better and (self.best_metric is None or abs(metric - self.best_metric) > threshold):
+            self.patience_counter = 0
+        else:
+            self.patience_counter += 1
+        if better:
+            self.best_metric, self.best_step = metric, self.step
 
 
-def save(
-    checkpoints: Path,
-    model,
-    optimizer,
-    scheduler,
-    scaler,
-    progress: Progress,
-    rank_state: dict,
-    extra: dict,
-    keep_last: int,
-) -> Path:
-    """Write `step_{progress.step}` atomically (every rank calls it); keep the newest `keep_last` and the best one.
+@dataclass
+class Run:
+    """What a run builds once: the bare model (checkpoints, export), what the loop calls, optimizer and outputs."""
 
-    Raises CheckpointWriteError (one line: path and cause, e.g. a full disk) after removing the temp dir.
-    """
-    path = save_checkpoint(
-        checkpoints,
-        progress.step,
-        model,
-        optimizer,
-        scheduler,
-        scaler,
-        data_state=rank_state,
-        extra={"progress": asdict(progress), **extra},
-        keep_last_k=0,  # rotation below, which keeps the best checkpoint too
-    )
-    if is_main_process():
-        keep = {path} | ({step_dir(checkpoints, progress.best_step)} if progress.best_step else set())
-        rotate(Path(checkpoints), keep_last, keep)
-    barrier()
-    return path
+    cfg: RecipeConfig
+    training: TrainingRun
+    ctx: DistributedContext
+    stream: ShardStream
+    model: torch.nn.Module
+    wrapped: torch.nn.Module  # MaskedLMLoss around the model, under DDP when distributed
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    writer: MetricsWriter | None = None
+    meter: ThroughputMeter = field(default_factory=ThroughputMeter)
+
+    @property
+    def stream_layout(self) -> dict[str, int]:
+        """What the data-stream position depends on: a resume must read the stream with the same layout."""
+        num_workers = max(1, self.cfg.data.num_workers)
+        return {"world_size": self.ctx.world_size, "num_workers": num_workers, "seed": self.cfg.training.seed}
+
+    def save(self, state: RunState) -> Path:
+        """The shared checkpoint of `state.step`, then the recipe's rotation (every rank calls it)."""
+        path = self.training.save(state.step)
+        if is_main_process():
+            keep = {path} | ({step_dir(path.parent, state.best_step)} if state.best_step else set())
+            keep_newest(path.parent, self.cfg.training.keep_last, keep)
+        barrier()
+        return path
 
 
-def rotate(checkpoints: Path, keep_last: int, keep: set[Path]) -> None:
-    """Keep the newest `keep_last` complete checkpoints plus `keep`; 0 keeps all.
+def keep_newest(checkpoints: Path, keep_last: int, keep: set[Path]) -> None:
+    """Keep the newest `keep_last` complete checkpoints plus `keep` (the best one); 0 keeps all.
 
-    Old ones are renamed to `.trash-step_N` before removal, so a kill mid-delete never leaves a half `step_N`.
+    Hand-written until the shared rotation can spare the best checkpoint (asked of shared/): an old one is renamed
+    to `.trash-step_N` first, so a kill mid-delete never leaves a half `step_N`.
     """
     if keep_last > 0:
-        complete = sorted(p for p in checkpoints.glob(f"{STEP_PREFIX}*") if (p / MANIFEST).is_file())
+        complete = sorted(p for p in checkpoints.glob("step_*") if (p / "manifest.json").is_file())
         for path in complete[:-keep_last]:
             if path not in keep:
-                path.rename(checkpoints / (TRASH_PREFIX + path.name[len(STEP_PREFIX) :]))
+                path.rename(checkpoints / f".trash-{path.name}")
     fsync_dir(checkpoints)
     clean_incomplete(checkpoints)
 
 
-def _check_weight_names(path: Path, model: torch.nn.Module) -> None:
-    """The checkpoint's tensor names must be the model's (rebuilt buffers aside): another config is refused."""
+def check_inputs(cfg: RecipeConfig, device: torch.device) -> tuple[EsmConfig, str]:
+    """Every check on user input that needs more than the settings; runs before anything is written."""
+    t, m = cfg.training, cfg.model
+    output_dir = Path(t.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"training.output_dir {output_dir} exists and is not a directory")
+    check_data_dirs(cfg)
+    config = esm2_config(m.model_name, m.max_position_embeddings, m.hidden_dropout_prob, m.attention_probs_dropout_prob)
+    backend = resolve_attention(m.attention)
+    check_attention_dropout(config, backend, m.attention)
+    if backend == "flex_attention" and device.type == "cpu":
+        raise ConfigError("model.attention=flex_attention has no backward pass on CPU (torch 2.13): use sdpa")
+    if t.mixed_precision == "fp16" and device.type == "cpu":
+        raise ConfigError("training.mixed_precision=fp16 needs a CUDA GPU: use bf16 or no on CPU")
+    return config, backend
+
+
+def fused_adamw_supported(device: torch.device) -> bool:
+    """Whether this torch has a fused AdamW kernel for the device."""
     try:
-        with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
-            saved = {k for k in handle.keys() if not k.endswith(_REBUILT)}  # noqa: SIM118  (safe_open is no dict)
-    except Exception as err:
-        raise CheckpointError(f"{path / 'model.safetensors'}: cannot be read ({str(err).splitlines()[0]})") from err
-    expected = {k for k in model.state_dict() if not k.endswith(_REBUILT)}
-    if saved != expected:
-        raise CheckpointError(
-            f"{path}: weights do not fit the model (missing {sorted(expected - saved)[:3]}, unexpected "
-            f"{sorted(saved - expected)[:3]}); the model config differs from the run that saved it"
-        )
+        param = torch.zeros(1, device=device, requires_grad=True)
+        torch.optim.AdamW([param], fused=True)
+    except (RuntimeError, ValueError):
+        return False
+    return True
 
 
-def restore(path: Path, model, optimizer, scheduler, scaler, layout: dict[str, int]) -> tuple[Progress, dict]:
-    """Load `path` into model/optimizer/scheduler/scaler and the RNGs; (Progress, this rank's state).
+def decay_parameter_names(model: torch.nn.Module) -> set[str]:
+    """Parameters that get weight decay: everything but biases and LayerNorm weights (as HF's Trainer does)."""
+    no_decay = {
+        f"{module_name}.{name}" if module_name else name
+        for module_name, module in model.named_modules()
+        if isinstance(module, torch.nn.LayerNorm)
+        for name, _ in module.named_parameters(recurse=False)
+    }
+    return {n for n, _ in model.named_parameters() if n not in no_decay and not n.endswith("bias")}
 
-    Raises CheckpointError (one line) for a file that is missing, corrupt, tampered with (manifest re-hashed or
-    not) or of another shape, and for a checkpoint written with another world size or worker count.
+
+def held_after(formula, end: int, step: int) -> float:
+    """formula(step) up to `end`, then formula(end): the schedule stays at its floor after schedule_steps."""
+    return formula(min(step, end))
+
+
+def esm2_schedule(optimizer, warmup_steps: int, schedule_steps: int, floor: float = 0.1) -> LambdaLR:
+    """The original's ESM-2 schedule: LR x (linear 0 -> 1 over warmup_steps, cosine 1 -> floor until
+    schedule_steps, then flat floor). transformers' warmup + cosine-to-a-minimum formula, held at its floor after
+    schedule_steps (past its end transformers' cosine would rise again)."""
+    cosine = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup_steps, schedule_steps, min_lr_rate=floor)
+    cosine.lr_lambdas[0] = partial(held_after, cosine.lr_lambdas[0], schedule_steps)
+    return cosine
+
+
+def make_optimizer(model: torch.nn.Module, cfg: RecipeConfig, device: torch.device):
+    """(AdamW, esm2_schedule) over the trainable parameters of the bare model."""
+    t, opt = cfg.training, cfg.training.optimizer
+    decay = decay_parameter_names(model)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in params if n in decay], "weight_decay": opt.weight_decay},
+        {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0},
+    ]
+    fused = fused_adamw_supported(device) if opt.fused is None else opt.fused
+    optimizer = torch.optim.AdamW(
+        groups, lr=t.learning_rate, betas=(opt.adam_beta1, opt.adam_beta2), eps=opt.adam_epsilon, fused=fused
+    )
+    log.info("optimizer: AdamW (fused=%s)", fused)
+    return optimizer, esm2_schedule(optimizer, t.warmup_steps, t.schedule_steps)
+
+
+def new_training_run(cfg: RecipeConfig) -> TrainingRun:
+    """The shared run object: the end step, checkpoint interval and resume choice are read here, once."""
+    t = cfg.training
+    # keep_last=0: the recipe rotates itself (Run.save) so that the best checkpoint survives.
+    return TrainingRun(
+        t.output_dir, max_steps=t.max_steps, save_every=t.save_every, keep_last=0, resume=t.resume,
+        data_position="per_rank",
+    )  # fmt: skip
+
+
+def build_run(cfg: RecipeConfig, training: TrainingRun) -> Run:
+    """Check the inputs, then the data stream, process group, model (the seed's initial weights, or
+    model.model_name's published ones), speed switches, DDP and optimizer."""
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    config, backend = check_inputs(cfg, device)  # nothing is written before these pass
+    t, (rank, _, world_size) = cfg.training, read_launch_env()
+    stream = ShardStream(cfg.data.train_dir, rank, world_size, cfg.data.num_workers, t.mlm_probability, t.seed)
+    ctx = setup_distributed(seed=t.seed)
+    get_logger("esm2_fa", ctx)  # now that the process group exists: INFO on rank 0 only
+    seed_everything(t.seed)  # identical initial weights on every rank
+    model = build_model(config, backend, weights=weights_file(cfg.model.model_name)).to(ctx.device)
+    seed_everything(t.seed + ctx.rank)  # then each rank its own dropout stream
+    if getattr(model.esm, "contact_head", None) is not None:  # not used by MLM; frozen so DDP sees no unused grads
+        model.esm.contact_head.requires_grad_(False)
+    apply_speed_switches(model, t.activation_checkpointing, t.compile_scope if t.compile else None)
+    wrapped = MaskedLMLoss(model)
+    if ctx.is_distributed:
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=device_ids)
+    optimizer, scheduler = make_optimizer(model, cfg, ctx.device)
+    scaler = torch.amp.GradScaler("cuda") if t.mixed_precision == "fp16" else None
+    return Run(cfg, training, ctx, stream, model, wrapped, optimizer, scheduler, scaler)
+
+
+def restore(run: Run) -> RunState:
+    """Register what checkpoints hold, then resume: the saved RunState, or a fresh one.
+
+    Raises CheckpointError (one line) for a checkpoint that is missing, corrupt, tampered with, of another shape,
+    or written with another world size or worker count.
     """
-    _check_weight_names(path, model)
+    state = RunState()
+    run.training.register(
+        run.model, run.optimizer, run.scheduler, run.scaler, data_state=state.rank_state,
+        extra=lambda: {"progress": state.progress(), "stream": run.stream_layout},
+    )  # fmt: skip
     try:
-        saved = load_checkpoint(path, model, optimizer, scheduler, scaler, strict=False, data_position="per_rank")
-        progress = Progress(**saved.extra["progress"])
-        stream, rank_state = saved.extra["stream"], saved.data_state
-        consumed, window = int(rank_state["batches_consumed"]), Window(**rank_state["window"])
+        saved = run.training.resume()
+        if saved is None:
+            return state
+        for name in RunState.PROGRESS:
+            setattr(state, name, saved.extra["progress"][name])
+        state.consumed = int(saved.data_state["batches_consumed"])
+        state.window = Window(**saved.data_state["window"])
+        stream = saved.extra["stream"]
     except (KeyError, TypeError, ValueError, AttributeError) as err:  # a weights-only pickle of the wrong shape
-        raise CheckpointError(f"{path}: training state is not this recipe's ({type(err).__name__}: {err})") from err
-    if stream["world_size"] != layout["world_size"]:  # load_checkpoint checks it too: kept for a clear message
+        where = resume_path(run.training)
+        raise CheckpointError(f"{where}: training state is not this recipe's ({type(err).__name__}: {err})") from err
+    if stream["num_workers"] != run.stream_layout["num_workers"]:
         raise CheckpointError(
-            f"{path} was saved by {stream['world_size']} process(es) and this run has {layout['world_size']}"
+            f"{saved.path} was saved with data.num_workers={stream['num_workers']} and this run has "
+            f"{run.stream_layout['num_workers']}: set data.num_workers={stream['num_workers']} to continue the same "
+            "data stream"
         )
-    if stream["num_workers"] != layout["num_workers"]:
-        raise CheckpointError(
-            f"{path} was saved with data.num_workers={stream['num_workers']} and this run has "
-            f"{layout['num_workers']}: set data.num_workers={stream['num_workers']} to continue the same data stream"
-        )
-    return progress, {"batches_consumed": consumed, "window": window}
+    log.info("resuming from %s (step %d, data-stream batch %d per rank)", saved.path, state.step, state.consumed)
+    return state
 
 
-def load_best_weights(model: torch.nn.Module, checkpoints: Path, best_step: int | None) -> None:
-    """Put the best checkpoint's weights into `model` (load_best_model_at_end); a warning when it is gone."""
-    path = step_dir(checkpoints, best_step) if best_step else None
-    if path is None or not (path / MANIFEST).is_file():
-        log.warning("best checkpoint (step %s) is not on disk: keeping the last weights", best_step)
-        return
-    verify_checkpoint(path)  # its files as they were saved
-    try:
-        load_weights(model, path / "model.safetensors")
-    except ModelConfigError as err:
-        raise CheckpointError(str(err)) from err
-    log.info("loaded the best weights (step %d)", best_step)
-
-
-def export_final_model(model: torch.nn.Module, out_dir: Path) -> None:
-    """final_model/: model.safetensors + config.json (transformers' EsmForMaskedLM layout) + tokenizer files,
-    written under a temp name and swapped in (rank 0 only).
-
-    Raises WriteError (one line) when the disk is full or the folder unwritable; the temp dir is removed and an
-    earlier export stays as it was.
-    """
-    tmp = out_dir.with_name(f"{TMP_PREFIX}{out_dir.name}")
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        # Copies: safetensors refuses the tied decoder/embedding pair that shares one storage.
-        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in export_state_dict(model).items()}
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(export_config(model), indent=2, sort_keys=True) + "\n")
-        save_tokenizer(tmp)
-        swap_into_place(tmp, out_dir)
-    except Exception as err:  # OSError, and safetensors' own error on a full disk
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise WriteError(describe_write_error(err, out_dir)) from err
+def resume_path(training: TrainingRun) -> Path | None:
+    """The checkpoint a resume read: the one asked for, else the newest complete one."""
+    choice = str(training.resume_choice)
+    if choice.lower() in ("auto", "latest", "true", "none", "false"):
+        return latest_checkpoint(training.layout.checkpoints)
+    return Path(choice)
 
 
 class TensorBoardWriter(MetricsWriter):
@@ -197,3 +319,12 @@ class TensorBoardWriter(MetricsWriter):
         if self._board is not None:
             self._board.close()
             self._board = None
+
+
+def open_writer(run: Run, state: RunState) -> MetricsWriter:
+    """metrics.jsonl (records after `state.step` dropped: they are logged again), plus wandb or TensorBoard."""
+    report_to, output_dir = run.cfg.training.report_to, run.training.layout.output_dir
+    if report_to == "tensorboard":
+        return TensorBoardWriter(output_dir, run.ctx, resume_step=state.step)
+    wandb_args = {"project": "esm2_fa", "dir": str(output_dir)} if report_to == "wandb" else None
+    return MetricsWriter(output_dir, run.ctx, wandb_init_args=wandb_args, resume_step=state.step)

@@ -25,11 +25,8 @@ from datasets import Dataset, DatasetInfo, Features, Sequence, Value
 from datasets.table import InMemoryTable
 
 from fasta_reader import FastaError, Span, read_span, record_blocks
-from model import PAD_ID
+from model import IGNORE_INDEX, PAD_ID
 from packing import Window, build_window
-
-IGNORE_INDEX = -100
-
 
 SHARD_FEATURES = Features(
     {

@@ -5,9 +5,12 @@
     python src/train.py --config src/config_tiny_cpu.yaml --train_dir ... --val_dir ...   # one CPU process
 
 Trailing `section.key=value` arguments override the YAML config. The same command serves the first run and every
-requeue: `--resume_from_checkpoint auto` (the default; `latest` means the same) continues from the newest complete
+requeue: `--resume auto` (the default; `latest` means the same) continues from the newest complete
 `<output_dir>/checkpoints/step_N/`, including the position in the training data stream, or starts fresh; `none`
 starts fresh (refused when checkpoints exist); a path resumes exactly that checkpoint. A finished run stays finished.
+
+The flow: parse -> settings (config.py) -> Run, built once (run_state.py: data checks and stream in data.py, model
+in model.py) -> the loop below (train_step, log_step, evaluate, the shared run object's save) -> finish (export.py).
 """
 
 from __future__ import annotations
@@ -17,343 +20,212 @@ import biorecipes_shared.stop_signals  # noqa: F401  (first: a SIGTERM during th
 
 # isort: on
 import argparse
+import contextlib
+import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import EsmConfig
-from transformers.integrations import is_tensorboard_available, is_wandb_available
 
-from biorecipes_shared.distributed import (
-    DistributedContext,
-    all_reduce_mean,
-    read_launch_env,
-    seed_everything,
-    setup_distributed,
-    teardown_distributed,
-)
-from biorecipes_shared.logging_utils import MetricsWriter, ThroughputMeter, get_logger, plot_loss_curve
-from biorecipes_shared.preemption import PreemptionHandler
-from biorecipes_shared.run import RunLayout, finished_message, finished_run, mark_finished, resolve_resume, run_cli
-from config import ConfigError, ModelConfig, RecipeConfig, load_config
-from data_processing import PACKING_FILE, FastaError, read_packing
-from dataset import DataDirError, ShardStream, check_data_fingerprints, check_shards, make_train_loader
-from model import (
-    ModelConfigError,
-    build_model,
-    check_attention_dropout,
-    esm2_config,
-    resolve_attention,
-    weights_file,
-)
-from run_state import (  # noqa: F401  (export_final_model: a public name of the recipe)
-    TensorBoardWriter,
-    export_final_model,
-    load_best_weights,
-    restore,
-    save,
-    stream_layout,
-)
-from trainer import (  # noqa: F401  (esm2_lr_lambda, masked_lm_loss, fused_adamw_supported: the recipe's public names)
-    MaskedLMLoss,
-    Progress,
-    Window,
-    apply_speed_switches,
-    esm2_lr_lambda,
-    evaluate,
-    fused_adamw_supported,
-    make_optimizer,
-    masked_lm_loss,
-    metric_key,
-    train_step,
-)
+from biorecipes_shared import ThroughputMeter, all_reduce_mean, get_logger, run_cli, teardown_distributed
+from biorecipes_shared.distributed import read_launch_env
+from config import RecipeConfig, load
+from data import DataDirError, eval_batches, make_train_loader
+from export import export_final_model, load_best_weights
+from fasta_reader import FastaError
+from model import IGNORE_INDEX, ModelConfigError
+from run_state import Run, RunState, Window, build_run, new_training_run, open_writer, restore
 
 log = get_logger("esm2_fa")
 USER_ERRORS = (DataDirError, ModelConfigError, FastaError)
 
 
-def check_report_to(report_to: str) -> None:
-    """The logging integration must import now, not after the output dir exists."""
-    available = {"none": True, "wandb": is_wandb_available(), "tensorboard": is_tensorboard_available()}
-    if not available.get(report_to, False):
-        raise ConfigError(
-            f"training.report_to={report_to} needs the {report_to} package; install it or set training.report_to=none"
+def precision_context(mixed_precision: str, device: torch.device):
+    """bf16/fp16 autocast on the device, or nothing for "no"."""
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def train_step(run: Run, state: RunState, batches: list[dict[str, torch.Tensor]]) -> float:
+    """One optimizer step over the rank's `gradient_accumulation_steps` micro-batches ([B, L] int64 tensors each);
+    advances `state` and returns the gradient norm. Each micro-batch's loss is its mean over masked tokens,
+    divided by the number of micro-batches."""
+    t, device, wrapped, scaler = run.cfg.training, run.ctx.device, run.wrapped, run.scaler
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
+        with sync:
+            with precision_context(t.mixed_precision, device):
+                loss = wrapped(**{k: v.to(device, non_blocking=True) for k, v in batch.items()}) / len(batches)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += loss.detach()
+        run.meter.update(
+            samples=batch["input_ids"].size(0),
+            tokens=int(batch["attention_mask"].sum()),
+            positions=batch["attention_mask"].numel(),
         )
+    if scaler is not None:
+        scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), t.gradient_clipping)
+    if scaler is not None:
+        scaler.step(run.optimizer)
+        scaler.update()
+    else:
+        run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state.step, state.consumed = state.step + 1, state.consumed + len(batches)
+    state.window.add(float(total), batches)
+    return float(grad_norm)
 
 
-def check_packing(data_dir: str | Path, what: str, model_cfg: ModelConfig) -> None:
-    """Compare the shards' packing.json with the model section: batches must fit model.max_batch_size."""
-    try:
-        packing = read_packing(data_dir)
-    except ValueError as err:
-        raise DataDirError(str(err)) from err
-    if packing is None:  # shards from before packing.json: nothing to compare, but say so
-        log.warning(
-            "%s dir %s has no %s; cannot check its token budget against model.max_batch_size",
-            what,
-            data_dir,
-            PACKING_FILE,
-        )
-        return
-    budget, longest = packing["token_budget"], packing["max_aa_length"] + 2
-    if budget > model_cfg.max_batch_size:
-        raise DataDirError(
-            f"{what} dir {data_dir} was packed with a token budget of {budget} but model.max_batch_size is "
-            f"{model_cfg.max_batch_size}; re-run data_processing.py with --token_budget {model_cfg.max_batch_size} "
-            "or raise model.max_batch_size"
-        )
-    if longest > model_cfg.max_position_embeddings:
-        raise DataDirError(
-            f"{what} dir {data_dir} holds rows of up to {longest} tokens but model.max_position_embeddings is "
-            f"{model_cfg.max_position_embeddings}; re-run data_processing.py with a smaller --max_aa_length"
-        )
+def log_step(run: Run, state: RunState, grad_norm: float) -> None:
+    """One training line: mean loss over the window and ranks, LR, grad norm, real tokens/s, useful-token fraction."""
+    window = state.window
+    loss = all_reduce_mean(window.loss_sum / max(window.steps, 1))
+    rates = run.meter.rates()  # wall-clock rates of this process; the fraction comes from the (resumable) window
+    rates["useful_token_fraction"] = window.tokens / max(window.positions, 1)
+    lr = run.scheduler.get_last_lr()[0]
+    run.writer.log(state.step, loss=loss, learning_rate=lr, grad_norm=grad_norm, **rates)
+    log.info(
+        "step %d/%d  loss %.4f  lr %.2e  tokens/s %.0f  useful tokens %.3f",
+        state.step, run.training.max_steps, loss, lr, rates["tokens_per_s"], rates["useful_token_fraction"],
+    )  # fmt: skip
 
 
-def check_inputs(cfg: RecipeConfig, device: torch.device) -> tuple[EsmConfig, str]:
-    """Every check on user input that needs more than the config; runs before anything is written."""
-    t, m = cfg.training, cfg.model
-    output_dir = Path(t.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError(f"training.output_dir {output_dir} exists and is not a directory")
-    check_report_to(t.report_to)
-    check_shards(cfg.data.val_dir, "val")
-    check_packing(cfg.data.train_dir, "train", m)
-    check_packing(cfg.data.val_dir, "val", m)
-    check_data_fingerprints({"train": cfg.data.train_dir, "val": cfg.data.val_dir}, m)
-    config = esm2_config(m.model_name, m.max_position_embeddings, m.hidden_dropout_prob, m.attention_probs_dropout_prob)
-    backend = resolve_attention(m.attention)
-    check_attention_dropout(config, backend, m.attention)
-    if backend == "flex_attention" and device.type == "cpu":
-        raise ConfigError("model.attention=flex_attention has no backward pass on CPU (torch 2.13): use sdpa")
-    if t.mixed_precision == "fp16" and device.type == "cpu":
-        raise ConfigError("training.mixed_precision=fp16 needs a CUDA GPU: use bf16 or no on CPU")
-    return config, backend
-
-
-@dataclass
-class Run:
-    """What a run builds once: the bare model (checkpoints, export), what the loop calls, optimizer and outputs."""
-
-    cfg: RecipeConfig
-    layout: RunLayout
-    ctx: DistributedContext
-    model: torch.nn.Module
-    wrapped: torch.nn.Module  # MaskedLMLoss around the model, under DDP when distributed
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler | None
-    writer: MetricsWriter | None = None
-
-    def save(self, progress: Progress, consumed: int, window: Window) -> Path:
-        t = self.cfg.training
-        layout = stream_layout(self.ctx.world_size, self.cfg.data.num_workers, t.seed)
-        rank_state = {"batches_consumed": consumed, "window": window.as_dict()}
-        return save(
-            self.layout.checkpoints,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            self.scaler,
-            progress,
-            rank_state,
-            {"stream": layout},
-            t.save_total_limit,
-        )
-
-
-def build(cfg: RecipeConfig, config: EsmConfig, backend: str, layout: RunLayout, ctx: DistributedContext) -> Run:
-    """Model (the seed's initial weights, or model.model_name's published ones), speed switches, DDP, optimizer."""
+def evaluate(run: Run, state: RunState) -> None:
+    """Token-weighted MLM loss over the whole val dir (rank r takes every world_size-th batch), logged and recorded
+    for best-checkpoint and early stopping."""
+    cfg, ctx, wrapped = run.cfg, run.ctx, run.wrapped
+    wrapped.eval()
+    totals = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad(), precision_context(cfg.training.mixed_precision, ctx.device):
+        for batch in eval_batches(cfg.data.val_dir, ctx.rank, ctx.world_size, cfg.training.mlm_probability):
+            batch = {k: v.to(ctx.device) for k, v in batch.items()}
+            totals[0] += wrapped(**batch, reduction="sum").item()
+            totals[1] += int((batch["labels"] != IGNORE_INDEX).sum())
+    wrapped.train()
+    loss_sum, n_masked = all_reduce_mean(totals).tolist()  # a mean of sums keeps the ratio of sums
+    loss = loss_sum / max(n_masked, 1.0)
+    metrics = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+    run.writer.log(state.step, **metrics)
+    log.info("step %d  eval_loss %.4f", state.step, loss)
     t = cfg.training
-    seed_everything(t.seed)  # identical initial weights on every rank
-    model = build_model(config, backend, weights=weights_file(cfg.model.model_name)).to(ctx.device)
-    seed_everything(t.seed + ctx.rank)  # then each rank its own dropout stream
-    if getattr(model.esm, "contact_head", None) is not None:  # not used by MLM; frozen so DDP sees no unused grads
-        model.esm.contact_head.requires_grad_(False)
-    apply_speed_switches(model, t.activation_checkpointing, t.compile_scope if t.compile else None)
-    wrapped = MaskedLMLoss(model)
-    if ctx.is_distributed:
-        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=device_ids)
-    optimizer, scheduler = make_optimizer(model, cfg, ctx.device)
-    scaler = torch.amp.GradScaler("cuda") if t.mixed_precision == "fp16" else None
-    return Run(cfg, layout, ctx, model, wrapped, optimizer, scheduler, scaler)
+    key = t.metric_for_best_model if t.metric_for_best_model.startswith("eval_") else f"eval_{t.metric_for_best_model}"
+    state.record_evaluation(metrics[key], t.greater_is_better, t.early_stopping.threshold)
 
 
-def over(cfg: RecipeConfig, progress: Progress) -> str | None:
+def over(run: Run, state: RunState) -> str | None:
     """Why the run has nothing left to do (max_steps, early stopping), or None."""
-    t = cfg.training
-    if progress.step >= t.max_steps:
+    t = run.cfg.training
+    if state.step >= run.training.max_steps:
         return "max_steps reached"
-    if t.early_stopping.enabled and progress.patience_counter >= t.early_stopping.patience:
+    if t.early_stopping.enabled and state.patience_counter >= t.early_stopping.patience:
         return f"early stopping (no {t.metric_for_best_model} improvement)"
     return None
 
 
-def log_window(run: Run, progress: Progress, window: Window, meter: ThroughputMeter, grad_norm: float) -> None:
-    """One training line: mean loss over the window and ranks, LR, grad norm, real tokens/s, useful-token fraction."""
-    loss = all_reduce_mean(window.loss_sum / max(window.steps, 1))
-    rates = meter.rates()  # wall-clock rates of this process; the fraction comes from the (resumable) window
-    rates["useful_token_fraction"] = window.tokens / max(window.positions, 1)
-    lr = run.scheduler.get_last_lr()[0]
-    run.writer.log(progress.step, loss=loss, learning_rate=lr, grad_norm=grad_norm, **rates)
-    log.info(
-        "step %d/%d  loss %.4f  lr %.2e  tokens/s %.0f  useful tokens %.3f",
-        progress.step,
-        run.cfg.training.max_steps,
-        loss,
-        lr,
-        rates["tokens_per_s"],
-        rates["useful_token_fraction"],
-    )
-
-
-def train_loop(run: Run, stream: ShardStream, progress: Progress, consumed: int, window: Window, resumed: bool) -> bool:
-    """Step until the run is over (True) or a stop signal arrives (False); a checkpoint covers where it stopped."""
-    t, ctx = run.cfg.training, run.ctx
-    stream.start_batch = consumed  # batches this rank consumed before: skipped without reading
-    batches, meter = iter(make_train_loader(stream, run.cfg.data.num_workers)), ThroughputMeter()
-    saved_step = progress.step if resumed else None
+def train(run: Run, state: RunState) -> None:
+    """Step until the run is over or a stop signal arrives; the run object says when to save."""
+    t = run.cfg.training
+    run.stream.start_batch = state.consumed  # batches this rank consumed before: skipped without reading
+    batches, run.meter = iter(make_train_loader(run.stream, run.cfg.data.num_workers)), ThroughputMeter()
     run.wrapped.train()
-    with PreemptionHandler() as preemption:
-        while True:
-            stop = over(run.cfg, progress) is None and preemption.should_stop()  # checked before the first step too
-            if over(run.cfg, progress) or stop:
-                if saved_step != progress.step and progress.step > 0:
-                    run.save(progress, consumed, window)
-                return not stop
-            micro = [next(batches) for _ in range(t.gradient_accumulation_steps)]
-            loss, grad_norm = train_step(
-                run.wrapped, micro, run.optimizer, run.scheduler, run.scaler, run.cfg, ctx.device
-            )
-            progress.step, consumed = progress.step + 1, consumed + len(micro)
-            window.loss_sum, window.steps = window.loss_sum + loss, window.steps + 1
-            for batch in micro:
-                window.add(0.0, batch)
-                meter.update(
-                    samples=batch["input_ids"].size(0),
-                    tokens=int(batch["attention_mask"].sum()),
-                    positions=batch["attention_mask"].numel(),
-                )
-            if progress.step % t.logging_steps == 0:
-                log_window(run, progress, window, meter, grad_norm)
-                window = Window()
-            if progress.step % t.eval_steps == 0:
-                metrics = evaluate(run.wrapped, run.cfg, ctx.rank, ctx.world_size, ctx.device)
-                run.writer.log(progress.step, **metrics)
-                log.info("step %d  eval_loss %.4f", progress.step, metrics["eval_loss"])
-                progress.record_evaluation(
-                    metrics[metric_key(t.metric_for_best_model)], t.greater_is_better, t.early_stopping.threshold
-                )
-            if progress.step % t.save_steps == 0:
-                run.save(progress, consumed, window)
-                saved_step = progress.step
+    if over(run, state) is None and run.training.preemption.should_stop():  # nothing new to save yet
+        run.training.stopped = True
+    while over(run, state) is None and not run.training.stopped:
+        grad_norm = train_step(run, state, [next(batches) for _ in range(t.gradient_accumulation_steps)])
+        if state.step % t.logging_steps == 0:
+            log_step(run, state, grad_norm)
+            state.window = Window()
+        if state.step % t.eval_steps == 0:
+            evaluate(run, state)
+        if run.training.should_save(state.step) or over(run, state):  # also early stopping's last step
+            run.save(state)
 
 
-def finish(run: Run, progress: Progress) -> Path:
-    """Export final_model/ (the best weights when asked), plot the loss, then mark the run finished."""
-    t, layout = run.cfg.training, run.layout
-    if t.load_best_model_at_end:
-        load_best_weights(run.model, layout.checkpoints, progress.best_step)
-    if run.ctx.is_main:
-        export_final_model(run.model, layout.final_model)
-        try:
-            plot_loss_curve(layout.metrics, layout.loss_curve)
-        except (OSError, ValueError) as err:  # e.g. max_steps < logging_steps: nothing to plot
-            log.warning("no loss curve: %s", err)
-    reason = over(run.cfg, progress)
-    mark_finished(
-        layout, progress.step, reason, early_stopped=reason.startswith("early"), best_metric=progress.best_metric
-    )
-    return layout.final_model
-
-
-def writer_for(cfg: RecipeConfig, layout: RunLayout, ctx: DistributedContext, step: int) -> MetricsWriter:
-    """metrics.jsonl (records after `step` dropped: they are logged again), plus wandb or TensorBoard when asked."""
-    report_to = cfg.training.report_to
-    if report_to == "tensorboard":
-        return TensorBoardWriter(layout.output_dir, ctx, resume_step=step)
-    wandb_args = {"project": "esm2_fa", "dir": str(layout.output_dir)} if report_to == "wandb" else None
-    return MetricsWriter(layout.output_dir, ctx, wandb_init_args=wandb_args, resume_step=step)
-
-
-def run(cfg: RecipeConfig, resume: str | None = "auto") -> Path | None:
-    """Train according to cfg; returns the final export dir (None: nothing to do, or preempted after saving)."""
-    layout = RunLayout(cfg.training.output_dir)
-    record = finished_run(layout, cfg.training.max_steps)
-    if record is not None:
-        if read_launch_env()[0] == 0:
-            print(finished_message(layout, record), flush=True)
-        return None
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    config, backend = check_inputs(cfg, device)  # nothing is written before these pass
-    rank, _, world_size = read_launch_env()
-    t = cfg.training
-    stream = ShardStream(cfg.data.train_dir, rank, world_size, cfg.data.num_workers, t.mlm_probability, t.seed)
-    ctx = setup_distributed(seed=cfg.training.seed)
-    get_logger("esm2_fa", ctx)  # now that the process group exists: INFO on rank 0 only
-    checkpoint = resolve_resume(resume, layout.checkpoints)
-    run_ = build(cfg, config, backend, layout, ctx)
-    progress, consumed, window = Progress(), 0, Window()
-    if checkpoint is not None:
-        layout_now = stream_layout(world_size, cfg.data.num_workers, cfg.training.seed)
-        progress, rank_state = restore(checkpoint, run_.model, run_.optimizer, run_.scheduler, run_.scaler, layout_now)
-        consumed, window = rank_state["batches_consumed"], rank_state["window"]
-        log.info("resuming from %s (step %d, data-stream batch %d per rank)", checkpoint, progress.step, consumed)
-    with writer_for(cfg, layout, ctx, progress.step) as run_.writer:
-        finished = train_loop(run_, stream, progress, consumed, window, resumed=checkpoint is not None)
-    if not finished:
-        if ctx.is_main and progress.step == 0:
+def finish(run: Run, state: RunState) -> Path | None:
+    """After a stop signal: say how to continue. Otherwise export final_model/ (the best weights when asked), plot
+    the loss and mark the run finished; returns final_model/."""
+    layout, is_main = run.training.layout, run.ctx.is_main
+    if run.training.stopped:
+        if is_main and state.step == 0:
             print("stopped by a signal before the first step: nothing to save; rerun the same command", flush=True)
-        elif ctx.is_main:
-            print(
-                f"preempted at step {progress.step}: checkpoint saved in {layout.checkpoints}; "
-                "rerun the same command to continue",
-                flush=True,
-            )
+        elif is_main:
+            print(f"preempted at step {state.step}: checkpoint saved in {layout.checkpoints}; "
+                  "rerun the same command to continue", flush=True)  # fmt: skip
         return None
-    final_dir = finish(run_, progress)
-    if ctx.is_main:
+
+    def export(folder: Path) -> None:
+        if run.cfg.training.load_best_model_at_end:
+            load_best_weights(run.model, layout.checkpoints, state.best_step)
+        export_final_model(run.model, folder)
+
+    reason = over(run, state)
+    early = reason.startswith("early")
+    run.training.finish(export, reason=reason, early_stopped=early, best_metric=state.best_metric)
+    if is_main:
         print(
-            f"done at step {progress.step} (best {cfg.training.metric_for_best_model} {progress.best_metric}): "
+            f"done at step {state.step} (best {run.cfg.training.metric_for_best_model} {state.best_metric}): "
             f"outputs in {layout.output_dir}: final_model/, checkpoints/, metrics.jsonl, loss_curve.png, "
             "run_finished.json",
             flush=True,
         )
-    return final_dir
+    return layout.final_model
+
+
+def run(cfg: RecipeConfig) -> Path | None:
+    """Train according to cfg; returns the final export dir (None: nothing to do, or preempted after saving)."""
+    training = new_training_run(cfg)
+    message = training.finished_message()  # before building anything: a finished run stays finished
+    if message is not None:
+        if read_launch_env()[0] == 0:
+            print(message, flush=True)
+        return None
+    run_ = build_run(cfg, training)
+    state = restore(run_)
+    with run_.training, open_writer(run_, state) as run_.writer:
+        train(run_, state)
+    return finish(run_, state)
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    """The command line: the original's flags plus `section.key=value` overrides."""
+    """The command line: the original's flags (as aliases of settings) plus `section.key=value` overrides."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=None, help="YAML config (default: src/config.yaml)")
-    parser.add_argument("--train_dir", help="shards from data_processing.py (overrides data.train_dir)")
-    parser.add_argument("--val_dir", help="validation shards (overrides data.val_dir)")
-    parser.add_argument("--output_dir", help="checkpoints, metrics and final_model/ (overrides training.output_dir)")
+    parser.add_argument("--train_dir", help="shards from data_processing.py (data.train_dir)")
+    parser.add_argument("--val_dir", help="validation shards (data.val_dir)")
+    parser.add_argument("--output_dir", help="checkpoints, metrics and final_model/ (training.output_dir)")
     parser.add_argument(
-        "--resume_from_checkpoint",
-        default="auto",
-        help="auto (default; `latest` = auto): newest complete checkpoint, else a fresh start; "
+        "--resume",
+        help="training.resume: auto (default; `latest` = auto): newest complete checkpoint, else a fresh start; "
         "none: fresh start (refused if checkpoints exist); or a checkpoints/step_N dir",
     )
+    parser.add_argument("--resume_from_checkpoint", help="the old name of --resume")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.max_steps=1000")
     args = parser.parse_args(argv)
-    overrides = list(args.overrides)
-    overrides += [f"data.train_dir={args.train_dir}"] if args.train_dir else []
-    overrides += [f"data.val_dir={args.val_dir}"] if args.val_dir else []
-    overrides += [f"training.output_dir={args.output_dir}"] if args.output_dir else []
-    return args, overrides
+    aliases = {
+        "data.train_dir": args.train_dir,
+        "data.val_dir": args.val_dir,
+        "training.output_dir": args.output_dir,
+        "training.resume": args.resume,
+        "training.resume_from_checkpoint": args.resume_from_checkpoint,  # renamed by config.load, with a note
+    }
+    return args, [*args.overrides, *(f"{key}={value}" for key, value in aliases.items() if value is not None)]
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: user, settings and write errors print one `error:` line and exit 1; preemption exits 0."""
 
-    def train() -> None:
+    def train_from_cli() -> None:
         args, overrides = parse_args(argv)
-        run(load_config(args.config, overrides), args.resume_from_checkpoint)
+        run(load(args.config, overrides))
         teardown_distributed()
 
-    return run_cli(train, user_errors=USER_ERRORS)
+    return run_cli(train_from_cli, user_errors=USER_ERRORS)
 
 
 if __name__ == "__main__":

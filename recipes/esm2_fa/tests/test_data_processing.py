@@ -65,6 +65,7 @@ def test_pack_batches_never_exceeds_budget_and_sorts_within_batches():
         assert len(batch) * max(lengths[i] for i in batch) <= 1000
 
 
+@pytest.mark.smoke
 def test_shards_rows_batch_major_under_budget_and_refined_fasta(tmp_path):
     fasta = head_fasta(SAMPLE_TRAIN, tmp_path / "in.fasta", 120)
     summary = preprocess_fasta(fasta, tmp_path / "out", progress=False, **OPTS)

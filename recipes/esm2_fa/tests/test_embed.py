@@ -76,6 +76,7 @@ def test_a_long_protein_is_chunked_into_pieces_and_keeps_every_residue(model, tm
     assert not np.allclose(mean[0], whole[0], atol=1e-4)
 
 
+@pytest.mark.smoke
 def test_cli_writes_ids_matrix_and_provenance_atomically(model_dir, tmp_path, capsys):
     fasta = write_fasta(tmp_path / "p.fasta", list(SEQS.items()))
     out = tmp_path / "emb"

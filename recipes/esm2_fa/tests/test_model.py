@@ -5,13 +5,12 @@ import torch
 from conftest import padded_batch
 from transformers import EsmForMaskedLM
 
+from export import export_config, export_state_dict
 from model import (
     ESM2_SIZES,
     ModelConfigError,
     build_model,
     esm2_config,
-    export_config,
-    export_state_dict,
     faesm_available,
     load_pretrained,
     read_state_dict,
@@ -127,7 +126,7 @@ def test_unknown_or_unavailable_attention_is_one_clear_error():
 
 
 def test_exported_checkpoint_loads_in_transformers_and_the_recipe(tmp_path):
-    from train import export_final_model
+    from export import export_final_model
 
     torch.manual_seed(1)
     model = build_model(esm2_config("esm2_tiny"), attention="auto").eval()

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import biorecipes_shared.checkpoint as shared_checkpoint
 from biorecipes_shared.checkpoint import verify_checkpoint
 from biorecipes_shared.testing import child_env, kill_around_saves, run_command, torchrun_command
-from config import load_config
+from config import load
 from train import main, run
 
 TRAIN = RECIPE_DIR / "src" / "train.py"
@@ -26,9 +26,9 @@ STEPS = 24
 RUN_SETTINGS = [
     f"training.max_steps={STEPS}",
     "training.eval_steps=4",
-    "training.save_steps=4",
+    "training.save_every=4",
     "training.logging_steps=2",
-    "training.save_total_limit=2",
+    "training.keep_last=2",
 ]
 
 
@@ -72,7 +72,7 @@ def straight_run(tiny_shards, tmp_path_factory):
 def tiny_cfg(tiny_shards, out_dir, *extra):
     train_dir, val_dir = tiny_shards
     overrides = [f"data.train_dir={train_dir}", f"data.val_dir={val_dir}", f"training.output_dir={out_dir}"]
-    return load_config(TINY_CONFIG, [*overrides, *extra])
+    return load(TINY_CONFIG, [*overrides, *extra])
 
 
 @pytest.mark.slow
@@ -108,7 +108,7 @@ def test_sigterm_saves_exits_0_and_the_rerun_is_the_uninterrupted_run(tiny_shard
 
 
 def test_finished_run_rerun_is_a_one_line_no_op(tiny_shards, tmp_path, capsys):
-    args = cli_args(tiny_shards, tmp_path, "training.max_steps=4", "training.eval_steps=2", "training.save_steps=2")
+    args = cli_args(tiny_shards, tmp_path, "training.max_steps=4", "training.eval_steps=2", "training.save_every=2")
     assert main(args) == 0
     final = tmp_path / "final_model" / "model.safetensors"
     before = (
@@ -129,23 +129,24 @@ def test_finished_run_rerun_is_a_one_line_no_op(tiny_shards, tmp_path, capsys):
     assert (tmp_path / "metrics.jsonl").read_text() == metrics
 
 
+@pytest.mark.smoke
 def test_fresh_folder_and_requeue_use_one_command_and_none_refuses_to_overwrite(tiny_shards, tmp_path, capsys):
-    args = cli_args(tiny_shards, tmp_path, "training.eval_steps=2", "training.save_steps=2")
+    args = cli_args(tiny_shards, tmp_path, "training.eval_steps=2", "training.save_every=2")
     assert main([*args, "training.max_steps=2"]) == 0  # fresh folder, default resume=auto
     assert main([*args, "training.max_steps=4"]) == 0  # same command, more steps: continues from step 2
     records = step_records(tmp_path)
     assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]
     capsys.readouterr()
-    assert main([*args, "training.max_steps=6", "--resume_from_checkpoint", "none"]) == 1
+    assert main([*args, "training.max_steps=6", "--resume", "none"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already holds checkpoints and resume is 'none'" in err[0]
 
 
 def test_early_stopping_patience_survives_a_resume(tiny_shards, tmp_path):
     # The issue's repro, shortened: patience 2 with an unreachable threshold stops after the 3rd evaluation.
-    common = ["training.eval_steps=2", "training.save_steps=2", "training.logging_steps=2"]
+    common = ["training.eval_steps=2", "training.save_every=2", "training.logging_steps=2"]
     common += ["training.early_stopping.patience=2", "training.early_stopping.threshold=10.0"]
-    common += ["training.save_total_limit=0"]
+    common += ["training.keep_last=0"]
     run(tiny_cfg(tiny_shards, tmp_path / "a", "training.max_steps=40", *common))
     run(tiny_cfg(tiny_shards, tmp_path / "b", "training.max_steps=4", *common))
     run(tiny_cfg(tiny_shards, tmp_path / "b", "training.max_steps=40", *common))
@@ -164,7 +165,7 @@ def test_checkpoint_write_error_is_one_line_and_the_next_run_resumes(tiny_shards
         return original(tensors, filename, *args, **kwargs)
 
     monkeypatch.setattr(shared_checkpoint, "save_file", disk_full_at_step_4)
-    args = cli_args(tiny_shards, tmp_path, "training.max_steps=6", "training.eval_steps=2", "training.save_steps=2")
+    args = cli_args(tiny_shards, tmp_path, "training.max_steps=6", "training.eval_steps=2", "training.save_every=2")
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "no space left on device" in err[0], err
@@ -178,7 +179,7 @@ def test_checkpoint_write_error_is_one_line_and_the_next_run_resumes(tiny_shards
 
 
 def test_an_incomplete_checkpoint_is_skipped_cleaned_and_the_run_resumes(tiny_shards, tmp_path):
-    common = ["training.eval_steps=2", "training.save_steps=2"]
+    common = ["training.eval_steps=2", "training.save_every=2"]
     run(tiny_cfg(tiny_shards, tmp_path, "training.max_steps=2", *common))
     checkpoints = tmp_path / "checkpoints"
     (checkpoints / "step_00000004").mkdir()  # what a kill during HF's in-place save used to leave
@@ -192,7 +193,7 @@ def test_an_incomplete_checkpoint_is_skipped_cleaned_and_the_run_resumes(tiny_sh
 
 @pytest.mark.slow
 def test_world_size_change_is_refused_in_one_line_naming_both_sizes(tiny_shards, tmp_path, capsys):
-    settings = ["training.eval_steps=2", "training.save_steps=2", "data.num_workers=1"]
+    settings = ["training.eval_steps=2", "training.save_every=2", "data.num_workers=1"]
     two = tmp_path / "two"
     run_command(torchrun_command(TRAIN, cli_args(tiny_shards, two, "training.max_steps=2", *settings)), cwd=tmp_path)
     assert main(cli_args(tiny_shards, two, "training.max_steps=4", *settings)) == 1  # 2 -> 1
@@ -212,7 +213,7 @@ def test_world_size_change_is_refused_in_one_line_naming_both_sizes(tiny_shards,
 
 def test_killed_after_the_last_save_the_rerun_only_exports(tiny_shards, tmp_path):
     # A kill between the final checkpoint and run_finished.json: HF's loop would train a step past max_steps.
-    common = ["training.max_steps=4", "training.eval_steps=2", "training.save_steps=2", "training.logging_steps=2"]
+    common = ["training.max_steps=4", "training.eval_steps=2", "training.save_every=2", "training.logging_steps=2"]
     run(tiny_cfg(tiny_shards, tmp_path, *common))
     weights = (tmp_path / "final_model" / "model.safetensors").read_bytes()
     metrics = (tmp_path / "metrics.jsonl").read_text()
@@ -229,7 +230,7 @@ def test_killed_after_the_last_save_the_rerun_only_exports(tiny_shards, tmp_path
 def two_step_run(tiny_shards, tmp_path_factory):
     """A run stopped after its step-2 checkpoint (module-scoped: the tamper cases copy it)."""
     out = tmp_path_factory.mktemp("two_step") / "run"
-    args = cli_args(tiny_shards, out, "training.max_steps=2", "training.eval_steps=2", "training.save_steps=2")
+    args = cli_args(tiny_shards, out, "training.max_steps=2", "training.eval_steps=2", "training.save_every=2")
     assert main(args) == 0
     (out / "run_finished.json").unlink()  # so that a longer rerun resumes from step 2
     return out
@@ -261,7 +262,7 @@ def test_a_tampered_checkpoint_file_with_a_rehashed_manifest_is_one_line_exit_1(
     (checkpoint / "manifest.json").unlink()
     shared_checkpoint.write_manifest(checkpoint, 2)  # the manifest matches the tampered file
     verify_checkpoint(checkpoint)
-    args = cli_args(tiny_shards, out, "training.max_steps=4", "training.eval_steps=2", "training.save_steps=2")
+    args = cli_args(tiny_shards, out, "training.max_steps=4", "training.eval_steps=2", "training.save_every=2")
     assert main(args) == 1
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()

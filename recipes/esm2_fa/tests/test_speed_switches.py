@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from dataset import mask_tokens
-from model import build_model, esm2_config
-from trainer import MaskedLMLoss, apply_speed_switches
+from data import mask_tokens
+from model import MaskedLMLoss, apply_speed_switches, build_model, esm2_config
 
 STEPS = 10
 

@@ -15,8 +15,8 @@ import torch
 from conftest import padded_batch
 from transformers import EsmConfig
 
-from model import build_model, esm2_config, export_config, export_state_dict, resolve_attention
-from trainer import MaskedLMLoss, masked_lm_loss
+from export import export_config, export_state_dict
+from model import MaskedLMLoss, build_model, esm2_config, masked_lm_loss, resolve_attention
 
 DATA = Path(__file__).parent / "data"
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from datasets import load_from_disk
 
-import dataset
-from dataset import (
+import data
+from data import (
     DataDirError,
     ShardStream,
     batch_bounds,
@@ -37,7 +37,7 @@ def test_two_ranks_two_workers_read_each_shard_once_per_cycle(tiny_shards, monke
             assert {name for name, _, _ in cycle} == {p.name for p in owned}
             read += cycle
             # What the worker actually yields is this slot's batches, in this order.
-            monkeypatch.setattr(dataset, "get_worker_info", lambda w=worker: SimpleNamespace(id=w))
+            monkeypatch.setattr(data, "get_worker_info", lambda w=worker: SimpleNamespace(id=w))
             yielded = _take(iter(stream), 3)
             for (name, s, e), batch in zip(cycle, yielded):
                 expected = read_batch(load_from_disk(str(train_dir / name)), s, e)
@@ -56,6 +56,7 @@ def test_each_cycle_reshuffles_the_shard_order(tiny_shards):
     assert len(set(shard_orders)) > 1 and all(sorted(o) == sorted(shard_orders[0]) for o in shard_orders)
 
 
+@pytest.mark.smoke
 def test_resume_skips_to_the_same_batches_and_masks(tiny_shards):
     train_dir, _ = tiny_shards
     full = ShardStream(train_dir, 1, world_size=2, num_workers=2, mlm_probability=0.2, seed=3)
@@ -144,7 +145,7 @@ def test_fingerprint_against_a_local_model_vocab_txt(tiny_shards, tmp_path):
 
 
 def test_older_shards_without_fingerprint_only_warn(tiny_shards, tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(dataset.log, "propagate", True)  # train.py's handler set-up turns it off; caplog needs it
+    monkeypatch.setattr(data.log, "propagate", True)  # train.py's handler set-up turns it off; caplog needs it
     data_dir = _copy_packing(tiny_shards, tmp_path, format_version=None, vocab_sha256=None, special_ids=None)
     with caplog.at_level("WARNING", logger="esm2_fa"):
         check_data_fingerprints({"train": data_dir}, _model_cfg())

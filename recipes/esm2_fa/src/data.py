@@ -5,8 +5,9 @@ twice per cycle. A slot visits its shards in a new random order every cycle, for
 A shard is memory-mapped (never loaded into RAM) and each batch is one contiguous slice of rows.
 Masks are drawn from a generator seeded by (seed, rank, batch number), so a resumed run masks exactly as an
 uninterrupted one would.
-check_data_fingerprints() compares the `packing.json` the shards were written with against the model that will read
-them (vocabulary, special ids, token budget, positions) and refuses a mismatch before training starts.
+check_data_dirs() opens every shard and compares the `packing.json` the shards were written with against the model
+that will read them (vocabulary, special ids, token budget, positions), refusing a mismatch before training starts:
+the one place the token budget of the data meets model.max_batch_size.
 """
 
 from __future__ import annotations
@@ -71,6 +72,14 @@ def model_vocabulary(model_cfg) -> tuple[list[str], str]:
     return list(ESM_VOCAB), f"the ESM-2 vocabulary of {model_cfg.model_name} (src/model.py)"
 
 
+def check_data_dirs(cfg) -> None:
+    """Every train/val check that needs the files, before anything is written: the val shards open (the train
+    shards are opened by ShardStream), and both dirs' packing.json fit the model section (check_data_fingerprints).
+    Raises DataDirError (one line)."""
+    check_shards(cfg.data.val_dir, "val")
+    check_data_fingerprints({"train": cfg.data.train_dir, "val": cfg.data.val_dir}, cfg.model)
+
+
 def check_data_fingerprints(data_dirs: dict[str, str | Path], model_cfg, vocab: list[str] | None = None) -> None:
     """Check every {what: shard dir}'s packing.json against the model section (and vocabulary) it will train.
 
@@ -81,10 +90,11 @@ def check_data_fingerprints(data_dirs: dict[str, str | Path], model_cfg, vocab: 
     """
     vocab, vocab_source = (vocab, "the given vocabulary") if vocab is not None else model_vocabulary(model_cfg)
     for what, data_dir in data_dirs.items():
-        _check_fingerprint(Path(data_dir), what, model_cfg, vocab, vocab_source)
+        check_fingerprint(Path(data_dir), what, model_cfg, vocab, vocab_source)
 
 
-def _check_fingerprint(data_dir: Path, what: str, model_cfg, vocab: list[str], vocab_source: str) -> None:
+def check_fingerprint(data_dir: Path, what: str, model_cfg, vocab: list[str], vocab_source: str) -> None:
+    """One shard dir's packing.json against the model section; see check_data_fingerprints."""
     path = data_dir / PACKING_FILE
     try:
         packing = read_packing(data_dir)
