@@ -78,17 +78,17 @@ def throughput(ctx: Context) -> tuple[str, dict]:
 
 def train(ctx: Context) -> tuple[str, dict]:
     steps = ctx.sizes["train"]["steps"]
-    run_cli(["make_fixture.py", "--out", "fixture"], ctx.out_dir / "make_fixture.log", 120)
+    run_cli(["scripts/build_sample.py", "--out", "fixture"], ctx.out_dir / "build_sample.log", 120)
 
-    def command(run_dir: Path) -> list[str]:
+    def command(output_dir: Path) -> list[str]:
         return [
             "train.py",
             "--config-name",
             "sample",
-            f"run_dir={run_dir}",
+            f"output_dir={output_dir}",
             f"train.max_steps={steps}",
             f"train.steps_per_epoch={steps // 2}",
-            f"train.checkpoint_every={steps // 2}",
+            f"train.save_every={steps // 2}",
             f"train.log_every={max(1, steps // 10)}",
             f"train.warmup_steps={max(1, steps // 10)}",
             "val.at_start=false",

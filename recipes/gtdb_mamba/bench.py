@@ -33,23 +33,23 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # steady timings on a shared 2-co
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from mambapy.mamba import MambaBlock, MambaConfig  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 import bench_scale  # noqa: E402
-from biorecipes_shared.logging_utils import interleaved_medians  # noqa: E402
-from components import EmbedderWithHead  # noqa: E402
-from make_fixture import make_fixture  # noqa: E402
+from biorecipes_shared import interleaved_medians  # noqa: E402
+from config import compose_config  # noqa: E402
 from metrics import pairwise_distances, same_genome_auc  # noqa: E402
 from model import (  # noqa: E402
     CurricularFace,
     EmbedderConfig,
+    EmbedderWithHead,
     GenomeFragmentEmbedder,
     make_mixer,
     mamba_ssm_available,
     set_speed_switches,
 )
+from scripts.build_sample import make_fixture  # noqa: E402
 from train import run  # noqa: E402
 
 REPEATS = 5
@@ -72,31 +72,30 @@ def time_to_first_step(work: Path) -> dict[tuple[int, str], float]:
             include_real=False,
         )
     times: dict[tuple[int, str], list[float]] = {(n, mode): [] for n in fixtures for mode in ("cold", "cached")}
-    with initialize_config_dir(config_dir=str(HERE / "conf"), version_base="1.3"):
-        for repeat in range(REPEATS + 1):  # repeat 0 is the warm-up
-            for n_genomes, root in fixtures.items():
-                cache = work / f"cache_{n_genomes}"
-                for mode in ("cold", "cached"):
-                    if mode == "cold":
-                        shutil.rmtree(cache, ignore_errors=True)
-                    cfg = compose(
-                        "sample",
-                        [
-                            f"data.genomes_root={root / 'database'}",
-                            f"data.metadata_files=[{root / 'bac120_metadata_r0.tsv'},{root / 'ar53_metadata_r0.tsv'}]",
-                            f"data.cache_dir={cache}",
-                            f"run_dir={work / f'run_{n_genomes}_{mode}_{repeat}'}",
-                            "data.val_species_target=20",
-                            "data.n_val_genomes=20",
-                            "train.max_steps=1",
-                            "train.resume=false",
-                            "val.at_start=false",
-                            "val.fragments_per_genome=2",
-                        ],
-                    )
-                    seconds = run(cfg)["time_to_first_step_s"]
-                    if repeat:
-                        times[(n_genomes, mode)].append(seconds)
+    for repeat in range(REPEATS + 1):  # repeat 0 is the warm-up
+        for n_genomes, root in fixtures.items():
+            cache = work / f"cache_{n_genomes}"
+            for mode in ("cold", "cached"):
+                if mode == "cold":
+                    shutil.rmtree(cache, ignore_errors=True)
+                cfg = compose_config(
+                    "sample",
+                    [
+                        f"data.genomes_root={root / 'database'}",
+                        f"data.metadata_files=[{root / 'bac120_metadata_r0.tsv'},{root / 'ar53_metadata_r0.tsv'}]",
+                        f"data.cache_dir={cache}",
+                        f"output_dir={work / f'run_{n_genomes}_{mode}_{repeat}'}",
+                        "data.val_species_target=20",
+                        "data.n_val_genomes=20",
+                        "train.max_steps=1",
+                        "train.resume=false",
+                        "val.at_start=false",
+                        "val.fragments_per_genome=2",
+                    ],
+                )
+                seconds = run(cfg)["time_to_first_step_s"]
+                if repeat:
+                    times[(n_genomes, mode)].append(seconds)
     return {key: _median(values) for key, values in times.items()}
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from biorecipes_shared.distributed import all_reduce_mean, barrier
+from biorecipes_shared import all_reduce_mean, barrier
 from genome_fasta import BASE_LOOKUP, INVALID_CODE, N_CODE
 from preprocess import (
     INDEX_FORMAT_VERSION,
@@ -230,9 +230,9 @@ def data_fingerprint(data_cfg, split: FamilySplit, n_classes: int) -> dict:
     return {
         "format_version": FINGERPRINT_VERSION,
         "index_format_version": INDEX_FORMAT_VERSION,
-        "tokenizer": {"kmer": int(data_cfg["kmer"]), "base_order": "ATCG", "n_token": 4 ** int(data_cfg["kmer"])},
+        "tokenizer": {"kmer": int(data_cfg.kmer), "base_order": "ATCG", "n_token": 4 ** int(data_cfg.kmer)},
         "fragment": {
-            key: data_cfg[key]
+            key: getattr(data_cfg, key)
             for key in ("fragment_bp", "train_tokens", "val_tokens", "reverse_complement", "max_n_fraction")
         },
         **split_fingerprint(split),
@@ -240,15 +240,15 @@ def data_fingerprint(data_cfg, split: FamilySplit, n_classes: int) -> dict:
     }
 
 
-def check_data_fingerprint(run_dir, data_cfg, split: FamilySplit, sampler: FragmentSampler, resuming: bool) -> Path:
-    """Record this run's data fingerprint in `<run_dir>/data_fingerprint.json`, or, when resuming, check it first.
+def check_data_fingerprint(output_dir, data_cfg, split: FamilySplit, sampler: FragmentSampler, resuming: bool) -> Path:
+    """Record this run's data fingerprint in `<output_dir>/data_fingerprint.json`, or, when resuming, check it first.
 
     A resumed run whose k-mer size, fragment settings, split, genome list or class count differ from the recorded
-    ones raises GtdbDataError in one line naming the record, the training index and every differing key. A run
+    ones raises GtdbDataError in one line naming the record, the training index and every differing key. An output
     dir without a record (older version) gets a warning and the record is written. Returns the record's path.
     """
     fingerprint = data_fingerprint(data_cfg, split, sampler.n_classes or assign_classes(sampler))
-    record = Path(run_dir) / FINGERPRINT_FILE
+    record = Path(output_dir) / FINGERPRINT_FILE
     if resuming and record.is_file():
         try:
             recorded = json.loads(record.read_text())
@@ -259,7 +259,7 @@ def check_data_fingerprint(run_dir, data_cfg, split: FamilySplit, sampler: Fragm
             detail = "; ".join(f"{k}: checkpoint {recorded.get(k)!r} vs now {fingerprint.get(k)!r}" for k in differ)
             raise GtdbDataError(
                 f"{record}: the checkpoints were trained on other data than {sampler.index.directory / 'manifest.json'} "
-                f"with this config ({detail}); use the original settings or a new run_dir"
+                f"with this config ({detail}); use the original settings or a new output_dir"
             )
         return record
     if resuming:
@@ -275,7 +275,7 @@ def prepare_data(cfg, dist_ctx, log):
     """Split the metadata, build or load this rank's training index and the validation index."""
     data = cfg.data
     split_options = {
-        key: data[key]
+        key: getattr(data, key)
         for key in (
             "contamination_column",
             "max_contamination",

@@ -27,10 +27,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from biorecipes_shared.files import atomic_write
-from biorecipes_shared.run import ConfigError, RunError, check_settings, run_cli
+from biorecipes_shared import ConfigError, RunError, atomic_write, check_settings, run_cli
 from data import FragmentSampler, check_crop, reverse_complement_codes
-from exports import load_export
+from export import load_export
 from preprocess import N_CODE, GenomeSkipped, GtdbDataError, read_genome_contigs
 
 VALIDATION_STREAM = 1_000_003  # the constant data.validation_fragments seeds with, so the fragments match it

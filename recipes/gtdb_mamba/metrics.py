@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from biorecipes_shared.files import atomic_write
+from biorecipes_shared import atomic_write
 
 
 def rank_auc(scores: torch.Tensor, is_positive: torch.Tensor) -> float:
@@ -79,3 +79,19 @@ def write_distance_histogram(path: str | Path, distances: torch.Tensor, same: to
             fig.savefig(handle, format="png", dpi=100)
     finally:
         plt.close(fig)
+
+
+@torch.no_grad()
+def validation_auc(
+    embedder: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor, batch_size: int, autocast
+) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Embed the validation fragments `tokens` (n, length) in batches under `autocast()`, on the embedder's device;
+    returns this rank's same-genome AUC over all pairs, the pairwise distances and the same-genome mask."""
+    device = next(embedder.parameters()).device
+    embedder.eval()
+    embeddings = []
+    for start in range(0, len(tokens), batch_size):
+        with autocast():
+            embeddings.append(embedder(tokens[start : start + batch_size].to(device)).float().cpu())
+    embedder.train()
+    return same_genome_auc(torch.cat(embeddings), labels)

@@ -181,3 +181,20 @@ class CurricularFace(nn.Module):
         logits = torch.where(hard, cos * (self.t + cos), cos)
         logits = logits.scatter(1, labels[:, None], final_target)
         return logits * self.scale
+
+
+class EmbedderWithHead(nn.Module):
+    """The trained unit: embedder + CurricularFace head, so DDP and checkpoints see one module."""
+
+    def __init__(self, embedder: GenomeFragmentEmbedder, head: CurricularFace):
+        super().__init__()
+        self.embedder, self.head = embedder, head
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """tokens (batch, length) ids, labels (batch,) genome classes -> CurricularFace logits (batch, classes)."""
+        return self.head(self.embedder(tokens), labels)
+
+
+def autocast(device: torch.device, bf16: bool):
+    """bf16 autocast on CUDA when `bf16` (train.bf16); a no-op context on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")

@@ -4,7 +4,7 @@
 #   GTDB=/data/gtdb/release220 RELEASE=r220 sbatch slurm_train.sh [hydra overrides]
 # Preemption: SLURM sends SIGUSR1 to every task 120 s before the time limit (`--signal=USR1@120`, no `B:` so the
 # training processes get it, not only this script); each saves a checkpoint and exits 0, so the job ends with exit 0.
-# `sbatch` the same script again (or let --requeue do it): it resumes from the newest valid checkpoint in run_dir,
+# `sbatch` the same script again (or let --requeue do it): it resumes from the newest valid checkpoint in output_dir,
 # and a finished run exits 0 at once without training. No torchrun here: a torchrun launcher that receives the
 # signal exits 1 even when every worker saved cleanly.
 #SBATCH --job-name=gtdb_mamba
@@ -29,5 +29,5 @@ srun --kill-on-bad-exit=1 python train.py \
   "data.metadata_files=[${GTDB}/bac120_metadata_${RELEASE}.tsv,${GTDB}/ar53_metadata_${RELEASE}.tsv]" \
   "data.cache_dir=${CACHE_DIR}" \
   "data.num_workers=$((SLURM_CPUS_PER_TASK - 2))" \
-  "run_dir=${RUN_DIR}" \
+  "output_dir=${RUN_DIR}" \
   "$@"

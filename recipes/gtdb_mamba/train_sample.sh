@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")"
 # One compute thread: with the loader worker beside it this fills 2 cores; more threads thrash on a busy machine.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-python make_fixture.py --out fixture
-python train.py --config-name sample "run_dir=runs/sample-$(date +%Y%m%d-%H%M%S)" "$@"
+python scripts/build_sample.py --out fixture
+python train.py --config-name sample "output_dir=runs/sample-$(date +%Y%m%d-%H%M%S)" "$@"

@@ -1,13 +1,25 @@
 """Shared fixtures: a small synthetic GTDB-layout tree generated once per test session."""
 
 import gzip
+import logging
+import sys
 from pathlib import Path
 
 import pytest
 
-from make_fixture import make_fixture
+from scripts.build_sample import make_fixture
 
 RECIPE_DIR = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def loggers_write_to_this_tests_stderr():
+    """In-process runs: the shared logger's handler keeps the stderr it was made with, which is closed once the test
+    that made it (under capsys) ends; every test points it at the stderr of its own start."""
+    for name in ("gtdb_mamba", "preprocess", "data"):
+        for handler in logging.getLogger(name).handlers:
+            if getattr(handler, "_biorecipes", False):
+                handler.stream = sys.stderr  # not setStream: it flushes the old, closed stream
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +53,7 @@ def tiny_overrides(root: Path, work: Path) -> list[str]:
         f"data.genomes_root={root / 'database'}",
         f"data.metadata_files=[{root / 'bac120_metadata_r0.tsv'},{root / 'ar53_metadata_r0.tsv'}]",
         f"data.cache_dir={work / 'cache'}",
-        f"run_dir={work / 'run'}",
+        f"output_dir={work / 'run'}",
         "data.val_species_target=6",
         "data.n_val_genomes=8",
         "data.num_workers=0",
@@ -59,8 +71,7 @@ def tiny_overrides(root: Path, work: Path) -> list[str]:
 
 
 def compose_config(overrides: list[str]):
-    """The sample config with overrides, as `python train.py --config-name sample ...` would see it."""
-    from hydra import compose, initialize_config_dir
+    """The sample config with overrides, as `python train.py --config-name sample ...` would see it (a `Config`)."""
+    import config
 
-    with initialize_config_dir(config_dir=str(RECIPE_DIR / "conf"), version_base="1.3"):
-        return compose(config_name="sample", overrides=overrides)
+    return config.compose_config("sample", overrides)

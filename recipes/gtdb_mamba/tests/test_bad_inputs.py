@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import RECIPE_DIR, compose_config, metadata_files, tiny_overrides, write_fasta_gz
 
+from data import prepare_data
 from preprocess import GtdbDataError, read_metadata
-from train import prepare_data
 
 
 class _Ctx:  # a single-process distributed context, as setup_distributed returns for plain python
@@ -150,7 +150,9 @@ def test_empty_fasta_header_skips_the_genome(tmp_path, caplog):
     assert f"genome GCA_000000000.1 skipped: {bad_char}: record 1: empty FASTA header" in caplog.text
 
 
-def test_cli_prints_one_line_error_and_exits_1(tmp_path):
+@pytest.mark.smoke
+def test_cli_prints_one_line_error_and_exits_1_and_takes_the_old_names(tmp_path):
+    """The process itself (the other CLI tests call train.main in-process); the seed's setting names still work."""
     result = subprocess.run(
         [
             sys.executable,
@@ -159,6 +161,8 @@ def test_cli_prints_one_line_error_and_exits_1(tmp_path):
             "sample",
             f"data.metadata_files=[{tmp_path / 'nope.tsv'}]",
             f"run_dir={tmp_path / 'run'}",
+            "train.checkpoint_every=3",
+            "train.keep_last_k=1",
             f"data.cache_dir={tmp_path / 'cache'}",
         ],
         cwd=RECIPE_DIR,
@@ -166,74 +170,79 @@ def test_cli_prints_one_line_error_and_exits_1(tmp_path):
         text=True,
     )
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope.tsv'}: metadata file not found"
-    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"note: command line: '{old}' is now called '{new}'; the old name still works for now"
+        for old, new in (("run_dir", "output_dir"), ("train.checkpoint_every", "train.save_every"),
+                         ("train.keep_last_k", "train.keep_last"))
+    ] + [f"error: {tmp_path / 'nope.tsv'}: metadata file not found"]  # fmt: skip
     assert not (tmp_path / "run").exists()
 
 
-def test_missing_required_setting_is_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "train.py", f"run_dir={tmp_path / 'run'}", "model.norm=batchnorm"],
-        cwd=RECIPE_DIR,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 1 and "Traceback" not in result.stderr
+def test_old_names_land_on_the_new_settings():
+    from sweep import parse_cli
+
+    cli = parse_cli(["run_dir=a", "train.checkpoint_every=3", "+train.keep_last_k=1", "train.lr=0.1"])
+    assert cli.overrides == ["output_dir=a", "train.save_every=3", "+train.keep_last=1", "train.lr=0.1"]
+
+
+def _cli(overrides: list[str], capsys) -> tuple[int, str]:
+    """`python train.py --config-name sample ...` in this process: (exit code, stderr)."""
+    import train
+
+    capsys.readouterr()
+    code = train.main(["--config-name", "sample", *overrides])
+    return code, capsys.readouterr().err
+
+
+def test_missing_required_setting_is_one_line(tmp_path, capsys):
+    import train
+
+    assert train.main([f"output_dir={tmp_path / 'run'}", "model.norm=batchnorm"]) == 1
     assert (
-        result.stderr.strip()
+        capsys.readouterr().err.strip()
         == "error: required setting(s) not given: data.genomes_root, data.metadata_files (pass them as key=value)"
-    )
-
-
-def _cli(overrides: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "train.py", "--config-name", "sample", *overrides],
-        cwd=RECIPE_DIR,
-        capture_output=True,
-        text=True,
     )
 
 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("train.log_every=0", "train.log_every must be an integer >= 1, got 0"),
-        ("train.checkpoint_every=0", "train.checkpoint_every must be an integer >= 1, got 0"),
-        ("val.batch_size=0", "val.batch_size must be an integer >= 1, got 0"),
-        ("data.kmer=0", "data.kmer must be an integer >= 1, got 0"),
+        ("train.log_every=0", "train.log_every=0 must be an integer >= 1"),
+        ("train.save_every=0", "train.save_every=0 must be an integer >= 1"),
+        ("val.batch_size=0", "val.batch_size=0 must be an integer >= 1"),
+        ("data.kmer=0", "data.kmer=0 must be an integer >= 1"),
         ("data.val_tokens=1000", "data.val_tokens=1000 tokens needs fragments of >= 1004 bp, data.fragment_bp is 150"),
-        ("train.lr=-1", "train.lr=-1 must be >= 0"),
+        ("train.lr=-1", "train.lr=-1.0 must be >= 0"),
         ("train.lr=nan", "train.lr=nan must be a finite number"),
-        ("data.max_n_fraction=2", "data.max_n_fraction=2 must be in [0, 1]"),
+        ("data.max_n_fraction=2", "data.max_n_fraction=2.0 must be in [0, 1]"),
     ],
 )
-def test_bad_counts_fail_before_anything_is_written(gtdb_fixture, tmp_path, override, message):
-    result = _cli([*tiny_overrides(gtdb_fixture, tmp_path), override])
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == f"error: {message}"
+def test_bad_counts_fail_before_anything_is_written(gtdb_fixture, tmp_path, capsys, override, message):
+    code, err = _cli([*tiny_overrides(gtdb_fixture, tmp_path), override], capsys)
+    assert code == 1 and err.strip() == f"error: {message}"
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
 
 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("train.grad_accumulation=0", "train.grad_accumulation must be an integer >= 1, got 0"),
-        ("val.fragments_per_genome=1", "val.fragments_per_genome must be an integer >= 2, got 1"),
-        ("data.n_val_genomes=1", "data.n_val_genomes must be an integer >= 2, got 1"),
-        ("data.num_workers=-1", "data.num_workers must be an integer >= 0, got -1"),
-        ("model.d_model=0", "model.d_model must be an integer >= 1, got 0"),
-        ("train.log_every=2.5", "train.log_every must be an integer >= 1, got 2.5"),
-        ("train.stop_at_step=0", "train.stop_at_step must be null or an integer >= 1, got 0"),
-        ("train.lr=-1", "train.lr=-1 must be >= 0"),
-        ("train.lr=nan", "train.lr=nan must be a finite number"),
-        ("data.max_n_fraction=2", "data.max_n_fraction=2 must be in [0, 1]"),
+        ("train.grad_accumulation=0", "train.grad_accumulation=0 must be an integer >= 1"),
+        ("val.fragments_per_genome=1", "val.fragments_per_genome=1 must be an integer >= 2"),
+        ("data.n_val_genomes=1", "data.n_val_genomes=1 must be an integer >= 2"),
+        ("data.num_workers=-1", "data.num_workers=-1 must be an integer >= 0"),
+        ("model.d_model=0", "model.d_model=0 must be an integer >= 1"),
+        (
+            "train.log_every=2.5",
+            "Error merging override train.log_every=2.5; Value '2.5' of type 'float' could not be converted to Integer",
+        ),  # fmt: skip
+        ("train.stop_at_step=0", "train.stop_at_step=0 must be an integer >= 1"),
         ("head.t_momentum=1.5", "head.t_momentum=1.5 must be in [0, 1]"),
         ("data.train_tokens=200", "data.train_tokens=200 tokens needs fragments of >= 204 bp"),
     ],
 )
 def test_check_config_rejects_bad_values(gtdb_fixture, tmp_path, override, message):
-    from biorecipes_shared.run import ConfigError
-    from train import check_config
+    from biorecipes_shared import ConfigError
+    from config import validate as check_config
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_config(compose_config([*tiny_overrides(gtdb_fixture, tmp_path), override]))
@@ -243,22 +252,23 @@ def test_check_config_rejects_bad_values(gtdb_fixture, tmp_path, override, messa
     "change",
     ["model.d_model=8", "data.val_species_target=12"],  # another width; 3 held-out families: 36 classes, not 40
 )
-def test_resume_with_another_model_is_one_line(gtdb_fixture, tmp_path, change):
+def test_resume_with_another_model_is_one_line(gtdb_fixture, tmp_path, capsys, change):
     from train import run
 
     run(compose_config([*tiny_overrides(gtdb_fixture, tmp_path), "train.max_steps=2", "train.steps_per_epoch=2"]))
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
     assert checkpoint.is_dir()
-    result = _cli([*tiny_overrides(gtdb_fixture, tmp_path), "train.max_steps=4", change])
-    assert result.returncode == 1 and "Traceback" not in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
+    code, err = _cli([*tiny_overrides(gtdb_fixture, tmp_path), "train.max_steps=4", change], capsys)
+    assert code == 1 and "Traceback" not in err and "HYDRA_FULL_ERROR" not in err
+    last = err.strip().splitlines()[-1]
     assert last.startswith(f"error: {checkpoint}: cannot resume: the checkpoint does not fit this model/config (")
-    assert last.endswith("); use a new run_dir")
+    assert last.endswith("); use a new output_dir")
 
 
 def test_resume_error_from_load_state_dict_is_one_line(gtdb_fixture, tmp_path, monkeypatch):
+    import biorecipes_shared.training_run
     import train
-    from biorecipes_shared.checkpoint import CheckpointError
+    from biorecipes_shared import CheckpointError
 
     overrides = [*tiny_overrides(gtdb_fixture, tmp_path), "train.max_steps=2", "train.steps_per_epoch=2"]
     train.run(compose_config(overrides))
@@ -269,7 +279,7 @@ def test_resume_error_from_load_state_dict_is_one_line(gtdb_fixture, tmp_path, m
             "with shape torch.Size([30, 16]) from checkpoint, the shape in current model is torch.Size([20, 16])."
         )
 
-    monkeypatch.setattr(train, "load_checkpoint", load_state_dict_fails)
+    monkeypatch.setattr(biorecipes_shared.training_run, "load_checkpoint", load_state_dict_fails)
     with pytest.raises(CheckpointError) as caught:
         train.run(compose_config([*overrides, "train.max_steps=4"]))
     message = str(caught.value)

@@ -12,9 +12,9 @@ from conftest import write_fasta_gz
 from safetensors.torch import load_file
 
 import embed
-from biorecipes_shared.checkpoint import export_safetensors
+from biorecipes_shared import export_safetensors
 from data import FragmentSampler, KmerTokenizer, reverse_complement_codes
-from exports import export_config
+from export import export_config
 from model import EmbedderConfig, GenomeFragmentEmbedder
 from preprocess import BASE_LOOKUP
 
@@ -73,6 +73,7 @@ def test_fragments_are_the_samplers_own(genomes):
     assert np.array_equal(expected, got)
 
 
+@pytest.mark.smoke
 def test_embed_writes_ids_that_locate_each_fragment_and_a_float32_matrix(genomes, export, tmp_path, capsys):
     out = tmp_path / "emb" / "val"
     assert embed.main([*map(str, genomes), "--model", str(export), "--out", str(out), "--batch_size", "5"]) == 0

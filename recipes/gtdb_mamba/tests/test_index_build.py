@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import RECIPE_DIR, compose_config, metadata_files, tiny_overrides, write_fasta_gz
+from conftest import compose_config, metadata_files, tiny_overrides, write_fasta_gz
 from omegaconf import OmegaConf
 
 from data import FragmentSampler, assign_classes, check_data_fingerprint, data_fingerprint
@@ -21,7 +19,7 @@ from preprocess import (
     cached_family_split,
     split_fingerprint,
 )
-from train import run
+from train import main, run
 
 RNG = np.random.default_rng(5)
 
@@ -100,15 +98,16 @@ def test_skipped_genome_is_not_a_class_and_fingerprint_is_checked(tmp_path, capl
     check_data_fingerprint(run, cfg, split, sampler, resuming=True)
 
 
-def test_resume_with_other_data_settings_is_refused_in_one_line(gtdb_fixture, tmp_path):
+def test_resume_with_other_data_settings_is_refused_in_one_line(gtdb_fixture, tmp_path, capsys):
     overrides = [*tiny_overrides(gtdb_fixture, tmp_path), "train.max_steps=2", "train.steps_per_epoch=2"]
     run(compose_config(overrides))
     record = tmp_path / "run" / "data_fingerprint.json"
     assert json.loads(record.read_text())["fragment"]["fragment_bp"] == 150
-    cmd = [sys.executable, "train.py", "--config-name", "sample", *overrides, "train.max_steps=4"]
-    result = subprocess.run([*cmd, "data.max_n_fraction=0.5"], cwd=RECIPE_DIR, capture_output=True, text=True)
-    last = result.stderr.strip().splitlines()[-1]
-    assert result.returncode == 1 and "Traceback" not in result.stderr
+    capsys.readouterr()
+    assert main(["--config-name", "sample", *overrides, "train.max_steps=4", "data.max_n_fraction=0.5"]) == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err
     assert last.startswith(f"error: {record}: the checkpoints were trained on other data than ")
     assert "'max_n_fraction': 0.0" in last and "'max_n_fraction': 0.5" in last
 

@@ -66,6 +66,7 @@ def test_reverse_direction_respects_padding():
     torch.testing.assert_close(together[1], model(long)[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.smoke
 def test_bidirectional_block_sums_forward_and_flipped_reverse():
     torch.manual_seed(0)
     block = BiMambaBlock(EmbedderConfig(d_model=8, d_state=4, backend="pure"))

@@ -1,6 +1,6 @@
 """Measure the run contract from outside, like a user, on the bundled fixture (not a test; run by hand):
 
-    cd recipes/gtdb_mamba && python make_fixture.py --out fixture && python tests/measure_contract.py [--kills 15] [--tmpfs]
+    cd recipes/gtdb_mamba && python scripts/build_sample.py --out fixture && python scripts/measure_contract.py [--kills 15] [--tmpfs]
 
 Prints one line per check: kill -9 around saves, SIGTERM, rerun of a finished run, another world size, disk full
 (tmpfs, needs root), the longest function, and the same-genome AUC recomputed from `embed.py` output on the
@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from biorecipes_shared.testing import child_env, kill_around_saves, run_command, torchrun_command
@@ -29,9 +28,9 @@ RECIPE = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(RECIPE))
 
 
-def command(work: Path, run_dir: Path, *extra: str) -> list[str]:
+def command(work: Path, output_dir: Path, *extra: str) -> list[str]:
     overrides = [
-        f"run_dir={run_dir}", f"data.cache_dir={work / 'cache'}", "data.num_workers=0", "train.max_steps=30",
+        f"output_dir={output_dir}", f"data.cache_dir={work / 'cache'}", "data.num_workers=0", "train.max_steps=30",
         "train.steps_per_epoch=10", "train.log_every=1", "val.at_start=false",
     ]  # fmt: skip
     return [sys.executable, "train.py", "--config-name", "sample", *overrides, *extra]
@@ -53,16 +52,15 @@ def longest_function(paths: list[Path]) -> tuple[int, str]:
 
 def downstream_auc(work: Path, run_dir: Path) -> tuple[float, float]:
     """(AUC from embed.py output on the validation genomes, the training log's AUC at the last step)."""
+    from config import compose_config
     from metrics import same_genome_auc
     from preprocess import cached_family_split
 
-    cfg = OmegaConf.load(RECIPE / "conf" / "sample.yaml")
-    base = OmegaConf.load(RECIPE / "conf" / "config.yaml")
-    data = OmegaConf.merge(base, cfg).data
+    data = compose_config("sample", []).data
     keys = ("contamination_column", "max_contamination", "val_species_target", "n_val_genomes", "family_count_cap",
             "val_per_genus", "train_per_genus")  # fmt: skip
     split = cached_family_split(
-        list(data.metadata_files), data.genomes_root, work / "cache", seed=42, **{k: data[k] for k in keys}
+        list(data.metadata_files), data.genomes_root, work / "cache", seed=42, **{k: getattr(data, k) for k in keys}
     )
     out = work / "val_embeddings"
     run_command([sys.executable, "embed.py", "--model", str(run_dir / "final_model"), "--out", str(out),
@@ -84,7 +82,7 @@ def main() -> None:
     ref = work / "reference"
     run_command(command(work, ref), cwd=RECIPE)
 
-    report = kill_around_saves(command(work, work / "killed", "train.checkpoint_every=1"), work / "killed/checkpoints",
+    report = kill_around_saves(command(work, work / "killed", "train.save_every=1"), work / "killed/checkpoints",
                                kills=args.kills, cwd=RECIPE)  # fmt: skip
     print(f"kill -9 x{report.kills}: {report.clean_resumes} clean runs, failures {report.failures}, "
           f"final weights equal: {same_final(ref, work / 'killed')}")  # fmt: skip
@@ -122,7 +120,7 @@ def main() -> None:
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(disk)], check=True)
         try:
             for attempt in (1, 2):
-                result = run_command(command(work, disk / "run", "train.checkpoint_every=5"), cwd=RECIPE, check=False)
+                result = run_command(command(work, disk / "run", "train.save_every=5"), cwd=RECIPE, check=False)
                 left = sorted(str(p.relative_to(disk)) for p in disk.rglob("*") if ".tmp" in p.name)
                 lines = result.stderr.strip().splitlines()
                 ckpts = sorted(p.name for p in (disk / "run/checkpoints").glob("step_*"))

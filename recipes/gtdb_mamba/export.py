@@ -1,4 +1,4 @@
-"""The exported embedder (`<run_dir>/final_model/`): write it, read it back, and start a new run from it.
+"""The exported embedder (`<output_dir>/final_model/`): write it, read it back, and start a new run from it.
 
 `config.json` records everything the weights depend on: the model config, the k-mer size (hence the vocabulary) and
 the recipe. `train.init_from=<final_model dir>` and `embed.py` refuse an export whose record does not fit, in one line.
@@ -13,8 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from biorecipes_shared.checkpoint import export_safetensors
-from biorecipes_shared.run import RunError
+from biorecipes_shared import RunError, export_safetensors
 from data import KmerTokenizer
 from model import EmbedderConfig, GenomeFragmentEmbedder
 
