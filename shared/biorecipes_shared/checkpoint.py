@@ -277,6 +277,10 @@ def _load_common(
     rank_state = _load_weights_only(rank_file, "cpu")
     if own:  # another rank's RNG streams would duplicate that rank's dropout and masking: keep this rank's seeds
         _restore_rank_state(rank_state, generators, restore_rng)
+    return _state_of(path, training_state, rank_state, saved_world_size)
+
+
+def _state_of(path: Path, training_state: dict, rank_state: dict, saved_world_size: int) -> CheckpointState:
     return CheckpointState(
         step=int(training_state["step"]),
         path=path,
@@ -294,13 +298,7 @@ def peek_checkpoint(path: str | Path) -> CheckpointState:
     training_state = _load_weights_only(path / "training_state.pt", "cpu")
     saved_world_size = int(manifest.get("world_size", 1))
     rank_state = _load_weights_only(_rank_file(path, saved_world_size)[0], "cpu")
-    return CheckpointState(
-        step=int(training_state["step"]),
-        path=path,
-        data_state=rank_state["data_state"],
-        extra=training_state.get("extra") or {},
-        world_size=saved_world_size,
-    )
+    return _state_of(path, training_state, rank_state, saved_world_size)
 
 
 def _load_dense_weights(path: Path, model: torch.nn.Module, strict: bool) -> None:
