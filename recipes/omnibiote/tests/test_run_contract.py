@@ -106,6 +106,7 @@ def test_finished_run_rerun_is_a_no_op(tmp_path, sample_base_dir, capsys):
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == checkpoints
 
 
+@pytest.mark.smoke
 def test_resume_none_refuses_existing_checkpoints_and_a_path_resumes_exactly_there(tmp_path, sample_base_dir, capsys):
     assert cli(run_args(sample_base_dir, tmp_path, "run", "--max_steps", "2", "--save_freq", "100")) == 0
     capsys.readouterr()
@@ -178,7 +179,6 @@ def test_init_from_with_lr_0_exports_the_same_weights(tmp_path, sample_base_dir,
     assert cli(wrong) == 1
 
 
-@pytest.mark.smoke
 def test_max_steps_below_the_plan_validates_and_logs_its_last_step_then_more_steps_continue_exactly(
     tmp_path, sample_base_dir, recipe_dir, uninterrupted
 ):
