@@ -172,6 +172,8 @@ def validate(cfg: RecipeConfig) -> None:
 
 def check_report_to(report_to: str) -> None:
     """The logging integration must import now, not after the output dir exists."""
+    if report_to == "none":  # nothing to import (transformers.integrations alone takes seconds)
+        return
     from transformers.integrations import is_tensorboard_available, is_wandb_available
 
     available = {"none": True, "wandb": is_wandb_available(), "tensorboard": is_tensorboard_available()}

@@ -22,7 +22,7 @@ from train import main, run
 
 TRAIN = RECIPE_DIR / "src" / "train.py"
 # One shape of run for the subprocess tests, so they share one uninterrupted reference.
-STEPS = 24
+STEPS = 16
 RUN_SETTINGS = [
     f"training.max_steps={STEPS}",
     "training.eval_steps=4",
@@ -107,35 +107,38 @@ def test_sigterm_saves_exits_0_and_the_rerun_is_the_uninterrupted_run(tiny_shard
     assert_same_run(straight_run, out)
 
 
-def test_finished_run_rerun_is_a_one_line_no_op(tiny_shards, tmp_path, capsys):
-    args = cli_args(tiny_shards, tmp_path, "training.max_steps=4", "training.eval_steps=2", "training.save_every=2")
-    assert main(args) == 0
+@pytest.mark.smoke
+def test_one_command_starts_requeues_past_leftovers_and_leaves_a_finished_run_alone(tiny_shards, tmp_path, capsys):
+    args = cli_args(tiny_shards, tmp_path, "training.eval_steps=2", "training.save_every=2", "training.logging_steps=2")
+    assert main([*args, "training.max_steps=2"]) == 0  # fresh folder, default resume=auto
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "step_00000004").mkdir()  # what a kill during HF's in-place save used to leave
+    (checkpoints / "step_00000004" / "config.json").write_text("{}")
+    (checkpoints / ".tmp-step_00000006").mkdir()
+    with pytest.warns(UserWarning, match="removed 2 incomplete checkpoint"):
+        assert main([*args, "training.max_steps=4"]) == 0  # the same command, more steps: continues from step 2
+    assert [r["step"] for r in step_records(tmp_path) if "eval_loss" in r] == [2, 4]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000002", "step_00000004"]
+    assert verify_checkpoint(checkpoints / "step_00000004")["step"] == 4
+
     final = tmp_path / "final_model" / "model.safetensors"
-    before = (
-        final.stat().st_mtime_ns,
-        final.read_bytes(),
-        sorted(p.name for p in (tmp_path / "checkpoints").iterdir()),
-    )
-    metrics = (tmp_path / "metrics.jsonl").read_text()
+    weights, metrics = final.read_bytes(), (tmp_path / "metrics.jsonl").read_text()
+    before = (final.stat().st_mtime_ns, weights, sorted(p.name for p in checkpoints.iterdir()))
     capsys.readouterr()
-    assert main(args) == 0
+    assert main([*args, "training.max_steps=4"]) == 0  # finished: a one-line no-op
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "already finished at step 4" in out[0], out
-    assert before == (
-        final.stat().st_mtime_ns,
-        final.read_bytes(),
-        sorted(p.name for p in (tmp_path / "checkpoints").iterdir()),
-    )
+    assert before == (final.stat().st_mtime_ns, final.read_bytes(), sorted(p.name for p in checkpoints.iterdir()))
     assert (tmp_path / "metrics.jsonl").read_text() == metrics
 
+    # Killed between the final checkpoint and run_finished.json: HF's loop would train a step past max_steps.
+    (tmp_path / "run_finished.json").unlink()
+    shutil.rmtree(tmp_path / "final_model")
+    assert main([*args, "training.max_steps=4"]) == 0
+    assert final.read_bytes() == weights and (tmp_path / "metrics.jsonl").read_text() == metrics
+    assert json.loads((tmp_path / "run_finished.json").read_text())["step"] == 4
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000002", "step_00000004"]
 
-@pytest.mark.smoke
-def test_fresh_folder_and_requeue_use_one_command_and_none_refuses_to_overwrite(tiny_shards, tmp_path, capsys):
-    args = cli_args(tiny_shards, tmp_path, "training.eval_steps=2", "training.save_every=2")
-    assert main([*args, "training.max_steps=2"]) == 0  # fresh folder, default resume=auto
-    assert main([*args, "training.max_steps=4"]) == 0  # same command, more steps: continues from step 2
-    records = step_records(tmp_path)
-    assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]
     capsys.readouterr()
     assert main([*args, "training.max_steps=6", "--resume", "none"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -165,7 +168,7 @@ def test_checkpoint_write_error_is_one_line_and_the_next_run_resumes(tiny_shards
         return original(tensors, filename, *args, **kwargs)
 
     monkeypatch.setattr(shared_checkpoint, "save_file", disk_full_at_step_4)
-    args = cli_args(tiny_shards, tmp_path, "training.max_steps=6", "training.eval_steps=2", "training.save_every=2")
+    args = cli_args(tiny_shards, tmp_path, "training.max_steps=4", "training.eval_steps=2", "training.save_every=2")
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "no space left on device" in err[0], err
@@ -175,20 +178,7 @@ def test_checkpoint_write_error_is_one_line_and_the_next_run_resumes(tiny_shards
     assert verify_checkpoint(checkpoints / "step_00000002")["step"] == 2
     monkeypatch.setattr(shared_checkpoint, "save_file", original)
     assert main(args) == 0
-    assert json.loads((tmp_path / "run_finished.json").read_text())["step"] == 6
-
-
-def test_an_incomplete_checkpoint_is_skipped_cleaned_and_the_run_resumes(tiny_shards, tmp_path):
-    common = ["training.eval_steps=2", "training.save_every=2"]
-    run(tiny_cfg(tiny_shards, tmp_path, "training.max_steps=2", *common))
-    checkpoints = tmp_path / "checkpoints"
-    (checkpoints / "step_00000004").mkdir()  # what a kill during HF's in-place save used to leave
-    (checkpoints / "step_00000004" / "config.json").write_text("{}")
-    (checkpoints / ".tmp-step_00000006").mkdir()
-    with pytest.warns(UserWarning, match="removed 2 incomplete checkpoint"):
-        run(tiny_cfg(tiny_shards, tmp_path, "training.max_steps=4", *common))
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000002", "step_00000004"]
-    assert verify_checkpoint(checkpoints / "step_00000004")["step"] == 4
+    assert json.loads((tmp_path / "run_finished.json").read_text())["step"] == 4
 
 
 @pytest.mark.slow
@@ -209,21 +199,6 @@ def test_world_size_change_is_refused_in_one_line_naming_both_sizes(tiny_shards,
     assert result.returncode != 0  # 1 -> 2
     assert "error: " in result.stderr and "saved by 1 process(es) and this run has 2" in result.stderr
     assert json.loads((one / "run_finished.json").read_text())["step"] == 2  # nothing was trained
-
-
-def test_killed_after_the_last_save_the_rerun_only_exports(tiny_shards, tmp_path):
-    # A kill between the final checkpoint and run_finished.json: HF's loop would train a step past max_steps.
-    common = ["training.max_steps=4", "training.eval_steps=2", "training.save_every=2", "training.logging_steps=2"]
-    run(tiny_cfg(tiny_shards, tmp_path, *common))
-    weights = (tmp_path / "final_model" / "model.safetensors").read_bytes()
-    metrics = (tmp_path / "metrics.jsonl").read_text()
-    (tmp_path / "run_finished.json").unlink()
-    shutil.rmtree(tmp_path / "final_model")
-    run(tiny_cfg(tiny_shards, tmp_path, *common))
-    assert (tmp_path / "final_model" / "model.safetensors").read_bytes() == weights
-    assert json.loads((tmp_path / "run_finished.json").read_text())["step"] == 4
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
-    assert (tmp_path / "metrics.jsonl").read_text() == metrics
 
 
 @pytest.fixture(scope="module")

@@ -229,12 +229,12 @@ def test_tiny_training_loss_falls_and_exports_a_loadable_model(tiny_shards, tmp_
 def test_resume_continues_the_same_run_exactly(tiny_shards, tmp_path):
     common = ["training.eval_steps=3", "training.save_every=3", "training.keep_last=5", "data.num_workers=2"]
     common += ["training.early_stopping.enabled=false", "training.load_best_model_at_end=false"]
-    run(tiny_cfg(*tiny_shards, tmp_path / "straight", "training.max_steps=9", *common))
+    run(tiny_cfg(*tiny_shards, tmp_path / "straight", "training.max_steps=6", *common))
     run(tiny_cfg(*tiny_shards, tmp_path / "resumed", "training.max_steps=3", *common))  # "preempted" after step 3
-    run(tiny_cfg(*tiny_shards, tmp_path / "resumed", "training.max_steps=9", "training.resume=latest", *common))
+    run(tiny_cfg(*tiny_shards, tmp_path / "resumed", "training.max_steps=6", "training.resume=latest", *common))
     ckpt = lambda run_dir, step: run_dir / "checkpoints" / f"step_{step:08d}" / "model.safetensors"  # noqa: E731
-    a = load_file(ckpt(tmp_path / "straight", 9))
-    b = load_file(ckpt(tmp_path / "resumed", 9))
+    a = load_file(ckpt(tmp_path / "straight", 6))
+    b = load_file(ckpt(tmp_path / "resumed", 6))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     start = load_file(ckpt(tmp_path / "straight", 3))
     assert not all(torch.equal(a[k], start[k]) for k in a)  # training did change the weights
