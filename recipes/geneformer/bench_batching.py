@@ -12,8 +12,8 @@ masked tokens, AdamW):
              nothing may be lost); skipped with a message when absent.
 Columns: useful-token fraction (real tokens / positions computed) over one whole epoch, at the timed micro-batch size
 and at 10 (the configs' default); real tokens/s: median over `repeats` steps per mode after one warm-up step each
-(the first two rows of its first batch: it only pays first-call costs), modes in turns, each step a different batch
-spread over the epoch (so length_grouped is not timed only on its long head); ratio against random. Two more ratios:
+(the first two rows of the epoch's first batch: it only pays first-call costs), modes in turns, the timed batches at
+evenly spaced quantiles of the epoch's batch costs (spread_batches); ratio against random. Two more ratios:
 "pooled", all timed tokens over all timed seconds (what an epoch of such batches gives; a median of per-batch rates
 favours length_grouped, whose short-cell batches run faster per token), and the same pooled over this process' CPU
 time (a cross-check on a shared machine whose share of the cores drifts).
@@ -92,17 +92,28 @@ def one_epoch(dataset, collator, mode: str, micro_batch_size: int):
             return
 
 
-def epoch_fraction(dataset, collator, mode: str, micro_batch_size: int) -> tuple[float, int]:
-    """(useful-token fraction over epoch 0, its number of batches)."""
-    counts = list(one_epoch(dataset, Counts(collator), mode, micro_batch_size))
-    return sum(c[0] for c in counts) / sum(c[1] for c in counts), len(counts)
+def epoch_counts(dataset, collator, mode: str, micro_batch_size: int) -> list[tuple[int, int]]:
+    """(real tokens, positions computed) of each batch of epoch 0."""
+    return list(one_epoch(dataset, Counts(collator), mode, micro_batch_size))
 
 
-def spread_batches(dataset, collator, mode: str, micro_batch_size: int, batches: int, count: int) -> list[dict]:
-    """`count` batches at evenly spaced steps of epoch 0 (of `batches`)."""
-    wanted = set(np.linspace(0, batches - 1, count + 2).round().astype(int)[1:-1].tolist())
-    chosen = [b for i, b in enumerate(one_epoch(dataset, collator, mode, micro_batch_size)) if i in wanted]
-    return chosen[:count]
+def epoch_fraction(counts: list[tuple[int, int]]) -> float:
+    """Useful-token fraction over the epoch."""
+    return sum(c[0] for c in counts) / sum(c[1] for c in counts)
+
+
+def spread_batches(dataset, collator, mode: str, micro_batch_size: int, counts, count: int) -> list[dict]:
+    """The first batch of epoch 0 (the warm-up), then `count` batches at evenly spaced quantiles of cost (positions
+    computed, then real tokens), cheapest first: a sample of the epoch's mix of long and short batches. Evenly spaced
+    steps do not give one: they alias with length_grouped's mega-batches (50 batches sorted longest first), and at
+    micro-batch 10 timed only the longest and the shortest batches of a mega-batch."""
+    by_cost = sorted(range(len(counts)), key=lambda i: (counts[i][1], counts[i][0], i))
+    wanted = [by_cost[int((j + 0.5) * len(counts) / count)] for j in range(count)]
+    found = {}
+    for index, batch in enumerate(one_epoch(dataset, collator, mode, micro_batch_size)):
+        if index == 0 or index in wanted:
+            found[index] = batch
+    return [found[0]] + [found[index] for index in wanted]
 
 
 def interleaved_rates(model: BertForMaskedLM, batches: dict[str, list[dict]]) -> dict[str, tuple[float, float, float]]:
@@ -133,9 +144,9 @@ def corpus_rows(name: str, dataset, vocab: list[str], micro_batch_size: int, rep
     collator = MaskingCollator(vocab, generator=torch.Generator().manual_seed(0), max_length=MAX_LENGTH)
     fractions, timed = {}, {}
     for mode in BATCHING_MODES:
-        fraction, batches = epoch_fraction(dataset, collator, mode, micro_batch_size)
-        fractions[mode] = (fraction, epoch_fraction(dataset, collator, mode, 10)[0])
-        timed[mode] = spread_batches(dataset, collator, mode, micro_batch_size, batches, repeats + 1)
+        counts = epoch_counts(dataset, collator, mode, micro_batch_size)
+        fractions[mode] = (epoch_fraction(counts), epoch_fraction(epoch_counts(dataset, collator, mode, 10)))
+        timed[mode] = spread_batches(dataset, collator, mode, micro_batch_size, counts, repeats)
     model_cfg = load_config("10m").model
     # attribute access only: the same for the config's DictConfig and a dataclass
     keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act")
