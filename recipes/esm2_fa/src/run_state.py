@@ -5,7 +5,7 @@ A checkpoint `checkpoints/step_N/` is the shared one (biorecipes_shared.Training
 EsmForMaskedLM's keys), training_state.pt (optimizer, LR schedule, grad scaler, and as `extra` the run's progress:
 step, best metric, early stopping's patience, plus the data-stream layout), rank_R.pt per rank (RNG states, the
 batches this rank consumed, its loss window) and manifest.json, written last. The newest `training.keep_last` are
-kept, and the best one too (load_best_model_at_end needs it).
+kept, and the best one besides (load_best_model_at_end needs it).
 """
 
 from __future__ import annotations
@@ -26,19 +26,14 @@ from biorecipes_shared import (
     MetricsWriter,
     ThroughputMeter,
     TrainingRun,
-    barrier,
     get_logger,
-    is_main_process,
     latest_checkpoint,
+    read_launch_env,
     seed_everything,
     setup_distributed,
 )
-from biorecipes_shared.checkpoint import clean_incomplete
-from biorecipes_shared.distributed import read_launch_env
-from biorecipes_shared.files import fsync_dir
 from config import RecipeConfig
 from data import ShardStream, check_data_dirs
-from export import step_dir
 from model import (
     MaskedLMLoss,
     apply_speed_switches,
@@ -128,30 +123,6 @@ class Run:
         num_workers = max(1, self.cfg.data.num_workers)
         return {"world_size": self.ctx.world_size, "num_workers": num_workers, "seed": self.cfg.training.seed}
 
-    def save(self, state: RunState) -> Path:
-        """The shared checkpoint of `state.step`, then the recipe's rotation (every rank calls it)."""
-        path = self.training.save(state.step)
-        if is_main_process():
-            keep = {path} | ({step_dir(path.parent, state.best_step)} if state.best_step else set())
-            keep_newest(path.parent, self.cfg.training.keep_last, keep)
-        barrier()
-        return path
-
-
-def keep_newest(checkpoints: Path, keep_last: int, keep: set[Path]) -> None:
-    """Keep the newest `keep_last` complete checkpoints plus `keep` (the best one); 0 keeps all.
-
-    Hand-written until the shared rotation can spare the best checkpoint (asked of shared/): an old one is renamed
-    to `.trash-step_N` first, so a kill mid-delete never leaves a half `step_N`.
-    """
-    if keep_last > 0:
-        complete = sorted(p for p in checkpoints.glob("step_*") if (p / "manifest.json").is_file())
-        for path in complete[:-keep_last]:
-            if path not in keep:
-                path.rename(checkpoints / f".trash-{path.name}")
-    fsync_dir(checkpoints)
-    clean_incomplete(checkpoints)
-
 
 def check_inputs(cfg: RecipeConfig, device: torch.device) -> tuple[EsmConfig, str]:
     """Every check on user input that needs more than the settings; runs before anything is written."""
@@ -225,9 +196,8 @@ def make_optimizer(model: torch.nn.Module, cfg: RecipeConfig, device: torch.devi
 def new_training_run(cfg: RecipeConfig) -> TrainingRun:
     """The shared run object: the end step, checkpoint interval and resume choice are read here, once."""
     t = cfg.training
-    # keep_last=0: the recipe rotates itself (Run.save) so that the best checkpoint survives.
     return TrainingRun(
-        t.output_dir, max_steps=t.max_steps, save_every=t.save_every, keep_last=0, resume=t.resume,
+        t.output_dir, max_steps=t.max_steps, save_every=t.save_every, keep_last=t.keep_last, resume=t.resume,
         data_position="per_rank",
     )  # fmt: skip
 
@@ -266,6 +236,7 @@ def restore(run: Run) -> RunState:
     run.training.register(
         run.model, run.optimizer, run.scheduler, run.scaler, data_state=state.rank_state,
         extra=lambda: {"progress": state.progress(), "stream": run.stream_layout},
+        keep=lambda: [state.best_step] if state.best_step else [],  # load_best_model_at_end needs it at the end
     )  # fmt: skip
     try:
         saved = run.training.resume()

@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 
 from biorecipes_shared import ThroughputMeter, all_reduce_mean, get_logger, run_cli, teardown_distributed
-from biorecipes_shared.distributed import read_launch_env
 from config import RecipeConfig, load
 from data import DataDirError, eval_batches, make_train_loader
 from export import export_final_model, load_best_weights
@@ -134,8 +133,8 @@ def train(run: Run, state: RunState) -> None:
     run.stream.start_batch = state.consumed  # batches this rank consumed before: skipped without reading
     batches, run.meter = iter(make_train_loader(run.stream, run.cfg.data.num_workers)), ThroughputMeter()
     run.wrapped.train()
-    if over(run, state) is None and run.training.preemption.should_stop():  # nothing new to save yet
-        run.training.stopped = True
+    if over(run, state) is None:
+        run.training.stop_requested()  # a signal during set-up: stop before the first step, nothing new to save
     while over(run, state) is None and not run.training.stopped:
         grad_norm = train_step(run, state, [next(batches) for _ in range(t.gradient_accumulation_steps)])
         if state.step % t.logging_steps == 0:
@@ -144,7 +143,7 @@ def train(run: Run, state: RunState) -> None:
         if state.step % t.eval_steps == 0:
             evaluate(run, state)
         if run.training.should_save(state.step) or over(run, state):  # also early stopping's last step
-            run.save(state)
+            run.training.save(state.step)
 
 
 def finish(run: Run, state: RunState) -> Path | None:
@@ -180,10 +179,7 @@ def finish(run: Run, state: RunState) -> Path | None:
 def run(cfg: RecipeConfig) -> Path | None:
     """Train according to cfg; returns the final export dir (None: nothing to do, or preempted after saving)."""
     training = new_training_run(cfg)
-    message = training.finished_message()  # before building anything: a finished run stays finished
-    if message is not None:
-        if read_launch_env()[0] == 0:
-            print(message, flush=True)
+    if training.report_finished():  # before building anything: a finished run stays finished
         return None
     run_ = build_run(cfg, training)
     state = restore(run_)
