@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import EsmConfig, get_cosine_with_min_lr_schedule_with_warmup
+from transformers import EsmConfig
+from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup  # 4.53 (faesm) has it only here
 
 from biorecipes_shared import (
     CheckpointError,
