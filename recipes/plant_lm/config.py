@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="species_distribution is written name=weight,name=weight ('' weights every species folder equally).",
     )
     parser.add_argument("--config", type=Path, help="YAML file of settings (e.g. configs/sample.yaml)")
-    for f in dataclasses.fields(Config):
-        parser.add_argument(f"--{f.name}", metavar="VALUE", default=argparse.SUPPRESS)
+    for name, default in dataclasses.asdict(Config()).items():
+        shown = ",".join(f"{k}={v}" for k, v in default.items()) if isinstance(default, dict) else default
+        parser.add_argument(f"--{name}", metavar="VALUE", default=argparse.SUPPRESS, help=f"default: {shown}")
     for old, new in RENAMED.items():
         parser.add_argument(f"--{old}", metavar="VALUE", default=argparse.SUPPRESS, help=f"old name of --{new}")
     parser.add_argument("overrides", nargs="*", metavar="FIELD=VALUE", help="settings as dotted overrides")

@@ -39,6 +39,16 @@ def random_dna(n: int, seed: int, gc: float = 0.4) -> str:
     return "".join(rng.choice(list("ACGT"), size=n, p=probs))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models run fastest on one thread: on a shared 2-core machine two threads ran 5x slower (the runs in
+    subprocesses get the same through `tiny_config`'s num_threads=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def two_species(root: Path) -> Path:
     """Two species with different composition, one gzip and one plain file."""
     write_fasta(root / "oryza_sativa" / "chr1.fa.gz", {"chr1": random_dna(30_000, 1, gc=0.6)}, gz=True)
@@ -56,7 +66,7 @@ def tiny_config(data_dir: Path, out_dir: Path, **overrides) -> Config:
     values = dict(
         data_dir=str(data_dir), species_distribution={}, output_dir=str(out_dir), d_model=32, n_heads=4, n_layers=1,
         batch_size=4, accumulation_steps=2, context_size=16, steps_per_epoch=3, n_epochs=2, warmup_steps=2,
-        learning_rate=1e-3, memory_normalize_every=4, global_context=500,
+        learning_rate=1e-3, memory_normalize_every=4, global_context=500, num_threads=1,
     )  # fmt: skip
     values.update(overrides)
     return Config(**values)

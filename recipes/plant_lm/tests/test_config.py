@@ -55,7 +55,7 @@ def test_the_schedule_is_the_seeds_warmup_cosine():
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    for warmup, total in [(20, 200), (1, 10), (0, 10), (5, 3), (100, 3000)]:
+    for warmup, total in [(20, 200), (1, 10), (0, 10), (5, 3), (100, 1000)]:
         optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
         scheduler = warmup_cosine(optimizer, warmup, total)
         for step in range(total + 1):

@@ -21,9 +21,8 @@ from train import train
 
 
 def test_sigterm_saves_exits_0_and_the_rerun_equals_the_uninterrupted_run(data_dir, tmp_path):
-    cfg = tiny_config(data_dir, tmp_path / "run", steps_per_epoch=20, n_epochs=1)
-    reference = tiny_config(data_dir, tmp_path / "reference", steps_per_epoch=20, n_epochs=1)
-    run_command([sys.executable, "train.py", *cli_args(reference)], cwd=RECIPE_DIR)
+    cfg = tiny_config(data_dir, tmp_path / "run", steps_per_epoch=12, n_epochs=1)
+    train(tiny_config(data_dir, tmp_path / "reference", steps_per_epoch=12, n_epochs=1))  # in process: same numbers
     proc = subprocess.Popen(
         [sys.executable, "train.py", *cli_args(cfg)], cwd=RECIPE_DIR, env=child_env(), stderr=subprocess.PIPE, text=True
     )

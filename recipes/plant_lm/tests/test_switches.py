@@ -21,15 +21,6 @@ from model import PlantLM
 from train import train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on the shared 2-core machine ran 5x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(dropout: float) -> PlantLM:
     torch.manual_seed(0)
     return PlantLM(3, d_model=32, n_heads=4, n_layers=2, dropout=dropout, local_attn_window=8, max_positions=16)

@@ -31,6 +31,7 @@ import run_state
 import train as train_module
 from biorecipes_shared import verify_checkpoint
 from biorecipes_shared.testing import kill_around_saves, run_command, torchrun_command
+from config import Config
 from train import main, train
 
 
@@ -251,12 +252,12 @@ def test_tiny_run_loss_falls(tmp_path):
 
 @pytest.mark.slow
 def test_kill_9_around_saves_then_rerun_gives_the_uninterrupted_run(data_dir, tmp_path):
-    def command(out: Path) -> list[str]:
-        cfg = tiny_config(data_dir, out, steps_per_epoch=12, n_epochs=1, save_every=1)
-        return [sys.executable, "train.py", *cli_args(cfg)]
+    def config(out: Path) -> Config:
+        return tiny_config(data_dir, out, steps_per_epoch=8, n_epochs=1, save_every=1)
 
-    run_command(command(tmp_path / "reference"), cwd=RECIPE_DIR)
-    report = kill_around_saves(command(tmp_path / "run"), tmp_path / "run" / "checkpoints", kills=3, cwd=RECIPE_DIR)
+    train(config(tmp_path / "reference"))  # in process: the same numbers as `python train.py`
+    command = [sys.executable, "train.py", *cli_args(config(tmp_path / "run"))]
+    report = kill_around_saves(command, tmp_path / "run" / "checkpoints", kills=3, cwd=RECIPE_DIR)
     assert report.failures == [] and report.kills == 3, report
     assert_same_weights(
         tmp_path / "reference/final_model/model.safetensors", tmp_path / "run/final_model/model.safetensors"
@@ -271,7 +272,7 @@ def test_torchrun_and_world_size_changes_continue_from_the_global_data_position(
     out = tmp_path / "run"
 
     def launch(nproc: int, n_epochs: int) -> dict:
-        cfg = tiny_config(data_dir, out, n_epochs=n_epochs, steps_per_epoch=2, batch_size=2, num_threads=1)
+        cfg = tiny_config(data_dir, out, n_epochs=n_epochs, steps_per_epoch=2, batch_size=2)
         args = cli_args(cfg)
         cmd = torchrun_command("train.py", args, nproc=nproc) if nproc > 1 else [sys.executable, "train.py", *args]
         result = run_command(cmd, cwd=RECIPE_DIR)
