@@ -109,7 +109,9 @@ class TrainingRun:
         `keep()` names steps rotation must not remove (e.g. the best checkpoint so far)."""
         self._parts = _Parts(model, optimizer, scheduler, scaler, data_state, extra, keep, dict(generators or {}))
 
-    def _checkpoint_to_resume(self) -> Path | None:
+    def checkpoint_to_resume(self) -> Path | None:
+        """The checkpoint `resume()` will load (None: a fresh start), chosen once: takes the run folder, removes
+        leftovers of killed saves, picks the newest valid checkpoint or the one `resume` names."""
         if self._resolved is None:
             self._resolved = (resolve_resume(self.resume_choice, self.layout.checkpoints),)
         return self._resolved[0]
@@ -117,13 +119,13 @@ class TrainingRun:
     def peek(self) -> CheckpointState | None:
         """The checkpoint `resume()` will load (taking the run folder first), read without restoring anything, so a
         recipe can check it against its settings before building the model; None for a fresh start."""
-        path = self._checkpoint_to_resume()
+        path = self.checkpoint_to_resume()
         return None if path is None else peek_checkpoint(path)
 
     def resume(self, map_location: str | torch.device = "cpu") -> CheckpointState | None:
         """Take the run folder (one live run per folder), then restore the newest valid checkpoint into the
         registered parts; None for a fresh start. Raises CheckpointError / RunFolderBusy as one line."""
-        path = self._checkpoint_to_resume()
+        path = self.checkpoint_to_resume()
         if path is None:
             return None
         parts = self._parts
