@@ -2,6 +2,7 @@
 
 import gzip
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,6 +34,25 @@ def gtdb_fixture(tmp_path_factory) -> Path:
         genome_bp=20_000,
         include_real=False,
     )
+
+
+@pytest.fixture(scope="session")
+def two_step_run(gtdb_fixture, tmp_path_factory) -> Path:
+    """A finished 2-step run of the tiny settings (checkpoint step_00000002), made once for the tests that resume it
+    with other settings; each takes its own copy with `copy_two_step_run`."""
+    from train import run
+
+    work = tmp_path_factory.mktemp("two_steps")
+    run(compose_config([*tiny_overrides(gtdb_fixture, work), *TWO_STEPS]))
+    return work / "run"
+
+
+TWO_STEPS = ["train.max_steps=2", "train.steps_per_epoch=2"]
+
+
+def copy_two_step_run(two_step_run: Path, work: Path) -> Path:
+    """The 2-step run in `work/run`, where `tiny_overrides(root, work)` points."""
+    return shutil.copytree(two_step_run, work / "run")
 
 
 def metadata_files(root: Path) -> list[Path]:

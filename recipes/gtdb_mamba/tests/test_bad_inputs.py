@@ -9,7 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import RECIPE_DIR, compose_config, metadata_files, tiny_overrides, write_fasta_gz
+from conftest import (
+    RECIPE_DIR,
+    TWO_STEPS,
+    compose_config,
+    copy_two_step_run,
+    metadata_files,
+    tiny_overrides,
+    write_fasta_gz,
+)
 
 from data import prepare_data
 from preprocess import GtdbDataError, read_metadata
@@ -252,10 +260,8 @@ def test_check_config_rejects_bad_values(gtdb_fixture, tmp_path, override, messa
     "change",
     ["model.d_model=8", "data.val_species_target=12"],  # another width; 3 held-out families: 36 classes, not 40
 )
-def test_resume_with_another_model_is_one_line(gtdb_fixture, tmp_path, capsys, change):
-    from train import run
-
-    run(compose_config([*tiny_overrides(gtdb_fixture, tmp_path), "train.max_steps=2", "train.steps_per_epoch=2"]))
+def test_resume_with_another_model_is_one_line(gtdb_fixture, two_step_run, tmp_path, capsys, change):
+    copy_two_step_run(two_step_run, tmp_path)
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
     assert checkpoint.is_dir()
     code, err = _cli([*tiny_overrides(gtdb_fixture, tmp_path), "train.max_steps=4", change], capsys)
@@ -265,13 +271,13 @@ def test_resume_with_another_model_is_one_line(gtdb_fixture, tmp_path, capsys, c
     assert last.endswith("); use a new output_dir")
 
 
-def test_resume_error_from_load_state_dict_is_one_line(gtdb_fixture, tmp_path, monkeypatch):
+def test_resume_error_from_load_state_dict_is_one_line(gtdb_fixture, two_step_run, tmp_path, monkeypatch):
     import biorecipes_shared.training_run
     import train
     from biorecipes_shared import CheckpointError
 
-    overrides = [*tiny_overrides(gtdb_fixture, tmp_path), "train.max_steps=2", "train.steps_per_epoch=2"]
-    train.run(compose_config(overrides))
+    overrides = [*tiny_overrides(gtdb_fixture, tmp_path), *TWO_STEPS]
+    copy_two_step_run(two_step_run, tmp_path)
 
     def load_state_dict_fails(*args, **kwargs):  # what torch raises when nothing checked the shapes first
         raise RuntimeError(

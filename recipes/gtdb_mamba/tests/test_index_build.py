@@ -7,7 +7,7 @@ import logging
 
 import numpy as np
 import pytest
-from conftest import compose_config, metadata_files, tiny_overrides, write_fasta_gz
+from conftest import TWO_STEPS, copy_two_step_run, metadata_files, tiny_overrides, write_fasta_gz
 from omegaconf import OmegaConf
 
 from data import FragmentSampler, assign_classes, check_data_fingerprint, data_fingerprint
@@ -19,7 +19,7 @@ from preprocess import (
     cached_family_split,
     split_fingerprint,
 )
-from train import main, run
+from train import main
 
 RNG = np.random.default_rng(5)
 
@@ -98,9 +98,9 @@ def test_skipped_genome_is_not_a_class_and_fingerprint_is_checked(tmp_path, capl
     check_data_fingerprint(run, cfg, split, sampler, resuming=True)
 
 
-def test_resume_with_other_data_settings_is_refused_in_one_line(gtdb_fixture, tmp_path, capsys):
-    overrides = [*tiny_overrides(gtdb_fixture, tmp_path), "train.max_steps=2", "train.steps_per_epoch=2"]
-    run(compose_config(overrides))
+def test_resume_with_other_data_settings_is_refused_in_one_line(gtdb_fixture, two_step_run, tmp_path, capsys):
+    overrides = [*tiny_overrides(gtdb_fixture, tmp_path), *TWO_STEPS]
+    copy_two_step_run(two_step_run, tmp_path)
     record = tmp_path / "run" / "data_fingerprint.json"
     assert json.loads(record.read_text())["fragment"]["fragment_bp"] == 150
     capsys.readouterr()

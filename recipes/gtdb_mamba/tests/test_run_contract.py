@@ -146,7 +146,7 @@ def test_write_error_is_one_line_keeps_earlier_checkpoints_and_the_rerun_finishe
         return real_save(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(shared_checkpoint, "save_file", disk_full_at_step_6)
-    cfg = compose_config([*tiny_overrides(gtdb_fixture, tmp_path), *STEPS])
+    cfg = compose_config([*tiny_overrides(gtdb_fixture, tmp_path), *STEPS, "train.max_steps=6"])  # fails at the end
     assert run_cli(lambda: train.run(cfg)) == 1
     err = capsys.readouterr().err.strip().splitlines()
     checkpoints = tmp_path / "run" / "checkpoints"
