@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from biorecipes_shared.run import run_cli
+from biorecipes_shared import run_cli
 from corpus import FORMAT, FORMAT_VERSION, id_type, shard_table, write_parquet_atomic
 from dictionaries import (  # noqa: F401  (DataError and read_vocab are imported from here by train.py and data.py)
     CLS,
