@@ -88,7 +88,7 @@ def train_peak_rss(corpus: Path, work: Path) -> float:
         "model.num_attention_heads": 2,
         "model.num_hidden_layers": 1,
         "training.max_steps": 3,
-        "training.save_every_n_steps": 1000,
+        "training.save_every": 1000,
         "training.log_every_n_steps": 1,
         "training.output_dir": work / "run",
     }
