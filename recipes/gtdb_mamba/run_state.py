@@ -25,7 +25,6 @@ from biorecipes_shared import (
     MetricsWriter,
     ThroughputMeter,
     TrainingRun,
-    resolve_resume,
 )
 from config import Config
 from data import KmerTokenizer, TrainBatches, check_data_fingerprint, prepare_data, train_loader, validation_fragments
@@ -101,7 +100,7 @@ def build_run(cfg: Config, dist_ctx, log, training: TrainingRun, t_start: float)
 
     Raises CheckpointError (one line) for a checkpoint of another world size or shape, GtdbDataError for other data.
     """
-    resume_from = resolve_resume(cfg.train.resume, training.layout.checkpoints)  # what training.resume() will load
+    resume_from = training.checkpoint_to_resume()  # chosen once: training.resume() loads this one
     if resume_from is not None:
         refuse_other_world_size(resume_from, dist_ctx.world_size)
     tokenizer = KmerTokenizer(cfg.data.kmer)

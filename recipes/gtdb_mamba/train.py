@@ -31,11 +31,11 @@ from biorecipes_shared import (
     all_reduce_mean,
     get_logger,
     peak_memory,
+    read_launch_env,
     run_cli,
     setup_distributed,
     teardown_distributed,
 )
-from biorecipes_shared.distributed import read_launch_env  # not in the public API yet (shared_requests/gtdb_mamba.md)
 from config import Config, validate
 from export import fragment_record, write_export
 from metrics import validation_auc, write_distance_histogram
