@@ -34,7 +34,7 @@ from gpu_check.common import (
     train_and_resume,
 )
 from gpu_check.sizes import FAESM_SITE_VARIABLE
-from gpu_check.switches import SwitchCase, checkpointing_row, compile_row
+from gpu_check.switches import SwitchCase, run_switch_rows
 
 sys.path.insert(0, str(Path.cwd() / "src"))
 FAESM_ROW_FLAG = "--faesm-row"
@@ -245,8 +245,7 @@ def main() -> int:
     eager_flops: dict = {}
     for attention in BACKENDS[:-1]:
         recorder.run(f"attention {attention}", lambda a=attention: backend_row(ctx, a, eager_flops))
-    recorder.run("compile", lambda: compile_row(ctx, switch_case(ctx)))
-    recorder.run("activation checkpointing", lambda: checkpointing_row(ctx, switch_case(ctx)))
+    run_switch_rows(ctx, recorder, switch_case)
     recorder.run("attention faesm", lambda: faesm_row(ctx))  # last: a process of its own
     return 0
 

@@ -32,7 +32,7 @@ from gpu_check.common import (
     run_standard_checks,
     train_and_resume,
 )
-from gpu_check.switches import SwitchCase, checkpointing_row, compile_row
+from gpu_check.switches import SwitchCase, run_switch_rows
 from model import BertForMaskedLM, geneformer_config
 
 V1_VOCAB = 25426  # Geneformer V1 gene vocabulary (the bundled sample has a 767-gene one)
@@ -197,9 +197,7 @@ def main() -> int:
         recorder.run(config_name, lambda name=config_name: v2_throughput(ctx, name))
     for spec in ctx.sizes["batching"]:
         recorder.run(spec["name"], lambda spec=spec: batching(ctx, spec))
-    recorder.run("compile", lambda: compile_row(ctx, switch_case(ctx)))
-    recorder.run("activation checkpointing", lambda: checkpointing_row(ctx, switch_case(ctx)))
-    return 0
+    return run_switch_rows(ctx, recorder, switch_case)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from gpu_check.common import (
     run_standard_checks,
     train_and_resume,
 )
-from gpu_check.switches import SwitchCase, checkpointing_row, compile_row
+from gpu_check.switches import SwitchCase, run_switch_rows
 from model import VOCAB_SIZE, PlantLM, blocked_local_attention, dense_local_attention
 
 N_SPECIES = 3
@@ -118,10 +118,7 @@ def switch_case(ctx: Context) -> SwitchCase:
 
 
 def main() -> int:
-    ctx, recorder = run_standard_checks("plant_lm", parity, throughput, train)
-    recorder.run("compile", lambda: compile_row(ctx, switch_case(ctx)))
-    recorder.run("activation checkpointing", lambda: checkpointing_row(ctx, switch_case(ctx)))
-    return 0
+    return run_switch_rows(*run_standard_checks("plant_lm", parity, throughput, train), switch_case)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch
 from gpu_check.common import (
     BF16_TOLERANCE,
     Context,
+    Recorder,
     bf16_autocast,
     count_flops,
     fwd_bwd_step,
@@ -157,3 +158,10 @@ def checkpointing_row(ctx: Context, case: SwitchCase) -> tuple[str, dict]:
 def _flat(rates: dict[str, dict]) -> dict[str, float]:
     keys = ("tokens_per_s", "mfu", "peak_mem_gib", "step_s_median")
     return {f"{name}_{key}": metrics[key] for name, metrics in rates.items() for key in keys}
+
+
+def run_switch_rows(ctx: Context, recorder: Recorder, switch_case: Callable[[Context], SwitchCase]) -> int:
+    """The compile and activation-checkpointing rows, each on a freshly built case; returns 0 (rows record failures)."""
+    recorder.run("compile", lambda: compile_row(ctx, switch_case(ctx)))
+    recorder.run("activation checkpointing", lambda: checkpointing_row(ctx, switch_case(ctx)))
+    return 0
