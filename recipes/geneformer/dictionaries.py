@@ -47,12 +47,9 @@ def canonical_gene_id(gene: str, keep_version: bool = False) -> str:
 
 
 def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB pieces."""
-    digest = hashlib.sha256()
+    """Hex sha256 of a file's bytes (streamed: vocabularies and median files can be large)."""
     with open(path, "rb") as handle:
-        for piece in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(piece)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 class SafeUnpickler(pickle.Unpickler):

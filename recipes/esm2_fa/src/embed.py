@@ -103,11 +103,8 @@ def embed_pieces(model, pieces, lengths, token_budget, device, bf16, per_residue
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def check_model_dir(model_dir: Path) -> Path:

@@ -117,11 +117,8 @@ def verify_gzip(path: Path) -> None:
 
 
 def file_md5(path: Path) -> str:
-    digest = hashlib.md5()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "md5").hexdigest()
 
 
 def _transfer(session, url: str, part: Path, timeout: float, progress: bool) -> None:
