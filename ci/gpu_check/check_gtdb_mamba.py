@@ -11,19 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gpu_check.common import (
-    BF16_TOLERANCE,
-    FP32_TOLERANCE,
-    Context,
-    TrainSpec,
-    bf16_autocast,
-    fwd_bwd_step,
-    measure_throughput,
-    parity_result,
-    run_cli,
-    run_standard_checks,
-    train_and_resume,
-)
+from gpu_check import common
 from gpu_check.switches import SwitchCase, run_switch_rows
 from model import CurricularFace, EmbedderConfig, GenomeFragmentEmbedder, mamba_ssm_available
 
@@ -42,7 +30,7 @@ def fragments(size: dict, pad_token: int, pad_last: bool = True) -> torch.Tensor
     return tokens
 
 
-def parity(ctx: Context) -> tuple[str, dict]:
+def parity(ctx: common.Context) -> tuple[str, dict]:
     size = ctx.sizes["parity"]
     reference = embedder(size).eval()  # CPU, fp32: the path the recipe's CPU tests check
     tokens = fragments(size, reference.config.pad_token)
@@ -50,35 +38,35 @@ def parity(ctx: Context) -> tuple[str, dict]:
     with torch.no_grad():
         ref = reference(tokens)
         fp32 = fast(tokens.to(ctx.device))
-        with bf16_autocast(ctx.device):
+        with common.bf16_autocast(ctx.device):
             bf16 = fast(tokens.to(ctx.device))
     errors = {
         f"{ctx.device.type} fp32": float((fp32.double().cpu() - ref.double()).norm() / ref.double().norm()),
         f"{ctx.device.type} bf16": float((bf16.double().cpu() - ref.double()).norm() / ref.double().norm()),
     }
-    limits = dict(zip(errors, (FP32_TOLERANCE, BF16_TOLERANCE)))
+    limits = dict(zip(errors, (common.FP32_TOLERANCE, common.BF16_TOLERANCE)))
     backend = "mamba_ssm" if mamba_ssm_available() else "mambapy"
     what = f"{backend} on {ctx.device.type} vs CPU fp32, pooled embeddings, {size['d_model']} x {size['n_layers']}"
-    return parity_result(errors, limits, what)
+    return common.parity_result(errors, limits, what)
 
 
-def throughput(ctx: Context) -> tuple[str, dict]:
+def throughput(ctx: common.Context) -> tuple[str, dict]:
     size = ctx.sizes["throughput"]
     model = embedder(size).to(ctx.device).train()
     head = CurricularFace(size["d_model"], N_CLASSES, scale=30.0).to(ctx.device)
     tokens = fragments(size, model.config.pad_token, pad_last=False).to(ctx.device)
     labels = torch.randint(0, N_CLASSES, (size["batch"],), device=ctx.device)
     both = torch.nn.ModuleList([model, head])
-    step = fwd_bwd_step(both, lambda: F.cross_entropy(head(model(tokens), labels), labels), ctx.device)
+    step = common.fwd_bwd_step(both, lambda: F.cross_entropy(head(model(tokens), labels), labels), ctx.device)
     params = sum(p.numel() for p in both.parameters())
-    summary, metrics = measure_throughput(ctx, step, size["batch"] * size["length"], params)
+    summary, metrics = common.measure_throughput(ctx, step, size["batch"] * size["length"], params)
     backend = "mamba_ssm" if mamba_ssm_available() else "mambapy"
     return f"{size['d_model']} x {size['n_layers']} {backend}, {size['length']} tokens: {summary}", metrics
 
 
-def train(ctx: Context) -> tuple[str, dict]:
+def train(ctx: common.Context) -> tuple[str, dict]:
     steps = ctx.sizes["train"]["steps"]
-    run_cli(["scripts/build_sample.py", "--out", "fixture"], ctx.out_dir / "build_sample.log", 120)
+    common.run_cli(["scripts/build_sample.py", "--out", "fixture"], ctx.out_dir / "build_sample.log", 120)
 
     def command(output_dir: Path) -> list[str]:
         return [
@@ -95,11 +83,11 @@ def train(ctx: Context) -> tuple[str, dict]:
             *ctx.sizes["train"]["overrides"],
         ]
 
-    spec = TrainSpec(full=command)
-    return train_and_resume(ctx, spec, timeout=ctx.sizes["budget_s"])
+    spec = common.TrainSpec(full=command)
+    return common.train_and_resume(ctx, spec, timeout=ctx.sizes["budget_s"])
 
 
-def switch_case(ctx: Context) -> SwitchCase:
+def switch_case(ctx: common.Context) -> SwitchCase:
     """The throughput embedder + CurricularFace head; switches: `set_speed_switches`, what `train.compile` /
     `train.activation_checkpointing` call. The embedder has no dropout."""
     from model import set_speed_switches
@@ -125,7 +113,7 @@ def switch_case(ctx: Context) -> SwitchCase:
 
 
 def main() -> int:
-    return run_switch_rows(*run_standard_checks("gtdb_mamba", parity, throughput, train), switch_case)
+    return run_switch_rows(*common.run_standard_checks("gtdb_mamba", parity, throughput, train), switch_case)
 
 
 if __name__ == "__main__":

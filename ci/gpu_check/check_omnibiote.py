@@ -9,19 +9,7 @@ from pathlib import Path
 
 import torch
 
-from gpu_check.common import (
-    BF16_TOLERANCE,
-    FP32_TOLERANCE,
-    Context,
-    TrainSpec,
-    bf16_autocast,
-    fwd_bwd_step,
-    measure_throughput,
-    parity_result,
-    relative_error,
-    run_standard_checks,
-    train_and_resume,
-)
+from gpu_check import common
 from gpu_check.switches import SwitchCase, run_switch_rows
 from model import OmniBioTA, OmniBioTAConfig
 
@@ -53,7 +41,7 @@ def packed_batch(size: dict, device: torch.device) -> tuple[torch.Tensor, torch.
     return ids.to(device), doc_ids.to(device)
 
 
-def parity(ctx: Context) -> tuple[str, dict]:
+def parity(ctx: common.Context) -> tuple[str, dict]:
     size = ctx.sizes["parity"]
     fast = build(size, "sdpa").to(ctx.device).eval()
     reference = build(size, "math").to(ctx.device).eval()
@@ -62,30 +50,30 @@ def parity(ctx: Context) -> tuple[str, dict]:
     valid = doc_ids >= 0
     # The MuReadout head starts at zero (all logits 0), so the hidden states are what can differ.
     with torch.no_grad():
-        with bf16_autocast(ctx.device):
+        with common.bf16_autocast(ctx.device):
             bf16 = fast.hidden_states(ids, doc_ids).float()
         fp32 = fast.hidden_states(ids, doc_ids).float()
         ref = reference.hidden_states(ids, doc_ids).float()
     errors = {
-        "bf16 sdpa": relative_error(bf16[valid], ref[valid]),
-        "fp32 sdpa": relative_error(fp32[valid], ref[valid]),
+        "bf16 sdpa": common.relative_error(bf16[valid], ref[valid]),
+        "fp32 sdpa": common.relative_error(fp32[valid], ref[valid]),
     }
     what = f"SDPA vs math attention, hidden states, packed records + padding, {size['n_layer']} x {size['n_embd']}"
-    return parity_result(errors, {"bf16 sdpa": BF16_TOLERANCE, "fp32 sdpa": FP32_TOLERANCE}, what)
+    return common.parity_result(errors, {"bf16 sdpa": common.BF16_TOLERANCE, "fp32 sdpa": common.FP32_TOLERANCE}, what)
 
 
-def throughput(ctx: Context) -> tuple[str, dict]:
+def throughput(ctx: common.Context) -> tuple[str, dict]:
     size = ctx.sizes["throughput"]
     model = build(size, "auto").to(ctx.device).train()
     ids, doc_ids = packed_batch(size, ctx.device)
     labels = torch.where(torch.rand(ids.shape, device=ctx.device) < 0.15, ids, torch.full_like(ids, -100))
     labels[doc_ids < 0] = -100
-    step = fwd_bwd_step(model, lambda: model(ids, doc_ids, labels), ctx.device)
-    summary, metrics = measure_throughput(ctx, step, ids.numel(), model.num_parameters())
+    step = common.fwd_bwd_step(model, lambda: model(ids, doc_ids, labels), ctx.device)
+    summary, metrics = common.measure_throughput(ctx, step, ids.numel(), model.num_parameters())
     return f"{size['n_layer']} x {size['n_embd']} at {size['length']}: {summary}", metrics
 
 
-def train(ctx: Context) -> tuple[str, dict]:
+def train(ctx: common.Context) -> tuple[str, dict]:
     size = ctx.sizes["train"]
 
     def command(run_dir: Path, stop: bool = False) -> list[str]:
@@ -94,11 +82,11 @@ def train(ctx: Context) -> tuple[str, dict]:
         argv += [f"token_budget={size['token_budget']}", "test_freq=0", "save_freq=0", "log_freq=1"]
         return argv + ([f"max_steps={size['stop_step']}"] if stop else [])
 
-    spec = TrainSpec(full=command, stop=lambda run_dir: command(run_dir, stop=True))
-    return train_and_resume(ctx, spec, timeout=ctx.sizes["budget_s"])
+    spec = common.TrainSpec(full=command, stop=lambda run_dir: command(run_dir, stop=True))
+    return common.train_and_resume(ctx, spec, timeout=ctx.sizes["budget_s"])
 
 
-def switch_case(ctx: Context) -> SwitchCase:
+def switch_case(ctx: common.Context) -> SwitchCase:
     """The throughput model and packed batch; switches: `enable_speedups`, what `--compile` /
     `--activation_checkpointing` call. The model has no dropout."""
     size = ctx.sizes["throughput"]
@@ -119,7 +107,7 @@ def switch_case(ctx: Context) -> SwitchCase:
 
 
 def main() -> int:
-    return run_switch_rows(*run_standard_checks("omnibiote", parity, throughput, train), switch_case)
+    return run_switch_rows(*common.run_standard_checks("omnibiote", parity, throughput, train), switch_case)
 
 
 if __name__ == "__main__":

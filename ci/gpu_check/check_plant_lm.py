@@ -10,18 +10,7 @@ from pathlib import Path
 
 import torch
 
-from gpu_check.common import (
-    BF16_TOLERANCE,
-    Context,
-    TrainSpec,
-    bf16_autocast,
-    fwd_bwd_step,
-    measure_throughput,
-    parity_result,
-    relative_error,
-    run_standard_checks,
-    train_and_resume,
-)
+from gpu_check import common
 from gpu_check.switches import SwitchCase, run_switch_rows
 from model import VOCAB_SIZE, PlantLM, blocked_local_attention, dense_local_attention
 
@@ -46,13 +35,13 @@ def windows(size: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tenso
     return ids[:, :-1], ids[:, 1:], species
 
 
-def parity(ctx: Context) -> tuple[str, dict]:
+def parity(ctx: common.Context) -> tuple[str, dict]:
     size = ctx.sizes["parity"]
     batch, heads, length = size["batch"], size["n_heads"], size["length"]
     q, k, v = (torch.randn(batch, heads, length, size["d_model"] // heads, device=ctx.device) for _ in range(3))
     with torch.no_grad():
         ref_local = dense_local_attention(q, k, v, size["window"])
-        with bf16_autocast(ctx.device):
+        with common.bf16_autocast(ctx.device):
             bf16_local = blocked_local_attention(q, k, v, size["window"]).float()
         fp32_local = blocked_local_attention(q, k, v, size["window"])
         model = build(size, ctx.device, dropout=0.0).eval()
@@ -60,44 +49,44 @@ def parity(ctx: Context) -> tuple[str, dict]:
         model(ids, species, memory_write_len=length // 2)  # fill the bucket memory, as training does
         model.memory.commit(global_context=20_000, normalize_every=1)
         ref_model = model(ids, species)["logits"].float()
-        with bf16_autocast(ctx.device):
+        with common.bf16_autocast(ctx.device):
             bf16_model = model(ids, species)["logits"].float()
     errors = {
-        "fp32 blocked local": relative_error(fp32_local, ref_local),
-        "bf16 blocked local": relative_error(bf16_local, ref_local),
-        "bf16 model (local + bucket)": relative_error(bf16_model, ref_model),
+        "fp32 blocked local": common.relative_error(fp32_local, ref_local),
+        "bf16 blocked local": common.relative_error(bf16_local, ref_local),
+        "bf16 model (local + bucket)": common.relative_error(bf16_model, ref_model),
     }
-    limits = dict(zip(errors, (1e-5, BF16_TOLERANCE, BF16_TOLERANCE)))
+    limits = dict(zip(errors, (1e-5, common.BF16_TOLERANCE, common.BF16_TOLERANCE)))
     nonempty = int((model.memory.counts > 0).sum())
     what = f"vs dense band mask / fp32 model, seq {length}, window {size['window']}, {nonempty} memory buckets"
-    return parity_result(errors, limits, what)
+    return common.parity_result(errors, limits, what)
 
 
-def throughput(ctx: Context) -> tuple[str, dict]:
+def throughput(ctx: common.Context) -> tuple[str, dict]:
     size = ctx.sizes["throughput"]
     model = build(size, ctx.device, dropout=0.1).train()
     ids, targets, species = windows(size, ctx.device)
-    step = fwd_bwd_step(model, lambda: model(ids, species, targets)["loss"], ctx.device)
+    step = common.fwd_bwd_step(model, lambda: model(ids, species, targets)["loss"], ctx.device)
     params = sum(p.numel() for p in model.parameters())
-    summary, metrics = measure_throughput(ctx, step, ids.numel(), params)
+    summary, metrics = common.measure_throughput(ctx, step, ids.numel(), params)
     return (
         f"d{size['d_model']} x {size['n_layers']}, context {size['length']}, batch {size['batch']}: {summary}",
         metrics,
     )
 
 
-def train(ctx: Context) -> tuple[str, dict]:
+def train(ctx: common.Context) -> tuple[str, dict]:
     per_epoch = ctx.sizes["train"]["steps_per_epoch"]
 
     def command(run_dir: Path) -> list[str]:  # the sample's settings; --resume auto is the default
         argv = ["train.py", "--config", "configs/sample.yaml", "--output_dir", str(run_dir)]
         return argv + ["--warmup_steps", str(max(1, per_epoch // 3)), "--steps_per_epoch", str(per_epoch)]
 
-    spec = TrainSpec(full=command)
-    return train_and_resume(ctx, spec, timeout=ctx.sizes["budget_s"])
+    spec = common.TrainSpec(full=command)
+    return common.train_and_resume(ctx, spec, timeout=ctx.sizes["budget_s"])
 
 
-def switch_case(ctx: Context) -> SwitchCase:
+def switch_case(ctx: common.Context) -> SwitchCase:
     """The throughput model (dropout off) and batch; switches: `compile_blocks()` and `activation_checkpointing`,
     what `--compile` / `--activation_checkpointing` set."""
     size = ctx.sizes["throughput"]
@@ -118,7 +107,7 @@ def switch_case(ctx: Context) -> SwitchCase:
 
 
 def main() -> int:
-    return run_switch_rows(*run_standard_checks("plant_lm", parity, throughput, train), switch_case)
+    return run_switch_rows(*common.run_standard_checks("plant_lm", parity, throughput, train), switch_case)
 
 
 if __name__ == "__main__":
