@@ -94,14 +94,9 @@ def preprocess_fasta(
     tmp_dir = output_dir.with_name(f".{output_dir.name}.partial-{os.getpid()}")
     tmp_refined = refined_path.with_name(f".{refined_path.name}.partial-{os.getpid()}")
     work = partial(
-        build_group,
-        out_dir=tmp_dir,
-        shard_size=shard_size,
-        chunk_size=chunk_size,
-        max_aa_length=max_aa_length,
-        token_budget=token_budget,
-        seed=seed,
-    )
+        build_group, out_dir=tmp_dir, shard_size=shard_size, chunk_size=chunk_size, max_aa_length=max_aa_length,
+        token_budget=token_budget, seed=seed,
+    )  # fmt: skip
     made = [p for p in output_dir.parents if not p.exists()]  # removed again if the run fails
     try:
         tmp_dir.mkdir(parents=True)
@@ -124,6 +119,11 @@ def preprocess_fasta(
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         tmp_refined.unlink(missing_ok=True)
+    return run_summary(totals, refined_path)
+
+
+def run_summary(totals: dict, refined_path: Path) -> dict:
+    """What `preprocess_fasta` returns and the command line prints: counts, padding efficiency, the refined FASTA."""
     return {
         "shards": totals["shards"],
         "batches": totals["batches"],
