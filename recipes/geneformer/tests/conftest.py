@@ -52,6 +52,25 @@ def tiny_overrides(output_dir: Path, steps: int = 6, **extra) -> list[str]:
     return [f"{key}={value}" for key, value in values.items()]
 
 
+def tiny_bert(
+    vocab_size: int, hidden: int = 32, layers: int = 2, intermediate: int = 64, positions: int = 64, **config
+):
+    """A small recipe BertForMaskedLM, seeded (0) so every test that builds one starts from the same weights;
+    `config` sets further `geneformer_config` fields (dropout, activation, heads)."""
+    import torch
+
+    from model import BertForMaskedLM, geneformer_config
+
+    config = {"num_attention_heads": 2, **config}
+    torch.manual_seed(0)
+    return BertForMaskedLM(
+        geneformer_config(
+            vocab_size, hidden_size=hidden, num_hidden_layers=layers, intermediate_size=intermediate,
+            max_position_embeddings=positions, **config,
+        )
+    )  # fmt: skip
+
+
 def published_folder(path: Path, safe=True, with_vocab=True, vocab_file=SAMPLE_DIR / "vocab.txt", seed=3, **config):
     """A tiny BertForMaskedLM saved by transformers itself, as a published Geneformer folder would be (`config`
     changes its BertConfig), with `vocab_file` as its vocab.txt."""

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import RECIPE_DIR, SAMPLE_DIR, tiny_overrides
+from conftest import RECIPE_DIR, SAMPLE_DIR, tiny_bert, tiny_overrides
 from safetensors.torch import load_file
 
 import packed_attention
@@ -22,7 +22,7 @@ from bench_batching import genecorpus_like_lengths
 from biorecipes_shared.testing import kill_around_saves, run_command
 from config import ConfigError, check_batching, load_config, validate
 from data import MaskingCollator, batch_cells, batch_token_counts
-from model import IGNORE_INDEX, BertForMaskedLM, geneformer_config
+from model import IGNORE_INDEX, BertForMaskedLM
 
 VOCAB = ["<pad>", "<mask>", "<cls>", "<eos>"] + [f"G{i}" for i in range(60)]
 
@@ -49,18 +49,9 @@ def test_length_grouping_and_packing_fill_batches_with_cells():
 
 
 def tiny_model(hidden_dropout: float = 0.0, max_positions: int = 64) -> BertForMaskedLM:
-    torch.manual_seed(0)
-    config = geneformer_config(
-        len(VOCAB),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        hidden_dropout_prob=hidden_dropout,
-        attention_probs_dropout_prob=0.0,
-        max_position_embeddings=max_positions,
+    return tiny_bert(
+        len(VOCAB), positions=max_positions, hidden_dropout_prob=hidden_dropout, attention_probs_dropout_prob=0.0
     )
-    return BertForMaskedLM(config)
 
 
 def cells(lengths, cls: bool = False) -> list[np.ndarray]:

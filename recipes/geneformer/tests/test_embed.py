@@ -9,11 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import SAMPLE_DIR
+from conftest import SAMPLE_DIR, tiny_bert
 
 import embed
 import export
-from model import BertForMaskedLM, geneformer_config
 from preprocess import preprocess
 
 VOCAB = (SAMPLE_DIR / "vocab.txt").read_text().splitlines()
@@ -26,17 +25,7 @@ def model_dir(tmp_path):
 
 def tiny_model(tmp_path, vocab_size: int):
     """A random 3-layer model exported as train.py does, without a vocab.txt (like a published folder)."""
-    torch.manual_seed(0)
-    config = geneformer_config(
-        vocab_size,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=48,
-        max_position_embeddings=256,
-        hidden_act="relu",
-    )
-    model = BertForMaskedLM(config)
+    model = tiny_bert(vocab_size, layers=3, intermediate=48, positions=256, hidden_act="relu")
     export.export_final_model(model, model.state_dict(), tmp_path / "final_model")
     return tmp_path / "final_model"
 

@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import tiny_bert
 
 from data import CACHE_ENV, CellDataset, MaskingCollator
-from model import BertForMaskedLM, geneformer_config
 
 VOCAB = {"v1": ["<pad>", "<mask>"], "v2": ["<pad>", "<mask>", "<cls>", "<eos>"]}
 GENES = [f"G{i}" for i in range(30)]
@@ -38,16 +38,7 @@ def test_every_length_setting_runs_the_model(tmp_path, monkeypatch, style):
     for max_seq_length, pad_to, extra in itertools.product([shortest, 15, 20, 33, 64], [1, 7, 16, 64], [0, 1, 13]):
         max_positions = max_seq_length + extra
         if max_positions not in models:
-            torch.manual_seed(0)
-            config = geneformer_config(
-                len(vocab),
-                hidden_size=16,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                intermediate_size=32,
-                max_position_embeddings=max_positions,
-            )
-            models[max_positions] = BertForMaskedLM(config).eval()
+            models[max_positions] = tiny_bert(len(vocab), 16, 1, 32, max_positions).eval()
         if max_seq_length not in datasets:
             datasets[max_seq_length] = CellDataset(path, len(vocab), max_seq_length)
         dataset = datasets[max_seq_length]
