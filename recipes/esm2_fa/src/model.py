@@ -119,6 +119,19 @@ def _import_faesm():
     return FAEsmForMaskedLM
 
 
+# The EsmConfig fields every ESM-2 size shares (fair-esm's ESM-2 architecture), all set so no library default leaks in.
+ESM2_FIXED_FIELDS = {
+    "vocab_size": len(ESM_VOCAB), "mask_token_id": MASK_ID, "pad_token_id": PAD_ID, "cls_token_id": CLS_ID,
+    "eos_token_id": EOS_ID, "bos_token_id": None, "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0, "max_position_embeddings": ESM2_MAX_POSITIONS, "initializer_range": 0.02,
+    "layer_norm_eps": 1e-5, "position_embedding_type": "rotary",
+    "rope_theta": 10000.0,  # ESM-2's rotary base (a field since transformers 5)
+    "use_cache": False, "is_decoder": False, "add_cross_attention": False, "chunk_size_feed_forward": 0,
+    "emb_layer_norm_before": False, "token_dropout": True, "is_folding_model": False, "esmfold_config": None,
+    "vocab_list": None, "tie_word_embeddings": True, "architectures": ["EsmForMaskedLM"],
+}  # fmt: skip
+
+
 def esm2_config(
     model_name: str,
     max_position_embeddings: int | None = None,
@@ -131,37 +144,8 @@ def esm2_config(
         config = EsmConfig.from_pretrained(local)
     elif model_name in ESM2_SIZES:
         layers, hidden, heads = ESM2_SIZES[model_name]
-        config = EsmConfig(
-            vocab_size=len(ESM_VOCAB),
-            mask_token_id=MASK_ID,
-            pad_token_id=PAD_ID,
-            cls_token_id=CLS_ID,
-            eos_token_id=EOS_ID,
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            intermediate_size=4 * hidden,
-            hidden_act="gelu",
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-            max_position_embeddings=ESM2_MAX_POSITIONS,
-            initializer_range=0.02,
-            layer_norm_eps=1e-5,
-            position_embedding_type="rotary",
-            rope_theta=10000.0,  # ESM-2's rotary base (a field since transformers 5)
-            use_cache=False,
-            is_decoder=False,
-            add_cross_attention=False,
-            chunk_size_feed_forward=0,
-            bos_token_id=None,
-            emb_layer_norm_before=False,
-            token_dropout=True,
-            is_folding_model=False,
-            esmfold_config=None,
-            vocab_list=None,
-            tie_word_embeddings=True,
-            architectures=["EsmForMaskedLM"],
-        )
+        size = {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads}
+        config = EsmConfig(**ESM2_FIXED_FIELDS, **size, intermediate_size=4 * hidden)
     else:
         known = ", ".join(ESM2_SIZES)
         raise ModelConfigError(f"model_name {model_name!r} is neither a local dir with config.json nor one of: {known}")
