@@ -215,14 +215,9 @@ def main(argv=None) -> None:
     parser.add_argument("--num_proc", type=int, default=default_num_proc(), help="worker processes (default: all)")
     args = parser.parse_args(argv)
     writer = preprocess_genbank(
-        args.inputs,
-        args.out_dir,
-        args.max_ambiguous_run,
-        args.min_length,
-        args.split_length,
-        args.shard_chars,
+        args.inputs, args.out_dir, args.max_ambiguous_run, args.min_length, args.split_length, args.shard_chars,
         args.num_proc,
-    )
+    )  # fmt: skip
     print(f"wrote {writer.n_records} records ({writer.n_chars:,} bases) into {len(writer.shard_paths)} shard(s)")
 
 

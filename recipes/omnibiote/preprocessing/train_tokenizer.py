@@ -137,15 +137,9 @@ def main(argv=None) -> None:
     parser.add_argument("--num_threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     tokenizer = train_tokenizer(
-        args.shards,
-        args.model_file,
-        args.vocab_size,
-        args.model_type,
-        args.chunk_length,
-        args.sentences_per_modality,
-        args.seed,
-        args.num_threads,
-    )
+        args.shards, args.model_file, args.vocab_size, args.model_type, args.chunk_length,
+        args.sentences_per_modality, args.seed, args.num_threads,
+    )  # fmt: skip
     print(f"wrote {args.model_file} ({tokenizer.vocab_size} pieces)")
 
 
