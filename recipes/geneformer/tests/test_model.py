@@ -10,16 +10,8 @@ from model import BertForMaskedLM, geneformer_config, hf_to_te_state_dict, te, t
 
 
 def tiny_config(hidden_act="relu", **kwargs):
-    return geneformer_config(
-        vocab_size=50,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_act=hidden_act,
-        **kwargs,
-    )
+    size = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+    return geneformer_config(vocab_size=50, max_position_embeddings=64, hidden_act=hidden_act, **size, **kwargs)
 
 
 def padded_batch():
