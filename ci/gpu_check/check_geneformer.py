@@ -95,9 +95,7 @@ def train(ctx: Context) -> tuple[str, dict]:
 
     def command(run_dir: Path) -> list[str]:
         return [
-            "train.py",
-            "--config-name",
-            "l0_sanity",
+            *("train.py", "--config-name", "l0_sanity"),
             f"training.max_steps={steps}",
             f"training.log_every_n_steps={max(1, steps // 10)}",
             f"training.save_every={steps // 2}",

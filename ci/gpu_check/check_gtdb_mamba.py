@@ -70,9 +70,7 @@ def train(ctx: common.Context) -> tuple[str, dict]:
 
     def command(output_dir: Path) -> list[str]:
         return [
-            "train.py",
-            "--config-name",
-            "sample",
+            *("train.py", "--config-name", "sample"),
             f"output_dir={output_dir}",
             f"train.max_steps={steps}",
             f"train.steps_per_epoch={steps // 2}",
