@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from biorecipes_shared import all_reduce_mean, barrier
+from biorecipes_shared import all_reduce_mean, barrier, recorded_differences
 from genome_fasta import BASE_LOOKUP, INVALID_CODE, N_CODE
 from preprocess import (
     INDEX_FORMAT_VERSION,
@@ -250,13 +250,8 @@ def check_data_fingerprint(output_dir, data_cfg, split: FamilySplit, sampler: Fr
     fingerprint = data_fingerprint(data_cfg, split, sampler.n_classes or assign_classes(sampler))
     record = Path(output_dir) / FINGERPRINT_FILE
     if resuming and record.is_file():
-        try:
-            recorded = json.loads(record.read_text())
-        except (OSError, ValueError) as err:
-            raise GtdbDataError(f"{record}: unreadable data fingerprint ({err})") from None
-        differ = sorted(k for k in set(recorded) | set(fingerprint) if recorded.get(k) != fingerprint.get(k))
-        if differ:
-            detail = "; ".join(f"{k}: checkpoint {recorded.get(k)!r} vs now {fingerprint.get(k)!r}" for k in differ)
+        detail = recorded_differences(record, fingerprint, GtdbDataError)
+        if detail:
             raise GtdbDataError(
                 f"{record}: the checkpoints were trained on other data than {sampler.index.directory / 'manifest.json'} "
                 f"with this config ({detail}); use the original settings or a new output_dir"

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from biorecipes_shared import recorded_differences
 from fasta import PlantDataError, stream_chunks
 
 KMER = 6
@@ -339,13 +340,8 @@ def check_data_fingerprint(run_dir: str | Path, mixture: SpeciesMixture, resumin
     record = Path(run_dir) / FINGERPRINT_FILE
     fingerprint = mixture.fingerprint
     if resuming and record.is_file():
-        try:
-            recorded = json.loads(record.read_text())
-        except (OSError, ValueError) as err:
-            raise PlantDataError(f"{record}: unreadable data fingerprint ({err})") from None
-        differ = sorted(k for k in set(recorded) | set(fingerprint) if recorded.get(k) != fingerprint.get(k))
-        if differ:
-            detail = "; ".join(f"{k}: checkpoint {recorded.get(k)!r} vs now {fingerprint.get(k)!r}" for k in differ)
+        detail = recorded_differences(record, fingerprint, PlantDataError)
+        if detail:
             raise PlantDataError(
                 f"{record}: the checkpoints were trained on other data settings than {mixture.data_dir} now gives "
                 f"({detail}); use the original settings or a new output_dir"

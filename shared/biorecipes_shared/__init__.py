@@ -25,7 +25,7 @@ _PUBLIC = {
                       "plot_loss_curve", "read_metrics"),
     "preemption": ("PreemptionHandler",),
     "run": ("ConfigError", "RunError", "RunLayout", "check_settings", "finished_run", "mark_finished",
-            "resolve_resume", "run_cli"),
+            "recorded_differences", "resolve_resume", "run_cli"),
     "run_lock": ("RunFolderBusy",),
     "training_run": ("TrainingRun",),
 }  # fmt: skip

@@ -37,6 +37,7 @@ __all__ = [
     "RunError",
     "RunLayout",
     "check_settings",
+    "recorded_differences",
     "finished_run",
     "mark_finished",
     "resolve_resume",
@@ -178,6 +179,18 @@ def finished_message(layout: RunLayout, record: dict) -> str:
         f"run in {layout.output_dir} already finished at step {record.get('step')} ({record.get('reason')}); "
         f"final model: {layout.final_model}. Nothing to do (use a new output directory or more steps to train further)"
     )
+
+
+def recorded_differences(record: str | Path, current: dict[str, Any], error: type[Exception] = RunError) -> str:
+    """What changed since a run recorded its settings or data fingerprint in the JSON file `record`:
+    "key: checkpoint A vs now B; …" for each key that differs, "" when none. A resumed run refuses a non-empty
+    answer in its own words. Raises `error` (one line) when `record` cannot be read."""
+    try:
+        recorded = json.loads(Path(record).read_text())
+    except (OSError, ValueError) as err:
+        raise error(f"{record}: unreadable data fingerprint ({err})") from None
+    differ = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
+    return "; ".join(f"{k}: checkpoint {recorded.get(k)!r} vs now {current.get(k)!r}" for k in differ)
 
 
 def check_settings(checks: Iterable[tuple[str, Any, str]]) -> None:

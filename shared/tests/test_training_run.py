@@ -119,3 +119,17 @@ def test_strict_false_tolerates_a_buffer_the_model_rebuilds(tmp_path):
     lenient = TrainingRun(tmp_path, max_steps=4, strict=False)
     lenient.register(plain)
     assert lenient.resume().step == 2 and torch.equal(plain.weight, model.weight)
+
+
+def test_recorded_differences_names_each_changed_key_and_refuses_an_unreadable_record(tmp_path):
+    from biorecipes_shared import RunError, recorded_differences
+
+    record = tmp_path / "fingerprint.json"
+    record.write_text('{"kmer": 4, "genomes": 10}')
+    assert recorded_differences(record, {"kmer": 4, "genomes": 10}) == ""
+    assert recorded_differences(record, {"kmer": 5, "genomes": 10, "rc": True}) == (
+        "kmer: checkpoint 4 vs now 5; rc: checkpoint None vs now True"
+    )
+    record.write_text("{not json")
+    with pytest.raises(RunError, match="fingerprint.json: unreadable data fingerprint"):
+        recorded_differences(record, {})
