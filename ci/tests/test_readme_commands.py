@@ -1,6 +1,5 @@
 """README command blocks marked `<!-- ci: run -->` run as written (from an exported copy) and the marker syntax holds."""
 
-import json
 import sys
 from pathlib import Path
 
@@ -67,11 +66,9 @@ def test_readme_commands_run_as_written(recipe):
     assert readme_commands.run_recipe(recipe, blocks) == []
 
 
-def test_every_fasta_reader_keeps_the_same_contract_table():
-    tables = {name: ROOT / "recipes" / name / "tests/data/fasta_contract.json" for name in FASTA_READERS}
-    present = {name: path for name, path in tables.items() if path.is_file()}
-    if not present:
-        pytest.skip("no recipe carries tests/data/fasta_contract.json yet")
-    assert set(present) == set(FASTA_READERS), f"missing in {sorted(set(FASTA_READERS) - set(present))}"
-    contents = {json.dumps(json.loads(path.read_text()), sort_keys=True) for path in present.values()}
-    assert len(contents) == 1, "the FASTA contract tables differ between recipes"
+def test_every_fasta_reader_runs_the_one_contract_table():
+    """The table lives once, in biorecipes_shared; each FASTA-reading recipe runs it, none keeps a copy."""
+    for name in FASTA_READERS:
+        test = ROOT / "recipes" / name / "tests" / "test_fasta_contract.py"
+        assert "fasta_contract_cases(" in test.read_text(), f"{test} does not run the shared contract"
+        assert not list((ROOT / "recipes" / name).rglob("fasta_contract.json")), f"{name} keeps its own copy"

@@ -1,4 +1,4 @@
-"""Genome FASTA -> uint8 base codes: this recipe's side of the one FASTA contract (`tests/data/fasta_contract.json`).
+"""Genome FASTA -> uint8 base codes: this recipe's side of the one FASTA contract (biorecipes_shared's table).
 
 Codes: A=0, T=1, C=2, G=3, N=4 (IUPAC ambiguity letters count as N). Normalisation: CR/LF dropped, lowercase
 upper-cased. Refused, naming file and record: text before the first '>', a file without records, an empty record or

@@ -1,4 +1,4 @@
-"""Bounded-memory DNA FASTA reader: this recipe's side of the one FASTA contract (`tests/data/fasta_contract.json`).
+"""Bounded-memory DNA FASTA reader: this recipe's side of the one FASTA contract (biorecipes_shared's table).
 
 The file is read in fixed-size blocks, never line by line, so a chromosome written as one line costs the same memory
 as one wrapped at 60 bp, and the chunks it yields are cut at the same bases whatever the line length.

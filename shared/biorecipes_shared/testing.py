@@ -6,6 +6,8 @@ Lives in shared/ because every recipe's tests start distributed runs the same wa
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import random
 import signal
@@ -17,7 +19,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["KillReport", "child_env", "free_port", "kill_around_saves", "run_command", "torchrun_command"]
+__all__ = [
+    "KillReport",
+    "check_fasta_case",
+    "child_env",
+    "fasta_contract_cases",
+    "free_port",
+    "kill_around_saves",
+    "run_command",
+    "torchrun_command",
+]
 
 
 def free_port() -> int:
@@ -123,3 +134,39 @@ def kill_around_saves(
             report.failures.append(f"exit {proc.returncode}: {last_line}")
             if len(report.failures) > 3 or time.time() > deadline:
                 return report
+
+
+# One FASTA contract for every recipe that reads FASTA: each case's text and what a protein reader and a DNA reader
+# must make of it. Kept here, beside the other test helpers, so the four readers cannot drift apart.
+FASTA_CONTRACT = Path(__file__).with_name("fasta_contract.json")
+
+
+def fasta_contract_cases(kind: str) -> list[dict]:
+    """The contract's cases that apply to a `kind` ("protein" or "dna") reader, each with its name, text and the
+    expected outcome under `case[kind]`."""
+    cases = json.loads(FASTA_CONTRACT.read_text(encoding="utf-8"))["cases"]
+    return [case for case in cases if case[kind]["verdict"] != "not_applicable"]
+
+
+def check_fasta_case(case: dict, kind: str, path: Path, compressed: bool, read_records, error_type) -> None:
+    """Write the case's text to `path` (gzipped when `compressed`) and check the recipe's reader against it.
+
+    read_records(path) -> [(record_id, description, sequence), ...]; a refused file must raise `error_type` with one
+    line that names the file and every mention the case lists."""
+    import pytest
+
+    data = case["text"].encode("utf-8")
+    path.write_bytes(gzip.compress(data) if compressed else data)
+    expected = case[kind]
+    if expected["verdict"] == "ok":
+        records = read_records(path)
+        assert [[record_id, sequence] for record_id, _, sequence in records] == expected["records"]
+        if "description" in expected:
+            assert records[0][1] == expected["description"]
+        return
+    with pytest.raises(error_type) as caught:
+        read_records(path)
+    message = str(caught.value)
+    assert "\n" not in message and path.name in message
+    for mention in expected["error_mentions"]:
+        assert mention in message, message

@@ -4,7 +4,7 @@ The blocks are the unit of parallel preprocessing: the main process only finds r
 search), workers decode, parse and validate their block. The same code path serves one process, so the records,
 their normalisation and the errors are identical at any process count.
 
-The FASTA contract (`tests/data/fasta_contract.json`, shared by every recipe): blank lines before the first header
+The FASTA contract (`biorecipes_shared/fasta_contract.json`, one for every recipe): blank lines before the header
 are skipped; any other text before the first '>' is an error, as is a file without records, a record without
 residues and any character outside VALID_RESIDUES. Normalised on purpose: lower case -> upper case, CRLF line ends,
 spaces inside sequence lines, one trailing '*' (stop codon). Headers are UTF-8 and kept as written.

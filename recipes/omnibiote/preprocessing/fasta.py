@@ -1,4 +1,4 @@
-"""Protein FASTA reader under the repo's FASTA contract (`tests/data/fasta_contract.json`).
+"""Protein FASTA reader under the repo's FASTA contract (`biorecipes_shared/fasta_contract.json`).
 
 Blank lines before the first header are skipped; other text before the first '>' is an error, as is a file without
 records, a record without residues and a character outside AMINO_ACIDS. Normalised on purpose: lower -> upper case,

@@ -1,35 +1,16 @@
-"""The shared FASTA contract (tests/data/fasta_contract.json, identical in every recipe) through this reader."""
-
-import gzip
-import json
-from pathlib import Path
+"""The shared FASTA contract (biorecipes_shared/fasta_contract.json, one table for every recipe) through this reader."""
 
 import pytest
 
+from biorecipes_shared.testing import check_fasta_case, fasta_contract_cases
 from errors import PreprocessError
 from preprocessing.preprocess_uniprot import read_fasta
 
-CONTRACT = json.loads((Path(__file__).parent / "data" / "fasta_contract.json").read_text(encoding="utf-8"))
-CASES = [(case["name"], case["text"], case["protein"]) for case in CONTRACT["cases"]]
+CASES = fasta_contract_cases("protein")
 
 
 @pytest.mark.parametrize("compressed", [False, True], ids=["plain", "gz"])
-@pytest.mark.parametrize("name, text, expected", CASES, ids=[c[0] for c in CASES])
-def test_fasta_contract(tmp_path, name, text, expected, compressed):
-    if expected["verdict"] == "not_applicable":
-        pytest.skip("not applicable to protein readers")
-    data = text.encode("utf-8")
-    path = tmp_path / (f"{name}.faa.gz" if compressed else f"{name}.faa")
-    path.write_bytes(gzip.compress(data) if compressed else data)
-    if expected["verdict"] == "ok":
-        records = list(read_fasta(path))
-        assert [[record_id, seq] for record_id, _, seq in records] == expected["records"]
-        if "description" in expected:
-            assert records[0][1] == expected["description"]
-        return
-    with pytest.raises(PreprocessError) as err:
-        list(read_fasta(path))
-    message = str(err.value)
-    assert "\n" not in message and path.name in message
-    for mention in expected["error_mentions"]:
-        assert mention in message
+@pytest.mark.parametrize("case", CASES, ids=[case["name"] for case in CASES])
+def test_fasta_contract(tmp_path, case, compressed):
+    path = tmp_path / ("case.faa.gz" if compressed else "case.faa")
+    check_fasta_case(case, "protein", path, compressed, lambda p: list(read_fasta(p)), PreprocessError)

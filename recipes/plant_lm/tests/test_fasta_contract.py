@@ -1,17 +1,16 @@
-"""Every case of the shared FASTA contract (tests/data/fasta_contract.json) through this recipe's DNA reader."""
+"""Every case of the shared FASTA contract (biorecipes_shared/fasta_contract.json) through this recipe's DNA reader."""
 
 from __future__ import annotations
 
 import gzip
-import json
 from pathlib import Path
 
 import pytest
 
+from biorecipes_shared.testing import check_fasta_case, fasta_contract_cases
 from fasta import PlantDataError, read_fasta
 
-CONTRACT = json.loads((Path(__file__).parent / "data" / "fasta_contract.json").read_text())
-CASES = [case for case in CONTRACT["cases"] if case["dna"]["verdict"] != "not_applicable"]
+CASES = fasta_contract_cases("dna")
 
 
 def read_records(path: Path, chunk_size: int = 3) -> list[tuple[str, str, str]]:
@@ -29,21 +28,7 @@ def read_records(path: Path, chunk_size: int = 3) -> list[tuple[str, str, str]]:
 @pytest.mark.parametrize("case", CASES, ids=[case["name"] for case in CASES])
 def test_fasta_contract(case, compressed, tmp_path):
     path = tmp_path / ("case.fa.gz" if compressed else "case.fa")
-    data = case["text"].encode("utf-8")
-    path.write_bytes(gzip.compress(data) if compressed else data)
-    expected = case["dna"]
-    if expected["verdict"] == "ok":
-        records = read_records(path)
-        assert [[rid, seq] for rid, _, seq in records] == expected["records"]
-        if "description" in expected:
-            assert records[0][1] == expected["description"]
-        return
-    with pytest.raises(PlantDataError) as caught:
-        read_records(path)
-    message = str(caught.value)
-    assert "\n" not in message and str(path) in message
-    for mention in expected["error_mentions"]:
-        assert mention in message
+    check_fasta_case(case, "dna", path, compressed, read_records, PlantDataError)
 
 
 # The DNA side of the contract that gtdb_mamba's genome_fasta.py already keeps and the shared JSON does not list yet
