@@ -6,6 +6,8 @@ Lives in shared/ because every recipe's tests start distributed runs the same wa
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import gzip
 import json
 import os
@@ -15,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,9 @@ __all__ = [
     "fasta_contract_cases",
     "free_port",
     "kill_around_saves",
+    "longest_function",
     "run_command",
+    "small_disk",
     "torchrun_command",
 ]
 
@@ -170,3 +174,26 @@ def check_fasta_case(case: dict, kind: str, path: Path, compressed: bool, read_r
     assert "\n" not in message and path.name in message
     for mention in expected["error_mentions"]:
         assert mention in message, message
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (e.g. "4M") mounted at `path`, to measure what a run does when its disk fills up; needs root
+    on Linux. Unmounted on the way out, whatever happened."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)
+
+
+def longest_function(paths: Iterable[Path]) -> str:
+    """ "file:function (N lines)" for the longest function in `paths`: the style limit is about 60 lines."""
+    found = [(0, "none")]
+    for path in sorted(paths):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                found.append((node.end_lineno - node.lineno + 1, f"{path.name}:{node.name}"))
+    lines, where = max(found)
+    return f"{where} ({lines} lines)"

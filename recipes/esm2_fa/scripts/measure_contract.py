@@ -10,7 +10,6 @@ disk on a small tmpfs output folder and what the next run does; the longest func
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import signal
 import subprocess
@@ -20,7 +19,14 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from biorecipes_shared.testing import child_env, kill_around_saves, run_command, torchrun_command
+from biorecipes_shared.testing import (
+    child_env,
+    kill_around_saves,
+    longest_function,
+    run_command,
+    small_disk,
+    torchrun_command,
+)
 
 RECIPE = Path(__file__).resolve().parents[1]
 TRAIN = RECIPE / "src" / "train.py"
@@ -111,29 +117,15 @@ def measure_finished(data, straight) -> str:
 
 
 def measure_disk_full(data, work) -> str:
-    mount = work / "tmpfs"
-    mount.mkdir(exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(mount)], check=True)
-    try:
+    with small_disk(work / "tmpfs", "4M") as mount:
         cmd = command(data, mount / "run", "training.keep_last=0")
         first = run_command(cmd, cwd=RECIPE, check=False)
         left = sorted(p.name for p in (mount / "run" / "checkpoints").iterdir())
         second = run_command(cmd, cwd=RECIPE, check=False)
-        return (
-            f"exit {first.returncode}, {last_line(first)!r}; left: {left}; next run: exit {second.returncode}, "
-            f"{last_line(second)!r}"
-        )
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
-
-
-def longest_function() -> str:
-    best = (0, "")
-    for path in sorted((RECIPE / "src").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                best = max(best, (node.end_lineno - node.lineno + 1, f"{path.name}:{node.name}"))
-    return f"{best[1]} ({best[0]} lines)"
+    return (
+        f"exit {first.returncode}, {last_line(first)!r}; left: {left}; next run: exit {second.returncode}, "
+        f"{last_line(second)!r}"
+    )
 
 
 def main() -> None:
@@ -153,7 +145,7 @@ def main() -> None:
         "world size": lambda: measure_world_sizes(data, args.work),
         "finished rerun": lambda: measure_finished(data, straight),
         "disk full (tmpfs 4M)": lambda: measure_disk_full(data, args.work) if args.tmpfs else "not run (--tmpfs)",
-        "longest function": longest_function,
+        "longest function in src/": lambda: longest_function((RECIPE / "src").glob("*.py")),
     }
     for name, measure in rows.items():
         print(f"| {name} | {measure()} |", flush=True)

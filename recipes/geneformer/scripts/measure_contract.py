@@ -9,7 +9,6 @@ longest function of the recipe. Slow (every run is a fresh process); not a test.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import signal
 import subprocess
@@ -19,7 +18,14 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from biorecipes_shared.testing import child_env, kill_around_saves, run_command, torchrun_command
+from biorecipes_shared.testing import (
+    child_env,
+    kill_around_saves,
+    longest_function,
+    run_command,
+    small_disk,
+    torchrun_command,
+)
 
 RECIPE = Path(__file__).resolve().parents[1]
 TRAIN = str(RECIPE / "train.py")
@@ -99,32 +105,15 @@ def finished(root: Path) -> str:
 
 
 def disk_full(root: Path) -> str:
-    mount = root / "tiny_disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
-    try:
+    with small_disk(root / "tiny_disk", "1m") as mount:
         first = run_command(command(mount / "run", 6, 2), cwd=root, check=False)
-        left = (
-            sorted(p.name for p in (mount / "run/checkpoints").iterdir())
-            if (mount / "run/checkpoints").exists()
-            else []
-        )
+        checkpoints = mount / "run/checkpoints"
+        left = sorted(p.name for p in checkpoints.iterdir()) if checkpoints.exists() else []
         second = run_command(command(mount / "run", 6, 2), cwd=root, check=False)
-        return (
-            f"exit {first.returncode}, stderr {first.stderr.strip().splitlines()[-1:]}, checkpoints left {left}; "
-            f"next run: exit {second.returncode}, {second.stderr.strip().splitlines()[-1:]}"
-        )
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
-
-
-def longest_function() -> str:
-    found = []
-    for path in sorted(RECIPE.glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                found.append((node.end_lineno - node.lineno + 1, f"{path.name}:{node.name}"))
-    return "{1} ({0} lines)".format(*max(found))
+    return (
+        f"exit {first.returncode}, stderr {first.stderr.strip().splitlines()[-1:]}, checkpoints left {left}; "
+        f"next run: exit {second.returncode}, {second.stderr.strip().splitlines()[-1:]}"
+    )
 
 
 def main() -> None:
@@ -143,7 +132,7 @@ def main() -> None:
         ]
         if args.tmpfs:
             rows.append(("disk full (tmpfs)", disk_full(root)))
-        rows.append(("longest function", longest_function()))
+        rows.append(("longest function", longest_function(RECIPE.glob("*.py"))))
     for name, value in rows:
         print(f"| {name} | {value} |", flush=True)
 
