@@ -18,14 +18,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from biorecipes_shared.testing import (
-    child_env,
-    kill_around_saves,
-    longest_function,
-    run_command,
-    small_disk,
-    torchrun_command,
-)
+from biorecipes_shared import testing
 
 RECIPE = Path(__file__).resolve().parents[1]
 TRAIN = str(RECIPE / "train.py")
@@ -47,7 +40,7 @@ def command(out: Path, steps: int, save_every: int, nproc: int = 1) -> list[str]
         f"training.save_every={save_every}",
         *SMALL,
     ]
-    return torchrun_command(TRAIN, args, nproc) if nproc > 1 else [sys.executable, TRAIN, *args]
+    return testing.torchrun_command(TRAIN, args, nproc) if nproc > 1 else [sys.executable, TRAIN, *args]
 
 
 def losses(out: Path) -> list:
@@ -60,8 +53,10 @@ def same_run(a: Path, b: Path) -> bool:
 
 
 def kills(root: Path, count: int) -> str:
-    run_command(command(root / "straight", 40, 2), cwd=root)
-    report = kill_around_saves(command(root / "killed", 40, 2), root / "killed/checkpoints", kills=count, seed=0)
+    testing.run_command(command(root / "straight", 40, 2), cwd=root)
+    report = testing.kill_around_saves(
+        command(root / "killed", 40, 2), root / "killed/checkpoints", kills=count, seed=0
+    )
     return (
         f"{report.kills} kills, {report.clean_resumes} clean finishes, failures {report.failures}; "
         f"identical to uninterrupted: {same_run(root / 'straight', root / 'killed')}"
@@ -69,22 +64,22 @@ def kills(root: Path, count: int) -> str:
 
 
 def sigterm(root: Path) -> str:
-    proc = subprocess.Popen(command(root / "cut", 40, 100), stderr=subprocess.PIPE, text=True, env=child_env())
+    proc = subprocess.Popen(command(root / "cut", 40, 100), stderr=subprocess.PIPE, text=True, env=testing.child_env())
     for line in proc.stderr:
         if "step 5/40" in line:
             proc.send_signal(signal.SIGTERM)
             break
     proc.communicate()
     saved = sorted(p.name for p in (root / "cut/checkpoints").iterdir())
-    rerun = run_command(command(root / "cut", 40, 100), cwd=root, check=False)
+    rerun = testing.run_command(command(root / "cut", 40, 100), cwd=root, check=False)
     same = same_run(root / "straight", root / "cut") if rerun.returncode == 0 else False
     return f"exit {proc.returncode}, saved {saved}; rerun exit {rerun.returncode}, identical: {same}"
 
 
 def world_size(root: Path, before: int, after: int) -> str:
     out = root / f"ws_{before}_{after}"
-    run_command(command(out, 4, 4, before), cwd=root)
-    second = run_command(command(out, 8, 4, after), cwd=root, check=False)
+    testing.run_command(command(out, 4, 4, before), cwd=root)
+    second = testing.run_command(command(out, 8, 4, after), cwd=root, check=False)
     position = json.loads(
         json.dumps(
             __import__("torch").load(out / "checkpoints/step_00000008/training_state.pt", weights_only=True)["extra"][
@@ -99,17 +94,17 @@ def world_size(root: Path, before: int, after: int) -> str:
 def finished(root: Path) -> str:
     final = root / "straight/final_model/model.safetensors"
     before = (final.stat().st_mtime_ns, final.read_bytes())
-    rerun = run_command(command(root / "straight", 40, 2), cwd=root, check=False)
+    rerun = testing.run_command(command(root / "straight", 40, 2), cwd=root, check=False)
     same = (final.stat().st_mtime_ns, final.read_bytes()) == before
     return f"exit {rerun.returncode}, output {rerun.stdout.strip()!r}, final_model untouched: {same}"
 
 
 def disk_full(root: Path) -> str:
-    with small_disk(root / "tiny_disk", "1m") as mount:
-        first = run_command(command(mount / "run", 6, 2), cwd=root, check=False)
+    with testing.small_disk(root / "tiny_disk", "1m") as mount:
+        first = testing.run_command(command(mount / "run", 6, 2), cwd=root, check=False)
         checkpoints = mount / "run/checkpoints"
         left = sorted(p.name for p in checkpoints.iterdir()) if checkpoints.exists() else []
-        second = run_command(command(mount / "run", 6, 2), cwd=root, check=False)
+        second = testing.run_command(command(mount / "run", 6, 2), cwd=root, check=False)
     return (
         f"exit {first.returncode}, stderr {first.stderr.strip().splitlines()[-1:]}, checkpoints left {left}; "
         f"next run: exit {second.returncode}, {second.stderr.strip().splitlines()[-1:]}"
@@ -132,7 +127,7 @@ def main() -> None:
         ]
         if args.tmpfs:
             rows.append(("disk full (tmpfs)", disk_full(root)))
-        rows.append(("longest function", longest_function(RECIPE.glob("*.py"))))
+        rows.append(("longest function", testing.longest_function(RECIPE.glob("*.py"))))
     for name, value in rows:
         print(f"| {name} | {value} |", flush=True)
 
