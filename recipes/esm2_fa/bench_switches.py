@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from biorecipes_shared.logging_utils import interleaved_medians
+from biorecipes_shared import interleaved_medians
 
 RECIPE_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(RECIPE_DIR / "src"))

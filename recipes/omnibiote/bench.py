@@ -23,7 +23,7 @@ import torch
 from mup import MuAdamW
 
 import bench_scale
-from biorecipes_shared.logging_utils import interleaved_medians
+from biorecipes_shared import interleaved_medians
 from data import PackedMLMBatcher, check_fingerprint, load_split
 from model import OmniBioTA, OmniBioTAConfig
 from preprocessing.encode_shards import encode_shards

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from biorecipes_shared.run import run_cli
+from biorecipes_shared import run_cli
 from errors import OmniBioteError
 from export import export_final_model
 from model import OmniBioTA, OmniBioTAConfig

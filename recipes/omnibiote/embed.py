@@ -20,8 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from biorecipes_shared.files import atomic_write
-from biorecipes_shared.run import ConfigError, check_settings, run_cli
+from biorecipes_shared import ConfigError, atomic_write, check_settings, run_cli
 from errors import OmniBioteError
 from model import POOLING_METHODS, OmniBioTA
 from preprocessing.fasta import parse_fasta_block, read_fasta

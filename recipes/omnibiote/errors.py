@@ -1,6 +1,6 @@
 """Error types of the recipe: every user-facing failure raises one of these, and the CLIs print it as one line."""
 
-from biorecipes_shared.run import run_cli as shared_run_cli
+from biorecipes_shared import run_cli as shared_run_cli
 
 
 class OmniBioteError(Exception):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from biorecipes_shared.run import check_settings, run_cli
+from biorecipes_shared import check_settings, run_cli
 from data import PackedMLMBatcher, draw_batch, load_split, parse_source_weights
 from errors import OmniBioteError
 from model import OmniBioTA

@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from biorecipes_shared.files import atomic_dir
+from biorecipes_shared import atomic_dir
 
 
 def export_final_model(model, tokenizer_file: Path | None, out_dir: Path, provenance: dict | None = None) -> Path:

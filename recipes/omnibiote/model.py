@@ -20,7 +20,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from biorecipes_shared.files import atomic_write
+from biorecipes_shared import atomic_write
 
 try:  # optional fast path on CUDA; not installable on CPU machines
     from flash_attn import flash_attn_varlen_func

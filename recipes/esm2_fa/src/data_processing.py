@@ -203,7 +203,7 @@ def read_packing(data_dir: str | Path) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: prints a one-line error and returns 1 on bad input."""
-    from biorecipes_shared.run import run_cli
+    from biorecipes_shared import run_cli
     from config import ConfigError, load
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

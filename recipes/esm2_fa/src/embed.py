@@ -28,8 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from biorecipes_shared.files import atomic_dir
-from biorecipes_shared.run import run_cli
+from biorecipes_shared import atomic_dir, run_cli
 from data_processing import FastaError, chunk_protein, pack_batches, read_fasta, tokenize
 from model import ESM_VOCAB, PAD_ID, ModelConfigError, load_pretrained, weights_file
 

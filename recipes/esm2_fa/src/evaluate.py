@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from biorecipes_shared.run import run_cli
+from biorecipes_shared import run_cli
 from data import mask_tokens
 from data_processing import IGNORE_INDEX, FastaError, pack_batches
 from embed import check_model_dir, pad_batch, read_proteins

@@ -15,7 +15,7 @@ from conftest import RECIPE_DIR, TINY_CONFIG
 from safetensors.torch import load_file
 
 import biorecipes_shared.checkpoint as shared_checkpoint
-from biorecipes_shared.checkpoint import verify_checkpoint
+from biorecipes_shared import verify_checkpoint
 from biorecipes_shared.testing import child_env, kill_around_saves, run_command, torchrun_command
 from config import load
 from train import main, run

@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_overrides
 
 import train
-from biorecipes_shared.logging_utils import read_metrics
+from biorecipes_shared import read_metrics
 from config import load_config
 from model import BertForMaskedLM, configure_layers, geneformer_config
 

@@ -17,8 +17,7 @@ from safetensors.torch import load_file
 
 import train
 from biorecipes_shared import checkpoint as checkpoint_module
-from biorecipes_shared.checkpoint import verify_checkpoint
-from biorecipes_shared.logging_utils import read_metrics
+from biorecipes_shared import read_metrics, verify_checkpoint
 from biorecipes_shared.testing import child_env, kill_around_saves, run_command, torchrun_command
 
 TRAIN = str(RECIPE_DIR / "train.py")

@@ -7,7 +7,7 @@ import json
 from conftest import tiny_overrides
 
 import train
-from biorecipes_shared.logging_utils import read_metrics
+from biorecipes_shared import read_metrics
 
 
 def sweep_args(run_dir, *extra) -> list[str]:

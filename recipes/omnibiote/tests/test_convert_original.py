@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from mup import MuReadout, set_base_shapes
 from torch import nn
 
-from biorecipes_shared.run import run_cli
+from biorecipes_shared import run_cli
 from convert_original import id_order, main, original_to_converted_ids
 from errors import OmniBioteError
 from model import OmniBioTA

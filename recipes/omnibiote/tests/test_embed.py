@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from biorecipes_shared.run import run_cli
+from biorecipes_shared import run_cli
 from embed import embed_ids, main, token_batches
 from errors import OmniBioteError
 from model import OmniBioTA, OmniBioTAConfig

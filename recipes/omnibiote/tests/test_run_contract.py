@@ -15,8 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from biorecipes_shared import checkpoint as checkpoint_module
-from biorecipes_shared.checkpoint import latest_checkpoint, verify_checkpoint
-from biorecipes_shared.run import run_cli
+from biorecipes_shared import latest_checkpoint, run_cli, verify_checkpoint
 from biorecipes_shared.run_lock import LOCK_NAME
 from biorecipes_shared.testing import child_env, kill_around_saves, run_command, torchrun_command
 from data import micro_batches

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from biorecipes_shared.run import run_cli
+from biorecipes_shared import run_cli
 from errors import OmniBioteError
 from model import OmniBioTA
 from train_encoder import main
