@@ -197,13 +197,13 @@ def save_checkpoint(
     data_state: Any = None,
     generators: dict[str, torch.Generator] | None = None,
     extra: dict | None = None,
-    keep_last_k: int = 2,
+    keep_last: int = 2,
     sharded: bool = False,
     keep_steps: Iterable[int] = (),
 ) -> Path:
     """Save a complete, resumable checkpoint as `checkpoint_dir/step_{step:08d}`; every rank must call it.
 
-    Rotation keeps the newest `keep_last_k` (0: all) and, outside that count, the checkpoints of `keep_steps`.
+    Rotation keeps the newest `keep_last` (0: all) and, outside that count, the checkpoints of `keep_steps`.
     sharded=True (FSDP2): model and optimizer through torch.distributed.checkpoint, each rank its shards.
     Raises CheckpointWriteError (one line: path and cause, e.g. a full disk) after removing the temp dir; earlier
     checkpoints are untouched.
@@ -222,7 +222,7 @@ def save_checkpoint(
     except Exception as err:  # full disk: OSError, torch's RuntimeError, safetensors' own SafetensorError
         error = err
     _raise_if_any_rank_failed(error, tmp_dir, rank)
-    return _finish_save(tmp_dir, final_dir, step, world_size, rank, (keep_last_k, keep_steps), sharded=sharded)
+    return _finish_save(tmp_dir, final_dir, step, world_size, rank, (keep_last, keep_steps), sharded=sharded)
 
 
 def _load_weights_only(path: Path, map_location) -> Any:

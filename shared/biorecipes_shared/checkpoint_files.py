@@ -125,13 +125,13 @@ def clean_incomplete(checkpoint_dir: str | Path) -> list[Path]:
     return removed
 
 
-def rotate_checkpoints(checkpoint_dir: Path, keep_last_k: int, current: Path, keep_steps: Iterable[int] = ()) -> None:
-    """Keep the newest `keep_last_k` valid checkpoints, plus those of `keep_steps` (e.g. the best one so far), which
+def rotate_checkpoints(checkpoint_dir: Path, keep_last: int, current: Path, keep_steps: Iterable[int] = ()) -> None:
+    """Keep the newest `keep_last` valid checkpoints, plus those of `keep_steps` (e.g. the best one so far), which
     neither count nor go; rename first, so a kill never half-deletes a `step_*`."""
-    if keep_last_k > 0:
+    if keep_last > 0:
         kept = set(keep_steps)
         valid = [path for step, path in _step_dirs(checkpoint_dir) if (path / MANIFEST).is_file() and step not in kept]
-        for path in valid[:-keep_last_k]:
+        for path in valid[:-keep_last]:
             if path != current:
                 trash = checkpoint_dir / (TRASH_PREFIX + path.name[len(STEP_PREFIX) :])
                 path.rename(trash)

@@ -163,7 +163,7 @@ class TrainingRun:
         return save_checkpoint(
             self.layout.checkpoints, step, parts.model, parts.optimizer, parts.scheduler, parts.scaler,
             data_state=parts.data_state() if parts.data_state else None, generators=parts.generators,
-            extra=parts.extra() if parts.extra else None, keep_last_k=self.keep_last, sharded=self.sharded,
+            extra=parts.extra() if parts.extra else None, keep_last=self.keep_last, sharded=self.sharded,
             keep_steps=parts.keep() if parts.keep else (),
         )  # fmt: skip
 

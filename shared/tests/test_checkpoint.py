@@ -86,14 +86,14 @@ def test_partial_save_is_never_picked(tmp_path):
     with pytest.warns(UserWarning, match="step 8"):
         assert latest_checkpoint(tmp_path).name == "step_00000005"
     # The next successful save clears the dead temp dir.
-    save_checkpoint(tmp_path, 10, model, optimizer, keep_last_k=5)
+    save_checkpoint(tmp_path, 10, model, optimizer, keep_last=5)
     assert not (tmp_path / ".tmp-step_00000009").exists()
 
 
 def test_corrupt_manifest_is_skipped_with_warning(tmp_path):
     model, optimizer, _ = make_training()
-    save_checkpoint(tmp_path, 1, model, optimizer, keep_last_k=3)
-    newest = save_checkpoint(tmp_path, 2, model, optimizer, keep_last_k=3)
+    save_checkpoint(tmp_path, 1, model, optimizer, keep_last=3)
+    newest = save_checkpoint(tmp_path, 2, model, optimizer, keep_last=3)
     (newest / "manifest.json").write_text("{not json")
     with pytest.warns(UserWarning, match="unreadable manifest"):
         assert latest_checkpoint(tmp_path).name == "step_00000001"
@@ -152,7 +152,7 @@ def test_optimizer_state_that_does_not_fit_is_a_checkpoint_error(tmp_path):
 def test_keep_last_k(tmp_path):
     model, optimizer, _ = make_training()
     for step in (1, 2, 3, 4):
-        save_checkpoint(tmp_path, step, model, optimizer, keep_last_k=2)
+        save_checkpoint(tmp_path, step, model, optimizer, keep_last=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003", "step_00000004"]
 
 

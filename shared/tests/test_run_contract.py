@@ -120,7 +120,7 @@ def test_a_safetensors_error_on_a_full_disk_is_one_line_too(tmp_path, monkeypatc
 def test_rotation_leftovers_are_removed_and_the_newest_valid_one_is_resumed(tmp_path):
     model, optimizer = small_model()
     for step in (5, 10):
-        save_checkpoint(tmp_path, step, model, optimizer, keep_last_k=0)
+        save_checkpoint(tmp_path, step, model, optimizer, keep_last=0)
     (tmp_path / "step_00000015").mkdir()  # a kill during rotation or a foreign folder: no manifest
     (tmp_path / "step_00000015" / "training_state.pt").write_bytes(b"partial")
     (tmp_path / ".tmp-step_00000020").mkdir()
@@ -136,7 +136,7 @@ def test_rotation_leftovers_are_removed_and_the_newest_valid_one_is_resumed(tmp_
 def test_rotation_keeps_the_newest_k(tmp_path):
     model, optimizer = small_model()
     for step in range(1, 5):
-        save_checkpoint(tmp_path, step, model, optimizer, keep_last_k=2)
+        save_checkpoint(tmp_path, step, model, optimizer, keep_last=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003", "step_00000004"]
 
 
