@@ -10,7 +10,6 @@ validation genomes against the training log's AUC for the same model and fragmen
 from __future__ import annotations
 
 import argparse
-import ast
 import shutil
 import signal
 import subprocess
@@ -22,7 +21,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from biorecipes_shared.testing import child_env, kill_around_saves, run_command, torchrun_command
+from biorecipes_shared.testing import (
+    child_env,
+    kill_around_saves,
+    longest_function,
+    run_command,
+    small_disk,
+    torchrun_command,
+)
 
 RECIPE = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(RECIPE))
@@ -39,15 +45,6 @@ def command(work: Path, output_dir: Path, *extra: str) -> list[str]:
 def same_final(a: Path, b: Path) -> bool:
     x, y = load_file(a / "final_model/model.safetensors"), load_file(b / "final_model/model.safetensors")
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-
-
-def longest_function(paths: list[Path]) -> tuple[int, str]:
-    best = (0, "")
-    for path in paths:
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                best = max(best, (node.end_lineno - node.lineno + 1, f"{path.name}:{node.name}"))
-    return best
 
 
 def downstream_auc(work: Path, run_dir: Path) -> tuple[float, float]:
@@ -115,10 +112,7 @@ def main() -> None:
         print(f"world size {first} -> {second}: exit {result.returncode}; {errors[:1]}")
 
     if args.tmpfs:
-        disk = work / "tmpfs"
-        disk.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(disk)], check=True)
-        try:
+        with small_disk(work / "tmpfs", "400k") as disk:
             for attempt in (1, 2):
                 result = run_command(command(work, disk / "run", "train.save_every=5"), cwd=RECIPE, check=False)
                 left = sorted(str(p.relative_to(disk)) for p in disk.rglob("*") if ".tmp" in p.name)
@@ -126,9 +120,7 @@ def main() -> None:
                 ckpts = sorted(p.name for p in (disk / "run/checkpoints").glob("step_*"))
                 print(f"disk full run {attempt}: exit {result.returncode}, last line {lines[-1]!r}, "
                       f"temporary files left {left}, checkpoints {ckpts}")  # fmt: skip
-        finally:
-            subprocess.run(["umount", str(disk)], check=False)
-    print("longest function (lines, where):", longest_function(sorted(RECIPE.glob("*.py"))))
+    print("longest function:", longest_function(RECIPE.glob("*.py")))
     auc, logged = downstream_auc(work, ref)
     print(f"same-genome AUC from embed.py output {auc:.6f} vs training log {logged:.6f}")
     shutil.rmtree(work, ignore_errors=True)

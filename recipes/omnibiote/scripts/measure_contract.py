@@ -9,7 +9,6 @@ disk full, and the longest function of the recipe. Not a test: it takes minutes 
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import signal
 import subprocess
@@ -20,7 +19,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from biorecipes_shared.testing import child_env, kill_around_saves, run_command, torchrun_command
+from biorecipes_shared.testing import (
+    child_env,
+    kill_around_saves,
+    longest_function,
+    run_command,
+    small_disk,
+    torchrun_command,
+)
 
 HERE = Path(__file__).resolve().parents[1]  # the recipe folder: the commands run from there
 TINY = "--n_layer 1 --n_head 2 --n_embd 32 --ctx_len 64 --mini_batch_size 2 --batch_size 8 --force_lr --lr 0.03"
@@ -49,16 +55,6 @@ def same_metrics(a: Path, b: Path) -> bool:
         return [{k: v for k, v in json.loads(x).items() if k not in drop} for x in (p / "metrics.jsonl").open()]
 
     return rows(a) == rows(b)
-
-
-def longest_function() -> tuple[str, int]:
-    best = ("", 0)
-    for path in [*HERE.glob("*.py"), *HERE.glob("preprocessing/*.py"), *HERE.glob("scripts/*.py")]:
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                length = node.end_lineno - node.lineno + 1
-                best = max(best, (f"{path.name}:{node.name}", length), key=lambda item: item[1])
-    return best
 
 
 def measure(work: Path, kills: int, tmpfs: bool) -> list[tuple[str, str]]:
@@ -117,16 +113,13 @@ def measure(work: Path, kills: int, tmpfs: bool) -> list[tuple[str, str]]:
     )
     if tmpfs:
         rows.append(("disk full (2 MB tmpfs output dir)", disk_full(work)))
-    name, length = longest_function()
-    rows.append(("longest function in the recipe", f"{name}, {length} lines"))
+    product = [*HERE.glob("*.py"), *HERE.glob("preprocessing/*.py"), *HERE.glob("scripts/*.py")]
+    rows.append(("longest function in the recipe", longest_function(product)))
     return rows
 
 
 def disk_full(work: Path) -> str:
-    mount = work / "tmpfs"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mount)], check=True)
-    try:
+    with small_disk(work / "tmpfs", "2M") as mount:
         out = mount / "run"
         first = run_command(python(out, "--n_embd", "128", "--n_head", "4"), cwd=HERE, check=False)
         message = (first.stderr.strip().splitlines() or ["(none)"])[-1]
@@ -140,8 +133,6 @@ def disk_full(work: Path) -> str:
             f"next run on the same full disk: exit {second.returncode}: `{again}`; "
             f"after freeing space: exit {third.returncode}, finished: {(out / 'run_finished.json').is_file()}"
         )
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ SIGTERM (exit code, identity), rerun of a finished run, resume with another worl
 from __future__ import annotations
 
 import argparse
-import ast
 import shutil
 import signal
 import subprocess
@@ -19,7 +18,14 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from biorecipes_shared.testing import child_env, kill_around_saves, run_command, torchrun_command
+from biorecipes_shared.testing import (
+    child_env,
+    kill_around_saves,
+    longest_function,
+    run_command,
+    small_disk,
+    torchrun_command,
+)
 
 RECIPE = Path(__file__).resolve().parents[1]
 TINY = [
@@ -37,15 +43,6 @@ def command(out: Path, *extra: str) -> list[str]:
 def same_final(a: Path, b: Path) -> bool:
     x, y = load_file(a / "final_model/model.safetensors"), load_file(b / "final_model/model.safetensors")
     return x.keys() == y.keys() and all((x[k] == y[k]).all() for k in x)
-
-
-def longest_function(paths: list[Path]) -> tuple[int, str]:
-    best = (0, "")
-    for path in paths:
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                best = max(best, (node.end_lineno - node.lineno + 1, f"{path.name}:{node.name}"))
-    return best
 
 
 def main() -> None:
@@ -87,10 +84,7 @@ def main() -> None:
         print(f"world size {first} -> {second}: exit {result.returncode}; {warning[:1]}")
 
     if args.tmpfs:
-        disk = work / "tmpfs"
-        disk.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(disk)], check=True)
-        try:
+        with small_disk(work / "tmpfs", "3M") as disk:
             for attempt in (1, 2):
                 result = run_command(command(disk / "run", "--save_every", "5"), cwd=RECIPE, check=False)
                 left = sorted(str(p.relative_to(disk)) for p in disk.rglob("*") if ".tmp" in p.name)
@@ -98,9 +92,7 @@ def main() -> None:
                 print(f"disk full run {attempt}: exit {result.returncode}, {len(lines)} stderr lines, last "
                       f"{lines[-1]!r}, temporary files left {left}, checkpoints "
                       f"{sorted(p.name for p in (disk / 'run/checkpoints').glob('step_*'))}")  # fmt: skip
-        finally:
-            subprocess.run(["umount", str(disk)], check=False)
-    print("longest function (lines, where):", longest_function(sorted(RECIPE.glob("*.py"))))
+    print("longest function:", longest_function(RECIPE.glob("*.py")))
     shutil.rmtree(work, ignore_errors=True)
 
 
