@@ -73,7 +73,8 @@ class TrainingRun:
         self.layout = RunLayout(output_dir)
         self.max_steps, self.save_every, self.keep_last = int(max_steps), int(save_every), int(keep_last)
         self.resume_choice, self.data_position, self.sharded, self.strict = resume, data_position, sharded, strict
-        self._resolved: tuple[Path | None] | None = None  # the checkpoint resume() loads, once chosen
+        self._chosen = False  # whether checkpoint_to_resume() has chosen (None is a valid choice: a fresh start)
+        self._checkpoint: Path | None = None
         self.step = 0
         self.stopped = False  # a stop signal reached every rank: the run saved and ends without finishing
         self.preemption = PreemptionHandler()
@@ -112,9 +113,9 @@ class TrainingRun:
     def checkpoint_to_resume(self) -> Path | None:
         """The checkpoint `resume()` will load (None: a fresh start), chosen once: takes the run folder, removes
         leftovers of killed saves, picks the newest valid checkpoint or the one `resume` names."""
-        if self._resolved is None:
-            self._resolved = (resolve_resume(self.resume_choice, self.layout.checkpoints),)
-        return self._resolved[0]
+        if not self._chosen:
+            self._checkpoint, self._chosen = resolve_resume(self.resume_choice, self.layout.checkpoints), True
+        return self._checkpoint
 
     def peek(self) -> CheckpointState | None:
         """The checkpoint `resume()` will load (taking the run folder first), read without restoring anything, so a
